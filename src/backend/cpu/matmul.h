@@ -1,0 +1,25 @@
+// CPU backend: y[n][rows] = x[n][cols] · Wᵀ for every supported weight type.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/simd.h"
+#include "backend/cpu/thread_pool.h"
+
+namespace headroom::cpu {
+
+// Buffers reused across calls (one backend = one caller thread at a time).
+struct MatmulScratch {
+  AlignedBuf acts;                 // activations quantized to Q8_0 (Q8_0 weights)
+  std::vector<AlignedBuf> thread;  // per-thread weight panels
+};
+
+// Throws headroom::Error for unsupported types or inconsistent shapes.
+void matmul(ThreadPool& pool, MatmulScratch& scratch, const WeightView& w, const float* x, int64_t n, float* y);
+
+// Row stride of a weight (w.row_bytes, or the dense size if it is 0); validates type, shape and data.
+size_t weight_row_stride(const WeightView& w, const char* op);
+
+}  // namespace headroom::cpu

@@ -1,0 +1,125 @@
+// `headroom run`: generate text from a prompt, streaming it, then print load / prompt / generation speed.
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "cli/common.h"
+#include "engine/generate.h"
+#include "util/error.h"
+#include "tokenizer/utf8.h"
+
+namespace headroom::cli {
+
+namespace {
+struct RunArgs {
+  std::string model, prompt, prompt_file, system;
+  int n_predict = 128, n_ctx = 0, threads = 0;
+  bool chat = false;
+  std::vector<std::string> stop;
+  SamplerParams sp;
+  KVOptions kv;
+};
+
+void run(RunArgs& a) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (!a.prompt_file.empty()) {
+    std::ifstream f(a.prompt_file, std::ios::binary);
+    if (!f) fail("{}: cannot open prompt file", a.prompt_file);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    a.prompt = ss.str();
+  }
+  if (std::string clean = tok::utf8_sanitize(a.prompt); clean != a.prompt) {
+    std::fprintf(stderr, "warning: the prompt is not valid UTF-8; invalid bytes were replaced with U+FFFD\n");
+    a.prompt = std::move(clean);
+  }
+  if (a.n_predict < -1) fail("-n {} is invalid (use -1 for unlimited, 0 to only process the prompt)", a.n_predict);
+  auto model = Model::load(a.model);
+  const ModelConfig& c = model->config();
+  const Tokenizer& tok = model->tokenizer();
+  const int n_ctx = a.n_ctx > 0 ? a.n_ctx : c.n_ctx_train;
+  auto backend = make_cpu_backend(a.threads);
+  double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  std::string text = a.prompt;
+  bool add_bos = tok.add_bos();
+  if (a.chat) {
+    std::string tmpl = model->file().get_str("tokenizer.chat_template", "");
+    ChatTemplate ct = ChatTemplate::detect(tmpl);
+    if (!ct.recognised())
+      std::fprintf(stderr, "warning: %s; using the plain fallback format\n",
+                   tmpl.empty() ? "the model has no chat template" : "the model's chat template is not recognised");
+    std::vector<ChatMessage> msgs;
+    if (!a.system.empty()) msgs.push_back({"system", a.system});
+    msgs.push_back({"user", a.prompt});
+    text = ct.apply(msgs, true, tok.bos() >= 0 ? tok.token_to_piece(tok.bos(), true) : "");
+    // The template text carries BOS itself where the family puts it.
+    if (ct.recognised() && tok.bos() >= 0 && text.rfind(tok.token_to_piece(tok.bos(), true), 0) == 0) add_bos = false;
+  }
+  std::vector<int32_t> ids = tok.encode(text, add_bos, /*parse_special=*/a.chat);
+  if (ids.empty()) fail("the prompt is empty (and the model adds no BOS token): nothing to generate from");
+  if (int64_t(ids.size()) > n_ctx)
+    fail("prompt is {} tokens, longer than the context of {} tokens (raise -c or shorten the prompt)", ids.size(), n_ctx);
+
+  KVSetup kvs = plan_kv(*model, a.kv, n_ctx);
+  std::fprintf(stderr, "%s\n", kvs.summary.c_str());
+  PagePool pool(a.kv.page_size, c.head_dim, kvs.capacity_pages);
+  KVCache kv(c, pool, kvs.specs);
+  Runner runner(*model, *backend, a.kv.chunk);
+  Sampler sampler(a.sp);
+  GenerateOptions go;
+  go.n_predict = a.n_predict;
+  go.n_ctx = n_ctx;
+  go.stop = a.stop;
+  if (!a.chat) {
+    std::fputs(a.prompt.c_str(), stdout);
+    std::fflush(stdout);
+  }
+  GenerateResult r = generate(runner, kv, tok, ids, sampler, go, [](const std::string& s) {
+    std::fputs(s.c_str(), stdout);
+    std::fflush(stdout);
+  });
+  std::printf("\n");
+  std::fflush(stdout);
+  if (r.stop_reason.rfind("budget", 0) == 0) std::fprintf(stderr, "stopped: %s\n", r.stop_reason.c_str() + 8);
+  std::fprintf(stderr,
+               "load %.0f ms | prompt %d tokens, %.1f tokens/s | generated %zu tokens, %.1f tokens/s | stop: %s | "
+               "KV held %.2f MiB (peak %.2f MiB), host tier %.2f MiB | %d threads\n",
+               load_s * 1e3, r.n_prompt, r.prompt_s > 0 ? r.n_prompt / r.prompt_s : 0.0, r.tokens.size(),
+               r.gen_s > 0 && r.tokens.size() > 1 ? (r.tokens.size() - 1) / r.gen_s : 0.0,
+               r.stop_reason.substr(0, r.stop_reason.find(':')).c_str(), pool.device_bytes() / 1048576.0,
+               pool.peak_device_pages() * pool.page_bytes() / 1048576.0, pool.host_bytes() / 1048576.0,
+               backend->threads());
+}
+}  // namespace
+
+void register_run(CLI::App& app) {
+  static RunArgs a;
+  auto* cmd = app.add_subcommand("run", "generate text from a prompt (streams it, then prints speed)");
+  cmd->add_option("-m,--model", a.model, "GGUF model file")->required();
+  cmd->add_option("-p,--prompt", a.prompt, "prompt text");
+  cmd->add_option("-f,--file", a.prompt_file, "read the prompt from this file");
+  cmd->add_option("-n,--n-predict", a.n_predict, "tokens to generate (-1: until end of text or context)")->capture_default_str();
+  cmd->add_option("-c,--ctx", a.n_ctx, "context size in tokens (default: the model's trained context)");
+  cmd->add_option("-t,--threads", a.threads, "threads (default: physical cores)");
+  cmd->add_option("--temp", a.sp.temp, "temperature (0 = greedy)")->capture_default_str();
+  cmd->add_option("--top-k", a.sp.top_k, "top-k (0 = off)")->capture_default_str();
+  cmd->add_option("--top-p", a.sp.top_p, "top-p (1 = off)")->capture_default_str();
+  cmd->add_option("--min-p", a.sp.min_p, "min-p (0 = off)")->capture_default_str();
+  cmd->add_option("--repeat-penalty", a.sp.repeat_penalty, "repetition penalty (1 = off)")->capture_default_str();
+  cmd->add_option("--presence-penalty", a.sp.presence_penalty, "presence penalty")->capture_default_str();
+  cmd->add_option("--frequency-penalty", a.sp.frequency_penalty, "frequency penalty")->capture_default_str();
+  cmd->add_option("--repeat-last-n", a.sp.penalty_last_n, "tokens the penalties look back over")->capture_default_str();
+  cmd->add_option("-s,--seed", a.sp.seed, "random seed (same seed, same output)")->capture_default_str();
+  cmd->add_flag("--chat", a.chat, "wrap the prompt in the model's chat template");
+  cmd->add_option("--system", a.system, "system message (with --chat)");
+  cmd->add_option("--stop", a.stop, "stop string (repeatable)");
+  add_kv_flags(cmd, a.kv);
+  cmd->callback([] {
+    if (a.prompt.empty() && a.prompt_file.empty()) fail("give a prompt with -p TEXT or -f FILE");
+    run(a);
+  });
+}
+
+}  // namespace headroom::cli

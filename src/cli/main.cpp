@@ -1,0 +1,40 @@
+// headroom: command-line entry point. Each subcommand lives in its own cmd_*.cpp.
+#include <cstdio>
+
+#include "cli/common.h"
+#include "util/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"headroom: a long-context LLM inference engine with head-aware paged KV memory"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "headroom 0.1.0");
+  headroom::cli::register_inspect(app);
+  headroom::cli::register_tokenize(app);
+  headroom::cli::register_run(app);
+  headroom::cli::register_bench(app);
+  headroom::cli::register_synth(app);
+  headroom::cli::register_profile(app);
+  headroom::cli::register_eval(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "error: %s (see --help)\n", e.what());
+    return 2;
+  } catch (const headroom::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,31 @@
+// From the user's KV flags (--kv-policy, --kv-budget, --head-map, --page-size) to per-head policy specs and a
+// page pool capacity. Shared by run, bench, eval, profile and serve.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kv/kv_cache.h"
+#include "model/model.h"
+
+namespace headroom {
+
+struct KVOptions {
+  std::string policy = "full";   // full | streaming | topk | evict | auto (auto = the --head-map)
+  std::string budget;            // "" = the full cache for the context
+  std::string head_map;          // JSON from `headroom profile`
+  int page_size = 32;
+  int chunk = 512;               // prefill chunk (tokens per forward call)
+};
+
+struct KVSetup {
+  std::vector<PolicySpec> specs;  // [layer * n_head_kv + kv_head]
+  int64_t capacity_pages = 0;     // device tier capacity of the pool
+  int64_t tokens_per_head = 0;    // what the budget allows per head
+  std::string summary;            // one line for the log
+};
+
+// Throws Error with one line for bad flags, a head map for another model, or a budget too small.
+KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs = 1);
+
+}  // namespace headroom

@@ -1,0 +1,39 @@
+// Sampler: turns a row of logits into the next token. Order (as llama.cpp's default chain): repetition /
+// presence / frequency penalties over the recent tokens, then greedy if temp <= 0, else top-k, top-p, min-p,
+// temperature, and a draw from a seeded generator (same seed, same output).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+namespace headroom {
+
+struct SamplerParams {
+  float temp = 0.8f;            // <= 0: greedy
+  int top_k = 40;               // <= 0: off
+  float top_p = 0.95f;          // >= 1: off
+  float min_p = 0.05f;          // <= 0: off
+  float repeat_penalty = 1.0f;  // 1: off (llama.cpp semantics: divide positive logits, multiply negative)
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int penalty_last_n = 64;
+  uint64_t seed = 0xC0FFEE;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerParams& p);
+  // `history`: the tokens so far (prompt and generated) for penalties.
+  int32_t sample(std::span<const float> logits, std::span<const int32_t> history);
+  static int32_t argmax(std::span<const float> logits);
+
+ private:
+  SamplerParams p_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, int32_t>> cand_;
+  std::vector<float> work_;
+};
+
+}  // namespace headroom

@@ -1,0 +1,48 @@
+// HeadMap: a policy (and its parameters and profile scores) for every (layer, KV head) of one model, stored
+// as JSON. It records the model's identity (arch, shape and a hash of the tensor table) so that a map made
+// for another model is refused with one line naming the mismatch.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "gguf/gguf.h"
+#include "kv/policy.h"
+#include "model/config.h"
+
+namespace headroom {
+
+struct ModelIdentity {
+  std::string arch;
+  int n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_embd = 0;
+  std::string tensor_hash;  // FNV-1a 64 of every tensor's name, type and shape, as hex
+  static ModelIdentity of(const ModelConfig& c, const gguf::File& f);
+  // Empty if equal, else one line naming the first difference.
+  std::string mismatch(const ModelIdentity& other) const;
+};
+
+struct HeadEntry {
+  PolicySpec spec;
+  double retrieval_score = -1;  // -1: not profiled
+  double streaming_error = -1;
+};
+
+struct HeadMap {
+  ModelIdentity model;
+  std::string note;                // how it was made (profile target, etc.)
+  std::vector<HeadEntry> heads;    // [layer * n_head_kv + kv_head]
+
+  int n_layer() const { return model.n_layer; }
+  int n_head_kv() const { return model.n_head_kv; }
+  HeadEntry& at(int layer, int h) { return heads[size_t(layer) * model.n_head_kv + h]; }
+  const HeadEntry& at(int layer, int h) const { return heads[size_t(layer) * model.n_head_kv + h]; }
+
+  static HeadMap uniform(const ModelIdentity& id, const PolicySpec& spec);
+  // Throws Error: unreadable file, bad JSON, or (if `expect` is given) a map made for another model.
+  static HeadMap load(const std::string& path, const ModelIdentity* expect);
+  void save(const std::string& path) const;
+  std::string to_json() const;
+  int count(PolicyKind k) const;
+};
+
+}  // namespace headroom

@@ -1,0 +1,200 @@
+#include "kv/kv_cache.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstring>
+
+namespace headroom {
+
+KVBudget KVBudget::parse(const std::string& s) {
+  KVBudget b;
+  size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  double v = 0;
+  try {
+    size_t used = 0;
+    v = i ? std::stod(s.substr(0, i), &used) : -1;
+  } catch (...) {
+    v = -1;
+  }
+  std::string unit = s.substr(i);
+  for (char& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  double mult = 0;
+  if (unit.empty()) b.kind = Kind::Tokens;
+  else if (unit == "%") b.kind = Kind::Percent;
+  else {
+    b.kind = Kind::Bytes;
+    if (unit == "b") mult = 1;
+    else if (unit == "k" || unit == "kib") mult = 1024.0;
+    else if (unit == "m" || unit == "mib") mult = 1024.0 * 1024;
+    else if (unit == "g" || unit == "gib") mult = 1024.0 * 1024 * 1024;
+    else if (unit == "kb") mult = 1e3;
+    else if (unit == "mb") mult = 1e6;
+    else if (unit == "gb") mult = 1e9;
+  }
+  if (v <= 0 || (b.kind == Kind::Bytes && mult == 0) || (b.kind == Kind::Percent && v > 100) ||
+      (b.kind == Kind::Tokens && v != std::floor(v)))
+    fail("invalid --kv-budget '{}' (use tokens per KV head like 1024, bytes like 2GiB or 512MiB, or a share like 25%)", s);
+  b.value = b.kind == Kind::Bytes ? v * mult : v;
+  return b;
+}
+
+int64_t KVBudget::tokens_per_head(const ModelConfig& c, int64_t n_ctx) const {
+  switch (kind) {
+    case Kind::None: return n_ctx;
+    case Kind::Tokens: return static_cast<int64_t>(value);
+    case Kind::Percent: return static_cast<int64_t>(std::floor(value / 100.0 * double(n_ctx)));
+    case Kind::Bytes: return static_cast<int64_t>(value / double(c.kv_bytes_per_token(sizeof(float))));
+  }
+  return n_ctx;
+}
+
+std::string KVBudget::to_string() const {
+  switch (kind) {
+    case Kind::None: return "none";
+    case Kind::Tokens: return fmt::format("{} tokens/head", int64_t(value));
+    case Kind::Percent: return fmt::format("{}%", value);
+    case Kind::Bytes: return fmt::format("{:.1f} MiB", value / (1024.0 * 1024));
+  }
+  return "?";
+}
+
+PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload) {
+  PolicySpec s;
+  s.kind = kind;
+  s.offload = offload;
+  switch (kind) {
+    case PolicyKind::Full: break;
+    case PolicyKind::Streaming:
+      if (t < s.sinks + 16)
+        fail("--kv-budget of {} tokens per head cannot hold {} sink tokens and a window of at least 16", t, s.sinks);
+      s.window = static_cast<int>(t - s.sinks);
+      break;
+    case PolicyKind::TopK: {
+      int64_t pages = t / page_size;
+      if (pages < 1 + s.recent_pages + 1)
+        fail("--kv-budget of {} tokens per head is {} pages of {}; topk needs at least {} (sink, {} recent, 1 chosen)",
+             t, pages, page_size, 2 + s.recent_pages, s.recent_pages);
+      s.topk_pages = static_cast<int>(pages - 1 - s.recent_pages);
+      break;
+    }
+    case PolicyKind::Evict:
+      if (t < s.sinks + 32) fail("--kv-budget of {} tokens per head is too small for evict (needs >= {})", t, s.sinks + 32);
+      s.budget = static_cast<int>(t);
+      s.window = static_cast<int>(t / 2);
+      break;
+  }
+  return s;
+}
+
+int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk) {
+  int64_t total = 0;
+  for (const PolicySpec& s : specs) {
+    auto p = make_policy(s);
+    int64_t tokens = std::min<int64_t>(n_ctx, p->max_tokens(n_ctx, page_size) + chunk);
+    total += (tokens + page_size - 1) / page_size + 1;
+  }
+  return total;
+}
+
+KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs)
+    : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool) {
+  if (specs.size() != size_t(n_layer_) * n_kv_)
+    fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
+  if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
+  heads_.resize(specs.size());
+  for (const PolicySpec& s : specs) policies_.push_back(make_policy(s));
+  jobs_.resize(n_kv_);
+  job_pages_.resize(n_kv_);
+}
+
+KVCache::~KVCache() { clear(); }
+
+void KVCache::clear() {
+  for (HeadCache& h : heads_) {
+    for (int32_t id : h.pages) pool_.release(id);
+    h = HeadCache{};
+  }
+  appended_ = 0;
+}
+
+int64_t KVCache::pages_held() const {
+  int64_t n = 0;
+  for (const HeadCache& h : heads_) n += int64_t(h.pages.size());
+  return n;
+}
+
+int32_t KVCache::new_page() {
+  int32_t id = pool_.alloc();
+  if (id < 0)
+    throw BudgetExhausted(fmt::format(
+        "KV budget exhausted after {} tokens: all {} device pages ({:.1f} MiB) are in use; raise --kv-budget or "
+        "use a streaming/evict policy", appended_, pool_.device_capacity(),
+        double(pool_.device_capacity() * pool_.page_bytes()) / (1024.0 * 1024)));
+  return id;
+}
+
+void KVCache::append(int layer, int n, const int32_t* pos, const float* k, const float* v) {
+  const int ps = pool_.page_size();
+  for (int h = 0; h < n_kv_; ++h) {
+    HeadCache& hc = heads_[size_t(layer) * n_kv_ + h];
+    for (int r = 0; r < n; ++r) {
+      if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps) {
+        int32_t id = new_page();
+        hc.pages.push_back(id);
+      }
+      const int32_t id = hc.pages.back();
+      if (pool_.on_host(id) && !pool_.fetch(id)) throw BudgetExhausted("KV budget exhausted: cannot fetch tail page");
+      const int slot = pool_.used(id)++;
+      const float* kr = k + (int64_t(r) * n_kv_ + h) * head_dim_;
+      const float* vr = v + (int64_t(r) * n_kv_ + h) * head_dim_;
+      std::memcpy(pool_.k(id) + int64_t(slot) * head_dim_, kr, head_dim_ * sizeof(float));
+      std::memcpy(pool_.v(id) + int64_t(slot) * head_dim_, vr, head_dim_ * sizeof(float));
+      pool_.pos(id)[slot] = pos[r];
+      pool_.score(id)[slot] = 0.0f;
+      float* mn = pool_.kmin(id);
+      float* mx = pool_.kmax(id);
+      for (int d = 0; d < head_dim_; ++d) {
+        mn[d] = std::min(mn[d], kr[d]);
+        mx[d] = std::max(mx[d], kr[d]);
+      }
+      ++hc.tokens;
+    }
+  }
+  if (layer == 0) appended_ += n;
+}
+
+std::span<const AttnJob> KVCache::plan(int layer, int n, const int32_t* pos, const float* q, int64_t q_stride,
+                                       float* out, int64_t out_stride, float scale) {
+  const int group = static_cast<int>(q_stride / head_dim_) / n_kv_;
+  for (int h = 0; h < n_kv_; ++h) {
+    const size_t i = size_t(layer) * n_kv_ + h;
+    QueryView qv{q, q_stride, h * group, group, head_dim_, n, pos};
+    std::vector<AttnPage>& pages = job_pages_[h];
+    pages.clear();
+    AttnJob& j = jobs_[h];
+    policies_[i]->select(heads_[i], pool_, qv, pages, j.sinks, j.window);
+    j.n_rows = n;
+    j.q = q;
+    j.q_stride = q_stride;
+    j.q_pos = pos;
+    j.head0 = h * group;
+    j.n_group = group;
+    j.head_dim = head_dim_;
+    j.scale = scale;
+    j.pages = pages;
+    j.out = out;
+    j.out_stride = out_stride;
+  }
+  return jobs_;
+}
+
+void KVCache::after_step(int layer, int32_t next_pos) {
+  for (int h = 0; h < n_kv_; ++h) {
+    const size_t i = size_t(layer) * n_kv_ + h;
+    policies_[i]->after_step(heads_[i], pool_, next_pos);
+  }
+}
+
+}  // namespace headroom

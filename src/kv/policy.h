@@ -1,0 +1,72 @@
+// A KV policy answers one question for one (sequence, layer, KV head): which cached tokens does this head
+// attend at this step. It may also give pages back (streaming), evict tokens (evict) or move cold pages to
+// the host tier (topk). Attention over what it chooses is exact (see AttnJob in backend/backend.h).
+// One policy per file: policy_full.cpp, policy_streaming.cpp, policy_topk.cpp, policy_evict.cpp.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "kv/page_pool.h"
+
+namespace headroom {
+
+enum class PolicyKind { Full, Streaming, TopK, Evict };
+const char* policy_name(PolicyKind k);
+PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the valid choices
+
+// Parameters of one head's policy (the unused ones are ignored by each kind).
+struct PolicySpec {
+  PolicyKind kind = PolicyKind::Full;
+  int sinks = 4;          // streaming, topk, evict: first tokens always kept
+  int window = 252;       // streaming: recent tokens; evict: recent tokens always kept
+  int topk_pages = 8;     // topk: pages chosen by score at each decode step (besides sink and recent pages)
+  int recent_pages = 2;   // topk: most recent pages always attended
+  int budget = 1024;      // evict: tokens held at most
+  bool offload = false;   // topk: move pages the last step did not choose to the host tier
+};
+
+// The cache of one (sequence, layer, KV head): its pages in order of first position.
+struct HeadCache {
+  std::vector<int32_t> pages;
+  std::vector<uint8_t> selected;  // topk: which pages the last decode step chose (parallel to pages)
+  int64_t tokens = 0;             // tokens currently held
+};
+
+// What a policy may look at to choose: the query rows of this head's GQA group.
+struct QueryView {
+  const float* q = nullptr;   // q + r*stride + h*head_dim, h in [head0, head0+n_group)
+  int64_t stride = 0;
+  int head0 = 0, n_group = 1, head_dim = 0;
+  int n_rows = 0;
+  const int32_t* pos = nullptr;
+};
+
+class Policy {
+ public:
+  explicit Policy(const PolicySpec& s) : spec_(s) {}
+  virtual ~Policy() = default;
+  virtual PolicyKind kind() const = 0;
+  const PolicySpec& spec() const { return spec_; }
+
+  // Fill `pages` with the pages to read and set the sinks/window rule for this step.
+  virtual void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages,
+                      int32_t& sinks, int32_t& window) = 0;
+  // After the step's attention: give back / evict / offload what is no longer needed. next_pos is the
+  // position of the next token this sequence will see.
+  virtual void after_step(HeadCache& h, PagePool& pool, int32_t next_pos) {}
+  // Most tokens this head holds on the device in steady state for a context of n_ctx (budget planning).
+  virtual int64_t max_tokens(int64_t n_ctx, int page_size) const = 0;
+
+ protected:
+  static AttnPage view(PagePool& pool, int32_t id, bool with_scores = false);
+  PolicySpec spec_;
+};
+
+std::unique_ptr<Policy> make_policy(const PolicySpec& s);
+
+}  // namespace headroom

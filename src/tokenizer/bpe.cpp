@@ -1,0 +1,171 @@
+#include "tokenizer/bpe.h"
+
+#include <queue>
+
+#include "tokenizer/utf8.h"
+#include "util/error.h"
+
+namespace headroom::tok {
+
+namespace {
+
+struct Symbol {
+  int32_t prev, next;
+  size_t offset, n;  // bytes of the encoded word; n == 0 once merged into its left neighbour
+};
+
+struct Bigram {
+  int32_t left, right;
+  int32_t rank;
+  size_t size;  // bytes of the merged text, to recognise a bigram made stale by another merge
+};
+
+// Lowest rank first; among equal ranks the leftmost pair (llama.cpp's llm_bigram_bpe::comparator).
+struct BigramOrder {
+  bool operator()(const Bigram& l, const Bigram& r) const {
+    return l.rank > r.rank || (l.rank == r.rank && l.left > r.left);
+  }
+};
+
+}  // namespace
+
+BpeTokenizer::BpeTokenizer(Vocab v, const gguf::Value& merges, const PreTokenizerInfo& pre)
+    : TokenizerBase(std::move(v)), pretok_(pre), ignore_merges_(pre.ignore_merges) {
+  // GPT-2's bytes_to_unicode(): printable bytes stand for themselves, the others for U+0100 onwards.
+  char_to_byte_.fill(-1);
+  uint32_t next = 256;
+  for (int b = 0; b < 256; ++b) {
+    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+    const uint32_t cp = printable ? static_cast<uint32_t>(b) : next++;
+    utf8_append(byte_to_chars_[b], cp);
+    char_to_byte_[cp] = static_cast<int16_t>(b);
+  }
+
+  if (merges.type != gguf::ValueType::ARRAY || merges.elem_type != gguf::ValueType::STRING)
+    fail("tokenizer.ggml.merges must be an array of strings");
+  ranks_.reserve(merges.arr.size() * 2);
+  for (size_t i = 0; i < merges.arr.size(); ++i) {
+    const std::string& m = merges.arr[i].s;
+    const size_t sp = m.find(' ', 1);  // as llama.cpp: a merge may start with a literal space
+    if (sp == std::string::npos || sp + 1 >= m.size())
+      fail("tokenizer.ggml.merges[{}] = '{}' is not of the form 'left right'", i, m);
+    if (i > static_cast<size_t>(INT32_MAX)) fail("tokenizer.ggml.merges has too many entries");
+    ranks_.emplace(m, static_cast<int32_t>(i));  // the first occurrence of a pair keeps its rank
+  }
+  init_pieces();
+}
+
+int32_t BpeTokenizer::rank(std::string_view left, std::string_view right, std::string& key) const {
+  key.assign(left);
+  key += ' ';
+  key.append(right);
+  auto it = ranks_.find(key);
+  return it == ranks_.end() ? -1 : it->second;
+}
+
+void BpeTokenizer::encode_text(std::string_view raw, bool /*after_special*/, std::vector<int32_t>& out) const {
+  // PCRE2 needs valid UTF-8; like llama.cpp (unicode_cpts_from_utf8) invalid bytes become U+FFFD.
+  const std::string text = utf8_sanitize(raw);
+  std::vector<std::pair<size_t, size_t>> words;
+  pretok_.split(text, words);
+
+  std::string word;
+  for (auto [off, len] : words) {
+    word.clear();
+    for (size_t i = off; i < off + len; ++i) word += byte_to_chars_[static_cast<uint8_t>(text[i])];
+    encode_word(word, out);
+  }
+}
+
+void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out) const {
+  if (word.empty()) return;
+  if (ignore_merges_) {
+    if (int32_t id = vocab_.find(word); id >= 0) {
+      out.push_back(id);
+      return;
+    }
+  }
+
+  std::vector<Symbol> syms;
+  syms.reserve(word.size() / 2 + 1);
+  for (size_t off = 0; off < word.size();) {
+    const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(word[off])), word.size() - off);
+    const auto idx = static_cast<int32_t>(syms.size());
+    syms.push_back({idx - 1, off + n == word.size() ? -1 : idx + 1, off, n});
+    off += n;
+  }
+
+  std::string key;
+  std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
+  auto try_add = [&](int32_t left, int32_t right) {
+    if (left < 0 || right < 0) return;
+    const int32_t r = rank(word.substr(syms[left].offset, syms[left].n), word.substr(syms[right].offset, syms[right].n), key);
+    if (r < 0) return;
+    queue.push({left, right, r, syms[left].n + syms[right].n});
+  };
+  for (int32_t i = 1; i < static_cast<int32_t>(syms.size()); ++i) try_add(i - 1, i);
+
+  while (!queue.empty()) {
+    const Bigram b = queue.top();
+    queue.pop();
+    Symbol& l = syms[b.left];
+    Symbol& r = syms[b.right];
+    // Sizes only grow, so a changed neighbour shows as a different total (or as a merged-away symbol); this
+    // is the same test as llama.cpp's comparison of the texts.
+    if (l.n == 0 || r.n == 0 || l.n + r.n != b.size) continue;
+    l.n += r.n;
+    r.n = 0;
+    l.next = r.next;
+    if (r.next >= 0) syms[r.next].prev = b.left;
+    try_add(l.prev, b.left);
+    try_add(b.left, l.next);
+  }
+
+  for (int32_t i = 0; i != -1; i = syms[i].next) {
+    const std::string_view s = word.substr(syms[i].offset, syms[i].n);
+    if (int32_t id = vocab_.find(s); id >= 0) {
+      out.push_back(id);
+      continue;
+    }
+    // A merge result that is not a token (an inconsistent vocab): emit its characters one by one. (llama.cpp
+    // looks up single bytes here, which silently drops every non-ASCII character.)
+    for (size_t c = 0; c < s.size();) {
+      const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(s[c])), s.size() - c);
+      if (int32_t id = vocab_.find(s.substr(c, n)); id >= 0) out.push_back(id);
+      c += n;
+    }
+  }
+}
+
+std::string BpeTokenizer::make_piece(int32_t id) const {
+  const uint32_t attr = vocab_.attrs[id];
+  const std::string& text = vocab_.pieces[id];
+  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
+  if (attr & kAttrNormal) {
+    // Undo the byte-to-character table; a character outside it is kept as it is.
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size();) {
+      const int r = utf8_check(text.data() + i, text.size() - i);
+      if (r <= 0) {
+        out += text[i++];
+        continue;
+      }
+      const uint32_t cp = utf8_decode(text.data() + i, static_cast<size_t>(r));
+      if (cp < char_to_byte_.size() && char_to_byte_[cp] >= 0)
+        out += static_cast<char>(char_to_byte_[cp]);
+      else
+        out.append(text, i, static_cast<size_t>(r));
+      i += static_cast<size_t>(r);
+    }
+    return out;
+  }
+  if (attr & kAttrByte) {
+    uint8_t b;
+    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
+    return text;
+  }
+  return {};
+}
+
+}  // namespace headroom::tok

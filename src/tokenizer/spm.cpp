@@ -1,0 +1,144 @@
+#include "tokenizer/spm.h"
+
+#include <queue>
+
+#include "tokenizer/utf8.h"
+
+namespace headroom::tok {
+
+namespace {
+
+constexpr std::string_view kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's escaped space
+
+struct Symbol {
+  int32_t prev, next;
+  size_t offset, n;  // bytes of the escaped text; n == 0 once merged into its left neighbour
+};
+
+struct Bigram {
+  int32_t left, right;
+  float score;
+  size_t size;  // bytes of the merged text, to recognise a bigram made stale by another merge
+};
+
+// Highest score first; among equal scores the leftmost pair (llama.cpp's llm_bigram_spm::comparator). With
+// all scores equal (TinyStories-656K has -1000 everywhere) merging thus proceeds left to right.
+struct BigramOrder {
+  bool operator()(const Bigram& l, const Bigram& r) const {
+    return l.score < r.score || (l.score == r.score && l.left > r.left);
+  }
+};
+
+}  // namespace
+
+SpmTokenizer::SpmTokenizer(Vocab v) : TokenizerBase(std::move(v)) {
+  for (int b = 0; b < 256; ++b) {
+    static const char* hex = "0123456789ABCDEF";
+    const char buf[6] = {'<', '0', 'x', hex[b >> 4], hex[b & 15], '>'};
+    int32_t id = vocab_.find(std::string_view(buf, 6));
+    const char c = static_cast<char>(b);
+    if (id < 0) id = vocab_.find(std::string_view(&c, 1));
+    byte_token_[b] = id;
+  }
+  init_pieces();
+}
+
+void SpmTokenizer::emit_bytes(std::string_view sym, std::vector<int32_t>& out) const {
+  bool prev_unk = false;
+  for (char c : sym) {
+    const int32_t id = byte_token_[static_cast<uint8_t>(c)];
+    if (id >= 0) {
+      out.push_back(id);
+      prev_unk = false;
+    } else if (!prev_unk && vocab_.unk >= 0) {  // one <unk> per character, not per byte
+      out.push_back(vocab_.unk);
+      prev_unk = true;
+    }
+  }
+}
+
+void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::vector<int32_t>& out) const {
+  std::string text;
+  text.reserve(raw.size() + raw.size() / 2 + kSpace.size());
+  if (vocab_.add_space_prefix && after_special) text += kSpace;
+  for (char c : raw) {
+    if (c == ' ')
+      text += kSpace;
+    else
+      text += c;
+  }
+
+  // One symbol per UTF-8 character (an invalid byte is a character of its own, as in llama.cpp).
+  std::vector<Symbol> syms;
+  syms.reserve(text.size());
+  for (size_t off = 0; off < text.size();) {
+    const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(text[off])), text.size() - off);
+    const auto idx = static_cast<int32_t>(syms.size());
+    syms.push_back({idx - 1, off + n == text.size() ? -1 : idx + 1, off, n});
+    off += n;
+  }
+  if (syms.empty()) return;
+
+  std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
+  auto try_add = [&](int32_t left, int32_t right) {
+    if (left < 0 || right < 0) return;
+    const size_t size = syms[left].n + syms[right].n;
+    const int32_t id = vocab_.find(std::string_view(text).substr(syms[left].offset, size));
+    if (id < 0) return;
+    queue.push({left, right, vocab_.scores[id], size});
+  };
+  for (int32_t i = 1; i < static_cast<int32_t>(syms.size()); ++i) try_add(i - 1, i);
+
+  while (!queue.empty()) {
+    const Bigram b = queue.top();
+    queue.pop();
+    Symbol& l = syms[b.left];
+    Symbol& r = syms[b.right];
+    // Sizes only grow, so a changed neighbour shows as a different total (or as a merged-away symbol).
+    if (l.n == 0 || r.n == 0 || l.n + r.n != b.size) continue;
+    l.n += r.n;
+    r.n = 0;
+    l.next = r.next;
+    if (r.next >= 0) syms[r.next].prev = b.left;
+    try_add(l.prev, b.left);
+    try_add(b.left, l.next);
+  }
+
+  // Every merged symbol is a token (a pair is only queued when it is one), so what is not a token here is a
+  // single character: llama.cpp's rev_merge re-segmentation never applies, and byte fallback is all we need.
+  for (int32_t i = 0; i != -1; i = syms[i].next) {
+    const std::string_view s = std::string_view(text).substr(syms[i].offset, syms[i].n);
+    const int32_t id = vocab_.find(s);
+    if (id >= 0)
+      out.push_back(id);
+    else
+      emit_bytes(s, out);
+  }
+}
+
+std::string SpmTokenizer::make_piece(int32_t id) const {
+  const uint32_t attr = vocab_.attrs[id];
+  const std::string& text = vocab_.pieces[id];
+  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
+  if (attr & kAttrNormal) {
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size();) {
+      if (text.compare(i, kSpace.size(), kSpace) == 0) {
+        out += ' ';
+        i += kSpace.size();
+      } else {
+        out += text[i++];
+      }
+    }
+    return out;
+  }
+  if (attr & kAttrByte) {
+    uint8_t b;
+    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
+    return text;
+  }
+  return {};  // unused / undefined tokens print nothing (llama.cpp)
+}
+
+}  // namespace headroom::tok
