@@ -72,9 +72,25 @@ struct ChatMessage {
   std::string content;
 };
 
-// Chat templates recognised from the text of tokenizer.chat_template (no Jinja interpreter): ChatML (Qwen2,
-// SmolLM), Llama-3, Llama-2, Mistral ([INST]), phi-3, Gemma-style; unknown text falls back to ChatML... or a
-// plain "role: content" format, with a warning.
+// Chat templates recognised from the text of tokenizer.chat_template (there is no Jinja interpreter: each
+// family is rendered by code written to give the same output as its templates):
+//  - ChatML ("<|im_start|>": Qwen2/2.5/3, SmolLM): "<|im_start|>role\ncontent<|im_end|>\n" per message. A default
+//    system prompt written in the template (Qwen2/2.5, SmolLM2) is used when the conversation has none; a
+//    template with Qwen3's reasoning_content logic gets Qwen3's <think> blocks for the last assistant turn.
+//  - Llama-3 ("<|start_header_id|>"): header + trimmed content + <|eot_id|>, bos_text first; the Llama-3.1/3.2
+//    "Cutting Knowledge Date" system header when the template has it. The assistant header is added when
+//    add_generation_prompt, or always if the template does not look at add_generation_prompt (Llama-3 base).
+//  - Llama-2 ("[INST]" with "<<SYS>>"): bos_text "[INST] (<<SYS>>...) user [/INST]" assistant eos_text.
+//  - Mistral ("[INST]" without "<<SYS>>", v0.1/v0.2 form): bos_text "[INST] user [/INST]assistant" eos_text; a
+//    system message (which those templates reject) is put before the first user message.
+//  - Phi-3 ("<|user|>" and "<|end|>"): phi-3-mini-4k's original form (user turns followed by "<|assistant|>\n",
+//    system messages dropped, bos_text first) or, when the template looks at add_generation_prompt, Phi-3.5's
+//    form with a <|system|> block and eos_text when no generation prompt is asked for.
+//  - Plain: anything else (recognised() == false: the caller should warn): "role: content\n" per message and
+//    "assistant:" as the generation prompt.
+// Llama-2 and Mistral throw headroom::Error unless roles alternate user/assistant (as their templates do).
+// Tools, tool calls and other template variables are not supported. bos_text is written only by the families
+// whose templates write bos_token: pass "" when the tokenizer adds BOS itself.
 class ChatTemplate {
  public:
   enum class Kind { ChatML, Llama3, Llama2, Mistral, Phi3, Plain };
@@ -89,6 +105,14 @@ class ChatTemplate {
  private:
   Kind kind_ = Kind::Plain;
   bool recognised_ = false;
+  // Variants within a family, read from the template text.
+  bool gen_prompt_always_ = false;  // Llama-3 base / phi-3 original: the template ignores add_generation_prompt
+  bool qwen3_think_ = false;        // ChatML with Qwen3's <think> handling of assistant turns
+  bool phi3_system_ = false;        // Phi-3.5 form
+  bool bos_in_template_ = true;     // the template writes bos_token
+  bool llama31_header_ = false;     // Llama-3.1+: "Cutting Knowledge Date" system header
+  std::string date_;                // Llama-3.1+: "Today Date: ..." (the template's default date, or today)
+  std::string default_system_;      // ChatML: system prompt the template inserts when none is given
 };
 
 }  // namespace headroom

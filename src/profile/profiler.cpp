@@ -1,0 +1,268 @@
+#include "profile/profiler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "engine/kv_setup.h"
+#include "util/error.h"
+
+namespace headroom::profile {
+
+namespace {
+
+// Gathers one KV head's cached keys and values in position order (the profiler runs with `full`).
+struct HeadKV {
+  std::vector<float> k, v;
+  std::vector<int32_t> pos;
+};
+
+void gather(KVCache& kv, int layer, int h, HeadKV& out) {
+  const HeadCache& hc = kv.head(layer, h);
+  PagePool& pool = kv.pool();
+  const int hd = pool.head_dim();
+  out.k.clear();
+  out.v.clear();
+  out.pos.clear();
+  for (int32_t id : hc.pages)
+    for (int s = 0; s < pool.used(id); ++s) {
+      if (pool.pos(id)[s] < 0) continue;
+      out.pos.push_back(pool.pos(id)[s]);
+      out.k.insert(out.k.end(), pool.k(id) + int64_t(s) * hd, pool.k(id) + int64_t(s + 1) * hd);
+      out.v.insert(out.v.end(), pool.v(id) + int64_t(s) * hd, pool.v(id) + int64_t(s + 1) * hd);
+    }
+}
+
+class Observer : public AttentionObserver {
+ public:
+  Observer(const ModelConfig& c, const Options& o, Scores& s) : c_(c), o_(o), s_(s) {}
+
+  // Retrieval probe: rows whose next token is an answer token found in the needle span.
+  std::vector<int32_t> tokens;
+  std::vector<std::pair<int32_t, int32_t>> needle_spans;  // [begin, end) positions
+  std::vector<int32_t> copy_rows;                         // positions whose next token is copied
+  bool measure_streaming = true;
+  std::vector<double> hits, err_sum;
+  std::vector<int64_t> err_n;
+
+  void on_attention(int layer, int n, const int32_t* pos, const float* q, KVCache& kv) override {
+    const int hd = c_.head_dim, G = c_.n_group();
+    const float scale = 1.0f / std::sqrt(float(hd));
+    for (int h = 0; h < c_.n_head_kv; ++h) {
+      bool any = false;
+      for (int r = 0; r < n && !any; ++r) any = wanted(pos[r]);
+      if (!any) continue;
+      gather(kv, layer, h, head_);
+      const size_t idx = size_t(layer) * c_.n_head_kv + h;
+      for (int r = 0; r < n; ++r) {
+        const bool copy = std::binary_search(copy_rows.begin(), copy_rows.end(), pos[r]);
+        const bool stream = measure_streaming && sample_streaming(pos[r]);
+        if (!copy && !stream) continue;
+        bool hit = false;
+        double err = 0;
+        for (int g = 0; g < G; ++g) {
+          const float* qh = q + int64_t(r) * c_.n_head * hd + int64_t(h * G + g) * hd;
+          scores_.resize(head_.pos.size());
+          int best = -1;
+          float best_s = -1e30f;
+          for (size_t j = 0; j < head_.pos.size(); ++j) {
+            if (head_.pos[j] > pos[r]) { scores_[j] = -INFINITY; continue; }
+            float d = 0;
+            for (int t = 0; t < hd; ++t) d += qh[t] * head_.k[j * hd + t];
+            scores_[j] = d * scale;
+            if (scores_[j] > best_s) { best_s = scores_[j]; best = int(j); }
+          }
+          if (copy && best >= 0) {
+            const int32_t p = head_.pos[best];
+            const bool in_needle = std::any_of(needle_spans.begin(), needle_spans.end(),
+                                               [&](auto& sp) { return p >= sp.first && p < sp.second; });
+            if (in_needle && tokens[p] == tokens[pos[r] + 1]) hit = true;
+          }
+          if (stream) err += rel_change(pos[r], hd);
+        }
+        if (copy && hit) hits[idx] += 1;
+        if (stream) {
+          err_sum[idx] += err / G;
+          err_n[idx] += 1;
+        }
+      }
+    }
+  }
+
+ private:
+  bool wanted(int32_t p) const {
+    return std::binary_search(copy_rows.begin(), copy_rows.end(), p) || (measure_streaming && sample_streaming(p));
+  }
+  bool sample_streaming(int32_t p) const { return p >= o_.sinks + o_.window + 64 && p % 16 == 0; }
+  // ||o_full - o_stream|| / ||o_full|| for the scores in scores_ (softmax over allowed slots).
+  double rel_change(int32_t qpos, int hd) {
+    double mx_full = -1e300, mx_str = -1e300;
+    for (size_t j = 0; j < scores_.size(); ++j) {
+      if (scores_[j] == -INFINITY) continue;
+      mx_full = std::max(mx_full, double(scores_[j]));
+      if (in_stream(head_.pos[j], qpos)) mx_str = std::max(mx_str, double(scores_[j]));
+    }
+    of_.assign(hd, 0.0);
+    os_.assign(hd, 0.0);
+    double sf = 0, ss = 0;
+    for (size_t j = 0; j < scores_.size(); ++j) {
+      if (scores_[j] == -INFINITY) continue;
+      const float* vr = &head_.v[j * hd];
+      double wf = std::exp(double(scores_[j]) - mx_full);
+      sf += wf;
+      for (int t = 0; t < hd; ++t) of_[t] += wf * vr[t];
+      if (in_stream(head_.pos[j], qpos)) {
+        double ws = std::exp(double(scores_[j]) - mx_str);
+        ss += ws;
+        for (int t = 0; t < hd; ++t) os_[t] += ws * vr[t];
+      }
+    }
+    double num = 0, den = 0;
+    for (int t = 0; t < hd; ++t) {
+      double a = of_[t] / sf, b = ss > 0 ? os_[t] / ss : 0.0;
+      num += (a - b) * (a - b);
+      den += a * a;
+    }
+    return den > 0 ? std::sqrt(num / den) : 0.0;
+  }
+  bool in_stream(int32_t p, int32_t q) const { return p < o_.sinks || p > q - o_.window; }
+
+  const ModelConfig& c_;
+  const Options& o_;
+  Scores& s_;
+  HeadKV head_;
+  std::vector<float> scores_;
+  std::vector<double> of_, os_;
+};
+
+// Positions of every occurrence of `needle` (a token sequence) in `ids` before `limit`.
+std::vector<std::pair<int32_t, int32_t>> find_spans(const std::vector<int32_t>& ids, const std::vector<int32_t>& needle,
+                                                    size_t limit) {
+  std::vector<std::pair<int32_t, int32_t>> out;
+  if (needle.empty()) return out;
+  for (size_t i = 0; i + needle.size() <= limit; ++i)
+    if (std::equal(needle.begin(), needle.end(), ids.begin() + i)) out.emplace_back(int32_t(i), int32_t(i + needle.size()));
+  return out;
+}
+
+}  // namespace
+
+Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Options& o, const Progress& progress) {
+  const ModelConfig& c = m.config();
+  const Tokenizer& tok = m.tokenizer();
+  const int ctx = o.ctx > 0 ? o.ctx : c.n_ctx_train;
+  Scores s;
+  s.n_layer = c.n_layer;
+  s.n_head_kv = c.n_head_kv;
+  const size_t H = size_t(c.n_layer) * c.n_head_kv;
+  Observer obs(c, o, s);
+  obs.hits.assign(H, 0.0);
+  obs.err_sum.assign(H, 0.0);
+  obs.err_n.assign(H, 0);
+  Runner runner(m, be, o.chunk);
+  KVOptions kvo;
+  kvo.page_size = o.page_size;
+  kvo.chunk = o.chunk;
+  KVSetup kvs = plan_kv(m, kvo, ctx + 16);
+  const eval::Task kinds[] = {eval::Task::Passkey, eval::Task::KeyValue, eval::Task::MultiKey};
+  const int total = o.retrieval_prompts + o.natural_prompts;
+  int copy_steps = 0;
+
+  for (int i = 0; i < o.retrieval_prompts; ++i) {
+    eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / o.retrieval_prompts, o.seed + 1000 + i);
+    // Teacher-force the answer: tokenize prompt + answer together, as the model would have produced it.
+    const std::vector<int32_t> prompt_ids = tok.encode(e.prompt, tok.add_bos());
+    std::vector<int32_t> ids = tok.encode(e.prompt + e.expected, tok.add_bos());
+    if (ids.size() <= prompt_ids.size() || !std::equal(prompt_ids.begin(), prompt_ids.end(), ids.begin()))
+      fail("profile: the answer of a probe does not tokenize as a continuation of its prompt");
+    const size_t prompt_len = prompt_ids.size();
+    const std::vector<int32_t> ans(ids.begin() + prompt_len, ids.end());
+    // The needle's copy of the answer digits: the answer's tokens minus its first (space) and last (period).
+    std::vector<int32_t> digits_only(ans.begin() + (ans.size() > 2 ? 1 : 0), ans.end() - (ans.size() > 2 ? 1 : 0));
+    obs.tokens = ids;
+    obs.needle_spans = find_spans(ids, digits_only, prompt_len);
+    obs.copy_rows.clear();
+    for (size_t p = prompt_len - 1; p + 1 < ids.size(); ++p) {
+      const int32_t next = ids[p + 1];
+      if (std::find(digits_only.begin(), digits_only.end(), next) != digits_only.end() && !obs.needle_spans.empty())
+        obs.copy_rows.push_back(int32_t(p));
+    }
+    copy_steps += int(obs.copy_rows.size());
+    obs.measure_streaming = true;
+    PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
+    KVCache kv(c, pool, kvs.specs);
+    runner.forward(kv, ids, 0, false, &obs);
+    if (progress) progress(i + 1, total, fmt::format("retrieval probe {} ({} tokens)", eval::task_name(e.task), ids.size()));
+  }
+  // Natural text: streaming error only.
+  for (int i = 0; i < o.natural_prompts; ++i) {
+    eval::Episode e = gen.make(eval::Task::Passkey, ctx, 0.0, o.seed + 5000 + i);
+    // Use the haystack part only (drop the needle sentence and the question).
+    std::string text = e.prompt.substr(0, e.prompt.rfind('\n'));
+    size_t cut = text.find("The pass key is");
+    if (cut != std::string::npos) text = text.substr(text.find("pass key.", cut) + 9);
+    std::vector<int32_t> ids = tok.encode(text, tok.add_bos());
+    obs.tokens = ids;
+    obs.needle_spans.clear();
+    obs.copy_rows.clear();
+    PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
+    KVCache kv(c, pool, kvs.specs);
+    runner.forward(kv, ids, 0, false, &obs);
+    if (progress) progress(o.retrieval_prompts + i + 1, total, fmt::format("natural text ({} tokens)", ids.size()));
+  }
+  s.copy_steps = copy_steps;
+  s.retrieval.resize(H);
+  s.streaming_error.resize(H);
+  for (size_t i = 0; i < H; ++i) {
+    s.retrieval[i] = copy_steps ? obs.hits[i] / copy_steps : 0.0;
+    s.streaming_error[i] = obs.err_n[i] ? obs.err_sum[i] / double(obs.err_n[i]) : 0.0;
+  }
+  return s;
+}
+
+std::vector<int> rank_heads(const Scores& s) {
+  const size_t H = s.retrieval.size();
+  double max_r = 1e-12, max_e = 1e-12;
+  for (size_t i = 0; i < H; ++i) {
+    max_r = std::max(max_r, s.retrieval[i]);
+    max_e = std::max(max_e, s.streaming_error[i]);
+  }
+  std::vector<int> order(H);
+  std::iota(order.begin(), order.end(), 0);
+  // Retrieval first; streaming error (normalised) breaks ties and orders the non-retrieval heads.
+  auto key = [&](int i) { return s.retrieval[i] / max_r + 1e-3 * s.streaming_error[i] / max_e; };
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) > key(b); });
+  return order;
+}
+
+int64_t streaming_pages(const Options& o) { return 1 + (o.window + o.page_size - 1) / o.page_size + 1; }
+int64_t full_pages(int ctx, int page_size) { return (ctx + page_size - 1) / page_size; }
+
+HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx, const Options& o,
+               const std::vector<int>* order) {
+  const int H = s.n_layer * s.n_head_kv;
+  const int64_t fp = full_pages(ctx, o.page_size), sp = std::min(streaming_pages(o), fp);
+  const double allowed = target * double(fp) * H;
+  int k = 0;
+  while (k < H && double((k + 1) * fp + (H - k - 1) * sp) <= allowed + 1e-9) ++k;
+  if (k == 0 && double(H * sp) > allowed + 1e-9)
+    fail("target budget {:.1f}% is below what {} streaming heads need ({:.1f}%: {} sinks + {} window, pages of {})",
+         target * 100, H, 100.0 * double(sp) / double(fp), o.sinks, o.window, o.page_size);
+  std::vector<int> ranked = order ? *order : rank_heads(s);
+  PolicySpec stream;
+  stream.kind = PolicyKind::Streaming;
+  stream.sinks = o.sinks;
+  stream.window = o.window;
+  HeadMap m = HeadMap::uniform(id, stream);
+  for (int i = 0; i < k; ++i) m.heads[ranked[i]].spec = PolicySpec{};  // full
+  for (int i = 0; i < H; ++i) {
+    m.heads[i].retrieval_score = s.retrieval.empty() ? -1 : s.retrieval[i];
+    m.heads[i].streaming_error = s.streaming_error.empty() ? -1 : s.streaming_error[i];
+  }
+  m.note = fmt::format("target {:.1f}% of the full KV at {} tokens: {} full heads, {} streaming (sinks {}, window {}), "
+                       "{:.1f}% of full KV bytes",
+                       target * 100, ctx, k, H - k, o.sinks, o.window, 100.0 * double(k * fp + (H - k) * sp) / double(H * fp));
+  return m;
+}
+
+}  // namespace headroom::profile

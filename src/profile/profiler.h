@@ -1,0 +1,55 @@
+// Training-free head profiler (Retrieval Head + DuoAttention-style streaming error, measured, not trained):
+//  - retrieval score of a KV head: on needle-copy prompts (the trained retrieval formats, answer teacher-
+//    forced), the share of copy steps where the strongest attention of (any query head of) the KV head lands
+//    on the needle token being copied — as in the Retrieval Head paper;
+//  - streaming error of a KV head: the relative L2 change of its attention output when only that head is
+//    restricted to sinks + window, on long retrieval prompts and natural text, averaged over query rows;
+//  - assign(): from both scores, the heads that get `full` under a target budget; the rest `streaming`.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "eval/tasks.h"
+#include "kv/head_map.h"
+#include "model/model.h"
+
+namespace headroom::profile {
+
+struct Options {
+  int ctx = 0;             // prompt length (0: the model's trained context)
+  int retrieval_prompts = 12;
+  int natural_prompts = 2;
+  int sinks = 4;
+  int window = 252;
+  int page_size = 32;
+  int chunk = 512;
+  uint64_t seed = 7;
+};
+
+struct Scores {
+  int n_layer = 0, n_head_kv = 0;
+  std::vector<double> retrieval;        // [layer * n_head_kv + h], 0..1
+  std::vector<double> streaming_error;  // [layer * n_head_kv + h], relative L2
+  int copy_steps = 0;                   // how many copy steps the retrieval score is over
+};
+
+using Progress = std::function<void(int done, int total, const std::string& what)>;
+
+Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Options& o, const Progress& progress);
+
+// The order in which heads are promoted to `full`: by retrieval score, ties (and heads that never retrieve)
+// by streaming error. Exposed for the random-choice control.
+std::vector<int> rank_heads(const Scores& s);
+
+// Head map meeting `target` (a share of the full KV bytes at ctx, pages counted whole): as many heads `full`
+// as fit, best-ranked first, the rest `streaming` (sinks + window). `order` overrides the ranking (control).
+HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx, const Options& o,
+               const std::vector<int>* order = nullptr);
+
+// Pages a streaming head holds at most in steady state, and a full head at ctx.
+int64_t streaming_pages(const Options& o);
+int64_t full_pages(int ctx, int page_size);
+
+}  // namespace headroom::profile
