@@ -5,7 +5,6 @@
 // Llama-2-chat, Mistral-7B-Instruct-v0.1, Qwen2-Instruct, Llama-3-Instruct and Phi-3.5-mini, quoted below.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -21,6 +20,7 @@ namespace {
 
 const std::map<std::string, std::string>& templates() {
   static const std::map<std::string, std::string> t = [] {
+    // clang-format off
     std::map<std::string, std::string> m = {
     {"llama2",
      "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"},
@@ -33,6 +33,7 @@ const std::map<std::string, std::string>& templates() {
     {"phi35",
      "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"},
     };
+    // clang-format on
     const std::string dir = test::shared("testdata/vocab/");
     m["llama3_base"] = gguf::File::open(dir + "ggml-vocab-llama-bpe.gguf")->get_str("tokenizer.chat_template");
     m["qwen3"] = gguf::File::open(dir + "ggml-vocab-qwen2.gguf")->get_str("tokenizer.chat_template");
@@ -64,6 +65,7 @@ struct Expected {
 };
 
 // Rendered by jinja2 (see the top of the file).
+// clang-format off
 const Expected kExpected[] = {
     {"llama3_base", "sys3", true,
      "<s><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
@@ -190,6 +192,7 @@ const Expected kExpected[] = {
     {"phi35", "ua", false,
      "<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n</s>"},
 };
+// clang-format on
 
 TEST(TokenizerChatTemplate, DetectsFamilies) {
   const std::map<std::string, ChatTemplate::Kind> want = {
@@ -225,7 +228,8 @@ TEST(TokenizerChatTemplate, UnknownTextIsPlain) {
     EXPECT_STREQ(ct.name(), "plain");
   }
   const ChatTemplate plain = ChatTemplate::detect("");
-  EXPECT_EQ(plain.apply({{"system", "Be brief."}, {"user", "Hi"}}, true, "<s>"), "system: Be brief.\nuser: Hi\nassistant:");
+  EXPECT_EQ(plain.apply({{"system", "Be brief."}, {"user", "Hi"}}, true, "<s>"),
+            "system: Be brief.\nuser: Hi\nassistant:");
   EXPECT_EQ(plain.apply({{"user", "Hi"}}, false), "user: Hi\n");
 }
 
@@ -245,8 +249,9 @@ TEST(TokenizerChatTemplate, RoleErrorsAreOneLine) {
 TEST(TokenizerChatTemplate, MistralPutsSystemBeforeFirstUserTurn) {
   // Mistral v0.1's template rejects system messages; headroom keeps them, in front of the first user turn.
   const ChatTemplate ct = ChatTemplate::detect(templates().at("mistral"));
-  EXPECT_EQ(ct.apply({{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}}, true, "<s>", "</s>"),
-            "<s>[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]");
+  EXPECT_EQ(
+      ct.apply({{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}}, true, "<s>", "</s>"),
+      "<s>[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Bye [/INST]");
 }
 
 TEST(TokenizerChatTemplate, ChatMLDefaultSystemPrompts) {

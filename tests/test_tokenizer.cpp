@@ -10,10 +10,9 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "gguf/gguf.h"
 #include "test_util.h"
@@ -142,8 +141,8 @@ TEST(TokenizerVocabFiles, AllFamiliesPresent) {
   // The vectors above cover these families; a new file is picked up by the glob without a code change.
   std::vector<std::string> fams;
   for (const auto& f : vocab_files()) fams.push_back(family_of(f));
-  for (const char* want : {"llama_spm", "phi_3", "gpt_2", "llama_bpe", "qwen2", "deepseek_llm", "deepseek_coder",
-                           "falcon", "starcoder"})
+  for (const char* want :
+       {"llama_spm", "phi_3", "gpt_2", "llama_bpe", "qwen2", "deepseek_llm", "deepseek_coder", "falcon", "starcoder"})
     EXPECT_NE(std::find(fams.begin(), fams.end(), want), fams.end()) << want;
 }
 
@@ -213,6 +212,8 @@ TEST(TokenizerMeta, DefaultsAndSpecialIds) {
   const Tokenizer& phi = load(vocab("phi-3"));
   EXPECT_TRUE(phi.is_eog(32007));  // <|end|>
   EXPECT_EQ(phi.eot(), 32007);
+
+  EXPECT_EQ(load(vocab("deepseek-llm")).eot(), 100001);  // <｜end▁of▁sentence｜>
 }
 
 TEST(TokenizerSpecial, ParseSpecialMatchesControlTokens) {
@@ -253,7 +254,10 @@ TEST(TokenizerSpecial, ParseSpecialMatchesControlTokens) {
 TEST(TokenizerSpm, UnknownCharactersWithoutByteTokensGiveUnk) {
   // TinyStories-656K has no <0xXX> tokens: a character outside the vocab becomes <unk>, once per character.
   const Tokenizer& tok = load(test::shared("models/tinystories-656k-q8_0.gguf"));
-  const auto ids = tok.encode("a\xE2\x82\xAC" "b", false);  // "a€b"
+  const auto ids = tok.encode(
+      "a\xE2\x82\xAC"
+      "b",
+      false);  // "a€b"
   EXPECT_EQ(std::count(ids.begin(), ids.end(), tok.unk()), 1) << show(ids);
 }
 
@@ -265,7 +269,8 @@ TEST(TokenizerRoundTrip, HaystackAndInvalidUtf8) {
   }
   // Invalid UTF-8 never crashes; it decodes to U+FFFD, one per bad byte, for both kinds of tokenizer.
   const std::string bad = "ok \xFF\xC3(\xE4\xB8 end \xF0\x9F\x98";
-  const std::string want = "ok \xEF\xBF\xBD\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD end \xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD";
+  const std::string want =
+      "ok \xEF\xBF\xBD\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD end \xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD";
   for (const char* name : {"llama-spm", "gpt-2", "qwen2", "deepseek-llm", "falcon"}) {
     const Tokenizer& tok = load(vocab(name));
     EXPECT_EQ(tok.decode(tok.encode(bad, false, false)), want) << name;
@@ -301,7 +306,8 @@ std::string stream_all(const Tokenizer& tok, const std::vector<int32_t>& ids, bo
 
 TEST(TokenizerStream, MultiByteTextEqualsDecode) {
   // CJK and emoji that the vocabs spell with several byte tokens, so pieces end mid-character.
-  const std::string text = " Hello 我想在apple工作 🦙🚀😶\u200d🌫\ufe0f ✅ កាន់តែ нещо Cửa Việt\n\t end";
+  const std::string text =
+      " Hello 我想在apple工作 🦙🚀😶\u200d🌫\ufe0f ✅ កាន់តែ нещо Cửa Việt\n\t end";
   for (const char* name : {"llama-spm", "phi-3", "gpt-2", "qwen2", "llama-bpe", "deepseek-llm", "starcoder"}) {
     const Tokenizer& tok = load(vocab(name));
     const auto ids = tok.encode(text, tok.add_bos());
@@ -314,15 +320,31 @@ TEST(TokenizerStream, MultiByteTextEqualsDecode) {
   }
 }
 
+TEST(TokenizerStream, ContinuationKeepsLeadingSpace) {
+  // Generated tokens continue the prompt: " time" must stay " time", whole or streamed.
+  const Tokenizer& spm = load(vocab("llama-spm"));
+  const auto prompt = spm.encode("Once upon a", true);
+  const auto all = spm.encode("Once upon a time, there", true);
+  ASSERT_TRUE(std::equal(prompt.begin(), prompt.end(), all.begin()));
+  const std::vector<int32_t> cont(all.begin() + static_cast<long>(prompt.size()), all.end());
+  EXPECT_EQ(spm.decode(cont, false, /*continuation=*/true), " time, there");
+  EXPECT_EQ(spm.decode(cont), "time, there");
+  StreamDecoder sd(spm, false, /*continuation=*/true);
+  std::string streamed;
+  for (int32_t id : cont) streamed += sd.push(id);
+  EXPECT_EQ(streamed + sd.flush(), " time, there");
+}
+
 TEST(TokenizerStream, InvalidSequencesMatchDecode) {
   const Tokenizer& spm = load(vocab("llama-spm"));
   // <0xE4> <0xB8> is the start of a 3-byte character that never completes.
   const int32_t e4 = 3 + 0xE4, b8 = 3 + 0xB8, a = spm.encode("a", false).back();
-  for (const std::vector<int32_t>& ids : std::vector<std::vector<int32_t>>{{e4, b8, a}, {e4, b8}, {b8, e4, e4, b8, 3 + 0xAD}}) {
+  for (const std::vector<int32_t>& ids :
+       std::vector<std::vector<int32_t>>{{e4, b8, a}, {e4, b8}, {b8, e4, e4, b8, 3 + 0xAD}}) {
     EXPECT_EQ(stream_all(spm, ids, false), spm.decode(ids));
   }
-  EXPECT_EQ(spm.decode(std::vector<int32_t>{e4, b8, a}), "\xEF\xBF\xBD\xEF\xBF\xBD" "a");
-  EXPECT_EQ(spm.decode(std::vector<int32_t>{e4, b8, 3 + 0xAD}), "\xE4\xB8\xAD");  // 中
+  EXPECT_EQ(spm.decode(std::vector<int32_t>{e4, b8, a}), "\xEF\xBF\xBD\xEF\xBF\xBD a");  // a is "▁a"
+  EXPECT_EQ(spm.decode(std::vector<int32_t>{e4, b8, 3 + 0xAD}), "\xE4\xB8\xAD");         // 中
   StreamDecoder sd(spm);
   EXPECT_EQ(sd.push(e4), "");
   EXPECT_EQ(sd.push(b8), "");

@@ -1,4 +1,86 @@
+// `headroom profile`: measure every KV head's retrieval score and streaming error, write the head map (JSON)
+// and a PNG heat map of the scores.
+#include <cstdio>
+
 #include "cli/common.h"
+#include "eval/plot.h"
+#include "profile/profiler.h"
+#include "util/error.h"
+
 namespace headroom::cli {
-void register_profile(CLI::App& app) {}
+
+void register_profile(CLI::App& app) {
+  static std::string model_path, out = "heads.json", target = "25%", shared = "../shared", png;
+  static int threads = 0;
+  static profile::Options o;
+  auto* cmd = app.add_subcommand("profile", "find each KV head's role (retrieval vs streaming) and write a head map");
+  cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
+  cmd->add_option("-o,--output", out, "head map JSON to write")->capture_default_str();
+  cmd->add_option("--target-budget", target, "share of the full KV bytes the map must fit (e.g. 25%)")->capture_default_str();
+  cmd->add_option("--ctx", o.ctx, "probe length in tokens (default: the trained context)");
+  cmd->add_option("--probes", o.retrieval_prompts, "needle-copy prompts (retrieval score)")->capture_default_str();
+  cmd->add_option("--natural", o.natural_prompts, "natural-text prompts (streaming error)")->capture_default_str();
+  cmd->add_option("--sinks", o.sinks, "sink tokens of streaming heads")->capture_default_str();
+  cmd->add_option("--window", o.window, "recent window of streaming heads")->capture_default_str();
+  cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
+  cmd->add_option("--seed", o.seed, "probe seed")->capture_default_str();
+  cmd->add_option("--png", png, "heat map of the scores (default: OUTPUT with .png)");
+  cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
+  cmd->add_option("-t,--threads", threads, "threads (default: physical cores)");
+  cmd->callback([] {
+    KVBudget b = KVBudget::parse(target);
+    if (b.kind != KVBudget::Kind::Percent) fail("--target-budget must be a percentage like 25%");
+    if (o.retrieval_prompts < 1 || o.natural_prompts < 0) fail("--probes must be >= 1 and --natural >= 0");
+    if (o.sinks < 0 || o.window < 16) fail("--sinks must be >= 0 and --window >= 16");
+    auto model = Model::load(model_path);
+    const ModelConfig& c = model->config();
+    const int ctx = o.ctx > 0 ? o.ctx : c.n_ctx_train;
+    auto be = make_cpu_backend(threads);
+    eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
+    std::fprintf(stderr, "profile: %d layers x %d KV heads, %d + %d probes of %d tokens\n", c.n_layer, c.n_head_kv,
+                 o.retrieval_prompts, o.natural_prompts, ctx);
+    profile::Scores s = profile::measure(*model, *be, gen, o, [](int done, int total, const std::string& what) {
+      const int w = 30, filled = w * done / total;
+      std::fprintf(stderr, "\r[%s%s] %d/%d %s      ", std::string(filled, '#').c_str(), std::string(w - filled, '.').c_str(),
+                   done, total, what.c_str());
+      if (done == total) std::fprintf(stderr, "\n");
+    });
+    HeadMap map = profile::assign(model->identity(), s, b.value / 100.0, ctx, o);
+    map.note = fmt::format("headroom profile: {} copy steps over {} probes; ", s.copy_steps, o.retrieval_prompts) + map.note;
+    map.save(out);
+    std::printf("%-6s %-8s %-10s %-10s %s\n", "layer", "kv_head", "retrieval", "stream_err", "policy");
+    for (int l = 0; l < c.n_layer; ++l)
+      for (int h = 0; h < c.n_head_kv; ++h) {
+        const HeadEntry& e = map.at(l, h);
+        std::printf("%-6d %-8d %-10.3f %-10.4f %s\n", l, h, e.retrieval_score, e.streaming_error, policy_name(e.spec.kind));
+      }
+    std::printf("%s\nwrote %s\n", map.note.c_str(), out.c_str());
+    if (png.empty()) png = out.substr(0, out.rfind('.')) + ".png";
+    for (int which = 0; which < 2; ++which) {
+      plot::Heatmap h;
+      h.title = which == 0 ? "Retrieval score per KV head" : "Streaming error per KV head (relative L2)";
+      h.x_label = "KV head";
+      h.y_label = "layer";
+      for (int k = 0; k < c.n_head_kv; ++k) h.x_ticks.push_back(std::to_string(k));
+      h.v_min = 0;
+      h.v_max = 0;
+      for (int l = 0; l < c.n_layer; ++l) {
+        h.y_ticks.push_back(std::to_string(l));
+        std::vector<double> row;
+        for (int k = 0; k < c.n_head_kv; ++k) {
+          const double v = which == 0 ? map.at(l, k).retrieval_score : map.at(l, k).streaming_error;
+          row.push_back(v);
+          h.v_max = std::max(h.v_max, v);
+        }
+        h.values.push_back(row);
+      }
+      if (h.v_max <= 0) h.v_max = 1;
+      h.colormap = plot::Colormap::Viridis;
+      std::string path = which == 0 ? png : png.substr(0, png.rfind('.')) + "-streaming.png";
+      plot::heatmap(path, h);
+      std::printf("wrote %s\n", path.c_str());
+    }
+  });
+}
+
 }  // namespace headroom::cli

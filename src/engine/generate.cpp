@@ -22,7 +22,7 @@ GenerateResult generate(Runner& runner, KVCache& kv, const Tokenizer& tok, std::
     fail("prompt is {} tokens, longer than the context of {} tokens (raise -c or shorten the prompt)", prompt.size(),
          opt.n_ctx);
   std::vector<int32_t> history(prompt.begin(), prompt.end());
-  StreamDecoder dec(tok);
+  StreamDecoder dec(tok, /*special=*/false, /*continuation=*/true);
   std::string pending;  // text held back while it could be the start of a stop string
   auto emit = [&](const std::string& s) {
     r.text += s;

@@ -51,4 +51,16 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   return s;
 }
 
+KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOptions& o, int64_t n_ctx,
+                      const std::string& what) {
+  const ModelConfig& c = m.config();
+  if (specs.size() != size_t(c.n_layer) * c.n_head_kv) fail("{}: {} head specs for {} heads", what, specs.size(), size_t(c.n_layer) * c.n_head_kv);
+  KVSetup s;
+  s.specs = std::move(specs);
+  s.tokens_per_head = n_ctx;
+  s.capacity_pages = pages_needed(s.specs, n_ctx, o.page_size, o.chunk);
+  s.summary = fmt::format("KV: {}, page {} tokens, device capacity {} pages", what, o.page_size, s.capacity_pages);
+  return s;
+}
+
 }  // namespace headroom

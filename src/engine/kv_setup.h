@@ -28,4 +28,9 @@ struct KVSetup {
 // Throws Error with one line for bad flags, a head map for another model, or a budget too small.
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs = 1);
 
+// The same for per-head specs chosen by the caller (eval's profile/random configurations): capacity is what
+// the specs need for n_ctx, with one prefill chunk in flight per head.
+KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOptions& o, int64_t n_ctx,
+                      const std::string& what);
+
 }  // namespace headroom

@@ -63,9 +63,8 @@ int32_t BpeTokenizer::rank(std::string_view left, std::string_view right, std::s
   return it == ranks_.end() ? -1 : it->second;
 }
 
-void BpeTokenizer::encode_text(std::string_view raw, bool /*after_special*/, std::vector<int32_t>& out) const {
-  // PCRE2 needs valid UTF-8; like llama.cpp (unicode_cpts_from_utf8) invalid bytes become U+FFFD.
-  const std::string text = utf8_sanitize(raw);
+// `text` is valid UTF-8 (TokenizerBase::encode sanitizes it), as PCRE2 requires.
+void BpeTokenizer::encode_text(std::string_view text, bool /*after_special*/, std::vector<int32_t>& out) const {
   std::vector<std::pair<size_t, size_t>> words;
   pretok_.split(text, words);
 
@@ -99,7 +98,8 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
   std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
   auto try_add = [&](int32_t left, int32_t right) {
     if (left < 0 || right < 0) return;
-    const int32_t r = rank(word.substr(syms[left].offset, syms[left].n), word.substr(syms[right].offset, syms[right].n), key);
+    const int32_t r =
+        rank(word.substr(syms[left].offset, syms[left].n), word.substr(syms[right].offset, syms[right].n), key);
     if (r < 0) return;
     queue.push({left, right, r, syms[left].n + syms[right].n});
   };

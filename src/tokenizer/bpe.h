@@ -28,8 +28,8 @@ class BpeTokenizer final : public TokenizerBase {
   // Merge ranks keyed by the merge text "left right" as stored: the pieces of byte-level words never contain a
   // raw space (it is written U+0120), so "left" + ' ' + "right" names the pair without ambiguity.
   std::unordered_map<std::string, int32_t, StringHash, StringEq> ranks_;
-  std::array<std::string, 256> byte_to_chars_;        // byte -> UTF-8 of its GPT-2 character
-  std::array<int16_t, 324> char_to_byte_;             // GPT-2 character (< U+0144) -> byte, -1 if none
+  std::array<std::string, 256> byte_to_chars_;  // byte -> UTF-8 of its GPT-2 character
+  std::array<int16_t, 324> char_to_byte_;       // GPT-2 character (< U+0144) -> byte, -1 if none
 };
 
 }  // namespace headroom::tok

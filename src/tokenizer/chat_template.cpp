@@ -77,9 +77,10 @@ std::string llama31_date(const std::string& t) {
 void check_alternating(const std::vector<ChatMessage>& msgs, size_t first, const char* family) {
   for (size_t i = first; i < msgs.size(); ++i)
     if ((msgs[i].role == "user") != ((i - first) % 2 == 0))
-      fail("{} chat template: conversation roles must alternate user/assistant/user/assistant/... (message {} is "
-           "'{}')",
-           family, i + 1, msgs[i].role);
+      fail(
+          "{} chat template: conversation roles must alternate user/assistant/user/assistant/... (message {} is "
+          "'{}')",
+          family, i + 1, msgs[i].role);
 }
 
 }  // namespace
@@ -113,12 +114,18 @@ ChatTemplate ChatTemplate::detect(const std::string& t) {
 
 const char* ChatTemplate::name() const {
   switch (kind_) {
-    case Kind::ChatML: return "chatml";
-    case Kind::Llama3: return "llama3";
-    case Kind::Llama2: return "llama2";
-    case Kind::Mistral: return "mistral";
-    case Kind::Phi3: return "phi3";
-    case Kind::Plain: return "plain";
+    case Kind::ChatML:
+      return "chatml";
+    case Kind::Llama3:
+      return "llama3";
+    case Kind::Llama2:
+      return "llama2";
+    case Kind::Mistral:
+      return "mistral";
+    case Kind::Phi3:
+      return "phi3";
+    case Kind::Plain:
+      return "plain";
   }
   return "plain";
 }
@@ -180,7 +187,8 @@ std::string ChatTemplate::apply(const std::vector<ChatMessage>& msgs, bool add_g
           system = strip(msgs[0].content);
           first = 1;
         }
-        out += bos + "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: " +
+        out += bos +
+               "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: " +
                date_ + "\n\n" + system + "<|eot_id|>";
       }
       for (size_t i = first; i < msgs.size(); ++i) {
@@ -226,7 +234,8 @@ std::string ChatTemplate::apply(const std::vector<ChatMessage>& msgs, bool add_g
         } else if (m.role == "assistant") {
           out += m.content + eos_text;
         } else {
-          fail("Mistral chat template: only user and assistant roles are supported (message {} is '{}')", i + 1, m.role);
+          fail("Mistral chat template: only user and assistant roles are supported (message {} is '{}')", i + 1,
+               m.role);
         }
       }
       return out;

@@ -39,7 +39,8 @@ constexpr const char* kDeepseekLetters =
     R"re(\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2})re"
     R"re(\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+)re";
 // ASCII and full-width punctuation, curly quotes, ideographic space and full stop.
-constexpr const char* kDeepseekPunct = R"re(\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+)re";
+constexpr const char* kDeepseekPunct =
+    R"re(\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+)re";
 // CJK ideographs (U+4E00-U+9FA5), U+0800-U+4E00, Hangul (U+AC00-U+D7FF).
 constexpr const char* kDeepseekCjk = R"re([\x{4E00}-\x{9FA5}\x{0800}-\x{4E00}\x{AC00}-\x{D7FF}]+)re";
 
@@ -64,25 +65,24 @@ PreTokenizerInfo pretokenizer_info(const std::string& pre) {
     return make("llama3", {kLlama3}, /*ignore_merges=*/true, /*add_bos=*/true);
   if (one_of(pre, {"dbrx", "smaug-bpe"})) return make("llama3", {kLlama3});  // same regex, no llama3 defaults
   if (pre == "deepseek-llm")
-    return make("deepseek-llm", {R"re([\r\n])re", kDeepseekLetters, kDeepseekPunct, R"re(\s+$)re", kDeepseekCjk,
-                                 R"re(\p{N}+)re"});
+    return make("deepseek-llm",
+                {R"re([\r\n])re", kDeepseekLetters, kDeepseekPunct, R"re(\s+$)re", kDeepseekCjk, R"re(\p{N}+)re"});
   if (pre == "deepseek-coder")
-    return make("deepseek-coder", {R"re([\r\n])re", R"re(\s?\p{L}+)re", R"re(\s?\p{P}+)re", kDeepseekCjk,
-                                   R"re(\p{N})re"});
-  if (pre == "falcon")
-    return make("falcon", {R"re([\p{P}\$\+<=>\^~\|`]+)re", kGpt2, R"re([0-9][0-9][0-9])re"});
+    return make("deepseek-coder",
+                {R"re([\r\n])re", R"re(\s?\p{L}+)re", R"re(\s?\p{P}+)re", kDeepseekCjk, R"re(\p{N})re"});
+  if (pre == "falcon") return make("falcon", {R"re([\p{P}\$\+<=>\^~\|`]+)re", kGpt2, R"re([0-9][0-9][0-9])re"});
   // SmolLM shares StarCoder's pre-tokenizer in llama.cpp. UNTESTED here: no SmolLM vocab is bundled.
   if (one_of(pre, {"starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"}))
     return make(pre == "smollm" ? "smollm" : "starcoder", {R"re(\p{N})re", kGpt2});
-  if (one_of(pre, {"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
-                   "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"}))
+  if (one_of(pre, {"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+                   "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"}))
     return make("gpt-2", {kGpt2});
-  if (one_of(pre, {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "megrez", "hunyuan",
-                   "solar-open"}))
+  if (one_of(pre, {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "megrez", "hunyuan", "solar-open"}))
     return make("qwen2", {kQwen2});
-  fail("unsupported pre-tokenizer '{}' (tokenizer.ggml.pre); supported: default, gpt-2, llama-bpe/llama3, qwen2, "
-       "smollm, deepseek-llm, deepseek-coder, falcon, starcoder and their aliases",
-       pre);
+  fail(
+      "unsupported pre-tokenizer '{}' (tokenizer.ggml.pre); supported: default, gpt-2, llama-bpe/llama3, qwen2, "
+      "smollm, deepseek-llm, deepseek-coder, falcon, starcoder and their aliases",
+      pre);
 }
 
 struct PreTokenizer::Impl {
@@ -130,8 +130,10 @@ void PreTokenizer::split(std::string_view text, std::vector<std::pair<size_t, si
       const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data() + off);
       size_t pos = 0, gap = 0;  // search position; start of the text not yet emitted
       while (pos < len) {
-        const int rc = pcre2_match(code, subject, len, pos, PCRE2_NO_UTF_CHECK, md, nullptr);
-        if (rc < 0) break;  // no match (or a matching limit: the rest stays one piece)
+        int rc = pcre2_match(code, subject, len, pos, PCRE2_NO_UTF_CHECK, md, nullptr);
+        if (rc == PCRE2_ERROR_JIT_STACKLIMIT)  // the interpreter keeps its backtracking state on the heap
+          rc = pcre2_match(code, subject, len, pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md, nullptr);
+        if (rc < 0) break;  // no match (or a matching limit hit: the rest stays one piece)
         const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
         const size_t s = ov[0], e = ov[1];
         if (e <= s) {  // empty match: step over one character

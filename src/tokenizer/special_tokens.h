@@ -12,7 +12,7 @@
 namespace headroom::tok {
 
 struct Fragment {
-  int32_t token = -1;   // >= 0: a special token; -1: the raw text [offset, offset + length)
+  int32_t token = -1;  // >= 0: a special token; -1: the raw text [offset, offset + length)
   size_t offset = 0;
   size_t length = 0;
 };

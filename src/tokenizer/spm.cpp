@@ -68,7 +68,7 @@ void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::ve
       text += c;
   }
 
-  // One symbol per UTF-8 character (an invalid byte is a character of its own, as in llama.cpp).
+  // One symbol per UTF-8 character.
   std::vector<Symbol> syms;
   syms.reserve(text.size());
   for (size_t off = 0; off < text.size();) {

@@ -35,9 +35,10 @@ std::unique_ptr<Tokenizer> Tokenizer::from_gguf(const gguf::File& f) {
       fail("{}: {}", f.path(), e.what());
     }
   }
-  fail("{}: unsupported tokenizer model '{}' (tokenizer.ggml.model); headroom supports 'llama' (SentencePiece) "
-       "and 'gpt2' (byte-level BPE)",
-       f.path(), model);
+  fail(
+      "{}: unsupported tokenizer model '{}' (tokenizer.ggml.model); headroom supports 'llama' (SentencePiece) "
+      "and 'gpt2' (byte-level BPE)",
+      f.path(), model);
 }
 
 }  // namespace headroom

@@ -24,15 +24,18 @@ class Tokenizer {
 
   // add_bos: put BOS first (throws Error if the vocab has none). parse_special: control tokens written in the
   // text ("<|im_start|>") become their ids; user-defined tokens are matched either way (as llama.cpp and HF do).
-  // Any bytes are accepted: SPM keeps invalid UTF-8 as byte tokens, byte-level BPE replaces it with U+FFFD.
+  // Any bytes are accepted: invalid UTF-8 is replaced with U+FFFD (one per bad byte) before tokenizing.
   virtual std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special = true) const = 0;
   // The bytes a token stands for when decoded (byte tokens give their byte, SPM "▁" becomes a space;
   // control tokens give their text only if `special`). Ids outside the vocab give "".
   virtual std::string token_to_piece(int32_t id, bool special = false) const = 0;
   // Concatenated pieces; SPM drops the leading space that the first token of the text carries (the first
-  // token that prints anything). Bytes that do not form valid UTF-8 become U+FFFD, one per byte, so
-  // decode(encode(s)) == s for valid UTF-8 s. No clean-up of spaces around punctuation.
+  // token that prints anything). Bytes that do not form valid UTF-8 become U+FFFD, one per byte. No clean-up
+  // of spaces around punctuation, so decode(encode(s, bos, parse_special=false)) == s for valid UTF-8 s that
+  // the vocab can spell (every byte-level vocab, every SPM vocab with <0xXX> tokens; SPM reads U+2581 as a space).
   virtual std::string decode(std::span<const int32_t> ids, bool special = false) const = 0;
+  // The same for tokens that continue a text (generated after a prompt): no leading space is dropped.
+  std::string decode(std::span<const int32_t> ids, bool special, bool continuation) const;
 
   virtual int32_t n_vocab() const = 0;
   virtual int32_t bos() const = 0;           // -1 if none
@@ -57,6 +60,10 @@ class Tokenizer {
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& tok, bool special = false) : tok_(tok), special_(special) {}
+  // continuation: the ids continue a text (generated after a prompt), so the SPM leading space is kept; the
+  // output then equals decode(ids, special, /*continuation=*/true).
+  StreamDecoder(const Tokenizer& tok, bool special, bool continuation)
+      : tok_(tok), special_(special), first_(!continuation) {}
   std::string push(int32_t id);
   std::string flush();  // whatever is held back (an incomplete sequence is emitted as U+FFFD per byte, as decode)
 

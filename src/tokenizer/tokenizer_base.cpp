@@ -11,9 +11,20 @@ const std::string& Tokenizer::chat_template() const {
   return empty;
 }
 
+std::string Tokenizer::decode(std::span<const int32_t> ids, bool special, bool continuation) const {
+  if (!continuation) return decode(ids, special);
+  std::string bytes;
+  for (int32_t id : ids) bytes += token_to_piece(id, special);
+  return tok::utf8_sanitize(bytes);
+}
+
 namespace tok {
 
-std::vector<int32_t> TokenizerBase::encode(std::string_view text, bool add_bos, bool parse_special) const {
+std::vector<int32_t> TokenizerBase::encode(std::string_view raw, bool add_bos, bool parse_special) const {
+  // Invalid UTF-8 becomes U+FFFD first (llama.cpp does so for BPE, whose regexes need valid text; doing it for
+  // SPM too keeps a broken byte from fusing with the U+2581 of a following space).
+  const std::string valid = utf8_sanitize(raw);
+  const std::string_view text = valid;
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
   if (add_bos) {

@@ -18,6 +18,7 @@ class TokenizerBase : public Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special) const override;
   std::string token_to_piece(int32_t id, bool special) const override;
   std::string decode(std::span<const int32_t> ids, bool special) const override;
+  using Tokenizer::decode;
 
   int32_t n_vocab() const override { return vocab_.n(); }
   int32_t bos() const override { return vocab_.bos; }
@@ -37,8 +38,8 @@ class TokenizerBase : public Tokenizer {
   const Vocab& vocab() const { return vocab_; }
 
  protected:
-  // Tokenizes one stretch of raw text with no special token in it (never empty). `after_special` is true at
-  // the start of the input and right after a special token.
+  // Tokenizes one stretch of raw text with no special token in it (never empty, valid UTF-8). `after_special`
+  // is true at the start of the input and right after a special token.
   virtual void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const = 0;
   // The bytes token `id` prints as when special tokens are shown; called for every token by init_pieces().
   virtual std::string make_piece(int32_t id) const = 0;

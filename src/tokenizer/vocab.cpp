@@ -20,13 +20,20 @@ const gguf::Value* find_array(const gguf::File& f, std::string_view key) {
 
 uint32_t attr_of_type(int64_t type) {
   switch (type) {
-    case kUnknown: return kAttrUnknown;
-    case kUnused: return kAttrUnused;
-    case kNormal: return kAttrNormal;
-    case kControl: return kAttrControl;
-    case kUserDefined: return kAttrUserDefined;
-    case kByte: return kAttrByte;
-    default: return kAttrUndefined;  // as llama.cpp: unknown types are "undefined" and print nothing
+    case kUnknown:
+      return kAttrUnknown;
+    case kUnused:
+      return kAttrUnused;
+    case kNormal:
+      return kAttrNormal;
+    case kControl:
+      return kAttrControl;
+    case kUserDefined:
+      return kAttrUserDefined;
+    case kByte:
+      return kAttrByte;
+    default:
+      return kAttrUndefined;  // as llama.cpp: unknown types are "undefined" and print nothing
   }
 }
 
@@ -37,11 +44,13 @@ int32_t read_id(const gguf::File& f, std::string_view key, int32_t def, int32_t 
   if (def >= n) def = -1;  // llama.cpp disables default ids that fall outside a small vocab
   const gguf::Value* v = f.find(key);
   if (!v) return def;
-  if (!v->is_int()) fail("{}: metadata '{}' must be an integer, found {}", f.path(), key, gguf::value_type_name(v->type));
+  if (!v->is_int())
+    fail("{}: metadata '{}' must be an integer, found {}", f.path(), key, gguf::value_type_name(v->type));
   int64_t id;
   if (v->type == gguf::ValueType::UINT64 || v->type == gguf::ValueType::UINT32) {
     if (v->u == 0xFFFFFFFFull || v->u == ~0ull) return -1;
-    if (v->u >= static_cast<uint64_t>(n)) fail("{}: {} = {} is out of range (vocab has {} tokens)", f.path(), key, v->u, n);
+    if (v->u >= static_cast<uint64_t>(n))
+      fail("{}: {} = {} is out of range (vocab has {} tokens)", f.path(), key, v->u, n);
     id = static_cast<int64_t>(v->u);
   } else {
     id = v->as_int();
@@ -66,7 +75,8 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
   const gguf::Value* tokens = find_array(f, "tokenizer.ggml.tokens");
   if (!tokens) fail("{}: tokenizer.ggml.tokens is missing (no vocabulary in this file)", f.path());
   if (tokens->elem_type != gguf::ValueType::STRING)
-    fail("{}: tokenizer.ggml.tokens must be an array of strings, found {}", f.path(), gguf::value_type_name(tokens->elem_type));
+    fail("{}: tokenizer.ggml.tokens must be an array of strings, found {}", f.path(),
+         gguf::value_type_name(tokens->elem_type));
   if (tokens->arr.empty()) fail("{}: tokenizer.ggml.tokens is empty", f.path());
   if (tokens->arr.size() > static_cast<size_t>(INT32_MAX))
     fail("{}: tokenizer.ggml.tokens has too many entries ({})", f.path(), tokens->arr.size());
@@ -76,16 +86,20 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
   if (scores) {
     if (!(scores->elem_type == gguf::ValueType::FLOAT32 || scores->elem_type == gguf::ValueType::FLOAT64 ||
           scores->elem_type == gguf::ValueType::INT32))
-      fail("{}: tokenizer.ggml.scores must be an array of floats, found {}", f.path(), gguf::value_type_name(scores->elem_type));
+      fail("{}: tokenizer.ggml.scores must be an array of floats, found {}", f.path(),
+           gguf::value_type_name(scores->elem_type));
     if (scores->arr.size() != tokens->arr.size())
-      fail("{}: tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}", f.path(), scores->arr.size(), n);
+      fail("{}: tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}", f.path(), scores->arr.size(),
+           n);
   }
   const gguf::Value* types = find_array(f, "tokenizer.ggml.token_type");
   if (types) {
     if (types->elem_type != gguf::ValueType::INT32 && types->elem_type != gguf::ValueType::UINT32)
-      fail("{}: tokenizer.ggml.token_type must be an array of int32, found {}", f.path(), gguf::value_type_name(types->elem_type));
+      fail("{}: tokenizer.ggml.token_type must be an array of int32, found {}", f.path(),
+           gguf::value_type_name(types->elem_type));
     if (types->arr.size() != tokens->arr.size())
-      fail("{}: tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", f.path(), types->arr.size(), n);
+      fail("{}: tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", f.path(), types->arr.size(),
+           n);
   }
 
   v.pieces.resize(n);
@@ -120,13 +134,13 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
 
   // End-of-generation tokens, found by text as llama.cpp does (tokens that look like control tokens become
   // control tokens, so that they are not printed and not matched in text unless parse_special).
-  static const char* const kEotTexts[] = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                                          "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]",
-                                          "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>",
-                                          "<end_of_utterance>"};
+  static const char* const kEotTexts[] = {
+      "<|eot_id|>",        "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+      "<|end_of_text|>",   "<EOT>",      "_<EOT>",  "[EOT]",         "<｜end▁of▁sentence｜>" /* DeepSeek */,
+      "<end_of_utterance>"};
   static const char* const kEogTexts[] = {"<|eom_id|>", "</s>", "[EOS]", "<eos>"};
-  static const char* const kFimEogTexts[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>",
-                                             "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>"};
+  static const char* const kFimEogTexts[] = {"<|fim_pad|>",   "<fim-pad>",  "<fim_pad>", "<PAD>",      "<|fim_repo|>",
+                                             "<|repo_name|>", "<fim-repo>", "<REPO>",    "<reponame>", "<|file_sep|>"};
   v.eog.assign(n, 0);
   auto mark_eog = [&](const char* text, bool make_control) {
     int32_t id = v.find(text);

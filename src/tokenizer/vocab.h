@@ -13,7 +13,15 @@
 namespace headroom::tok {
 
 // tokenizer.ggml.token_type values (GGUF / llama.cpp numbering).
-enum TokenType : int32_t { kUndefined = 0, kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+enum TokenType : int32_t {
+  kUndefined = 0,
+  kNormal = 1,
+  kUnknown = 2,
+  kControl = 3,
+  kUserDefined = 4,
+  kUnused = 5,
+  kByte = 6
+};
 
 // Token attributes as bits (llama.cpp's llama_token_attr): a type plus strip flags set by model-specific rules.
 enum Attr : uint32_t {
