@@ -1,4 +1,6 @@
 // `headroom eval`: the long-context tasks under KV configurations; accuracy, KV bytes, JSON/CSV and PNG plots.
+#include <unistd.h>
+
 #include <cstdio>
 #include <sstream>
 
@@ -101,10 +103,13 @@ void register_eval(CLI::App& app) {
     o.out_dir = out_dir;
     auto be = make_cpu_backend(threads);
     eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
-    std::vector<eval::EpisodeResult> rs = eval::run(*model, *be, gen, o, [](int done, int total, const eval::EpisodeResult& r) {
-      std::fprintf(stderr, "\r[%d/%d] %-8s ctx %-6d depth %3.0f%% %-16s %s (%.2f s)        ", done, total,
-                   eval::task_name(r.task), r.ctx, r.depth * 100, r.config.c_str(), r.correct ? "ok  " : "MISS", r.seconds);
-      if (done == total) std::fprintf(stderr, "\n");
+    const bool tty = isatty(fileno(stderr));
+    std::vector<eval::EpisodeResult> rs = eval::run(*model, *be, gen, o, [tty](int done, int total, const eval::EpisodeResult& r) {
+      // On a terminal one line is rewritten; in a log, one line per episode.
+      std::fprintf(stderr, "%s[%d/%d] %-8s ctx %-6d depth %3.0f%% %-16s %s (%.2f s)%s", tty ? "\r" : "", done, total,
+                   eval::task_name(r.task), r.ctx, r.depth * 100, r.config.c_str(), r.correct ? "ok  " : "MISS", r.seconds,
+                   tty ? "      " : "\n");
+      if (tty && done == total) std::fprintf(stderr, "\n");
     });
     std::string md = eval::report(*model, o, rs);
     std::printf("%s\nwritten to %s/ (results.json, results.csv, summary.md, PNG plots)\n", md.c_str(), out_dir.c_str());

@@ -116,8 +116,8 @@ void register_run(CLI::App& app) {
   cmd->add_option("--system", a.system, "system message (with --chat)");
   cmd->add_option("--stop", a.stop, "stop string (repeatable)");
   add_kv_flags(cmd, a.kv);
-  cmd->callback([] {
-    if (a.prompt.empty() && a.prompt_file.empty()) fail("give a prompt with -p TEXT or -f FILE");
+  cmd->callback([cmd] {
+    if (cmd->count("-p") == 0 && a.prompt_file.empty()) fail("give a prompt with -p TEXT or -f FILE");
     run(a);
   });
 }

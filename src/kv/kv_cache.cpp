@@ -66,11 +66,15 @@ PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload)
   s.offload = offload;
   switch (kind) {
     case PolicyKind::Full: break;
-    case PolicyKind::Streaming:
-      if (t < s.sinks + 16)
-        fail("--kv-budget of {} tokens per head cannot hold {} sink tokens and a window of at least 16", t, s.sinks);
-      s.window = static_cast<int>(t - s.sinks);
+    case PolicyKind::Streaming: {
+      // The largest window whose pages (counted whole) fit in the budget: window = (pages - 2) * page + 1.
+      const int64_t pages = t / page_size;
+      if (pages < 3)
+        fail("--kv-budget of {} tokens per head is {} pages of {}; streaming needs at least 3 (sinks, window, tail)",
+             t, pages, page_size);
+      s.window = static_cast<int>((pages - 2) * page_size + 1);
       break;
+    }
     case PolicyKind::TopK: {
       int64_t pages = t / page_size;
       if (pages < 1 + s.recent_pages + 1)

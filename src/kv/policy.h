@@ -69,4 +69,11 @@ class Policy {
 
 std::unique_ptr<Policy> make_policy(const PolicySpec& s);
 
+// Pages a streaming head holds at most in steady state: the page with the sinks, plus the pages that cover
+// the window's window-1 past positions (at most ceil((window-1)/page)+1 when they straddle page edges;
+// the page being filled is among them).
+inline int64_t streaming_max_pages(int window, int page_size) {
+  return 2 + (int64_t(window) - 1 + page_size - 1) / page_size;
+}
+
 }  // namespace headroom

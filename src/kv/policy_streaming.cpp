@@ -41,9 +41,7 @@ class StreamingPolicy final : public Policy {
   }
 
   int64_t max_tokens(int64_t n_ctx, int page_size) const override {
-    // The sink page, the window rounded out to whole pages, and the page being filled.
-    int64_t held = int64_t(page_size) + (spec_.window + page_size - 1) / page_size * page_size + page_size;
-    return std::min<int64_t>(held, n_ctx);
+    return std::min<int64_t>(streaming_max_pages(spec_.window, page_size) * page_size, n_ctx);
   }
 };
 }  // namespace

@@ -235,7 +235,7 @@ std::vector<int> rank_heads(const Scores& s) {
   return order;
 }
 
-int64_t streaming_pages(const Options& o) { return 1 + (o.window + o.page_size - 1) / o.page_size + 1; }
+int64_t streaming_pages(const Options& o) { return streaming_max_pages(o.window, o.page_size); }
 int64_t full_pages(int ctx, int page_size) { return (ctx + page_size - 1) / page_size; }
 
 HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx, const Options& o,

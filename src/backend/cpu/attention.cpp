@@ -1,20 +1,32 @@
 // CPU backend: paged attention with an online (flash-attention style) softmax.
 //
-// A job's slots (all pages, in order) are walked in chunks of kChunk slots. For every query row and head
-// the kernel keeps a running max m, a running sum l and an output accumulator acc[head_dim]; per chunk it
-// computes the scores of the allowed slots, rescales (l, acc) once if the max grew, and adds
-// p_s = e^(s - m) and p_s * V_s. Disallowed slots (pos -1, in the future, outside the window) get no
-// score, and chunks where a row allows nothing are skipped for that row.
+// A job's slots (all pages, in order) are walked in chunks of kChunk = 16 slots (a chunk may span small
+// pages: it holds a K/V row pointer per slot). For every query row and
+// head ("pair") the kernel keeps a running max m, a running sum l (16 lanes, summed at the end) and an
+// output accumulator acc[head_dim]. Per chunk and pair it computes the scores of the allowed slots,
+// rescales (l, acc) by e^(m_old - m_new) if the max grew, and adds p_s = e^(s - m) and p_s * V_s.
+// Disallowed slots (pos -1, in the future, outside the window) never contribute and their K/V rows are
+// never used in arithmetic that reaches a result (so garbage in empty slots is harmless); a chunk where a
+// row allows nothing is skipped for that row.
+//
+// Kernels (AVX-512, head_dim % 16 == 0):
+//   * scores: when a job has >= 4 (row, head) pairs, the chunk's K rows are transposed once into
+//     Kt[head_dim][16] and each pair's 16 scores are accumulated with broadcast-q FMAs (no horizontal
+//     sums); the heads of a row share the Kt loads. Otherwise (decode with few heads), dots over
+//     head_dim are reduced four slots at a time (hsum4).
+//   * P·V: for head_dim 64 / 128 the accumulators of up to 4 / 2 heads of one row live in registers
+//     while the chunk's V rows stream past, so each V row is loaded once per group of heads.
+// Other builds / head_dims use simple vector loops with the same structure.
 //
 // Parallel decomposition (a function of the job shapes only, never of the thread count, so results are
 // bit-identical for any number of threads):
 //   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots;
-//   * jobs with fewer rows (decode) and more than kSeg slots: split-K, one task per segment of ~kSeg
-//     slots producing a partial (m, l, acc) per row and head, merged afterwards in segment order.
+//   * jobs with fewer rows (decode) and more than kSeg slots: split-K, one task per segment of kSeg
+//     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order.
 // Score accumulation (pages with score_acc, the `evict` policy) runs as a second pass once the final
-// (m, l) of every row and head is known: p = e^(s - m) / l is recomputed (same scores bit for bit) and
-// summed over the job's rows and heads per slot, one task per (job, segment), so every slot is written
-// by exactly one task.
+// (m, l) of every pair is known: p = e^(s - m) / l is recomputed with the same score kernel (the same
+// scores bit for bit) and summed over the job's rows and heads per slot, one task per (job, segment), so
+// every slot is written by exactly one task.
 #include "backend/cpu/attention.h"
 
 #include <algorithm>
@@ -31,12 +43,74 @@ constexpr int kChunk = 16;         // slots per online-softmax step (one AVX-512
 constexpr int kSeg = 512;          // slots per split-K segment
 constexpr int kSplitMaxRows = 8;   // jobs with fewer rows are split over slot segments
 constexpr int kRowBlock = 8;       // rows per task for the other jobs
+constexpr int kMaxTransposedDim = 256;
+constexpr int kMaxGroup = 64;      // query heads per KV head
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Piece {
   int page;
   int s0, s1;  // slot range within the page
 };
+
+// Up to kChunk consecutive slots of a job (they may come from several pages): row pointers and positions.
+struct Chunk {
+  int cnt = 0;
+  int32_t pos[kChunk];
+  const float* k[kChunk];
+  const float* v[kChunk];
+  float* score[kChunk];  // score_acc slot, or null
+};
+
+// Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
+template <typename F>
+void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&& f) {
+  const size_t D = size_t(job.head_dim);
+  Chunk c;
+  for (size_t pi = 0; pi < n_pieces; ++pi) {
+    const AttnPage& page = job.pages[size_t(pieces[pi].page)];
+    for (int s = pieces[pi].s0; s < pieces[pi].s1; ++s) {
+      c.pos[c.cnt] = page.pos[s];
+      c.k[c.cnt] = page.k + size_t(s) * D;
+      c.v[c.cnt] = page.v + size_t(s) * D;
+      c.score[c.cnt] = page.score_acc ? page.score_acc + s : nullptr;
+      if (++c.cnt == kChunk) {
+        f(c);
+        c.cnt = 0;
+      }
+    }
+  }
+  if (c.cnt) f(c);
+}
+
+// ---- per-pair running state -----------------------------------------------------------------------------
+// [0] m, [16..31] l as 16 partial sums, [32 ..) acc[head_dim] (64-byte aligned when the base is).
+constexpr size_t kStateHead = 32;
+inline size_t state_stride(int D) { return kStateHead + (size_t(D) + 15) / 16 * 16; }
+
+void init_state(float* st, int D) {
+  st[0] = kNegInf;
+  std::fill(st + 1, st + kStateHead + size_t(D), 0.0f);
+}
+inline float state_l(const float* st) {
+  float l = 0.0f;
+  for (int i = 0; i < 16; ++i) l += st[16 + i];
+  return l;
+}
+
+// Per-thread scratch of the chunk kernels.
+struct ChunkScratch {
+  float* scores;  // pairs x 16: raw dots, then probabilities
+  float* alpha;   // pairs
+  float* kt;      // kMaxTransposedDim x 16 (transposed K chunk)
+};
+inline size_t chunk_scratch_floats(size_t pairs) { return pairs * 16 + (pairs + 15) / 16 * 16 + kMaxTransposedDim * 16; }
+ChunkScratch make_chunk_scratch(float* base, size_t pairs) {
+  ChunkScratch c;
+  c.kt = base;
+  c.scores = base + kMaxTransposedDim * 16;
+  c.alpha = c.scores + pairs * 16;
+  return c;
+}
 
 // Bit s set iff slot s (< cnt) of the chunk may be attended by a query at position qp.
 inline uint32_t allowed_mask(const int32_t* pos, int cnt, int32_t qp, int32_t sinks, int32_t window) {
@@ -65,14 +139,16 @@ inline uint32_t allowed_mask(const int32_t* pos, int cnt, int32_t qp, int32_t si
 #endif
 }
 
-// dots[s] = q · k[s] for s < cnt (k is slot-major, D floats per slot).
-inline void dot_chunk(const float* q, const float* k, int D, int cnt, float* dots) {
+// ---- scores ---------------------------------------------------------------------------------------------
+
+// dots[s] = q · k[s] for s < cnt (D floats per row); dots has room for 16 values.
+inline void dot_chunk(const float* q, const float* const* k, int D, int cnt, float* dots) {
 #if defined(HR_AVX512)
   // Four slots at a time share the q loads; hsum4 reduces them together. Past the end, the last slot is
   // repeated (and dropped), so a slot's score never depends on its position in the chunk.
   for (int g = 0; g < cnt; g += 4) {
     const float* kr[4];
-    for (int t = 0; t < 4; ++t) kr[t] = k + size_t(std::min(g + t, cnt - 1)) * size_t(D);
+    for (int t = 0; t < 4; ++t) kr[t] = k[std::min(g + t, cnt - 1)];
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int d = 0;
     for (; d + 16 <= D; d += 16) {
@@ -90,11 +166,13 @@ inline void dot_chunk(const float* q, const float* k, int D, int cnt, float* dot
       a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[2] + d), a2);
       a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[3] + d), a3);
     }
-    _mm_storeu_ps(dots + g, hsum4(a0, a1, a2, a3));  // dots has room for kChunk + 4
+    alignas(16) float t[4];
+    _mm_store_ps(t, hsum4(a0, a1, a2, a3));
+    for (int i = 0; i < 4 && g + i < kChunk; ++i) dots[g + i] = t[i];
   }
 #else
   for (int s = 0; s < cnt; ++s) {
-    const float* kr = k + size_t(s) * size_t(D);
+    const float* kr = k[s];
     VecF acc = vzero();
     int d = 0;
     for (; d + kVL <= D; d += kVL) acc = vfma(vload(q + d), vload(kr + d), acc);
@@ -104,52 +182,154 @@ inline void dot_chunk(const float* q, const float* k, int D, int cnt, float* dot
 #endif
 }
 
-// Unnormalized probabilities of one chunk against the max m: p[s] = e^(dots[s]*scale - m) for allowed s,
-// 0 otherwise. Returns the sum of p. With update, first raises m to the chunk's max and returns alpha
-// = e^(m_old - m_new) through *alpha.
-inline float chunk_probs(const float* dots, uint32_t mask, float scale, float* m, bool update, float* alpha,
-                         float* p) {
 #if defined(HR_AVX512)
-  const __mmask16 k = __mmask16(mask);
-  const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), k, _mm512_loadu_ps(dots), _mm512_set1_ps(scale));
-  if (update) {
-    const float m_new = std::max(*m, _mm512_reduce_max_ps(s));
-    *alpha = *m == m_new ? 1.0f : exp_scalar(*m - m_new);  // e^-inf = 0 when m was -inf
-    *m = m_new;
+// 16x16 transpose: out[c] lane r = in[r] lane c.
+inline void transpose16(const __m512 (&in)[16], __m512 (&out)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: t[2i] = [a0 b0 a1 b1], t[2i+1] = [a2 b2 a3 b3]
+    t[2 * i] = _mm512_unpacklo_ps(in[2 * i], in[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(in[2 * i], in[2 * i + 1]);
   }
-  const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(s, _mm512_set1_ps(*m))));
-  _mm512_storeu_ps(p, e);
-  return _mm512_reduce_add_ps(e);
+  for (int i = 0; i < 4; ++i) {  // u[4i+k] per 128-bit lane L: element 4L+k of rows 4i..4i+3
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {  // gather the 128-bit lanes: column 4L+k = lane L of u[k], u[4+k], ...
+    const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    out[k] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    out[8 + k] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    out[4 + k] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    out[12 + k] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// kt[d*16 + s] = k[s][d] for s < cnt (0 for s >= cnt); D % 16 == 0.
+void transpose_chunk(const float* const* k, int D, int cnt, float* kt) {
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    __m512 in[16], out[16];
+    for (int s = 0; s < 16; ++s) in[s] = s < cnt ? _mm512_loadu_ps(k[s] + d0) : _mm512_setzero_ps();
+    transpose16(in, out);
+    for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + size_t(d0 + i) * 16, out[i]);
+  }
+}
+
+// Scores of NP heads of one row against a transposed chunk: out[h][s] = q_h · k_s. 8/NP independent
+// accumulators per head hide the FMA latency; they are summed in a fixed order.
+template <int NP>
+void scores_transposed(const float* const* q, const float* kt, int D, float* const* out) {
+  constexpr int A = 8 / NP;
+  __m512 acc[NP][A];
+  for (auto& r : acc)
+    for (auto& v : r) v = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += A)
+    for (int a = 0; a < A; ++a) {
+      const __m512 kv = _mm512_load_ps(kt + size_t(d + a) * 16);
+      for (int h = 0; h < NP; ++h) acc[h][a] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d + a]), kv, acc[h][a]);
+    }
+  for (int h = 0; h < NP; ++h) {
+    __m512 s = acc[h][0];
+    for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[h][a]);
+    _mm512_storeu_ps(out[h], s);
+  }
+}
+#endif
+
+// Whether a job's scores use the transposed-K kernel (a function of the job shape only).
+bool use_transposed(const AttnJob& job) {
+#if defined(HR_AVX512)
+  return job.head_dim % 16 == 0 && job.head_dim <= kMaxTransposedDim && int64_t(job.n_rows) * job.n_group >= 4;
 #else
-  float sc[kChunk];
-  float cm = kNegInf;
-  for (int i = 0; i < kChunk; ++i) {
-    sc[i] = (mask >> i) & 1 ? dots[i] * scale : kNegInf;
-    cm = std::max(cm, sc[i]);
-  }
-  if (update) {
-    const float m_new = std::max(*m, cm);
-    *alpha = *m == m_new ? 1.0f : exp_scalar(*m - m_new);
-    *m = m_new;
-  }
-  float sum = 0.0f;
-  for (int i = 0; i < kChunk; ++i) {
-    p[i] = (mask >> i) & 1 ? exp_scalar(sc[i] - *m) : 0.0f;
-    sum += p[i];
-  }
-  return sum;
+  (void)job;
+  return false;
 #endif
 }
 
-// acc = acc * alpha + sum over allowed s of p[s] * v[s].
-inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask, const float* v, int D) {
+inline const float* q_ptr(const AttnJob& job, int r, int h) {
+  return job.q + int64_t(r) * job.q_stride + int64_t(job.head0 + h) * job.head_dim;
+}
+
+// Raw dots of all heads of row r for one chunk: sc[h*16 + s]. kt is the transposed chunk (if used).
+void row_scores(const AttnJob& job, int r, const Chunk& c, bool transposed, const float* kt, float* sc) {
+  const int D = job.head_dim, G = job.n_group;
+#if defined(HR_AVX512)
+  if (transposed) {
+    for (int h0 = 0; h0 < G; h0 += 4) {
+      const int np = std::min(4, G - h0);
+      const float* q[4];
+      float* out[4];
+      for (int i = 0; i < np; ++i) {
+        q[i] = q_ptr(job, r, h0 + i);
+        out[i] = sc + size_t(h0 + i) * 16;
+      }
+      switch (np) {
+        case 1: scores_transposed<1>(q, kt, D, out); break;
+        case 2: scores_transposed<2>(q, kt, D, out); break;
+        case 3: scores_transposed<3>(q, kt, D, out); break;
+        default: scores_transposed<4>(q, kt, D, out); break;
+      }
+    }
+    return;
+  }
+#else
+  (void)transposed;
+  (void)kt;
+#endif
+  for (int h = 0; h < G; ++h) dot_chunk(q_ptr(job, r, h), c.k, D, c.cnt, sc + size_t(h) * 16);
+}
+
+// ---- softmax and P·V ------------------------------------------------------------------------------------
+
+// Turns raw dots into unnormalized probabilities p = e^(dot*scale - m) (0 where not allowed). With
+// update, first raises the state's max m to the chunk's and rescales l; returns alpha = e^(m_old - m_new).
+inline float chunk_probs(float* sc, uint32_t mask, float scale, float* st, bool update) {
+  float alpha = 1.0f;
+#if defined(HR_AVX512)
+  const __mmask16 k = __mmask16(mask);
+  const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), k, _mm512_loadu_ps(sc), _mm512_set1_ps(scale));
+  if (update) {
+    const float m_new = std::max(st[0], _mm512_reduce_max_ps(s));
+    alpha = st[0] == m_new ? 1.0f : exp_scalar(st[0] - m_new);  // e^-inf = 0 when m was -inf
+    st[0] = m_new;
+  }
+  const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(s, _mm512_set1_ps(st[0]))));
+  _mm512_storeu_ps(sc, e);
+  if (update) _mm512_storeu_ps(st + 16, _mm512_fmadd_ps(_mm512_loadu_ps(st + 16), _mm512_set1_ps(alpha), e));
+#else
+  float s[kChunk];
+  float cm = kNegInf;
+  for (int i = 0; i < kChunk; ++i) {
+    s[i] = (mask >> i) & 1 ? sc[i] * scale : kNegInf;
+    cm = std::max(cm, s[i]);
+  }
+  if (update) {
+    const float m_new = std::max(st[0], cm);
+    alpha = st[0] == m_new ? 1.0f : exp_scalar(st[0] - m_new);
+    st[0] = m_new;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < kChunk; ++i) {
+    sc[i] = (mask >> i) & 1 ? exp_scalar(s[i] - st[0]) : 0.0f;
+    sum += sc[i];
+  }
+  if (update) st[16] = st[16] * alpha + sum;
+#endif
+  return alpha;
+}
+
+// acc = acc * alpha + sum over allowed s of p[s] * v[s] (any head_dim; accumulator in memory).
+inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask, const float* const* v, int D) {
   for (int d = 0; d < D; d += kVL) {
     const int w = std::min(kVL, D - d);
     VecF a = w == kVL ? vload(acc + d) : vload_part(acc + d, w);
     if (alpha != 1.0f) a = vmul(a, vset1(alpha));
     for (uint32_t b = mask; b; b &= b - 1) {
       const int s = __builtin_ctz(b);
-      const float* vs = v + size_t(s) * size_t(D) + d;
+      const float* vs = v[s] + d;
       a = vfma(vset1(p[s]), w == kVL ? vload(vs) : vload_part(vs, w), a);
     }
     if (w == kVL) vstore(acc + d, a);
@@ -157,44 +337,91 @@ inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask,
   }
 }
 
-// Online softmax of rows [r0, r1) of a job over the given pieces. ml holds (m, l) and acc holds head_dim
-// floats per (row - r0, head), initialized by the caller.
-void run_rows(const AttnJob& job, const Piece* pieces, size_t n_pieces, int r0, int r1, float* ml, float* acc) {
-  const int D = job.head_dim, G = job.n_group;
-  alignas(64) float dots[kChunk + 4];
-  alignas(64) float p[kChunk];
-  for (size_t pi = 0; pi < n_pieces; ++pi) {
-    const AttnPage& page = job.pages[size_t(pieces[pi].page)];
-    for (int c0 = pieces[pi].s0; c0 < pieces[pi].s1; c0 += kChunk) {
-      const int cnt = std::min(kChunk, pieces[pi].s1 - c0);
-      const float* kc = page.k + size_t(c0) * size_t(D);
-      const float* vc = page.v + size_t(c0) * size_t(D);
-      for (int r = r0; r < r1; ++r) {
-        const uint32_t mask = allowed_mask(page.pos + c0, cnt, job.q_pos[r], job.sinks, job.window);
-        if (!mask) continue;
-        for (int h = 0; h < G; ++h) {
-          const size_t st = size_t(r - r0) * size_t(G) + size_t(h);
-          const float* q = job.q + int64_t(r) * job.q_stride + int64_t(job.head0 + h) * D;
-          dot_chunk(q, kc, D, cnt, dots);
-          float alpha = 1.0f;
-          const float sum = chunk_probs(dots, mask, job.scale, &ml[2 * st], true, &alpha, p);
-          ml[2 * st + 1] = ml[2 * st + 1] * alpha + sum;
-          accumulate_v(acc + st * size_t(D), alpha, p, mask, vc, D);
-        }
-      }
+#if defined(HR_AVX512)
+// Register-blocked P·V for NP heads of one row (same mask), head_dim = 16*NV.
+template <int NV, int NP>
+void accumulate_v_regs(float* const* acc, const float* alpha, const float* const* p, uint32_t mask,
+                       const float* const* v) {
+  __m512 a[NP][NV];
+  for (int h = 0; h < NP; ++h) {
+    const __m512 al = _mm512_set1_ps(alpha[h]);
+    for (int i = 0; i < NV; ++i) a[h][i] = _mm512_mul_ps(_mm512_load_ps(acc[h] + 16 * i), al);
+  }
+  for (uint32_t b = mask; b; b &= b - 1) {
+    const int s = __builtin_ctz(b);
+    const float* vs = v[s];
+    for (int i = 0; i < NV; ++i) {
+      const __m512 vv = _mm512_loadu_ps(vs + 16 * i);
+      for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
+    }
+  }
+  for (int h = 0; h < NP; ++h)
+    for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
+}
+
+template <int NV>
+void row_pv_regs(float* const* st, const float* alpha, const float* sc, uint32_t mask, const float* const* v, int G) {
+  constexpr int PG = NV <= 4 ? 4 : 2;  // heads per register block
+  for (int h0 = 0; h0 < G; h0 += PG) {
+    const int np = std::min(PG, G - h0);
+    float* acc[PG];
+    const float* p[PG];
+    for (int i = 0; i < np; ++i) {
+      acc[i] = st[h0 + i] + kStateHead;
+      p[i] = sc + size_t(h0 + i) * 16;
+    }
+    switch (np) {
+      case 1: accumulate_v_regs<NV, 1>(acc, alpha + h0, p, mask, v); break;
+      case 2: accumulate_v_regs<NV, 2>(acc, alpha + h0, p, mask, v); break;
+      case 3: accumulate_v_regs<NV, (PG >= 3 ? 3 : 2)>(acc, alpha + h0, p, mask, v); break;
+      default: accumulate_v_regs<NV, PG>(acc, alpha + h0, p, mask, v); break;
     }
   }
 }
+#endif
 
-void init_states(float* ml, float* acc, size_t n_states, int D) {
-  for (size_t i = 0; i < n_states; ++i) {
-    ml[2 * i] = kNegInf;
-    ml[2 * i + 1] = 0.0f;
-  }
-  std::fill(acc, acc + n_states * size_t(D), 0.0f);
+// ---- the passes -----------------------------------------------------------------------------------------
+
+// Online softmax of rows [r0, r1) (at most kRowBlock) of a job over the given pieces. State of (row r,
+// head h): states + ((r - r0) * G + h) * state_stride(D), initialized by the caller.
+void run_rows(const AttnJob& job, const Piece* pieces, size_t n_pieces, int r0, int r1, float* states,
+              const ChunkScratch& cs) {
+  const int D = job.head_dim, G = job.n_group;
+  const size_t sst = state_stride(D);
+  const bool transposed = use_transposed(job);
+  uint32_t masks[kRowBlock];
+  float* st[kMaxGroup];  // states of one row's heads
+  for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
+    uint32_t any = 0;
+    for (int r = r0; r < r1; ++r) any |= masks[r - r0] = allowed_mask(c.pos, c.cnt, job.q_pos[r], job.sinks, job.window);
+    if (!any) return;
+#if defined(HR_AVX512)
+    if (transposed) transpose_chunk(c.k, D, c.cnt, cs.kt);
+#endif
+    for (int r = r0; r < r1; ++r) {
+      const uint32_t mask = masks[r - r0];
+      if (!mask) continue;
+      row_scores(job, r, c, transposed, cs.kt, cs.scores);
+      for (int h = 0; h < G; ++h) {
+        st[h] = states + (size_t(r - r0) * size_t(G) + size_t(h)) * sst;
+        cs.alpha[h] = chunk_probs(cs.scores + size_t(h) * 16, mask, job.scale, st[h], true);
+      }
+#if defined(HR_AVX512)
+      if (D == 64) {
+        row_pv_regs<4>(st, cs.alpha, cs.scores, mask, c.v, G);
+        continue;
+      }
+      if (D == 128) {
+        row_pv_regs<8>(st, cs.alpha, cs.scores, mask, c.v, G);
+        continue;
+      }
+#endif
+      for (int h = 0; h < G; ++h) accumulate_v(st[h] + kStateHead, cs.alpha[h], cs.scores + size_t(h) * 16, mask, c.v, D);
+    }
+  });
 }
 
-// out = acc / l for one (row, head), zeros when nothing was allowed.
+// out = acc / l for one pair, zeros when nothing was allowed.
 void write_out(float* out, const float* acc, float l, int D) {
   if (l > 0.0f) {
     const float inv = 1.0f / l;
@@ -205,38 +432,44 @@ void write_out(float* out, const float* acc, float l, int D) {
 }
 
 // Score pass for the pieces of one segment: score_acc[s] += sum over rows, heads of e^(s - m) / l.
-void accumulate_scores(const AttnJob& job, const Piece* pieces, size_t n_pieces, const float* final_ml) {
-  const int D = job.head_dim, G = job.n_group;
-  alignas(64) float dots[kChunk + 4];
-  alignas(64) float p[kChunk];
-  for (size_t pi = 0; pi < n_pieces; ++pi) {
-    const AttnPage& page = job.pages[size_t(pieces[pi].page)];
-    if (!page.score_acc) continue;
-    for (int c0 = pieces[pi].s0; c0 < pieces[pi].s1; c0 += kChunk) {
-      const int cnt = std::min(kChunk, pieces[pi].s1 - c0);
-      const float* kc = page.k + size_t(c0) * size_t(D);
-      float tot[kChunk] = {};
-      uint32_t any = 0;
-      for (int r = 0; r < job.n_rows; ++r) {
-        const uint32_t mask = allowed_mask(page.pos + c0, cnt, job.q_pos[r], job.sinks, job.window);
-        if (!mask) continue;
-        any |= mask;
-        for (int h = 0; h < G; ++h) {
-          const size_t st = size_t(r) * size_t(G) + size_t(h);
-          float m = final_ml[2 * st];
-          const float l = final_ml[2 * st + 1];
-          const float* q = job.q + int64_t(r) * job.q_stride + int64_t(job.head0 + h) * D;
-          dot_chunk(q, kc, D, cnt, dots);
-          chunk_probs(dots, mask, job.scale, &m, false, nullptr, p);
-          for (int s = 0; s < kChunk; ++s) tot[s] += p[s] / l;
-        }
+void accumulate_scores(const AttnJob& job, const Piece* pieces, size_t n_pieces, const float* final_ml,
+                       const ChunkScratch& cs) {
+  const int G = job.n_group;
+  const bool transposed = use_transposed(job);
+  for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
+    uint32_t wanted = 0;  // slots of pages with score_acc
+    for (int s = 0; s < c.cnt; ++s) wanted |= uint32_t(c.score[s] != nullptr) << s;
+    if (!wanted) return;
+    float tot[kChunk] = {};
+    uint32_t any = 0;
+#if defined(HR_AVX512)
+    bool have_kt = false;
+#endif
+    for (int r = 0; r < job.n_rows; ++r) {
+      const uint32_t mask = allowed_mask(c.pos, c.cnt, job.q_pos[r], job.sinks, job.window);
+      if (!(mask & wanted)) continue;
+      any |= mask;
+#if defined(HR_AVX512)
+      if (transposed && !have_kt) {
+        transpose_chunk(c.k, job.head_dim, c.cnt, cs.kt);
+        have_kt = true;
       }
-      for (uint32_t b = any; b; b &= b - 1) {
-        const int s = __builtin_ctz(b);
-        page.score_acc[c0 + s] += tot[s];
+#endif
+      row_scores(job, r, c, transposed, cs.kt, cs.scores);
+      for (int h = 0; h < G; ++h) {
+        const size_t pair = size_t(r) * size_t(G) + size_t(h);
+        float st[1] = {final_ml[2 * pair]};
+        float* p = cs.scores + size_t(h) * 16;
+        chunk_probs(p, mask, job.scale, st, false);
+        const float l = final_ml[2 * pair + 1];
+        for (int s = 0; s < kChunk; ++s) tot[s] += p[s] / l;
       }
     }
-  }
+    for (uint32_t b = any & wanted; b; b &= b - 1) {
+      const int s = __builtin_ctz(b);
+      *c.score[s] += tot[s];
+    }
+  });
 }
 
 struct JobPlan {
@@ -262,13 +495,13 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   std::vector<int> seg_begin;
   std::vector<JobPlan> plans(jobs.size());
   std::vector<Task> tasks;
-  size_t partial_total = 0, ml_total = 0, state_max = 0;
+  size_t partial_total = 0, ml_total = 0, thread_floats = 0;
   bool any_scores = false;
 
   for (size_t ji = 0; ji < jobs.size(); ++ji) {
     const AttnJob& job = jobs[ji];
     JobPlan& plan = plans[ji];
-    if (job.n_rows < 0 || job.n_group <= 0 || job.head_dim <= 0)
+    if (job.n_rows < 0 || job.n_group <= 0 || job.n_group > kMaxGroup || job.head_dim <= 0)
       fail("cpu backend: attention: bad job shape (rows {}, group {}, head_dim {})", job.n_rows, job.n_group,
            job.head_dim);
     if (job.n_rows == 0) continue;
@@ -300,24 +533,28 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     plan.n_seg = int(seg_begin.size() - plan.seg0 - 1);
     plan.split = job.n_rows < kSplitMaxRows && plan.n_seg > 1;
     const size_t n_states = size_t(job.n_rows) * size_t(job.n_group);
+    const size_t sst = state_stride(job.head_dim);
     plan.ml_off = ml_total;
     ml_total += 2 * n_states;
     any_scores |= plan.scores;
+    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(job.n_group)));
     if (plan.split) {
       plan.partial_off = partial_total;
-      partial_total += size_t(plan.n_seg) * n_states * size_t(job.head_dim + 2);
+      partial_total += size_t(plan.n_seg) * n_states * sst;
       for (int g = 0; g < plan.n_seg; ++g) tasks.push_back({int(ji), g, 0});
     } else {
-      state_max = std::max(state_max, size_t(kRowBlock) * size_t(job.n_group) * size_t(job.head_dim + 2));
+      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(job.n_group)) +
+                                                  size_t(kRowBlock) * size_t(job.n_group) * sst);
       for (int r = 0; r < job.n_rows; r += kRowBlock)
         tasks.push_back({int(ji), r, std::min(job.n_rows, r + kRowBlock)});
     }
   }
   if (tasks.empty()) return;
-  if (scratch.partial.size() < partial_total) scratch.partial.resize(partial_total);
+  scratch.partial.ensure(partial_total * sizeof(float));
   if (scratch.final_ml.size() < ml_total) scratch.final_ml.resize(ml_total);
   if (scratch.thread.size() < size_t(T)) scratch.thread.resize(size_t(T));
-  for (int t = 0; t < T; ++t) scratch.thread[size_t(t)].ensure(state_max * sizeof(float));
+  for (int t = 0; t < T; ++t) scratch.thread[size_t(t)].ensure(thread_floats * sizeof(float));
+  float* const partial = static_cast<float*>(scratch.partial.ensure(0));
 
   // Pass 1: online softmax per task.
   pool.parallel_for(int64_t(tasks.size()), [&](int64_t ti, int th) {
@@ -325,30 +562,31 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     const AttnJob& job = jobs[size_t(task.job)];
     const JobPlan& plan = plans[size_t(task.job)];
     const int D = job.head_dim, G = job.n_group;
+    const size_t sst = state_stride(D);
     const Piece* jp = pieces.data() + plan.piece0;
+    float* tbuf = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
+    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(G));
+    const size_t cs_floats = chunk_scratch_floats(size_t(G));
     if (plan.split) {
       const size_t n_states = size_t(job.n_rows) * size_t(G);
-      float* base = scratch.partial.data() + plan.partial_off + size_t(task.a) * n_states * size_t(D + 2);
-      float* ml = base;
-      float* acc = base + 2 * n_states;
-      init_states(ml, acc, n_states, D);
+      float* states = partial + plan.partial_off + size_t(task.a) * n_states * sst;
+      for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
       const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-      run_rows(job, jp + pb, size_t(pe - pb), 0, job.n_rows, ml, acc);
+      run_rows(job, jp + pb, size_t(pe - pb), 0, job.n_rows, states, cs);
       return;
     }
     const size_t n_states = size_t(task.b - task.a) * size_t(G);
-    float* ml = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
-    float* acc = ml + 2 * n_states;
-    init_states(ml, acc, n_states, D);
-    run_rows(job, jp, plan.n_pieces, task.a, task.b, ml, acc);
+    float* states = tbuf + (cs_floats + 15) / 16 * 16;
+    for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
+    run_rows(job, jp, plan.n_pieces, task.a, task.b, states, cs);
     for (int r = task.a; r < task.b; ++r)
       for (int h = 0; h < G; ++h) {
-        const size_t st = size_t(r - task.a) * size_t(G) + size_t(h);
-        write_out(job.out + int64_t(r) * job.out_stride + int64_t(job.head0 + h) * D, acc + st * size_t(D),
-                  ml[2 * st + 1], D);
+        const float* st = states + (size_t(r - task.a) * size_t(G) + size_t(h)) * sst;
+        const float l = state_l(st);
+        write_out(job.out + int64_t(r) * job.out_stride + int64_t(job.head0 + h) * D, st + kStateHead, l, D);
         float* fin = scratch.final_ml.data() + plan.ml_off + 2 * (size_t(r) * size_t(G) + size_t(h));
-        fin[0] = ml[2 * st];
-        fin[1] = ml[2 * st + 1];
+        fin[0] = st[0];
+        fin[1] = l;
       }
   });
 
@@ -359,28 +597,27 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     if (!plan.split) continue;
     const AttnJob& job = jobs[ji];
     const int D = job.head_dim, G = job.n_group;
-    const size_t n_states = size_t(job.n_rows) * size_t(G);
+    const size_t n_states = size_t(job.n_rows) * size_t(G), sst = state_stride(D);
+    const float* seg0 = partial + plan.partial_off;
+    const size_t seg_stride = n_states * sst;
     merged.resize(size_t(D));
-    for (size_t st = 0; st < n_states; ++st) {
-      const float* seg0 = scratch.partial.data() + plan.partial_off;
-      const size_t seg_stride = n_states * size_t(D + 2);
+    for (size_t pair = 0; pair < n_states; ++pair) {
       float m = kNegInf;
-      for (int g = 0; g < plan.n_seg; ++g) m = std::max(m, seg0[size_t(g) * seg_stride + 2 * st]);
+      for (int g = 0; g < plan.n_seg; ++g) m = std::max(m, seg0[size_t(g) * seg_stride + pair * sst]);
       float l = 0.0f;
       std::fill(merged.begin(), merged.end(), 0.0f);
       if (m != kNegInf) {
         for (int g = 0; g < plan.n_seg; ++g) {
-          const float* ml = seg0 + size_t(g) * seg_stride;
-          if (ml[2 * st] == kNegInf) continue;
-          const float f = exp_scalar(ml[2 * st] - m);
-          l += ml[2 * st + 1] * f;
-          const float* acc = ml + 2 * n_states + st * size_t(D);
-          for (int d = 0; d < D; ++d) merged[size_t(d)] += acc[d] * f;
+          const float* st = seg0 + size_t(g) * seg_stride + pair * sst;
+          if (st[0] == kNegInf) continue;
+          const float f = exp_scalar(st[0] - m);
+          l += state_l(st) * f;
+          for (int d = 0; d < D; ++d) merged[size_t(d)] += st[kStateHead + size_t(d)] * f;
         }
       }
-      const int r = int(st / size_t(G)), h = int(st % size_t(G));
+      const int r = int(pair / size_t(G)), h = int(pair % size_t(G));
       write_out(job.out + int64_t(r) * job.out_stride + int64_t(job.head0 + h) * D, merged.data(), l, D);
-      float* fin = scratch.final_ml.data() + plan.ml_off + 2 * st;
+      float* fin = scratch.final_ml.data() + plan.ml_off + 2 * pair;
       fin[0] = m;
       fin[1] = l;
     }
@@ -403,12 +640,15 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   }
   std::sort(accs.begin(), accs.end());
   const bool shared = std::adjacent_find(accs.begin(), accs.end()) != accs.end();
-  auto score_task = [&](int64_t ti, int) {
+  auto score_task = [&](int64_t ti, int th) {
     const Task& task = stasks[size_t(ti)];
     const JobPlan& plan = plans[size_t(task.job)];
+    const AttnJob& job = jobs[size_t(task.job)];
+    const ChunkScratch cs = make_chunk_scratch(static_cast<float*>(scratch.thread[size_t(th)].ensure(0)),
+                                               size_t(job.n_group));
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-    accumulate_scores(jobs[size_t(task.job)], pieces.data() + plan.piece0 + pb, size_t(pe - pb),
-                      scratch.final_ml.data() + plan.ml_off);
+    accumulate_scores(job, pieces.data() + plan.piece0 + pb, size_t(pe - pb), scratch.final_ml.data() + plan.ml_off,
+                      cs);
   };
   if (shared) {
     for (size_t ti = 0; ti < stasks.size(); ++ti) score_task(int64_t(ti), 0);

@@ -13,7 +13,7 @@ namespace headroom::cpu {
 
 // Buffers reused across calls (one backend = one caller thread at a time).
 struct AttnScratch {
-  std::vector<float> partial;      // split-K partial states
+  AlignedBuf partial;              // split-K partial states
   std::vector<float> final_ml;     // final (max, sum) per (job, row, head) for the score pass
   std::vector<AlignedBuf> thread;  // per-thread running states
 };

@@ -121,10 +121,20 @@ QActs quantize_acts(ThreadPool& pool, AlignedBuf& buf, const float* x, int64_t n
 }
 
 // Stores a finished tile: y[(j0+j)*ldy + i0+i] for i < mr.
+// (Written out for the full tile so that the compiler does not turn it into a memcpy call.)
 template <int NR>
 inline void store_sums(const float (&s)[NR][kMR], float* y, int64_t ldy, int64_t j0, int64_t i0, int mr) {
-  for (int j = 0; j < NR; ++j)
-    for (int i = 0; i < mr; ++i) y[(j0 + j) * ldy + i0 + i] = s[j][i];
+  for (int j = 0; j < NR; ++j) {
+    float* yj = y + (j0 + j) * ldy + i0;
+    if (mr == kMR) {
+      yj[0] = s[j][0];
+      yj[1] = s[j][1];
+      yj[2] = s[j][2];
+      yj[3] = s[j][3];
+    } else {
+      for (int i = 0; i < mr; ++i) yj[i] = s[j][i];
+    }
+  }
 }
 
 // -------------------------------------------------------------------------------------------------------
@@ -157,9 +167,9 @@ inline void q8_load_pair(const uint8_t* row, int64_t p, bool full, __m512i* wu, 
 
 template <int NR>
 inline void q8_finish(__m512 (&acc)[kMR][NR], float* y, int64_t ldy, int64_t j0, int64_t i0, int mr) {
-  float s[NR][kMR];
-  for (int j = 0; j < NR; ++j) _mm_storeu_ps(s[j], hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
-  store_sums<NR>(s, y, ldy, j0, i0, mr);
+  const __mmask8 m = __mmask8((1u << mr) - 1);
+  for (int j = 0; j < NR; ++j)
+    _mm_mask_storeu_ps(y + (j0 + j) * ldy + i0, m, hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
 }
 
 // Tile straight from the weight file layout (used for small n: every weight byte is read once anyway).
