@@ -734,6 +734,11 @@ TEST(BackendOps, AttentionOddHeadDimGroupsAndEmptyRows) {
   jobs.push_back({3, 0, 1, D, 0.1f, 2, 50, qpos, make_pages({300, 400}, iota_vec(650), D, 0.1, true, rng)});
   jobs.push_back({3, 1, 4, D, 0.1f, 0, 0, qpos, make_pages({16, 16, 700}, iota_vec(700), D, 0.3, true, rng)});
   check_attention(jobs, 3, n_heads, D, rng);
+  // head_dim 96 (a multiple of 16 other than 64/128), prefill rows, group 3.
+  const int D2 = 96, rows2 = 11;
+  std::vector<TestJob> jobs2;
+  jobs2.push_back({rows2, 0, 3, D2, 0.1f, 0, 0, iota_vec(rows2, 40), make_pages({20, 40}, iota_vec(40 + rows2), D2, 0.1, true, rng)});
+  check_attention(jobs2, rows2, 3, D2, rng);
 }
 
 TEST(BackendOps, AttentionNoPagesAndAllHoles) {

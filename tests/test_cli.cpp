@@ -142,7 +142,7 @@ TEST(Cli, BudgetExhaustedEndsWithReason) {
 TEST(Cli, HeadMapForAnotherModelIsRefused) {
   std::string dir = headroom::test::scratch_dir("cli");
   Result r = run("profile -m " + headroom::test::shared("models/stories260K.gguf") +
-                 " --ctx 256 --probes 1 --natural 0 --window 32 --target-budget 50% --shared " + headroom::test::shared_dir() +
+                 " --ctx 256 --probes 1 --natural 0 --ablation 1 --window 32 --target-budget 50% --shared " + headroom::test::shared_dir() +
                  " -o " + dir + "/stories-heads.json");
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("run -m " + model() + " -p hi --head-map " + dir + "/stories-heads.json");

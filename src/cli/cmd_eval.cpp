@@ -68,7 +68,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--depths", depths, "needle depths in percent: START:END:STEP or a list")->capture_default_str();
   cmd->add_option("--policy", policies,
                   "comma list of configurations: full, streaming, topk, evict (uniform at each budget), profile (the "
-                  "--head-map's scores at each budget), random (same number of full heads, chosen at random)")
+                  "--head-map's scores at each budget), random (same number of full heads, chosen at random), map (the --head-map as written)")
       ->capture_default_str();
   cmd->add_option("--budget", budgets, "comma list of KV budgets for the non-full configurations (25%, 1024, 8MiB)")
       ->capture_default_str();
@@ -91,12 +91,12 @@ void register_eval(CLI::App& app) {
     o.depths = parse_depths(depths);
     o.configs.clear();
     for (const std::string& p : split(policies)) {
-      if (p == "full") {
-        o.configs.push_back({"full", ""});
+      if (p == "full" || p == "map") {
+        o.configs.push_back({p, ""});
         continue;
       }
       if (p != "streaming" && p != "topk" && p != "evict" && p != "profile" && p != "random")
-        fail("unknown --policy entry '{}' (full, streaming, topk, evict, profile, random)", p);
+        fail("unknown --policy entry '{}' (full, map, streaming, topk, evict, profile, random)", p);
       for (const std::string& b : split(budgets)) o.configs.push_back({p, b});
     }
     if (o.samples < 1) fail("--samples must be >= 1");

@@ -20,6 +20,9 @@ void register_profile(CLI::App& app) {
   cmd->add_option("--ctx", o.ctx, "probe length in tokens (default: the trained context)");
   cmd->add_option("--probes", o.retrieval_prompts, "needle-copy prompts (retrieval score)")->capture_default_str();
   cmd->add_option("--natural", o.natural_prompts, "natural-text prompts (streaming error)")->capture_default_str();
+  cmd->add_flag("!--no-fill-windows", o.fill_windows,
+               "make as many heads full as fit (at --window) instead of only the retrieval heads + wider windows");
+  cmd->add_option("--ablation", o.ablation_probes, "needle prompts for the per-head ablation (0: skip)")->capture_default_str();
   cmd->add_option("--sinks", o.sinks, "sink tokens of streaming heads")->capture_default_str();
   cmd->add_option("--window", o.window, "recent window of streaming heads")->capture_default_str();
   cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
@@ -48,11 +51,13 @@ void register_profile(CLI::App& app) {
     HeadMap map = profile::assign(model->identity(), s, b.value / 100.0, ctx, o);
     map.note = fmt::format("headroom profile: {} copy steps over {} probes; ", s.copy_steps, o.retrieval_prompts) + map.note;
     map.save(out);
-    std::printf("%-6s %-8s %-10s %-10s %s\n", "layer", "kv_head", "retrieval", "stream_err", "policy");
+    std::printf("%-6s %-8s %-10s %-10s %-10s %-10s %-10s %s\n", "layer", "kv_head", "retrieval", "ablation", "gain",
+                "stream_err", "query_err", "policy");
     for (int l = 0; l < c.n_layer; ++l)
       for (int h = 0; h < c.n_head_kv; ++h) {
         const HeadEntry& e = map.at(l, h);
-        std::printf("%-6d %-8d %-10.3f %-10.4f %s\n", l, h, e.retrieval_score, e.streaming_error, policy_name(e.spec.kind));
+        std::printf("%-6d %-8d %-10.3f %-10.3f %-10.3f %-10.4f %-10.4f %s\n", l, h, e.retrieval_score, e.ablation,
+                    e.gain, e.streaming_error, e.query_error, policy_name(e.spec.kind));
       }
     std::printf("%s\nwrote %s\n", map.note.c_str(), out.c_str());
     if (png.empty()) png = out.substr(0, out.rfind('.')) + ".png";

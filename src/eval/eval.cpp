@@ -28,6 +28,9 @@ profile::Scores scores_of(const HeadMap& map) {
       fail("the head map has no profile scores; make it with `headroom profile`");
     s.retrieval.push_back(e.retrieval_score);
     s.streaming_error.push_back(e.streaming_error);
+    s.query_error.push_back(std::max(0.0, e.query_error));
+    if (e.ablation >= 0) s.ablation.push_back(e.ablation);
+    if (e.gain >= 0) s.gain.push_back(e.gain);
   }
   return s;
 }
@@ -36,12 +39,10 @@ profile::Options profile_options_of(const HeadMap& map, const Options& o) {
   profile::Options po;
   po.page_size = o.page_size;
   po.chunk = o.chunk;
-  for (const HeadEntry& e : map.heads)
-    if (e.spec.kind == PolicyKind::Streaming) {
-      po.sinks = e.spec.sinks;
-      po.window = e.spec.window;
-      break;
-    }
+  if (map.profile_window > 0) {
+    po.sinks = map.profile_sinks;
+    po.window = map.profile_window;
+  }
   return po;
 }
 
@@ -66,7 +67,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   const Tokenizer& tok = m.tokenizer();
   std::unique_ptr<HeadMap> map;
   for (const Config& cfg : o.configs)
-    if ((cfg.kind == "profile" || cfg.kind == "random") && !map) {
+    if ((cfg.kind == "profile" || cfg.kind == "random" || cfg.kind == "map") && !map) {
       if (o.head_map.empty()) fail("the '{}' configuration needs --head-map (from `headroom profile`)", cfg.kind);
       ModelIdentity id = m.identity();
       map = std::make_unique<HeadMap>(HeadMap::load(o.head_map, &id));
@@ -80,7 +81,11 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   for (const Config& cfg : o.configs)
     for (int ctx : o.ctxs) {
       KVSetup s;
-      if (cfg.kind == "profile" || cfg.kind == "random") {
+      if (cfg.kind == "map") {
+        std::vector<PolicySpec> specs;
+        for (const HeadEntry& e : map->heads) specs.push_back(e.spec);
+        s = plan_kv_specs(m, specs, kvo, ctx, "head map " + o.head_map);
+      } else if (cfg.kind == "profile" || cfg.kind == "random") {
         profile::Scores sc = scores_of(*map);
         profile::Options po = profile_options_of(*map, o);
         HeadMap hm = profile::assign(m.identity(), sc, percent_of(cfg.budget), ctx, po);

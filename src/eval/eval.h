@@ -15,7 +15,7 @@ namespace headroom::eval {
 
 // One KV configuration to evaluate. `kind`: full | streaming | topk | evict (uniform policy at `budget`),
 // profile (the head map's scores assigned at `budget`), random (as many full heads as `profile` picks at
-// this budget, chosen at random: the control).
+// this budget, chosen at random: the control), map (the --head-map's policies as written, no budget).
 struct Config {
   std::string kind;
   std::string budget;   // "" for full; else a --kv-budget string ("25%", "512", "8MiB")

@@ -64,6 +64,7 @@ std::string HeadMap::to_json() const {
                 {"n_head_kv", model.n_head_kv}, {"head_dim", model.head_dim}, {"n_embd", model.n_embd},
                 {"tensor_hash", model.tensor_hash}};
   j["note"] = note;
+  if (profile_window > 0) j["profile"] = {{"sinks", profile_sinks}, {"window", profile_window}};
   json hs = json::array();
   for (int l = 0; l < model.n_layer; ++l)
     for (int h = 0; h < model.n_head_kv; ++h) {
@@ -77,6 +78,9 @@ std::string HeadMap::to_json() const {
       }
       if (e.retrieval_score >= 0) x["retrieval_score"] = e.retrieval_score;
       if (e.streaming_error >= 0) x["streaming_error"] = e.streaming_error;
+      if (e.query_error >= 0) x["query_error"] = e.query_error;
+      if (e.ablation >= 0) x["ablation"] = e.ablation;
+      if (e.gain >= 0) x["gain"] = e.gain;
       hs.push_back(x);
     }
   j["heads"] = hs;
@@ -108,6 +112,10 @@ HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
     m.model.n_embd = mj.at("n_embd").get<int>();
     m.model.tensor_hash = mj.at("tensor_hash").get<std::string>();
     m.note = j.value("note", "");
+    if (j.contains("profile")) {
+      m.profile_sinks = j["profile"].at("sinks").get<int>();
+      m.profile_window = j["profile"].at("window").get<int>();
+    }
     if (m.model.n_layer <= 0 || m.model.n_head_kv <= 0 || m.model.n_layer * int64_t(m.model.n_head_kv) > 1 << 20)
       fail("bad model shape");
     m.heads.assign(size_t(m.model.n_layer) * m.model.n_head_kv, HeadEntry{});
@@ -128,6 +136,9 @@ HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
         fail("bad policy parameters for layer {} kv_head {}", l, h);
       e.retrieval_score = x.value("retrieval_score", -1.0);
       e.streaming_error = x.value("streaming_error", -1.0);
+      e.query_error = x.value("query_error", -1.0);
+      e.ablation = x.value("ablation", -1.0);
+      e.gain = x.value("gain", -1.0);
     }
     for (size_t i = 0; i < seen.size(); ++i)
       if (!seen[i]) fail("no entry for layer {} kv_head {}", i / m.model.n_head_kv, i % m.model.n_head_kv);

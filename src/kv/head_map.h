@@ -25,11 +25,15 @@ struct HeadEntry {
   PolicySpec spec;
   double retrieval_score = -1;  // -1: not profiled
   double streaming_error = -1;
+  double ablation = -1;         // answer log-prob drop (nats) with only this head streaming
+  double gain = -1;             // answer log-prob gain of making it full next to the top head
+  double query_error = -1;      // streaming error at the question/answer rows of retrieval probes
 };
 
 struct HeadMap {
   ModelIdentity model;
   std::string note;                // how it was made (profile target, etc.)
+  int profile_sinks = 0, profile_window = 0;  // the profiler's minimum streaming shape (0: not profiled)
   std::vector<HeadEntry> heads;    // [layer * n_head_kv + kv_head]
 
   int n_layer() const { return model.n_layer; }

@@ -42,8 +42,9 @@ class Observer : public AttentionObserver {
   std::vector<std::pair<int32_t, int32_t>> needle_spans;  // [begin, end) positions
   std::vector<int32_t> copy_rows;                         // positions whose next token is copied
   bool measure_streaming = true;
-  std::vector<double> hits, err_sum;
-  std::vector<int64_t> err_n;
+  int32_t query_from = INT32_MAX;  // rows at or after this position (question + answer) are query rows
+  std::vector<double> hits, err_sum, qerr_sum;
+  std::vector<int64_t> err_n, qerr_n;
 
   void on_attention(int layer, int n, const int32_t* pos, const float* q, KVCache& kv) override {
     const int hd = c_.head_dim, G = c_.n_group();
@@ -81,7 +82,10 @@ class Observer : public AttentionObserver {
           if (stream) err += rel_change(pos[r], hd);
         }
         if (copy && hit) hits[idx] += 1;
-        if (stream) {
+        if (stream && pos[r] >= query_from) {
+          qerr_sum[idx] += err / G;
+          qerr_n[idx] += 1;
+        } else if (stream) {
           err_sum[idx] += err / G;
           err_n[idx] += 1;
         }
@@ -93,7 +97,9 @@ class Observer : public AttentionObserver {
   bool wanted(int32_t p) const {
     return std::binary_search(copy_rows.begin(), copy_rows.end(), p) || (measure_streaming && sample_streaming(p));
   }
-  bool sample_streaming(int32_t p) const { return p >= o_.sinks + o_.window + 64 && p % 16 == 0; }
+  bool sample_streaming(int32_t p) const {
+    return p >= o_.sinks + o_.window + 64 && (p % 16 == 0 || p >= query_from);
+  }
   // ||o_full - o_stream|| / ||o_full|| for the scores in scores_ (softmax over allowed slots).
   double rel_change(int32_t qpos, int hd) {
     double mx_full = -1e300, mx_str = -1e300;
@@ -159,6 +165,8 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
   obs.hits.assign(H, 0.0);
   obs.err_sum.assign(H, 0.0);
   obs.err_n.assign(H, 0);
+  obs.qerr_sum.assign(H, 0.0);
+  obs.qerr_n.assign(H, 0);
   Runner runner(m, be, o.chunk);
   KVOptions kvo;
   kvo.page_size = o.page_size;
@@ -189,6 +197,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     }
     copy_steps += int(obs.copy_rows.size());
     obs.measure_streaming = true;
+    obs.query_from = int32_t(tok.encode(e.prompt.substr(0, e.prompt.rfind('\n')), tok.add_bos()).size());
     PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
     KVCache kv(c, pool, kvs.specs);
     runner.forward(kv, ids, 0, false, &obs);
@@ -203,6 +212,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     if (cut != std::string::npos) text = text.substr(text.find("pass key.", cut) + 9);
     std::vector<int32_t> ids = tok.encode(text, tok.add_bos());
     obs.tokens = ids;
+    obs.query_from = INT32_MAX;
     obs.needle_spans.clear();
     obs.copy_rows.clear();
     PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
@@ -210,27 +220,94 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     runner.forward(kv, ids, 0, false, &obs);
     if (progress) progress(o.retrieval_prompts + i + 1, total, fmt::format("natural text ({} tokens)", ids.size()));
   }
+  // Per-head ablation: answer log-probability with only head h restricted, relative to all full.
+  std::vector<double> ablation(H, 0.0);
+  if (o.ablation_probes > 0) {
+    std::vector<std::pair<std::vector<int32_t>, size_t>> probes;  // (ids, prompt length)
+    for (int i = 0; i < o.ablation_probes; ++i) {
+      eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / o.ablation_probes, o.seed + 9000 + i);
+      std::vector<int32_t> ids = tok.encode(e.prompt + e.expected, tok.add_bos());
+      probes.emplace_back(ids, tok.encode(e.prompt, tok.add_bos()).size());
+    }
+    PolicySpec stream;
+    stream.kind = PolicyKind::Streaming;
+    stream.sinks = o.sinks;
+    stream.window = o.window;
+    auto answer_logprob = [&](const std::vector<PolicySpec>& specs) {
+      KVSetup ks = plan_kv_specs(m, specs, KVOptions{"full", "", "", o.page_size, o.chunk}, ctx + 16, "ablation");
+      double total = 0;
+      for (const auto& [ids, plen] : probes) {
+        PagePool pool(o.page_size, c.head_dim, ks.capacity_pages);
+        KVCache kv(c, pool, ks.specs);
+        runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
+        auto l = runner.forward(kv, std::span<const int32_t>(ids.data() + plen - 1, ids.size() - plen + 1),
+                                int32_t(plen - 1), true);
+        const int64_t V = c.n_vocab;
+        for (size_t t = plen; t < ids.size(); ++t) {
+          const float* row = l.data() + (t - plen) * V;
+          double mx = *std::max_element(row, row + V), sum = 0;
+          for (int64_t j = 0; j < V; ++j) sum += std::exp(double(row[j]) - mx);
+          total += double(row[ids[t]]) - mx - std::log(sum);
+        }
+      }
+      return total / double(probes.size());
+    };
+    const double base = answer_logprob(std::vector<PolicySpec>(H, PolicySpec{}));
+    for (size_t h = 0; h < H; ++h) {
+      std::vector<PolicySpec> specs(H, PolicySpec{});
+      specs[h] = stream;
+      ablation[h] = std::max(0.0, base - answer_logprob(specs));
+      if (progress) progress(total, total, fmt::format("ablation {}/{}", h + 1, H));
+    }
+    s.ablation = ablation;
+    // Joint effects: with the top head full and every other head streaming, how much does making each other
+    // head full as well give back? (Heads that matter only together with the retrieval head show up here.)
+    if (o.gain_round) {
+      int top = int(std::max_element(ablation.begin(), ablation.end()) - ablation.begin());
+      std::vector<PolicySpec> specs(H, stream);
+      specs[top] = PolicySpec{};
+      const double with_top = answer_logprob(specs);
+      s.gain.assign(H, 0.0);
+      for (size_t h = 0; h < H; ++h) {
+        if (int(h) == top) continue;
+        specs[h] = PolicySpec{};
+        s.gain[h] = std::max(0.0, answer_logprob(specs) - with_top);
+        specs[h] = stream;
+        if (progress) progress(total, total, fmt::format("joint gain {}/{}", h + 1, H));
+      }
+    }
+  }
   s.copy_steps = copy_steps;
   s.retrieval.resize(H);
   s.streaming_error.resize(H);
+  s.query_error.resize(H);
   for (size_t i = 0; i < H; ++i) {
     s.retrieval[i] = copy_steps ? obs.hits[i] / copy_steps : 0.0;
     s.streaming_error[i] = obs.err_n[i] ? obs.err_sum[i] / double(obs.err_n[i]) : 0.0;
+    s.query_error[i] = obs.qerr_n[i] ? obs.qerr_sum[i] / double(obs.qerr_n[i]) : 0.0;
   }
   return s;
 }
 
+std::function<double(int)> key_of(const Scores& s) {
+  double max_r = 1e-12, max_e = 1e-12, max_a = 1e-12, max_g = 1e-12;
+  for (double g : s.gain) max_g = std::max(max_g, g);
+  for (double r : s.retrieval) max_r = std::max(max_r, r);
+  for (double e : s.streaming_error) max_e = std::max(max_e, e);
+  for (double a : s.ablation) max_a = std::max(max_a, a);
+  // Retrieval score, ablation drop and joint gain, each normalised to [0, 1], summed; streaming error breaks ties.
+  return [&s, max_r, max_e, max_a, max_g](int i) {
+    const double abl = s.ablation.empty() ? 0.0 : s.ablation[i] / max_a;
+    const double gain = s.gain.empty() ? 0.0 : s.gain[i] / max_g;
+    const double err = s.streaming_error.empty() ? 0.0 : s.streaming_error[i] / max_e;
+    return s.retrieval[i] / max_r + abl + gain + 1e-3 * err;
+  };
+}
+
 std::vector<int> rank_heads(const Scores& s) {
-  const size_t H = s.retrieval.size();
-  double max_r = 1e-12, max_e = 1e-12;
-  for (size_t i = 0; i < H; ++i) {
-    max_r = std::max(max_r, s.retrieval[i]);
-    max_e = std::max(max_e, s.streaming_error[i]);
-  }
-  std::vector<int> order(H);
+  std::vector<int> order(s.retrieval.size());
   std::iota(order.begin(), order.end(), 0);
-  // Retrieval first; streaming error (normalised) breaks ties and orders the non-retrieval heads.
-  auto key = [&](int i) { return s.retrieval[i] / max_r + 1e-3 * s.streaming_error[i] / max_e; };
+  auto key = key_of(s);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) > key(b); });
   return order;
 }
@@ -243,25 +320,49 @@ HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx,
   const int H = s.n_layer * s.n_head_kv;
   const int64_t fp = full_pages(ctx, o.page_size), sp = std::min(streaming_pages(o), fp);
   const double allowed = target * double(fp) * H;
-  int k = 0;
-  while (k < H && double((k + 1) * fp + (H - k - 1) * sp) <= allowed + 1e-9) ++k;
-  if (k == 0 && double(H * sp) > allowed + 1e-9)
+  if (double(H * sp) > allowed + 1e-9)
     fail("target budget {:.1f}% is below what {} streaming heads need ({:.1f}%: {} sinks + {} window, pages of {})",
          target * 100, H, 100.0 * double(sp) / double(fp), o.sinks, o.window, o.page_size);
-  std::vector<int> ranked = order ? *order : rank_heads(s);
+  // How many heads can be full with the others at the minimum window ...
+  int k_fit = 0;
+  while (k_fit < H && double((k_fit + 1) * fp + (H - k_fit - 1) * sp) <= allowed + 1e-9) ++k_fit;
+  // ... and how many the scores call for: heads whose combined score is at least `retrieval_share` of the best.
+  std::vector<int> ranked = rank_heads(s);
+  int k = k_fit;
+  if (o.fill_windows) {
+    auto key = key_of(s);
+    const double best = ranked.empty() ? 0.0 : key(ranked[0]);
+    int wanted = 0;
+    while (wanted < H && best > 0 && key(ranked[wanted]) >= o.retrieval_share * best) ++wanted;
+    k = std::min(k_fit, wanted);
+  }
+  if (order) ranked = *order;
+  // The budget left after the full heads widens every streaming head's window equally (pages counted whole).
+  int window = o.window;
+  if (o.fill_windows && k < H) {
+    const int64_t pages_each = std::min<int64_t>(fp, int64_t((allowed - double(k * fp)) / double(H - k)));
+    window = std::max<int>(o.window, int((pages_each - 2) * o.page_size + 1));
+    if (streaming_max_pages(window, o.page_size) >= fp) window = int(ctx);  // as good as full
+  }
   PolicySpec stream;
   stream.kind = PolicyKind::Streaming;
   stream.sinks = o.sinks;
-  stream.window = o.window;
+  stream.window = window;
   HeadMap m = HeadMap::uniform(id, stream);
+  m.profile_sinks = o.sinks;
+  m.profile_window = o.window;
   for (int i = 0; i < k; ++i) m.heads[ranked[i]].spec = PolicySpec{};  // full
   for (int i = 0; i < H; ++i) {
     m.heads[i].retrieval_score = s.retrieval.empty() ? -1 : s.retrieval[i];
     m.heads[i].streaming_error = s.streaming_error.empty() ? -1 : s.streaming_error[i];
+    m.heads[i].query_error = s.query_error.empty() ? -1 : s.query_error[i];
+    m.heads[i].ablation = s.ablation.empty() ? -1 : s.ablation[i];
+    m.heads[i].gain = s.gain.empty() ? -1 : s.gain[i];
   }
+  const int64_t spw = std::min(streaming_max_pages(window, o.page_size), fp);
   m.note = fmt::format("target {:.1f}% of the full KV at {} tokens: {} full heads, {} streaming (sinks {}, window {}), "
                        "{:.1f}% of full KV bytes",
-                       target * 100, ctx, k, H - k, o.sinks, o.window, 100.0 * double(k * fp + (H - k) * sp) / double(H * fp));
+                       target * 100, ctx, k, H - k, o.sinks, window, 100.0 * double(k * fp + (H - k) * spw) / double(H * fp));
   return m;
 }
 

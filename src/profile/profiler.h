@@ -4,7 +4,9 @@
 //    on the needle token being copied — as in the Retrieval Head paper;
 //  - streaming error of a KV head: the relative L2 change of its attention output when only that head is
 //    restricted to sinks + window, on long retrieval prompts and natural text, averaged over query rows;
-//  - assign(): from both scores, the heads that get `full` under a target budget; the rest `streaming`.
+//  - ablation drop of a KV head: how much the teacher-forced answer's log-probability falls when only that
+//    head is restricted to sinks + window (catches heads retrieval needs that do not copy themselves);
+//  - assign(): from the scores, the heads that get `full` under a target budget; the rest `streaming`.
 #pragma once
 
 #include <functional>
@@ -21,6 +23,12 @@ struct Options {
   int ctx = 0;             // prompt length (0: the model's trained context)
   int retrieval_prompts = 12;
   int natural_prompts = 2;
+  int ablation_probes = 6;
+  bool gain_round = true;   // also measure the joint gain of each head next to the top head (n_heads more forwards)
+  bool fill_windows = true;      // assign(): full only for heads scoring >= retrieval_share of the best (as many
+                                 // as fit), then spend the rest of the budget widening the streaming windows;
+                                 // false: as many full heads as fit at the minimum window
+  double retrieval_share = 0.1;  // probes for the per-head ablation (0: skip); costs n_heads x this many forwards
   int sinks = 4;
   int window = 252;
   int page_size = 32;
@@ -31,7 +39,12 @@ struct Options {
 struct Scores {
   int n_layer = 0, n_head_kv = 0;
   std::vector<double> retrieval;        // [layer * n_head_kv + h], 0..1
-  std::vector<double> streaming_error;  // [layer * n_head_kv + h], relative L2
+  std::vector<double> streaming_error;  // [layer * n_head_kv + h], relative L2, over the text rows
+  std::vector<double> query_error;      // the same at the question and answer rows of the retrieval probes
+  std::vector<double> ablation;         // mean drop (nats) of the answer's log-probability when only this head
+                                        // is streaming, on needle prompts (empty if not measured)
+  std::vector<double> gain;             // answer log-prob gained by making head h full on top of the top head,
+                                        // all others streaming (empty if not measured)
   int copy_steps = 0;                   // how many copy steps the retrieval score is over
 };
 
@@ -42,6 +55,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
 // The order in which heads are promoted to `full`: by retrieval score, ties (and heads that never retrieve)
 // by streaming error. Exposed for the random-choice control.
 std::vector<int> rank_heads(const Scores& s);
+std::function<double(int)> key_of(const Scores& s);  // the ranking key of head i (higher: more retrieval)
 
 // Head map meeting `target` (a share of the full KV bytes at ctx, pages counted whole): as many heads `full`
 // as fit, best-ranked first, the rest `streaming` (sinks + window). `order` overrides the ranking (control).

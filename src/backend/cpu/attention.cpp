@@ -1,9 +1,8 @@
 // CPU backend: paged attention with an online (flash-attention style) softmax.
 //
 // A job's slots (all pages, in order) are walked in chunks of kChunk = 16 slots (a chunk may span small
-// pages: it holds a K/V row pointer per slot). For every query row and
-// head ("pair") the kernel keeps a running max m, a running sum l (16 lanes, summed at the end) and an
-// output accumulator acc[head_dim]. Per chunk and pair it computes the scores of the allowed slots,
+// pages: it holds a K/V row pointer per slot). For every query row and head ("pair") the kernel keeps a
+// running max m, a running sum l (16 lanes, summed at the end) and an output accumulator acc[head_dim]. Per chunk and pair it computes the scores of the allowed slots,
 // rescales (l, acc) by e^(m_old - m_new) if the max grew, and adds p_s = e^(s - m) and p_s * V_s.
 // Disallowed slots (pos -1, in the future, outside the window) never contribute and their K/V rows are
 // never used in arithmetic that reaches a result (so garbage in empty slots is harmless); a chunk where a
@@ -12,10 +11,10 @@
 // Kernels (AVX-512, head_dim % 16 == 0):
 //   * scores: when a job has >= 4 (row, head) pairs, the chunk's K rows are transposed once into
 //     Kt[head_dim][16] and each pair's 16 scores are accumulated with broadcast-q FMAs (no horizontal
-//     sums); the heads of a row share the Kt loads. Otherwise (decode with few heads), dots over
-//     head_dim are reduced four slots at a time (hsum4).
-//   * P·V: for head_dim 64 / 128 the accumulators of up to 4 / 2 heads of one row live in registers
-//     while the chunk's V rows stream past, so each V row is loaded once per group of heads.
+//     sums); four pairs share each Kt load. Otherwise (decode with few heads), each slot's dot over
+//     head_dim accumulates in its own register and the 16 are reduced together (hsum16).
+//   * P·V: for head_dim 64 / 128 the accumulators of 4 / 2 pairs live in registers while the chunk's V
+//     rows stream past, so each V row is loaded once per group of pairs.
 // Other builds / head_dims use simple vector loops with the same structure.
 //
 // Parallel decomposition (a function of the job shapes only, never of the thread count, so results are
@@ -31,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "util/error.h"
@@ -61,6 +61,28 @@ struct Chunk {
   float* score[kChunk];  // score_acc slot, or null
 };
 
+// A full chunk of slots [s, s + kChunk) of one page.
+inline void fill_chunk(Chunk& c, const AttnPage& page, int s, size_t D) {
+  c.cnt = kChunk;
+  std::memcpy(c.pos, page.pos + s, sizeof(c.pos));
+#if defined(HR_AVX512)
+  const __m512i step = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(int64_t(D * 4)));
+  const __m512i eight = _mm512_set1_epi64(int64_t(D * 4 * 8));
+  const __m512i k0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.k + size_t(s) * D)), step);
+  const __m512i v0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.v + size_t(s) * D)), step);
+  _mm512_storeu_si512(c.k, k0);
+  _mm512_storeu_si512(c.k + 8, _mm512_add_epi64(k0, eight));
+  _mm512_storeu_si512(c.v, v0);
+  _mm512_storeu_si512(c.v + 8, _mm512_add_epi64(v0, eight));
+#else
+  for (int i = 0; i < kChunk; ++i) {
+    c.k[i] = page.k + size_t(s + i) * D;
+    c.v[i] = page.v + size_t(s + i) * D;
+  }
+#endif
+  for (int i = 0; i < kChunk; ++i) c.score[i] = page.score_acc ? page.score_acc + s + i : nullptr;
+}
+
 // Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
 template <typename F>
 void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&& f) {
@@ -69,6 +91,13 @@ void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&
   for (size_t pi = 0; pi < n_pieces; ++pi) {
     const AttnPage& page = job.pages[size_t(pieces[pi].page)];
     for (int s = pieces[pi].s0; s < pieces[pi].s1; ++s) {
+      if (c.cnt == 0 && s + kChunk <= pieces[pi].s1) {  // a whole chunk inside this page
+        fill_chunk(c, page, s, D);
+        f(c);
+        c.cnt = 0;
+        s += kChunk - 1;
+        continue;
+      }
       c.pos[c.cnt] = page.pos[s];
       c.k[c.cnt] = page.k + size_t(s) * D;
       c.v[c.cnt] = page.v + size_t(s) * D;
@@ -141,35 +170,40 @@ inline uint32_t allowed_mask(const int32_t* pos, int cnt, int32_t qp, int32_t si
 
 // ---- scores ---------------------------------------------------------------------------------------------
 
+#if defined(HR_AVX512)
+// {sum(v[0]), ..., sum(v[15])}: a transpose-and-add network (every input goes through the same tree, so
+// a slot's sum does not depend on its lane).
+inline __m512 hsum16(const __m512 (&v)[16]) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // per 128-bit lane: partial sums of v[4k..4k+3]
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44), _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+#endif
+
 // dots[s] = q · k[s] for s < cnt (D floats per row); dots has room for 16 values.
 inline void dot_chunk(const float* q, const float* const* k, int D, int cnt, float* dots) {
 #if defined(HR_AVX512)
-  // Four slots at a time share the q loads; hsum4 reduces them together. Past the end, the last slot is
-  // repeated (and dropped), so a slot's score never depends on its position in the chunk.
-  for (int g = 0; g < cnt; g += 4) {
-    const float* kr[4];
-    for (int t = 0; t < 4; ++t) kr[t] = k[std::min(g + t, cnt - 1)];
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int d = 0;
-    for (; d + 16 <= D; d += 16) {
-      const __m512 qv = _mm512_loadu_ps(q + d);
-      a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[0] + d), a0);
-      a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[1] + d), a1);
-      a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[2] + d), a2);
-      a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[3] + d), a3);
-    }
-    if (d < D) {
-      const __mmask16 m = __mmask16((1u << (D - d)) - 1);
-      const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-      a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[0] + d), a0);
-      a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[1] + d), a1);
-      a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[2] + d), a2);
-      a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[3] + d), a3);
-    }
-    alignas(16) float t[4];
-    _mm_store_ps(t, hsum4(a0, a1, a2, a3));
-    for (int i = 0; i < 4 && g + i < kChunk; ++i) dots[g + i] = t[i];
+  // One accumulator per slot (past cnt the last slot is repeated and dropped), reduced together.
+  const float* kr[16];
+  for (int t = 0; t < 16; ++t) kr[t] = k[std::min(t, cnt - 1)];
+  __m512 a[16];
+  for (auto& v : a) v = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[t] + d), a[t]);
   }
+  if (d < D) {
+    const __mmask16 m = __mmask16((1u << (D - d)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+    for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[t] + d), a[t]);
+  }
+  _mm512_storeu_ps(dots, hsum16(a));
 #else
   for (int s = 0; s < cnt; ++s) {
     const float* kr = k[s];
@@ -218,23 +252,33 @@ void transpose_chunk(const float* const* k, int D, int cnt, float* kt) {
   }
 }
 
-// Scores of NP heads of one row against a transposed chunk: out[h][s] = q_h · k_s. 8/NP independent
-// accumulators per head hide the FMA latency; they are summed in a fixed order.
+// Scores of NP (row, head) pairs against a transposed chunk: out[i][s] = q_i · k_s. Each pair keeps two
+// accumulators (even and odd d), summed at the end: a pair's scores never depend on how pairs are grouped.
 template <int NP>
 void scores_transposed(const float* const* q, const float* kt, int D, float* const* out) {
-  constexpr int A = 8 / NP;
-  __m512 acc[NP][A];
+  __m512 acc[NP][2];
   for (auto& r : acc)
     for (auto& v : r) v = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += A)
-    for (int a = 0; a < A; ++a) {
-      const __m512 kv = _mm512_load_ps(kt + size_t(d + a) * 16);
-      for (int h = 0; h < NP; ++h) acc[h][a] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d + a]), kv, acc[h][a]);
+  for (int d = 0; d < D; d += 2) {
+    const __m512 k0 = _mm512_load_ps(kt + size_t(d) * 16);
+    const __m512 k1 = _mm512_load_ps(kt + size_t(d + 1) * 16);
+    for (int i = 0; i < NP; ++i) {
+      acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + 1]), k1, acc[i][1]);
     }
-  for (int h = 0; h < NP; ++h) {
-    __m512 s = acc[h][0];
-    for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[h][a]);
-    _mm512_storeu_ps(out[h], s);
+  }
+  for (int i = 0; i < NP; ++i) _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+// Transposed scores for n pairs, four at a time.
+void scores_transposed_n(const float* const* q, const float* kt, int D, float* const* out, int n) {
+  for (int i = 0; i < n; i += 4) {
+    switch (std::min(4, n - i)) {
+      case 1: scores_transposed<1>(q + i, kt, D, out + i); break;
+      case 2: scores_transposed<2>(q + i, kt, D, out + i); break;
+      case 3: scores_transposed<3>(q + i, kt, D, out + i); break;
+      default: scores_transposed<4>(q + i, kt, D, out + i); break;
+    }
   }
 }
 #endif
@@ -258,21 +302,13 @@ void row_scores(const AttnJob& job, int r, const Chunk& c, bool transposed, cons
   const int D = job.head_dim, G = job.n_group;
 #if defined(HR_AVX512)
   if (transposed) {
-    for (int h0 = 0; h0 < G; h0 += 4) {
-      const int np = std::min(4, G - h0);
-      const float* q[4];
-      float* out[4];
-      for (int i = 0; i < np; ++i) {
-        q[i] = q_ptr(job, r, h0 + i);
-        out[i] = sc + size_t(h0 + i) * 16;
-      }
-      switch (np) {
-        case 1: scores_transposed<1>(q, kt, D, out); break;
-        case 2: scores_transposed<2>(q, kt, D, out); break;
-        case 3: scores_transposed<3>(q, kt, D, out); break;
-        default: scores_transposed<4>(q, kt, D, out); break;
-      }
+    const float* q[kMaxGroup];
+    float* out[kMaxGroup];
+    for (int h = 0; h < G; ++h) {
+      q[h] = q_ptr(job, r, h);
+      out[h] = sc + size_t(h) * 16;
     }
+    scores_transposed_n(q, kt, D, out, G);
     return;
   }
 #else
@@ -293,7 +329,8 @@ inline float chunk_probs(float* sc, uint32_t mask, float scale, float* st, bool 
   const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), k, _mm512_loadu_ps(sc), _mm512_set1_ps(scale));
   if (update) {
     const float m_new = std::max(st[0], _mm512_reduce_max_ps(s));
-    alpha = st[0] == m_new ? 1.0f : exp_scalar(st[0] - m_new);  // e^-inf = 0 when m was -inf
+    if (st[0] != m_new)  // e^-inf = 0 when m was -inf
+      alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(st[0] - m_new)));
     st[0] = m_new;
   }
   const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(s, _mm512_set1_ps(st[0]))));
@@ -338,7 +375,8 @@ inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask,
 }
 
 #if defined(HR_AVX512)
-// Register-blocked P·V for NP heads of one row (same mask), head_dim = 16*NV.
+// Register-blocked P·V for NP pairs over the slots in `mask`, head_dim = 16*NV: each V row is loaded once
+// for the NP pairs.
 template <int NV, int NP>
 void accumulate_v_regs(float* const* acc, const float* alpha, const float* const* p, uint32_t mask,
                        const float* const* v) {
@@ -359,22 +397,25 @@ void accumulate_v_regs(float* const* acc, const float* alpha, const float* const
     for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
 }
 
+// P·V for n pairs, NV*16 = head_dim, in register blocks of PG pairs. The slots of a block are the union of
+// its pairs' allowed slots: all of them hold real tokens (pos >= 0), and a pair's p is 0 on the others.
 template <int NV>
-void row_pv_regs(float* const* st, const float* alpha, const float* sc, uint32_t mask, const float* const* v, int G) {
-  constexpr int PG = NV <= 4 ? 4 : 2;  // heads per register block
-  for (int h0 = 0; h0 < G; h0 += PG) {
-    const int np = std::min(PG, G - h0);
+void pv_regs_n(float* const* st, const float* alpha, const float* const* p, const uint32_t* mask,
+               const float* const* v, int n) {
+  constexpr int PG = NV <= 4 ? 4 : 2;  // pairs per register block
+  for (int i = 0; i < n; i += PG) {
+    const int np = std::min(PG, n - i);
     float* acc[PG];
-    const float* p[PG];
-    for (int i = 0; i < np; ++i) {
-      acc[i] = st[h0 + i] + kStateHead;
-      p[i] = sc + size_t(h0 + i) * 16;
+    uint32_t m = 0;
+    for (int j = 0; j < np; ++j) {
+      acc[j] = st[i + j] + kStateHead;
+      m |= mask[i + j];
     }
     switch (np) {
-      case 1: accumulate_v_regs<NV, 1>(acc, alpha + h0, p, mask, v); break;
-      case 2: accumulate_v_regs<NV, 2>(acc, alpha + h0, p, mask, v); break;
-      case 3: accumulate_v_regs<NV, (PG >= 3 ? 3 : 2)>(acc, alpha + h0, p, mask, v); break;
-      default: accumulate_v_regs<NV, PG>(acc, alpha + h0, p, mask, v); break;
+      case 1: accumulate_v_regs<NV, 1>(acc, alpha + i, p + i, m, v); break;
+      case 2: accumulate_v_regs<NV, 2>(acc, alpha + i, p + i, m, v); break;
+      case 3: accumulate_v_regs<NV, (PG >= 3 ? 3 : 2)>(acc, alpha + i, p + i, m, v); break;
+      default: accumulate_v_regs<NV, PG>(acc, alpha + i, p + i, m, v); break;
     }
   }
 }
@@ -388,36 +429,48 @@ void run_rows(const AttnJob& job, const Piece* pieces, size_t n_pieces, int r0, 
               const ChunkScratch& cs) {
   const int D = job.head_dim, G = job.n_group;
   const size_t sst = state_stride(D);
+#if defined(HR_AVX512)
   const bool transposed = use_transposed(job);
-  uint32_t masks[kRowBlock];
-  float* st[kMaxGroup];  // states of one row's heads
+#endif
+  // Active pairs of the current chunk (rows with an allowed slot, row-major, all heads).
+  constexpr int kMaxPairs = kRowBlock * kMaxGroup;
+  int n_pairs = 0;
+  float* st[kMaxPairs];
+  const float* q[kMaxPairs];
+  float* sc[kMaxPairs];
+  uint32_t pmask[kMaxPairs];
   for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
-    uint32_t any = 0;
-    for (int r = r0; r < r1; ++r) any |= masks[r - r0] = allowed_mask(c.pos, c.cnt, job.q_pos[r], job.sinks, job.window);
-    if (!any) return;
-#if defined(HR_AVX512)
-    if (transposed) transpose_chunk(c.k, D, c.cnt, cs.kt);
-#endif
+    n_pairs = 0;
     for (int r = r0; r < r1; ++r) {
-      const uint32_t mask = masks[r - r0];
-      if (!mask) continue;
-      row_scores(job, r, c, transposed, cs.kt, cs.scores);
-      for (int h = 0; h < G; ++h) {
-        st[h] = states + (size_t(r - r0) * size_t(G) + size_t(h)) * sst;
-        cs.alpha[h] = chunk_probs(cs.scores + size_t(h) * 16, mask, job.scale, st[h], true);
+      const uint32_t m = allowed_mask(c.pos, c.cnt, job.q_pos[r], job.sinks, job.window);
+      if (!m) continue;
+      for (int h = 0; h < G; ++h, ++n_pairs) {
+        const size_t pair = size_t(r - r0) * size_t(G) + size_t(h);
+        st[n_pairs] = states + pair * sst;
+        q[n_pairs] = q_ptr(job, r, h);
+        sc[n_pairs] = cs.scores + size_t(n_pairs) * 16;
+        pmask[n_pairs] = m;
       }
-#if defined(HR_AVX512)
-      if (D == 64) {
-        row_pv_regs<4>(st, cs.alpha, cs.scores, mask, c.v, G);
-        continue;
-      }
-      if (D == 128) {
-        row_pv_regs<8>(st, cs.alpha, cs.scores, mask, c.v, G);
-        continue;
-      }
-#endif
-      for (int h = 0; h < G; ++h) accumulate_v(st[h] + kStateHead, cs.alpha[h], cs.scores + size_t(h) * 16, mask, c.v, D);
     }
+    if (!n_pairs) return;
+    // Scores.
+#if defined(HR_AVX512)
+    if (transposed) {
+      transpose_chunk(c.k, D, c.cnt, cs.kt);
+      scores_transposed_n(q, cs.kt, D, sc, n_pairs);
+    } else
+#endif
+    {
+      for (int i = 0; i < n_pairs; ++i) dot_chunk(q[i], c.k, D, c.cnt, sc[i]);
+    }
+    // Online softmax.
+    for (int i = 0; i < n_pairs; ++i) cs.alpha[i] = chunk_probs(sc[i], pmask[i], job.scale, st[i], true);
+    // P·V.
+#if defined(HR_AVX512)
+    if (D == 64) return pv_regs_n<4>(st, cs.alpha, sc, pmask, c.v, n_pairs);
+    if (D == 128) return pv_regs_n<8>(st, cs.alpha, sc, pmask, c.v, n_pairs);
+#endif
+    for (int i = 0; i < n_pairs; ++i) accumulate_v(st[i] + kStateHead, cs.alpha[i], sc[i], pmask[i], c.v, D);
   });
 }
 
@@ -537,13 +590,13 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     plan.ml_off = ml_total;
     ml_total += 2 * n_states;
     any_scores |= plan.scores;
-    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(job.n_group)));
+    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group)));
     if (plan.split) {
       plan.partial_off = partial_total;
       partial_total += size_t(plan.n_seg) * n_states * sst;
       for (int g = 0; g < plan.n_seg; ++g) tasks.push_back({int(ji), g, 0});
     } else {
-      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(job.n_group)) +
+      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group)) +
                                                   size_t(kRowBlock) * size_t(job.n_group) * sst);
       for (int r = 0; r < job.n_rows; r += kRowBlock)
         tasks.push_back({int(ji), r, std::min(job.n_rows, r + kRowBlock)});
@@ -565,8 +618,8 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     const size_t sst = state_stride(D);
     const Piece* jp = pieces.data() + plan.piece0;
     float* tbuf = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
-    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(G));
-    const size_t cs_floats = chunk_scratch_floats(size_t(G));
+    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(kRowBlock) * size_t(G));
+    const size_t cs_floats = chunk_scratch_floats(size_t(kRowBlock) * size_t(G));
     if (plan.split) {
       const size_t n_states = size_t(job.n_rows) * size_t(G);
       float* states = partial + plan.partial_off + size_t(task.a) * n_states * sst;
@@ -645,7 +698,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     const JobPlan& plan = plans[size_t(task.job)];
     const AttnJob& job = jobs[size_t(task.job)];
     const ChunkScratch cs = make_chunk_scratch(static_cast<float*>(scratch.thread[size_t(th)].ensure(0)),
-                                               size_t(job.n_group));
+                                               size_t(kRowBlock) * size_t(job.n_group));
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
     accumulate_scores(job, pieces.data() + plan.piece0 + pb, size_t(pe - pb), scratch.final_ml.data() + plan.ml_off,
                       cs);

@@ -12,10 +12,11 @@
 #include <cstring>
 #include <memory>
 
-// GCC 12 reports false -Wmaybe-uninitialized warnings inside its own AVX-512 intrinsics (the
+// GCC 12 reports false -Wmaybe-uninitialized / -Wuninitialized warnings inside its own AVX-512 intrinsics (the
 // _mm512_undefined_* idiom, GCC bug 105593); silence them for the files that include this header.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>

@@ -9,8 +9,10 @@
 // must make every output depend only on the task's inputs (never on the thread or on the order of tasks)
 // to stay bit-identical for any thread count.
 //
-// Waking: workers spin on an atomic generation counter for a while (~200 µs) after each section, then
-// sleep on it (futex); the caller only issues a wake-up syscall when somebody sleeps.
+// Waking: after each section, workers poll an atomic generation counter for ~1 ms (yielding the core now
+// and then, so that a busy machine loses little), then sleep on it (futex); the caller only issues a
+// wake-up syscall when somebody sleeps. Tasks nobody has claimed yet are run by the caller, so a slow
+// wake-up never delays a section: the worker just takes no part in it.
 //
 // Oversubscription: on a machine busy with other processes a worker can be preempted while it holds a
 // task, and the caller then waits a whole scheduler time slice (milliseconds) for it. When the caller
