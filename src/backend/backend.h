@@ -73,7 +73,8 @@ class Backend {
   virtual const char* name() const = 0;
   virtual int threads() const = 0;
 
-  // y[n][w.rows] = x[n][w.cols] · Wᵀ. Supported weight types: F32, F16, BF16, Q8_0 (Q4_K, Q6_K when added).
+  // y[n][w.rows] = x[n][w.cols] · Wᵀ. Supported weight types: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K (CPU:
+  // Q8_0 quantizes x to Q8_0 blocks and multiplies in int8; the other types multiply in float).
   virtual void matmul(const WeightView& w, const float* x, int64_t n, float* y) = 0;
   // out[i] = dequantized row ids[i] of w (token embedding lookup).
   virtual void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) = 0;

@@ -59,6 +59,7 @@ struct Chunk {
   const float* k[kChunk];
   const float* v[kChunk];
   float* score[kChunk];  // score_acc slot, or null
+  uint32_t scored = 0;   // bit s set iff score[s] is not null
 };
 
 // A full chunk of slots [s, s + kChunk) of one page.
@@ -81,6 +82,7 @@ inline void fill_chunk(Chunk& c, const AttnPage& page, int s, size_t D) {
   }
 #endif
   for (int i = 0; i < kChunk; ++i) c.score[i] = page.score_acc ? page.score_acc + s + i : nullptr;
+  c.scored = page.score_acc ? 0xFFFFu : 0u;
 }
 
 // Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
@@ -95,6 +97,7 @@ void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&
         fill_chunk(c, page, s, D);
         f(c);
         c.cnt = 0;
+        c.scored = 0;
         s += kChunk - 1;
         continue;
       }
@@ -102,9 +105,11 @@ void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&
       c.k[c.cnt] = page.k + size_t(s) * D;
       c.v[c.cnt] = page.v + size_t(s) * D;
       c.score[c.cnt] = page.score_acc ? page.score_acc + s : nullptr;
+      if (page.score_acc) c.scored |= 1u << c.cnt;
       if (++c.cnt == kChunk) {
         f(c);
         c.cnt = 0;
+        c.scored = 0;
       }
     }
   }
@@ -490,8 +495,7 @@ void accumulate_scores(const AttnJob& job, const Piece* pieces, size_t n_pieces,
   const int G = job.n_group;
   const bool transposed = use_transposed(job);
   for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
-    uint32_t wanted = 0;  // slots of pages with score_acc
-    for (int s = 0; s < c.cnt; ++s) wanted |= uint32_t(c.score[s] != nullptr) << s;
+    const uint32_t wanted = c.scored;  // slots of pages with score_acc
     if (!wanted) return;
     float tot[kChunk] = {};
     uint32_t any = 0;

@@ -1,0 +1,211 @@
+// Micro-benchmarks of the CPU backend ops (Google Benchmark).
+//
+//   bench_ops --benchmark_filter=Q8 --benchmark_min_time=0.5s
+//
+// Counters: GB/s = weight (or K/V cache) bytes read per second; GFLOP/s = 2*rows*cols*n per second.
+// BM_ModelStep runs the matmuls + attention + small ops of one forward pass of a retrieval-14m-like
+// Llama (dim 256, 8 layers, FFN 768, 4 heads x 64, 2 KV heads, vocab 32000, all Q8_0) and reports tok/s.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace {
+
+using namespace headroom;
+
+struct Weight {
+  std::vector<uint8_t> data;
+  WeightView view;
+};
+
+// Random Q8_0 (or F32) weight.
+Weight make_weight(DType type, int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Weight w;
+  const size_t rb = row_bytes(type, cols);
+  w.data.resize(rb * size_t(rows));
+  if (type == DType::Q8_0) {
+    for (size_t b = 0; b < w.data.size(); b += 34) {
+      const uint16_t d = uint16_t(0x2000 + rng() % 0x400);  // ~0.008..0.016
+      std::memcpy(&w.data[b], &d, 2);
+      for (int k = 0; k < 32; ++k) w.data[b + 2 + size_t(k)] = uint8_t(rng());
+    }
+  } else {
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (size_t i = 0; i < w.data.size(); i += 4) {
+      const float f = u(rng);
+      std::memcpy(&w.data[i], &f, 4);
+    }
+  }
+  w.view = {type, w.data.data(), rows, cols, rb};
+  return w;
+}
+
+std::vector<float> random_vec(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+// args: rows, cols, n, threads
+void BM_MatmulQ8(benchmark::State& st) {
+  const int64_t rows = st.range(0), cols = st.range(1), n = st.range(2);
+  auto be = make_cpu_backend(int(st.range(3)));
+  const Weight w = make_weight(DType::Q8_0, rows, cols, 1);
+  const std::vector<float> x = random_vec(size_t(n * cols), 2);
+  std::vector<float> y(size_t(n * rows));
+  for (auto _ : st) {
+    be->matmul(w.view, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.counters["GB/s"] = benchmark::Counter(double(w.data.size()), benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * cols * n * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_MatmulQ8)
+    ->ArgNames({"rows", "cols", "n", "thr"})
+    ->ArgsProduct({{256}, {256}, {1, 512}, {1, 2}})
+    ->ArgsProduct({{768}, {256}, {1, 512}, {1, 2}})
+    ->ArgsProduct({{256}, {768}, {1, 512}, {1, 2}})
+    ->ArgsProduct({{32000}, {256}, {1, 512}, {1, 2}})
+    ->UseRealTime();
+
+void BM_MatmulF32(benchmark::State& st) {
+  const int64_t rows = st.range(0), cols = st.range(1), n = st.range(2);
+  auto be = make_cpu_backend(int(st.range(3)));
+  const Weight w = make_weight(DType::F32, rows, cols, 1);
+  const std::vector<float> x = random_vec(size_t(n * cols), 2);
+  std::vector<float> y(size_t(n * rows));
+  for (auto _ : st) {
+    be->matmul(w.view, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  st.counters["GB/s"] = benchmark::Counter(double(w.data.size()), benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * cols * n * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_MatmulF32)->ArgNames({"rows", "cols", "n", "thr"})->ArgsProduct({{768}, {256}, {1, 512}, {1, 2}})->UseRealTime();
+
+// Decode attention: 1 row, n_kv KV heads (one job each) x group, `slots` cached tokens in pages of 256.
+struct AttnSetup {
+  int D, G, n_kv, slots, rows;
+  std::vector<std::vector<float>> k, v;
+  std::vector<std::vector<int32_t>> pos;
+  std::vector<std::vector<AttnPage>> pages;
+  std::vector<float> q, out;
+  std::vector<int32_t> qpos;
+  std::vector<AttnJob> jobs;
+  AttnSetup(int D_, int G_, int n_kv_, int slots_, int rows_) : D(D_), G(G_), n_kv(n_kv_), slots(slots_), rows(rows_) {
+    const int page = 256;
+    pages.resize(size_t(n_kv));
+    for (int kv = 0; kv < n_kv; ++kv)
+      for (int s0 = 0; s0 < slots; s0 += page) {
+        const int ns = std::min(page, slots - s0);
+        k.push_back(random_vec(size_t(ns * D), uint32_t(3 + s0 + kv)));
+        v.push_back(random_vec(size_t(ns * D), uint32_t(5 + s0 + kv)));
+        pos.emplace_back(size_t(ns));
+        for (int i = 0; i < ns; ++i) pos.back()[size_t(i)] = s0 + i;
+      }
+    size_t pi = 0;
+    for (int kv = 0; kv < n_kv; ++kv)
+      for (int s0 = 0; s0 < slots; s0 += page, ++pi)
+        pages[size_t(kv)].push_back({k[pi].data(), v[pi].data(), pos[pi].data(), nullptr, std::min(page, slots - s0)});
+    q = random_vec(size_t(rows * n_kv * G * D), 7);
+    out.resize(q.size());
+    for (int r = 0; r < rows; ++r) qpos.push_back(slots - rows + r);
+    for (int kv = 0; kv < n_kv; ++kv) {
+      AttnJob j;
+      j.n_rows = rows;
+      j.q = q.data();
+      j.q_stride = int64_t(n_kv) * G * D;
+      j.q_pos = qpos.data();
+      j.head0 = kv * G;
+      j.n_group = G;
+      j.head_dim = D;
+      j.scale = 1.0f / std::sqrt(float(D));
+      j.pages = pages[size_t(kv)];
+      j.out = out.data();
+      j.out_stride = j.q_stride;
+      jobs.push_back(j);
+    }
+  }
+};
+
+// args: slots, rows, threads
+void BM_Attention(benchmark::State& st) {
+  auto be = make_cpu_backend(int(st.range(2)));
+  AttnSetup a(64, 2, 2, int(st.range(0)), int(st.range(1)));
+  for (auto _ : st) {
+    be->attention(a.jobs);
+    benchmark::DoNotOptimize(a.out.data());
+  }
+  st.counters["GB/s"] = benchmark::Counter(2.0 * a.n_kv * a.slots * a.D * 4, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_Attention)
+    ->ArgNames({"slots", "rows", "thr"})
+    ->ArgsProduct({{128, 512, 4096}, {1}, {1, 2}})
+    ->ArgsProduct({{512}, {512}, {1, 2}})
+    ->UseRealTime();
+
+// One forward pass of a retrieval-14m-like model: args n (tokens), threads. Context = n tokens.
+void BM_ModelStep(benchmark::State& st) {
+  const int64_t n = st.range(0);
+  auto be = make_cpu_backend(int(st.range(1)));
+  const int64_t dim = 256, ffn = 768, L = 8, vocab = 32000, hd = 64, nh = 4, nkv = 2;
+  struct Layer {
+    Weight wq, wk, wv, wo, w1, w3, w2;
+  };
+  std::vector<Layer> layers;
+  for (int64_t l = 0; l < L; ++l)
+    layers.push_back({make_weight(DType::Q8_0, dim, dim, uint32_t(10 * l + 1)),
+                      make_weight(DType::Q8_0, nkv * hd, dim, uint32_t(10 * l + 2)),
+                      make_weight(DType::Q8_0, nkv * hd, dim, uint32_t(10 * l + 3)),
+                      make_weight(DType::Q8_0, dim, dim, uint32_t(10 * l + 4)),
+                      make_weight(DType::Q8_0, ffn, dim, uint32_t(10 * l + 5)),
+                      make_weight(DType::Q8_0, ffn, dim, uint32_t(10 * l + 6)),
+                      make_weight(DType::Q8_0, dim, ffn, uint32_t(10 * l + 7))});
+  const Weight out_w = make_weight(DType::Q8_0, vocab, dim, 99);
+  std::vector<float> x = random_vec(size_t(n * dim), 1), h(size_t(n * dim)), q(size_t(n * dim)), k(size_t(n * nkv * hd)),
+                     v(k.size()), att(size_t(n * dim)), g(size_t(n * ffn)), u(size_t(n * ffn)), logits(static_cast<size_t>(vocab)),
+                     norm_w(size_t(dim), 1.0f);
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(i);
+  // The cache of one layer: the n tokens themselves (decode: pretend 128 tokens of context).
+  AttnSetup cache(int(hd), int(nh / nkv), int(nkv), int(std::max<int64_t>(n, 128)), int(n));
+  RopeParams rp;
+  rp.n_rot = int(hd);
+  for (auto _ : st) {
+    for (const Layer& ly : layers) {
+      be->rmsnorm(x.data(), norm_w.data(), n, dim, 1e-5f, h.data());
+      be->matmul(ly.wq.view, h.data(), n, q.data());
+      be->matmul(ly.wk.view, h.data(), n, k.data());
+      be->matmul(ly.wv.view, h.data(), n, v.data());
+      be->rope(q.data(), n, nh, hd, pos.data(), rp);
+      be->rope(k.data(), n, nkv, hd, pos.data(), rp);
+      be->attention(cache.jobs);
+      be->matmul(ly.wo.view, cache.out.data(), n, att.data());
+      be->add(x.data(), att.data(), n * dim);
+      be->rmsnorm(x.data(), norm_w.data(), n, dim, 1e-5f, h.data());
+      be->matmul(ly.w1.view, h.data(), n, g.data());
+      be->matmul(ly.w3.view, h.data(), n, u.data());
+      be->swiglu(g.data(), u.data(), n * ffn, g.data());
+      be->matmul(ly.w2.view, g.data(), n, att.data());
+      be->add(x.data(), att.data(), n * dim);
+    }
+    be->rmsnorm(x.data() + (n - 1) * dim, norm_w.data(), 1, dim, 1e-5f, h.data());
+    be->matmul(out_w.view, h.data(), 1, logits.data());  // logits of the last token only
+    benchmark::DoNotOptimize(logits.data());
+    for (auto& e : x) e = std::tanh(e);  // keep activations bounded
+  }
+  st.counters["tok/s"] = benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_ModelStep)->ArgNames({"n", "thr"})->ArgsProduct({{1, 512}, {1, 2}})->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
