@@ -2,6 +2,7 @@
 
 #include <queue>
 
+#include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
 #include "util/error.h"
 
@@ -9,10 +10,7 @@ namespace headroom::tok {
 
 namespace {
 
-struct Symbol {
-  int32_t prev, next;
-  size_t offset, n;  // bytes of the encoded word; n == 0 once merged into its left neighbour
-};
+using Symbol = MergeSymbol;
 
 struct Bigram {
   int32_t left, right;
@@ -103,23 +101,7 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
     if (r < 0) return;
     queue.push({left, right, r, syms[left].n + syms[right].n});
   };
-  for (int32_t i = 1; i < static_cast<int32_t>(syms.size()); ++i) try_add(i - 1, i);
-
-  while (!queue.empty()) {
-    const Bigram b = queue.top();
-    queue.pop();
-    Symbol& l = syms[b.left];
-    Symbol& r = syms[b.right];
-    // Sizes only grow, so a changed neighbour shows as a different total (or as a merged-away symbol); this
-    // is the same test as llama.cpp's comparison of the texts.
-    if (l.n == 0 || r.n == 0 || l.n + r.n != b.size) continue;
-    l.n += r.n;
-    r.n = 0;
-    l.next = r.next;
-    if (r.next >= 0) syms[r.next].prev = b.left;
-    try_add(l.prev, b.left);
-    try_add(b.left, l.next);
-  }
+  merge_symbols(syms, queue, try_add);
 
   for (int32_t i = 0; i != -1; i = syms[i].next) {
     const std::string_view s = word.substr(syms[i].offset, syms[i].n);

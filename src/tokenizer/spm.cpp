@@ -2,6 +2,7 @@
 
 #include <queue>
 
+#include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
 
 namespace headroom::tok {
@@ -10,10 +11,7 @@ namespace {
 
 constexpr std::string_view kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's escaped space
 
-struct Symbol {
-  int32_t prev, next;
-  size_t offset, n;  // bytes of the escaped text; n == 0 once merged into its left neighbour
-};
+using Symbol = MergeSymbol;
 
 struct Bigram {
   int32_t left, right;
@@ -87,22 +85,7 @@ void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::ve
     if (id < 0) return;
     queue.push({left, right, vocab_.scores[id], size});
   };
-  for (int32_t i = 1; i < static_cast<int32_t>(syms.size()); ++i) try_add(i - 1, i);
-
-  while (!queue.empty()) {
-    const Bigram b = queue.top();
-    queue.pop();
-    Symbol& l = syms[b.left];
-    Symbol& r = syms[b.right];
-    // Sizes only grow, so a changed neighbour shows as a different total (or as a merged-away symbol).
-    if (l.n == 0 || r.n == 0 || l.n + r.n != b.size) continue;
-    l.n += r.n;
-    r.n = 0;
-    l.next = r.next;
-    if (r.next >= 0) syms[r.next].prev = b.left;
-    try_add(l.prev, b.left);
-    try_add(b.left, l.next);
-  }
+  merge_symbols(syms, queue, try_add);
 
   // Every merged symbol is a token (a pair is only queued when it is one), so what is not a token here is a
   // single character: llama.cpp's rev_merge re-segmentation never applies, and byte fallback is all we need.
