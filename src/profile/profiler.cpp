@@ -320,12 +320,14 @@ HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx,
   const int H = s.n_layer * s.n_head_kv;
   const int64_t fp = full_pages(ctx, o.page_size), sp = std::min(streaming_pages(o), fp);
   const double allowed = target * double(fp) * H;
-  if (double(H * sp) > allowed + 1e-9)
+  if (double(H * (o.fill_windows ? std::min<int64_t>(sp, 3) : sp)) > allowed + 1e-9)
     fail("target budget {:.1f}% is below what {} streaming heads need ({:.1f}%: {} sinks + {} window, pages of {})",
          target * 100, H, 100.0 * double(sp) / double(fp), o.sinks, o.window, o.page_size);
-  // How many heads can be full with the others at the minimum window ...
+  // How many heads can be full with the others at the minimum window (with fill_windows, the smallest useful
+  // window, 3 pages, so that a tight budget still keeps the retrieval heads) ...
+  const int64_t sp_fit = o.fill_windows ? std::min<int64_t>(sp, 3) : sp;
   int k_fit = 0;
-  while (k_fit < H && double((k_fit + 1) * fp + (H - k_fit - 1) * sp) <= allowed + 1e-9) ++k_fit;
+  while (k_fit < H && double((k_fit + 1) * fp + (H - k_fit - 1) * sp_fit) <= allowed + 1e-9) ++k_fit;
   // ... and how many the scores call for: heads whose combined score is at least `retrieval_share` of the best.
   std::vector<int> ranked = rank_heads(s);
   int k = k_fit;
@@ -341,7 +343,7 @@ HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx,
   int window = o.window;
   if (o.fill_windows && k < H) {
     const int64_t pages_each = std::min<int64_t>(fp, int64_t((allowed - double(k * fp)) / double(H - k)));
-    window = std::max<int>(o.window, int((pages_each - 2) * o.page_size + 1));
+    window = int((pages_each - 2) * o.page_size + 1);
     if (streaming_max_pages(window, o.page_size) >= fp) window = int(ctx);  // as good as full
   }
   PolicySpec stream;
