@@ -8,7 +8,8 @@ namespace headroom {
 namespace {
 bool matmul_type_supported(DType t) {
   switch (t) {
-    case DType::F32: case DType::F16: case DType::BF16: case DType::Q8_0: case DType::Q4_K: case DType::Q6_K: return true;
+    case DType::F32: case DType::F16: case DType::BF16: case DType::Q8_0: case DType::Q4_0: case DType::Q4_K:
+    case DType::Q6_K: return true;
     default: return false;
   }
 }
@@ -18,7 +19,7 @@ WeightView weight(const gguf::File& f, const std::string& name, int64_t cols, in
   if (t.n_dims != 2 || t.ne[0] != cols || t.ne[1] != rows)
     fail("{}: tensor '{}' has shape {}, expected [{}, {}]", f.path(), name, t.shape_string(), cols, rows);
   if (!matmul_type_supported(t.type))
-    fail("{}: tensor '{}' has type {}, which headroom does not support yet (f32, f16, bf16, q8_0, q4_K, q6_K)",
+    fail("{}: tensor '{}' has type {}, which headroom does not support yet (f32, f16, bf16, q8_0, q4_0, q4_K, q6_K)",
          f.path(), name, gguf::type_name(t.type));
   WeightView w;
   w.type = t.type;
