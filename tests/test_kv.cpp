@@ -301,3 +301,34 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   EXPECT_GT(res.tokens.size(), 0u);
   EXPECT_LT(res.tokens.size(), 100u);
 }
+
+TEST(KVPolicies, StreamingWithPrefillFullAttendsThePromptThenDropsIt) {
+  const Model& m = retrieval_model();
+  const ModelConfig& c = m.config();
+  auto ids = text_ids(300);
+  PolicySpec st{PolicyKind::Streaming};
+  st.sinks = 4;
+  st.window = 40;
+  st.prefill_full = true;
+  // Prefill logits equal full attention's (same page size and chunking, so bit-identical) ...
+  const int ps = 16;
+  PagePool pool_full(ps, c.head_dim, 100000), pool_st(ps, c.head_dim, 100000);
+  KVCache kv_full(c, pool_full, all(PolicySpec{})), kv_st(c, pool_st, all(st));
+  Runner r(m, backend(), 64);
+  std::span<const int32_t> prompt(ids.data(), 290);
+  auto a = r.forward(kv_full, prompt, 0, true);
+  std::vector<float> full_logits(a.begin(), a.end());
+  auto b = r.forward(kv_st, prompt, 0, true);
+  EXPECT_EQ(std::vector<float>(b.begin(), b.end()), full_logits);
+  // ... and once the prompt is done only the sinks and the window stay.
+  for (int l = 0; l < c.n_layer; ++l)
+    for (int h = 0; h < c.n_head_kv; ++h) EXPECT_LE(int64_t(kv_st.head(l, h).pages.size()), streaming_max_pages(40, ps));
+  EXPECT_GE(pool_st.peak_device_pages(), 290 / ps * c.n_layer * c.n_head_kv) << "the peak held the whole prompt";
+  // Decoding then uses the window: logits differ from full attention.
+  auto d1 = r.forward(kv_full, std::span<const int32_t>(&ids[290], 1), 290);
+  std::vector<float> f1(d1.begin(), d1.end());
+  auto d2 = r.forward(kv_st, std::span<const int32_t>(&ids[290], 1), 290);
+  double diff = 0;
+  for (size_t i = 0; i < f1.size(); ++i) diff = std::max(diff, double(std::abs(f1[i] - d2[i])));
+  EXPECT_GT(diff, 1e-3);
+}

@@ -16,6 +16,9 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o) {
   app->add_option("--head-map", o.head_map, "per-head policy map (JSON) from `headroom profile`");
   app->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
   app->add_option("--chunk", o.chunk, "prefill chunk size in tokens")->capture_default_str();
+  app->add_flag("--prefill-full", o.prefill_full,
+                "streaming heads attend the whole prompt while it is prefilled (device peak = the full prompt) and "
+                "keep only sinks + window from the first generated token on");
 }
 
 void register_inspect(CLI::App& app);

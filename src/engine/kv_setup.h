@@ -16,6 +16,7 @@ struct KVOptions {
   std::string head_map;          // JSON from `headroom profile`
   int page_size = 32;
   int chunk = 512;               // prefill chunk (tokens per forward call)
+  bool prefill_full = false;     // streaming heads attend everything during prefill (see PolicySpec)
 };
 
 struct KVSetup {

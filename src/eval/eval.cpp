@@ -75,6 +75,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   KVOptions kvo;
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
+  kvo.prefill_full = o.prefill_full;
 
   // Per (config, ctx): the per-head specs.
   std::map<std::pair<std::string, int>, KVSetup> setups;

@@ -32,6 +32,7 @@ struct Options {
   int answer_tokens = 12;
   int page_size = 32;
   int chunk = 512;
+  bool prefill_full = false;  // streaming heads attend everything during prefill
   std::string head_map;       // for profile / random configs (needs scores)
   std::string out_dir;        // results.json, results.csv, PNGs
 };

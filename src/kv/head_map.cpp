@@ -72,7 +72,11 @@ std::string HeadMap::to_json() const {
       json x = {{"layer", l}, {"kv_head", h}, {"policy", policy_name(e.spec.kind)}};
       switch (e.spec.kind) {
         case PolicyKind::Full: break;
-        case PolicyKind::Streaming: x["sinks"] = e.spec.sinks; x["window"] = e.spec.window; break;
+        case PolicyKind::Streaming:
+          x["sinks"] = e.spec.sinks;
+          x["window"] = e.spec.window;
+          if (e.spec.prefill_full) x["prefill"] = "full";
+          break;
         case PolicyKind::TopK: x["topk_pages"] = e.spec.topk_pages; x["recent_pages"] = e.spec.recent_pages; break;
         case PolicyKind::Evict: x["budget"] = e.spec.budget; x["sinks"] = e.spec.sinks; x["window"] = e.spec.window; break;
       }
@@ -132,6 +136,7 @@ HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
       e.spec.topk_pages = x.value("topk_pages", e.spec.topk_pages);
       e.spec.recent_pages = x.value("recent_pages", e.spec.recent_pages);
       e.spec.budget = x.value("budget", e.spec.budget);
+      e.spec.prefill_full = x.value("prefill", std::string("policy")) == "full";
       if (e.spec.sinks < 0 || e.spec.window < 1 || e.spec.topk_pages < 1 || e.spec.recent_pages < 1 || e.spec.budget < 1)
         fail("bad policy parameters for layer {} kv_head {}", l, h);
       e.retrieval_score = x.value("retrieval_score", -1.0);

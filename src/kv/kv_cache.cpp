@@ -174,7 +174,7 @@ std::span<const AttnJob> KVCache::plan(int layer, int n, const int32_t* pos, con
   const int group = static_cast<int>(q_stride / head_dim_) / n_kv_;
   for (int h = 0; h < n_kv_; ++h) {
     const size_t i = size_t(layer) * n_kv_ + h;
-    QueryView qv{q, q_stride, h * group, group, head_dim_, n, pos};
+    QueryView qv{q, q_stride, h * group, group, head_dim_, n, pos, prefilling_};
     std::vector<AttnPage>& pages = job_pages_[h];
     pages.clear();
     AttnJob& j = jobs_[h];
@@ -197,8 +197,13 @@ std::span<const AttnJob> KVCache::plan(int layer, int n, const int32_t* pos, con
 void KVCache::after_step(int layer, int32_t next_pos) {
   for (int h = 0; h < n_kv_; ++h) {
     const size_t i = size_t(layer) * n_kv_ + h;
-    policies_[i]->after_step(heads_[i], pool_, next_pos);
+    policies_[i]->after_step(heads_[i], pool_, next_pos, prefilling_);
   }
+}
+
+void KVCache::end_prefill(int32_t next_pos) {
+  prefilling_ = false;
+  for (int l = 0; l < n_layer_; ++l) after_step(l, next_pos);
 }
 
 }  // namespace headroom

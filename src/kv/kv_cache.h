@@ -57,6 +57,10 @@ class KVCache {
   std::span<const AttnJob> plan(int layer, int n, const int32_t* pos, const float* q, int64_t q_stride, float* out,
                                 int64_t out_stride, float scale);
   void after_step(int layer, int32_t next_pos);
+  // Brackets the chunks of one prompt: policies may treat prefill differently (streaming's prefill_full).
+  // end_prefill() runs every head's after_step as a decode step would, giving back what the prompt left.
+  void begin_prefill() { prefilling_ = true; }
+  void end_prefill(int32_t next_pos);
   void clear();  // give every page back
 
   int n_layer() const { return n_layer_; }
@@ -76,6 +80,7 @@ class KVCache {
   std::vector<AttnJob> jobs_;
   std::vector<std::vector<AttnPage>> job_pages_;
   int64_t appended_ = 0;
+  bool prefilling_ = false;
 };
 
 }  // namespace headroom

@@ -28,6 +28,9 @@ struct PolicySpec {
   int recent_pages = 2;   // topk: most recent pages always attended
   int budget = 1024;      // evict: tokens held at most
   bool offload = false;   // topk: move pages the last step did not choose to the host tier
+  bool prefill_full = false;  // streaming: attend everything while the prompt is prefilled and keep its pages
+                              // until the prefill ends (device peak = full prompt); the window applies from
+                              // the first decode step on
 };
 
 // The cache of one (sequence, layer, KV head): its pages in order of first position.
@@ -44,6 +47,7 @@ struct QueryView {
   int head0 = 0, n_group = 1, head_dim = 0;
   int n_rows = 0;
   const int32_t* pos = nullptr;
+  bool prefill = false;       // rows of a prompt being prefilled (set by KVCache::begin_prefill)
 };
 
 class Policy {
@@ -57,8 +61,8 @@ class Policy {
   virtual void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages,
                       int32_t& sinks, int32_t& window) = 0;
   // After the step's attention: give back / evict / offload what is no longer needed. next_pos is the
-  // position of the next token this sequence will see.
-  virtual void after_step(HeadCache& h, PagePool& pool, int32_t next_pos) {}
+  // position of the next token this sequence will see; prefill tells whether more prompt chunks follow.
+  virtual void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool prefill) {}
   // Most tokens this head holds on the device in steady state for a context of n_ctx (budget planning).
   virtual int64_t max_tokens(int64_t n_ctx, int page_size) const = 0;
 

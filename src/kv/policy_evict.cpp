@@ -21,7 +21,7 @@ class EvictPolicy final : public Policy {
     sinks = window = 0;
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t next_pos) override {
+  void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool) override {
     const int64_t excess = h.tokens - spec_.budget;
     if (excess <= 0) return;
     const int32_t recent_from = next_pos - spec_.window;

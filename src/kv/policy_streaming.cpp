@@ -12,14 +12,16 @@ class StreamingPolicy final : public Policy {
   using Policy::Policy;
   PolicyKind kind() const override { return PolicyKind::Streaming; }
 
-  void select(HeadCache& h, PagePool& pool, const QueryView&, std::vector<AttnPage>& pages, int32_t& sinks,
+  void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages, int32_t& sinks,
               int32_t& window) override {
     for (int32_t id : h.pages) pages.push_back(view(pool, id));
-    sinks = spec_.sinks;
-    window = spec_.window;
+    const bool full_now = spec_.prefill_full && q.prefill;
+    sinks = full_now ? 0 : spec_.sinks;
+    window = full_now ? 0 : spec_.window;
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t next_pos) override {
+  void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool prefill) override {
+    if (spec_.prefill_full && prefill) return;  // the prompt's pages stay until the prefill ends
     // A token at position p is still needed by a query at q >= next_pos iff p < sinks or p > q - window.
     const int32_t oldest_needed = next_pos - spec_.window + 1;
     auto keep = [&](int32_t id) {
@@ -41,6 +43,7 @@ class StreamingPolicy final : public Policy {
   }
 
   int64_t max_tokens(int64_t n_ctx, int page_size) const override {
+    if (spec_.prefill_full) return n_ctx;  // the whole prompt is held until its prefill ends
     return std::min<int64_t>(streaming_max_pages(spec_.window, page_size) * page_size, n_ctx);
   }
 };

@@ -47,7 +47,7 @@ class TopKPolicy final : public Policy {
     }
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t) override {
+  void after_step(HeadCache& h, PagePool& pool, int32_t, bool) override {
     if (!spec_.offload) return;
     for (size_t i = 0; i + 1 < h.pages.size() && i < h.selected.size(); ++i)
       if (!h.selected[i] && !pool.on_host(h.pages[i])) pool.offload(h.pages[i]);

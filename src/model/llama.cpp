@@ -48,12 +48,15 @@ std::span<const float> Runner::forward(KVCache& kv, std::span<const int32_t> tok
   for (int32_t t : tokens)
     if (t < 0 || t >= V) fail("token id {} out of range (vocab {})", t, V);
   logits_.resize(size_t(all_logits ? n : 1) * V);
+  const bool prefill = n > 1;  // a prompt (or a part of one); single tokens are decode steps
+  if (prefill) kv.begin_prefill();
   for (int64_t i = 0; i < n; i += max_batch_) {
     const int len = int(std::min<int64_t>(max_batch_, n - i));
     const bool last = i + len == n;
     float* out = all_logits ? logits_.data() + i * V : (last ? logits_.data() : nullptr);
     forward_chunk(kv, tokens.data() + i, len, pos0 + int32_t(i), out, all_logits, obs);
   }
+  if (prefill) kv.end_prefill(pos0 + int32_t(n));
   return logits_;
 }
 
