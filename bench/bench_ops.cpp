@@ -55,10 +55,10 @@ std::vector<float> random_vec(size_t n, uint32_t seed) {
 }
 
 // args: rows, cols, n, threads
-void BM_MatmulQ8(benchmark::State& st) {
+void run_matmul(benchmark::State& st, DType type) {
   const int64_t rows = st.range(0), cols = st.range(1), n = st.range(2);
   auto be = make_cpu_backend(int(st.range(3)));
-  const Weight w = make_weight(DType::Q8_0, rows, cols, 1);
+  const Weight w = make_weight(type, rows, cols, 1);
   const std::vector<float> x = random_vec(size_t(n * cols), 2);
   std::vector<float> y(size_t(n * rows));
   for (auto _ : st) {
@@ -68,6 +68,8 @@ void BM_MatmulQ8(benchmark::State& st) {
   st.counters["GB/s"] = benchmark::Counter(double(w.data.size()), benchmark::Counter::kIsIterationInvariantRate);
   st.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * cols * n * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
+void BM_MatmulQ8(benchmark::State& st) { run_matmul(st, DType::Q8_0); }
+void BM_MatmulF32(benchmark::State& st) { run_matmul(st, DType::F32); }
 BENCHMARK(BM_MatmulQ8)
     ->ArgNames({"rows", "cols", "n", "thr"})
     ->ArgsProduct({{256}, {256}, {1, 512}, {1, 2}})
@@ -75,20 +77,6 @@ BENCHMARK(BM_MatmulQ8)
     ->ArgsProduct({{256}, {768}, {1, 512}, {1, 2}})
     ->ArgsProduct({{32000}, {256}, {1, 512}, {1, 2}})
     ->UseRealTime();
-
-void BM_MatmulF32(benchmark::State& st) {
-  const int64_t rows = st.range(0), cols = st.range(1), n = st.range(2);
-  auto be = make_cpu_backend(int(st.range(3)));
-  const Weight w = make_weight(DType::F32, rows, cols, 1);
-  const std::vector<float> x = random_vec(size_t(n * cols), 2);
-  std::vector<float> y(size_t(n * rows));
-  for (auto _ : st) {
-    be->matmul(w.view, x.data(), n, y.data());
-    benchmark::DoNotOptimize(y.data());
-  }
-  st.counters["GB/s"] = benchmark::Counter(double(w.data.size()), benchmark::Counter::kIsIterationInvariantRate);
-  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * cols * n * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-}
 BENCHMARK(BM_MatmulF32)->ArgNames({"rows", "cols", "n", "thr"})->ArgsProduct({{768}, {256}, {1, 512}, {1, 2}})->UseRealTime();
 
 // Decode attention: 1 row, n_kv KV heads (one job each) x group, `slots` cached tokens in pages of 256.

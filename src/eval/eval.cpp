@@ -171,9 +171,12 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
   for (auto& [ctx, a] : full_all) full_bytes[ctx] = a.dev / a.n;
   // Full-cache bytes for a context, pages counted whole, if `full` was not among the configurations.
   const ModelConfig& c = m.config();
-  auto full_ref = [&](int ctx, int prompt_tokens) {
+  std::map<int, int> prompt_tokens_at;  // a prompt length per context, for the computed full-cache size
+  for (const EpisodeResult& r : rs) prompt_tokens_at.emplace(r.ctx, r.prompt_tokens);
+  auto full_ref = [&](int ctx) {
     auto it = full_bytes.find(ctx);
     if (it != full_bytes.end()) return it->second;
+    const int prompt_tokens = prompt_tokens_at[ctx];
     int64_t pages = (prompt_tokens + o.answer_tokens + o.page_size - 1) / o.page_size;
     return double(pages) * c.n_layer * c.n_head_kv * 2.0 * o.page_size * c.head_dim * sizeof(float);
   };
@@ -194,9 +197,7 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
         auto it = cell.find({cfg, task_name(t), ctx});
         if (it == cell.end()) continue;
         const Agg& a = it->second;
-        int avg_prompt = 0;
-        for (const EpisodeResult& r : rs) if (r.ctx == ctx) { avg_prompt = r.prompt_tokens; break; }
-        double held = a.dev / a.n, ratio = held / full_ref(ctx, avg_prompt);
+        double held = a.dev / a.n, ratio = held / full_ref(ctx);
         md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} |\n", cfg, task_name(t),
                           task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n, held / 1048576.0,
                           100 * ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0);
@@ -229,9 +230,7 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
       double acc = mean_task_acc(cfg, ctx);
       if (std::isnan(acc)) continue;
       auto it = by_cfg_ctx.find({cfg, ctx});
-      int avg_prompt = 0;
-      for (const EpisodeResult& r : rs) if (r.ctx == ctx) { avg_prompt = r.prompt_tokens; break; }
-      double ratio = it != by_cfg_ctx.end() ? it->second.dev / it->second.n / full_ref(ctx, avg_prompt) : NAN;
+      double ratio = it != by_cfg_ctx.end() ? it->second.dev / it->second.n / full_ref(ctx) : NAN;
       md += fmt::format("| {} | {} | {:.3f} | {} | {:.1f}% |\n", cfg, ctx, acc,
                         std::isnan(full_acc[ctx]) || full_acc[ctx] == 0 ? "n/a" : fmt::format("{:.1f}%", 100 * acc / full_acc[ctx]),
                         100 * ratio);
