@@ -92,6 +92,9 @@ TEST(Cli, BadFlags) {
   expect_one_line_error(run("bench -m " + model() + " -d 1,x"), "comma-separated");
   expect_one_line_error(run("synth --shape llama9 -o /tmp/x.gguf"), "unknown --shape");
   expect_one_line_error(run("eval -m " + model() + " --tasks bogus"), "unknown task");
+  r = run("run -m " + model() + " -p hi --prefill sometimes");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--prefill"), std::string::npos) << r.out;
 }
 
 TEST(Cli, PromptTooLongNamesBothNumbers) {
@@ -142,7 +145,7 @@ TEST(Cli, BudgetExhaustedEndsWithReason) {
 TEST(Cli, HeadMapForAnotherModelIsRefused) {
   std::string dir = headroom::test::scratch_dir("cli");
   Result r = run("profile -m " + headroom::test::shared("models/stories260K.gguf") +
-                 " --ctx 256 --probes 1 --natural 0 --ablation 1 --window 32 --target-budget 50% --shared " + headroom::test::shared_dir() +
+                 " --ctx 256 --probes 1 --natural 0 --ablation 1 --window 32 --target-budget 50% --prefill window --shared " + headroom::test::shared_dir() +
                  " -o " + dir + "/stories-heads.json");
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("run -m " + model() + " -p hi --head-map " + dir + "/stories-heads.json");

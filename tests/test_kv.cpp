@@ -254,12 +254,15 @@ TEST(HeadMapFile, RoundTripAndMismatch) {
   HeadMap map = HeadMap::uniform(id, st);
   map.at(6, 0).spec = PolicySpec{};
   map.at(6, 0).retrieval_score = 0.9;
+  map.at(0, 1).spec.prefill = PrefillMode::Offload;
   std::string path = test::scratch_dir("kv") + "/map.json";
   map.save(path);
   HeadMap back = HeadMap::load(path, &id);
   EXPECT_EQ(back.count(PolicyKind::Full), 1);
   EXPECT_EQ(back.at(6, 0).retrieval_score, 0.9);
   EXPECT_EQ(back.at(0, 1).spec.window, st.window);
+  EXPECT_EQ(back.at(0, 1).spec.prefill, PrefillMode::Offload);
+  EXPECT_EQ(back.at(0, 0).spec.prefill, PrefillMode::Window);
 
   auto other = Model::load(test::shared("models/stories260K.gguf"));
   ModelIdentity oid = other->identity();
@@ -270,6 +273,19 @@ TEST(HeadMapFile, RoundTripAndMismatch) {
     std::string msg = e.what();
     EXPECT_NE(msg.find("another model"), std::string::npos) << msg;
     EXPECT_EQ(msg.find('\n'), std::string::npos);
+  }
+  {  // a bad prefill mode is named
+    std::string text = map.to_json();
+    const std::string from = "\"prefill\": \"offload\"";
+    ASSERT_NE(text.find(from), std::string::npos) << text.substr(0, 400);
+    text.replace(text.find(from), from.size(), "\"prefill\": \"sometimes\"");
+    std::ofstream(path) << text;
+    try {
+      HeadMap::load(path, &id);
+      FAIL() << "a bad prefill mode must be refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("prefill mode 'sometimes'"), std::string::npos) << e.what();
+    }
   }
   std::ofstream(path) << "{not json";
   EXPECT_THROW(HeadMap::load(path, &id), Error);
@@ -302,33 +318,86 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   EXPECT_LT(res.tokens.size(), 100u);
 }
 
-TEST(KVPolicies, StreamingWithPrefillFullAttendsThePromptThenDropsIt) {
-  const Model& m = retrieval_model();
-  const ModelConfig& c = m.config();
+// The same prompt prefilled under full attention and under `spec` on every head, with the same paging and
+// chunking (so prefill logits that should agree agree bit for bit).
+struct BesideFull {
+  static constexpr int ps = 16, chunk = 64;
+  const ModelConfig& c = retrieval_model().config();
+  const int heads = c.n_layer * c.n_head_kv;
+  PagePool pool_full{ps, c.head_dim, 100000}, pool{ps, c.head_dim, 100000};
+  KVCache kv_full, kv;
+  Runner r{retrieval_model(), backend(), chunk};
+  explicit BesideFull(const PolicySpec& spec) : kv_full(c, pool_full, all(PolicySpec{})), kv(c, pool, all(spec)) {}
+  // Prefills ids[0, n) into both; true if every logit agrees exactly.
+  bool prefill_agrees(const std::vector<int32_t>& ids, size_t n) {
+    std::span<const int32_t> prompt(ids.data(), n);
+    auto a = r.forward(kv_full, prompt, 0, true);
+    std::vector<float> full_logits(a.begin(), a.end());
+    auto b = r.forward(kv, prompt, 0, true);
+    return std::vector<float>(b.begin(), b.end()) == full_logits;
+  }
+};
+
+// Streaming heads that attend the whole prompt while it is prefilled (PrefillMode full and offload).
+class StreamingWholePromptPrefill : public ::testing::TestWithParam<PrefillMode> {};
+
+TEST_P(StreamingWholePromptPrefill, AttendsThePromptThenKeepsOnlyTheWindow) {
   auto ids = text_ids(300);
   PolicySpec st{PolicyKind::Streaming};
   st.sinks = 4;
   st.window = 40;
-  st.prefill_full = true;
-  // Prefill logits equal full attention's (same page size and chunking, so bit-identical) ...
-  const int ps = 16;
-  PagePool pool_full(ps, c.head_dim, 100000), pool_st(ps, c.head_dim, 100000);
-  KVCache kv_full(c, pool_full, all(PolicySpec{})), kv_st(c, pool_st, all(st));
-  Runner r(m, backend(), 64);
-  std::span<const int32_t> prompt(ids.data(), 290);
-  auto a = r.forward(kv_full, prompt, 0, true);
-  std::vector<float> full_logits(a.begin(), a.end());
-  auto b = r.forward(kv_st, prompt, 0, true);
-  EXPECT_EQ(std::vector<float>(b.begin(), b.end()), full_logits);
-  // ... and once the prompt is done only the sinks and the window stay.
+  st.prefill = GetParam();
+  BesideFull t(st);
+  const int ps = t.ps, chunk = t.chunk, heads = t.heads;
+  const ModelConfig& c = t.c;
+  PagePool& pool_st = t.pool;
+  KVCache& kv_st = t.kv;
+  // Prefill logits equal full attention's ...
+  EXPECT_TRUE(t.prefill_agrees(ids, 290));
+  // ... and once the prompt is done only the sinks and the window stay, all on the device.
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) EXPECT_LE(int64_t(kv_st.head(l, h).pages.size()), streaming_max_pages(40, ps));
-  EXPECT_GE(pool_st.peak_device_pages(), 290 / ps * c.n_layer * c.n_head_kv) << "the peak held the whole prompt";
+  EXPECT_EQ(pool_st.host_pages(), 0);
+  if (GetParam() == PrefillMode::Full) {
+    EXPECT_GE(pool_st.peak_device_pages(), 290 / ps * heads) << "the device peak held the whole prompt";
+    EXPECT_EQ(pool_st.peak_host_pages(), 0);
+  } else {
+    // The device held the window and one chunk per head at most; the rest of the prompt waited in the host tier.
+    EXPECT_LE(pool_st.peak_device_pages(), (streaming_max_pages(40, ps) + chunk / ps) * heads);
+    EXPECT_GE(pool_st.peak_host_pages(), (290 - 40 - chunk) / ps * heads);
+    EXPECT_GT(pool_st.device_moves_out(), 0);
+  }
+  // The budget planner agrees: full needs the prompt, offload the window and a chunk.
+  const int64_t planned = pages_needed(all(st), 290, ps, chunk);
+  if (GetParam() == PrefillMode::Full) EXPECT_GE(planned, 290 / ps * heads);
+  else EXPECT_GE(planned, pool_st.peak_device_pages());
   // Decoding then uses the window: logits differ from full attention.
-  auto d1 = r.forward(kv_full, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d1 = t.r.forward(t.kv_full, std::span<const int32_t>(&ids[290], 1), 290);
   std::vector<float> f1(d1.begin(), d1.end());
-  auto d2 = r.forward(kv_st, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d2 = t.r.forward(kv_st, std::span<const int32_t>(&ids[290], 1), 290);
   double diff = 0;
   for (size_t i = 0; i < f1.size(); ++i) diff = std::max(diff, double(std::abs(f1[i] - d2[i])));
   EXPECT_GT(diff, 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, StreamingWholePromptPrefill, ::testing::Values(PrefillMode::Full, PrefillMode::Offload),
+                         [](const auto& info) { return std::string(prefill_mode_name(info.param)); });
+
+TEST(KVPolicies, TopKWithOffloadParksThePromptAndHoldsOnlyChosenPages) {
+  auto ids = text_ids(400);
+  PolicySpec tk{PolicyKind::TopK};
+  tk.topk_pages = 3;
+  tk.recent_pages = 2;
+  tk.offload = true;
+  BesideFull t(tk);
+  const int ps = t.ps, chunk = t.chunk, heads = t.heads;
+  PagePool& pool_tk = t.pool;
+  EXPECT_TRUE(t.prefill_agrees(ids, 390)) << "prefill attends every page, parked or not";
+  EXPECT_LE(pool_tk.peak_device_pages(), (1 + tk.recent_pages + chunk / ps + 1) * heads);
+  for (size_t i = 390; i < 400; ++i) {
+    t.r.forward(t.kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+    EXPECT_LE(pool_tk.device_pages(), (1 + tk.recent_pages + tk.topk_pages) * heads);
+  }
+  EXPECT_LE(pool_tk.peak_device_pages(), pages_needed(all(tk), 400, ps, chunk));
+  EXPECT_EQ(pool_tk.device_pages() + pool_tk.host_pages(), (400 + ps - 1) / ps * heads) << "nothing is lost";
 }

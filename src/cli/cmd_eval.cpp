@@ -77,8 +77,11 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--seed", o.seed, "episode seed")->capture_default_str();
   cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
   cmd->add_option("--chunk", o.chunk, "prefill chunk size")->capture_default_str();
-  cmd->add_flag("--prefill-full", o.prefill_full,
-                "streaming heads attend the whole prompt during prefill, then keep sinks + window (peak = full prompt)");
+  cmd->add_option("--prefill", o.prefill,
+                  "streaming heads during prefill, for every configuration: window, full (device peak = the prompt) "
+                  "or offload (the prompt past the window parked in the host tier); default: the head map's choice "
+                  "for profile/random/map, window for streaming")
+      ->check(CLI::IsMember({"window", "full", "offload"}));
   cmd->add_option("-o,--out", out_dir, "output folder for results.json, results.csv, summary.md and PNG plots")->capture_default_str();
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
   cmd->add_option("-t,--threads", threads, "threads (default: physical cores)");

@@ -10,7 +10,7 @@
 namespace headroom::cli {
 
 void register_profile(CLI::App& app) {
-  static std::string model_path, out = "heads.json", target = "25%", shared = "../shared", png;
+  static std::string model_path, out = "heads.json", target = "25%", shared = "../shared", png, prefill = "auto";
   static int threads = 0;
   static profile::Options o;
   auto* cmd = app.add_subcommand("profile", "find each KV head's role (retrieval vs streaming) and write a head map");
@@ -26,6 +26,15 @@ void register_profile(CLI::App& app) {
   cmd->add_option("--sinks", o.sinks, "sink tokens of streaming heads")->capture_default_str();
   cmd->add_option("--window", o.window, "recent window of streaming heads")->capture_default_str();
   cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
+  cmd->add_option("--prefill", prefill,
+                  "streaming heads' prefill written into the map: auto (teacher-forced exact match of the map on "
+                  "--prefill-probes needle prompts with window and with whole-prompt prefill; offload if window keeps "
+                  "less than 1 - --prefill-tolerance of full's), window, full or offload")
+      ->check(CLI::IsMember({"auto", "window", "full", "offload"}))
+      ->capture_default_str();
+  cmd->add_option("--prefill-tolerance", o.prefill_tolerance, "share of full attention's exact matches windowed prefill may lose (auto)")
+      ->capture_default_str();
+  cmd->add_option("--prefill-probes", o.prefill_probes, "needle prompts for the prefill choice (auto)")->capture_default_str();
   cmd->add_option("--seed", o.seed, "probe seed")->capture_default_str();
   cmd->add_option("--png", png, "heat map of the scores (default: OUTPUT with .png)");
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
@@ -35,6 +44,8 @@ void register_profile(CLI::App& app) {
     if (b.kind != KVBudget::Kind::Percent) fail("--target-budget must be a percentage like 25%");
     if (o.retrieval_prompts < 1 || o.natural_prompts < 0) fail("--probes must be >= 1 and --natural >= 0");
     if (o.sinks < 0 || o.window < 16) fail("--sinks must be >= 0 and --window >= 16");
+    if (o.prefill_probes < 1 || o.prefill_tolerance < 0 || o.prefill_tolerance > 1)
+      fail("--prefill-probes must be >= 1 and --prefill-tolerance in 0..1");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
     const int ctx = o.ctx > 0 ? o.ctx : c.n_ctx_train;
@@ -49,7 +60,27 @@ void register_profile(CLI::App& app) {
       if (done == total) std::fprintf(stderr, "\n");
     });
     HeadMap map = profile::assign(model->identity(), s, b.value / 100.0, ctx, o);
-    map.note = fmt::format("headroom profile: {} copy steps over {} probes; ", s.copy_steps, o.retrieval_prompts) + map.note;
+    std::string prefill_note;
+    if (prefill == "auto") {
+      // Windowed prefill is cheapest; keep it unless it costs the map's answers (a model that was trained with
+      // full attention may build its needle representations with heads that are streaming at decode).
+      std::fprintf(stderr, "prefill: %d probes, every head full / the map with window prefill / with whole-prompt prefill ...\n",
+                   o.prefill_probes);
+      std::vector<PolicySpec> specs;
+      for (const HeadEntry& e : map.heads) specs.push_back(e.spec);
+      profile::AnswerProbes probes(*model, gen, o.prefill_probes, ctx, o.seed + 12000);
+      profile::PrefillChoice ch = profile::choose_prefill(probes, *be, specs, o);
+      o.prefill = ch.mode;
+      prefill_note = fmt::format("; prefill {} (teacher-forced exact match on {} probes: every head full {}, the map "
+                                 "with window prefill {}, with whole-prompt prefill {})", prefill_mode_name(ch.mode),
+                                 ch.n, ch.full.exact, ch.window.exact, ch.offload.exact);
+    } else {
+      o.prefill = parse_prefill_mode(prefill);
+      prefill_note = fmt::format("; prefill {} (set by --prefill)", prefill);
+    }
+    map = profile::assign(model->identity(), s, b.value / 100.0, ctx, o);
+    map.note = fmt::format("headroom profile: {} copy steps over {} probes; ", s.copy_steps, o.retrieval_prompts) +
+               map.note + prefill_note;
     map.save(out);
     std::printf("%-6s %-8s %-10s %-10s %-10s %-10s %-10s %s\n", "layer", "kv_head", "retrieval", "ablation", "gain",
                 "stream_err", "query_err", "policy");

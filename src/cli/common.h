@@ -16,9 +16,12 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o) {
   app->add_option("--head-map", o.head_map, "per-head policy map (JSON) from `headroom profile`");
   app->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
   app->add_option("--chunk", o.chunk, "prefill chunk size in tokens")->capture_default_str();
-  app->add_flag("--prefill-full", o.prefill_full,
-                "streaming heads attend the whole prompt while it is prefilled (device peak = the full prompt) and "
-                "keep only sinks + window from the first generated token on");
+  app->add_option("--prefill", o.prefill,
+                  "what streaming heads attend while the prompt is prefilled: window (sinks + window; device peak = "
+                  "window + chunk), full (the whole prompt on the device, cut to the window when it ends), offload "
+                  "(the whole prompt, pages past the window parked in the host tier until it ends); default: the "
+                  "head map's choice, else window")
+      ->check(CLI::IsMember({"window", "full", "offload"}));
 }
 
 void register_inspect(CLI::App& app);

@@ -6,6 +6,14 @@
 
 namespace headroom {
 
+namespace {
+void apply_prefill_mode(const KVOptions& o, std::vector<PolicySpec>& specs) {
+  if (o.prefill.empty()) return;
+  const PrefillMode mode = parse_prefill_mode(o.prefill);
+  for (PolicySpec& p : specs) p.prefill = mode;
+}
+}  // namespace
+
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   const ModelConfig& c = m.config();
   if (o.page_size < 1 || o.page_size > 4096) fail("--page-size {} out of range (1..4096)", o.page_size);
@@ -31,8 +39,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, offload));
     what = fmt::format("{} for all {} heads", o.policy, n_heads);
   }
-  if (o.prefill_full)
-    for (PolicySpec& p : s.specs) p.prefill_full = true;
+  apply_prefill_mode(o, s.specs);
   int64_t needed = pages_needed(s.specs, n_ctx, o.page_size, o.chunk) * n_seqs;
   s.capacity_pages = needed;
   if (budget.kind != KVBudget::Kind::None) {
@@ -59,8 +66,7 @@ KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOpt
   if (specs.size() != size_t(c.n_layer) * c.n_head_kv) fail("{}: {} head specs for {} heads", what, specs.size(), size_t(c.n_layer) * c.n_head_kv);
   KVSetup s;
   s.specs = std::move(specs);
-  if (o.prefill_full)
-    for (PolicySpec& p : s.specs) p.prefill_full = true;
+  apply_prefill_mode(o, s.specs);
   s.tokens_per_head = n_ctx;
   s.capacity_pages = pages_needed(s.specs, n_ctx, o.page_size, o.chunk);
   s.summary = fmt::format("KV: {}, page {} tokens, device capacity {} pages", what, o.page_size, s.capacity_pages);

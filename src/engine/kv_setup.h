@@ -16,7 +16,8 @@ struct KVOptions {
   std::string head_map;          // JSON from `headroom profile`
   int page_size = 32;
   int chunk = 512;               // prefill chunk (tokens per forward call)
-  bool prefill_full = false;     // streaming heads attend everything during prefill (see PolicySpec)
+  std::string prefill;           // streaming heads during prefill: window | full | offload (PrefillMode);
+                                 // "" = what the head map says (window for a uniform policy)
 };
 
 struct KVSetup {

@@ -42,6 +42,7 @@ profile::Options profile_options_of(const HeadMap& map, const Options& o) {
   if (map.profile_window > 0) {
     po.sinks = map.profile_sinks;
     po.window = map.profile_window;
+    po.prefill = map.profile_prefill;
   }
   return po;
 }
@@ -75,7 +76,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   KVOptions kvo;
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
-  kvo.prefill_full = o.prefill_full;
+  kvo.prefill = o.prefill;
 
   // Per (config, ctx): the per-head specs.
   std::map<std::pair<std::string, int>, KVSetup> setups;
@@ -123,7 +124,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
             const KVSetup& s = setups.at({cfg.label(), ctx});
             PagePool pool(o.page_size, c.head_dim, s.capacity_pages);
             KVCache kv(c, pool, s.specs);
-            EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0};
+            EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0, 0};
             std::vector<int32_t> gen_ids;
             try {
               auto logits = runner.forward(kv, ids, 0);
@@ -141,6 +142,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
             r.kv_device_bytes = pool.device_bytes();
             r.kv_peak_bytes = pool.peak_device_pages() * pool.page_bytes();
             r.kv_host_bytes = pool.host_bytes();
+            r.kv_host_peak_bytes = pool.peak_host_pages() * pool.page_bytes();
             r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             out.push_back(r);
             if (progress) progress(++done, total, out.back());
@@ -155,14 +157,14 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
   if (!o.out_dir.empty()) fs::create_directories(o.out_dir);
 
   // Per (config, task, ctx): accuracy and mean KV bytes; full's bytes per ctx are the 100% reference.
-  struct Agg { int n = 0, ok = 0; double dev = 0, peak = 0, host = 0; };
+  struct Agg { int n = 0, ok = 0; double dev = 0, peak = 0, host = 0, host_peak = 0; };
   std::map<std::tuple<std::string, std::string, int>, Agg> cell;
   std::map<std::tuple<std::string, int, double>, Agg> niah;  // (config, ctx, depth)
   std::map<std::pair<std::string, int>, Agg> by_cfg_ctx;      // trained tasks only, for the budget plot
   std::map<int, double> full_bytes;
   std::map<int, Agg> full_all;
   for (const EpisodeResult& r : rs) {
-    auto add = [&](Agg& a) { a.n++; a.ok += r.correct; a.dev += double(r.kv_device_bytes); a.peak += double(r.kv_peak_bytes); a.host += double(r.kv_host_bytes); };
+    auto add = [&](Agg& a) { a.n++; a.ok += r.correct; a.dev += double(r.kv_device_bytes); a.peak += double(r.kv_peak_bytes); a.host += double(r.kv_host_bytes); a.host_peak += double(r.kv_host_peak_bytes); };
     add(cell[{r.config, task_name(r.task), r.ctx}]);
     if (r.task == Task::Passkey) add(niah[{r.config, r.ctx, r.depth}]);
     if (task_is_trained(r.task)) add(by_cfg_ctx[{r.config, r.ctx}]);
@@ -183,12 +185,12 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
 
   std::vector<std::string> cfg_order;
   for (const Config& cf : o.configs) cfg_order.push_back(cf.label());
-  std::string md = "| config | task | ctx | n | accuracy | KV held (MiB) | KV vs full | KV peak (MiB) | host tier (MiB) |\n"
-                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+  std::string md = "| config | task | ctx | n | accuracy | KV held (MiB) | KV vs full | KV peak (MiB) | host tier (MiB) | host peak (MiB) |\n"
+                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
   std::ofstream csv;
   if (!o.out_dir.empty()) {
     csv.open(o.out_dir + "/results.csv");
-    csv << "config,task,ctx,n,accuracy,kv_held_mib,kv_vs_full,kv_peak_mib,kv_host_mib\n";
+    csv << "config,task,ctx,n,accuracy,kv_held_mib,kv_vs_full,kv_peak_mib,kv_host_mib,kv_host_peak_mib\n";
   }
   json summary = json::array();
   for (const std::string& cfg : cfg_order)
@@ -198,18 +200,21 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
         if (it == cell.end()) continue;
         const Agg& a = it->second;
         double held = a.dev / a.n, ratio = held / full_ref(ctx);
-        md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} |\n", cfg, task_name(t),
+        md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} | {:.2f} |\n", cfg, task_name(t),
                           task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n, held / 1048576.0,
-                          100 * ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0);
+                          100 * ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0, a.host_peak / a.n / 1048576.0);
         if (csv.is_open())
-          csv << fmt::format("{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f}\n", cfg, task_name(t), ctx, a.n,
-                             double(a.ok) / a.n, held / 1048576.0, ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0);
+          csv << fmt::format("{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f}\n", cfg, task_name(t), ctx, a.n,
+                             double(a.ok) / a.n, held / 1048576.0, ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0,
+                             a.host_peak / a.n / 1048576.0);
         summary.push_back({{"config", cfg}, {"task", task_name(t)}, {"trained", task_is_trained(t)}, {"ctx", ctx},
                            {"n", a.n}, {"accuracy", double(a.ok) / a.n}, {"kv_held_bytes", held},
-                           {"kv_vs_full", ratio}, {"kv_peak_bytes", a.peak / a.n}, {"kv_host_bytes", a.host / a.n}});
+                           {"kv_vs_full", ratio}, {"kv_peak_bytes", a.peak / a.n}, {"kv_host_bytes", a.host / a.n},
+                           {"kv_host_peak_bytes", a.host_peak / a.n}});
       }
   // The headline: mean over the trained tasks, per config and ctx, relative to full.
-  md += "\n| config | ctx | trained-task accuracy (mean of task means) | vs full | KV held vs full |\n| --- | ---: | ---: | ---: | ---: |\n";
+  md += "\n| config | ctx | trained-task accuracy (mean of task means) | vs full | KV held vs full | device peak vs full | host peak vs full |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n";
   std::map<int, double> full_acc;
   auto mean_task_acc = [&](const std::string& cfg, int ctx) {
     double sum = 0;
@@ -230,10 +235,13 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
       double acc = mean_task_acc(cfg, ctx);
       if (std::isnan(acc)) continue;
       auto it = by_cfg_ctx.find({cfg, ctx});
-      double ratio = it != by_cfg_ctx.end() ? it->second.dev / it->second.n / full_ref(ctx) : NAN;
-      md += fmt::format("| {} | {} | {:.3f} | {} | {:.1f}% |\n", cfg, ctx, acc,
+      const bool have = it != by_cfg_ctx.end();
+      double ratio = have ? it->second.dev / it->second.n / full_ref(ctx) : NAN;
+      double peak = have ? it->second.peak / it->second.n / full_ref(ctx) : NAN;
+      double host_peak = have ? it->second.host_peak / it->second.n / full_ref(ctx) : NAN;
+      md += fmt::format("| {} | {} | {:.3f} | {} | {:.1f}% | {:.1f}% | {:.1f}% |\n", cfg, ctx, acc,
                         std::isnan(full_acc[ctx]) || full_acc[ctx] == 0 ? "n/a" : fmt::format("{:.1f}%", 100 * acc / full_acc[ctx]),
-                        100 * ratio);
+                        100 * ratio, 100 * peak, 100 * host_peak);
       if (ctx == o.ctxs.back()) {
         std::string kind = cfg.substr(0, cfg.find('@'));
         plot::Series& s = budget_lines[kind];
@@ -251,7 +259,8 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
       eps.push_back({{"task", task_name(r.task)}, {"ctx", r.ctx}, {"depth", r.depth}, {"sample", r.sample},
                      {"config", r.config}, {"correct", r.correct}, {"answer", r.answer}, {"expected", r.expected},
                      {"prompt_tokens", r.prompt_tokens}, {"kv_device_bytes", r.kv_device_bytes},
-                     {"kv_peak_bytes", r.kv_peak_bytes}, {"kv_host_bytes", r.kv_host_bytes}, {"seconds", r.seconds}});
+                     {"kv_peak_bytes", r.kv_peak_bytes}, {"kv_host_bytes", r.kv_host_bytes},
+                     {"kv_host_peak_bytes", r.kv_host_peak_bytes}, {"seconds", r.seconds}});
     j["episodes"] = eps;
     std::ofstream(o.out_dir + "/results.json") << j.dump(1) << "\n";
     std::ofstream(o.out_dir + "/summary.md") << md;

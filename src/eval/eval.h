@@ -32,7 +32,7 @@ struct Options {
   int answer_tokens = 12;
   int page_size = 32;
   int chunk = 512;
-  bool prefill_full = false;  // streaming heads attend everything during prefill
+  std::string prefill;        // streaming heads' prefill: window | full | offload; "" = the head map's (else window)
   std::string head_map;       // for profile / random configs (needs scores)
   std::string out_dir;        // results.json, results.csv, PNGs
 };
@@ -49,6 +49,7 @@ struct EpisodeResult {
   int64_t kv_device_bytes;    // held on the device tier at the end of the episode
   int64_t kv_peak_bytes;      // device tier peak (includes a prefill chunk in flight)
   int64_t kv_host_bytes;      // host tier at the end
+  int64_t kv_host_peak_bytes; // host tier peak (offload prefill parks the prompt there until it ends)
   double seconds;
 };
 

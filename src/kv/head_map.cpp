@@ -64,7 +64,8 @@ std::string HeadMap::to_json() const {
                 {"n_head_kv", model.n_head_kv}, {"head_dim", model.head_dim}, {"n_embd", model.n_embd},
                 {"tensor_hash", model.tensor_hash}};
   j["note"] = note;
-  if (profile_window > 0) j["profile"] = {{"sinks", profile_sinks}, {"window", profile_window}};
+  if (profile_window > 0)
+    j["profile"] = {{"sinks", profile_sinks}, {"window", profile_window}, {"prefill", prefill_mode_name(profile_prefill)}};
   json hs = json::array();
   for (int l = 0; l < model.n_layer; ++l)
     for (int h = 0; h < model.n_head_kv; ++h) {
@@ -75,7 +76,7 @@ std::string HeadMap::to_json() const {
         case PolicyKind::Streaming:
           x["sinks"] = e.spec.sinks;
           x["window"] = e.spec.window;
-          if (e.spec.prefill_full) x["prefill"] = "full";
+          if (e.spec.prefill != PrefillMode::Window) x["prefill"] = prefill_mode_name(e.spec.prefill);
           break;
         case PolicyKind::TopK: x["topk_pages"] = e.spec.topk_pages; x["recent_pages"] = e.spec.recent_pages; break;
         case PolicyKind::Evict: x["budget"] = e.spec.budget; x["sinks"] = e.spec.sinks; x["window"] = e.spec.window; break;
@@ -119,6 +120,7 @@ HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
     if (j.contains("profile")) {
       m.profile_sinks = j["profile"].at("sinks").get<int>();
       m.profile_window = j["profile"].at("window").get<int>();
+      m.profile_prefill = parse_prefill_mode(j["profile"].value("prefill", std::string("window")));
     }
     if (m.model.n_layer <= 0 || m.model.n_head_kv <= 0 || m.model.n_layer * int64_t(m.model.n_head_kv) > 1 << 20)
       fail("bad model shape");
@@ -136,7 +138,7 @@ HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
       e.spec.topk_pages = x.value("topk_pages", e.spec.topk_pages);
       e.spec.recent_pages = x.value("recent_pages", e.spec.recent_pages);
       e.spec.budget = x.value("budget", e.spec.budget);
-      e.spec.prefill_full = x.value("prefill", std::string("policy")) == "full";
+      e.spec.prefill = parse_prefill_mode(x.value("prefill", std::string("window")));
       if (e.spec.sinks < 0 || e.spec.window < 1 || e.spec.topk_pages < 1 || e.spec.recent_pages < 1 || e.spec.budget < 1)
         fail("bad policy parameters for layer {} kv_head {}", l, h);
       e.retrieval_score = x.value("retrieval_score", -1.0);

@@ -34,6 +34,7 @@ struct HeadMap {
   ModelIdentity model;
   std::string note;                // how it was made (profile target, etc.)
   int profile_sinks = 0, profile_window = 0;  // the profiler's minimum streaming shape (0: not profiled)
+  PrefillMode profile_prefill = PrefillMode::Window;  // the streaming heads' prefill the profiler chose
   std::vector<HeadEntry> heads;    // [layer * n_head_kv + kv_head]
 
   int n_layer() const { return model.n_layer; }

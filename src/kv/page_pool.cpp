@@ -83,6 +83,7 @@ void PagePool::offload(int32_t id) {
   m.device_slot = -1;
   --device_in_use_;
   ++host_in_use_;
+  if (host_in_use_ > peak_host_) peak_host_ = host_in_use_;
   ++moves_out_;
 }
 

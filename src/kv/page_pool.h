@@ -47,7 +47,8 @@ class PagePool {
   int64_t device_pages() const { return device_in_use_; }
   int64_t host_pages() const { return host_in_use_; }
   int64_t peak_device_pages() const { return peak_device_; }
-  void reset_peak() { peak_device_ = device_in_use_; }
+  int64_t peak_host_pages() const { return peak_host_; }
+  void reset_peak() { peak_device_ = device_in_use_; peak_host_ = host_in_use_; }
   int64_t device_bytes() const { return device_in_use_ * page_bytes(); }
   int64_t host_bytes() const { return host_in_use_ * page_bytes(); }
   int64_t device_moves_out() const { return moves_out_; }
@@ -79,7 +80,7 @@ class PagePool {
   std::vector<Meta> meta_;
   std::vector<int32_t> free_ids_;
   Arena device_, host_;
-  int64_t device_in_use_ = 0, host_in_use_ = 0, peak_device_ = 0, moves_out_ = 0, moves_in_ = 0;
+  int64_t device_in_use_ = 0, host_in_use_ = 0, peak_device_ = 0, peak_host_ = 0, moves_out_ = 0, moves_in_ = 0;
 };
 
 }  // namespace headroom

@@ -27,6 +27,22 @@ PolicyKind parse_policy_kind(const std::string& s) {
   fail("unknown KV policy '{}' (choose full, streaming, topk, evict)", s);
 }
 
+const char* prefill_mode_name(PrefillMode m) {
+  switch (m) {
+    case PrefillMode::Window: return "window";
+    case PrefillMode::Full: return "full";
+    case PrefillMode::Offload: return "offload";
+  }
+  return "?";
+}
+
+PrefillMode parse_prefill_mode(const std::string& s) {
+  if (s == "window") return PrefillMode::Window;
+  if (s == "full") return PrefillMode::Full;
+  if (s == "offload") return PrefillMode::Offload;
+  fail("unknown prefill mode '{}' (choose window, full, offload)", s);
+}
+
 AttnPage Policy::view(PagePool& pool, int32_t id, bool with_scores) {
   AttnPage p;
   p.k = pool.k(id);

@@ -16,6 +16,19 @@
 namespace headroom {
 
 enum class PolicyKind { Full, Streaming, TopK, Evict };
+
+// What a streaming head attends while a prompt is prefilled (decoding always uses sinks + window).
+enum class PrefillMode {
+  Window,   // sinks + window from the first prompt token on (StreamingLLM, DuoAttention's chunked prefill).
+            // Device peak: the window plus one chunk.
+  Full,     // the whole prompt, all of its pages on the device until the prefill ends, then cut to sinks +
+            // window (RazorAttention). Device peak: the whole prompt.
+  Offload,  // the whole prompt, but pages that leave the window move to the host tier during the prefill (the
+            // chunks read them there) and are dropped when it ends. Device peak: the window plus one chunk;
+            // host peak: the rest of the prompt, until the prefill ends.
+};
+const char* prefill_mode_name(PrefillMode m);
+PrefillMode parse_prefill_mode(const std::string& s);  // throws Error naming the valid choices
 const char* policy_name(PolicyKind k);
 PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the valid choices
 
@@ -27,10 +40,9 @@ struct PolicySpec {
   int topk_pages = 8;     // topk: pages chosen by score at each decode step (besides sink and recent pages)
   int recent_pages = 2;   // topk: most recent pages always attended
   int budget = 1024;      // evict: tokens held at most
-  bool offload = false;   // topk: move pages the last step did not choose to the host tier
-  bool prefill_full = false;  // streaming: attend everything while the prompt is prefilled and keep its pages
-                              // until the prefill ends (device peak = full prompt); the window applies from
-                              // the first decode step on
+  bool offload = false;   // topk: keep only the chosen (decode) or sink + recent (prefill) pages on the device,
+                          // the rest in the host tier
+  PrefillMode prefill = PrefillMode::Window;  // streaming: see PrefillMode
 };
 
 // The cache of one (sequence, layer, KV head): its pages in order of first position.

@@ -1,5 +1,8 @@
 // `streaming` (StreamingLLM; DuoAttention's streaming heads): the first `sinks` tokens plus the last `window`
 // tokens. Pages whose every token has fallen out of the window (and holds no sink) are given back at once.
+// While a prompt is prefilled the head follows its PrefillMode (policy.h): the window from the start, or the
+// whole prompt with its old pages kept on the device (full) or parked in the host tier (offload) until the
+// prefill ends.
 #include <algorithm>
 
 #include "kv/policy.h"
@@ -14,14 +17,17 @@ class StreamingPolicy final : public Policy {
 
   void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages, int32_t& sinks,
               int32_t& window) override {
+    // Host-tier pages (offload prefill) are read where they are: on CPU the tiers are the same memory; on a GPU
+    // the host tier is pinned memory the kernel reads over the bus.
     for (int32_t id : h.pages) pages.push_back(view(pool, id));
-    const bool full_now = spec_.prefill_full && q.prefill;
-    sinks = full_now ? 0 : spec_.sinks;
-    window = full_now ? 0 : spec_.window;
+    const bool whole_prompt = spec_.prefill != PrefillMode::Window && q.prefill;
+    sinks = whole_prompt ? 0 : spec_.sinks;
+    window = whole_prompt ? 0 : spec_.window;
   }
 
   void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool prefill) override {
-    if (spec_.prefill_full && prefill) return;  // the prompt's pages stay until the prefill ends
+    if (prefill && spec_.prefill == PrefillMode::Full) return;  // the prompt's pages stay until the prefill ends
+    const bool park = prefill && spec_.prefill == PrefillMode::Offload;
     // A token at position p is still needed by a query at q >= next_pos iff p < sinks or p > q - window.
     const int32_t oldest_needed = next_pos - spec_.window + 1;
     auto keep = [&](int32_t id) {
@@ -32,18 +38,22 @@ class StreamingPolicy final : public Policy {
     };
     size_t w = 0;
     for (size_t i = 0; i < h.pages.size(); ++i) {
-      if (keep(h.pages[i])) {
-        h.pages[w++] = h.pages[i];
+      const int32_t id = h.pages[i];
+      if (keep(id)) {
+        h.pages[w++] = id;
+      } else if (park) {  // still read by the rest of the prompt: to the host tier until the prefill ends
+        if (!pool.on_host(id)) pool.offload(id);
+        h.pages[w++] = id;
       } else {
-        h.tokens -= pool.used(h.pages[i]);
-        pool.release(h.pages[i]);
+        h.tokens -= pool.used(id);
+        pool.release(id);
       }
     }
     h.pages.resize(w);
   }
 
   int64_t max_tokens(int64_t n_ctx, int page_size) const override {
-    if (spec_.prefill_full) return n_ctx;  // the whole prompt is held until its prefill ends
+    if (spec_.prefill == PrefillMode::Full) return n_ctx;  // the whole prompt is held until its prefill ends
     return std::min<int64_t>(streaming_max_pages(spec_.window, page_size) * page_size, n_ctx);
   }
 };

@@ -2,8 +2,9 @@
 // page for this KV head is  sum over the group's query heads h of  sum_d max(q_hd * min_d, q_hd * max_d),
 // an upper bound of the largest q·k in the page. The head attends the top `topk_pages` pages by score plus
 // the sink page and the `recent_pages` most recent pages, exactly. Prefill attends everything (as Quest does).
-// With `offload` set, pages that the last decode step did not choose are moved to the host tier and fetched
-// back when chosen.
+// With `offload` set only the pages in use stay on the device: at a decode step the unchosen pages go to the
+// host tier before the chosen ones are fetched back; while a prompt is prefilled every page but the sink and
+// recent ones is parked there after each chunk, and the next chunks read it in place.
 #include <algorithm>
 #include <numeric>
 
@@ -38,24 +39,34 @@ class TopKPolicy final : public Policy {
                         [&](size_t a, size_t b) { return scores_[a] > scores_[b] || (scores_[a] == scores_[b] && a < b); });
       for (size_t j = 0; j < k; ++j) h.selected[order_[j]] = 1;
     }
+    // Unchosen pages leave the device before chosen ones come back, so a step never holds more than it attends.
+    if (spec_.offload)
+      for (size_t i = 0; i < n; ++i)
+        if (!h.selected[i] && !pool.on_host(h.pages[i])) pool.offload(h.pages[i]);
     for (size_t i = 0; i < n; ++i) {
       if (!h.selected[i]) continue;
-      if (pool.on_host(h.pages[i]) && !pool.fetch(h.pages[i]))
+      // Prefill reads parked pages where they are (on a GPU: pinned host memory over the bus).
+      if (!q.prefill && pool.on_host(h.pages[i]) && !pool.fetch(h.pages[i]))
         fail("KV budget exhausted: no device page free to fetch a chosen page back from the host tier "
              "({} pages in use); raise --kv-budget", pool.device_pages());
       pages.push_back(view(pool, h.pages[i]));
     }
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t, bool) override {
-    if (!spec_.offload) return;
-    for (size_t i = 0; i + 1 < h.pages.size() && i < h.selected.size(); ++i)
-      if (!h.selected[i] && !pool.on_host(h.pages[i])) pool.offload(h.pages[i]);
+  void after_step(HeadCache& h, PagePool& pool, int32_t, bool prefill) override {
+    if (!spec_.offload || !prefill) return;
+    // Park all but the sink page and the recent pages (the tail page is among them) until decoding chooses.
+    const size_t n = h.pages.size();
+    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i)
+      if (!pool.on_host(h.pages[i])) pool.offload(h.pages[i]);
   }
 
-  // Prefill attends every page, so the device tier must be able to hold the whole prompt at that time; in
-  // steady decoding (with offload) only the chosen pages stay there.
-  int64_t max_tokens(int64_t n_ctx, int) const override { return n_ctx; }
+  // Without offload every page stays on the device. With it, a decode step holds the sink page, the recent
+  // pages and the chosen ones; a prefill chunk adds its own pages to the sink and recent ones.
+  int64_t max_tokens(int64_t n_ctx, int page_size) const override {
+    if (!spec_.offload) return n_ctx;
+    return std::min<int64_t>(n_ctx, int64_t(1 + spec_.recent_pages + spec_.topk_pages) * page_size);
+  }
 
  private:
   static float page_score(PagePool& pool, int32_t id, const QueryView& q) {

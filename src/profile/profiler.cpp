@@ -153,6 +153,61 @@ std::vector<std::pair<int32_t, int32_t>> find_spans(const std::vector<int32_t>& 
 
 }  // namespace
 
+AnswerProbes::AnswerProbes(const Model& m, const eval::TaskGen& gen, int n, int ctx, uint64_t seed) : m_(m) {
+  const Tokenizer& tok = m.tokenizer();
+  const eval::Task kinds[] = {eval::Task::Passkey, eval::Task::KeyValue, eval::Task::MultiKey};
+  for (int i = 0; i < n; ++i) {
+    eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / n, seed + i);
+    probes_.push_back({tok.encode(e.prompt + e.expected, tok.add_bos()), tok.encode(e.prompt, tok.add_bos()).size()});
+  }
+  ctx_ = ctx;
+}
+
+AnswerProbes::Result AnswerProbes::run(Backend& be, const std::vector<PolicySpec>& specs, const Options& o) const {
+  const ModelConfig& c = m_.config();
+  KVOptions kvo;
+  kvo.page_size = o.page_size;
+  kvo.chunk = o.chunk;
+  KVSetup ks = plan_kv_specs(m_, specs, kvo, ctx_ + 16, "probe");
+  Runner runner(m_, be, o.chunk);
+  Result res;
+  for (const auto& [ids, plen] : probes_) {
+    PagePool pool(o.page_size, c.head_dim, ks.capacity_pages);
+    KVCache kv(c, pool, ks.specs);
+    runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
+    // The answer is teacher-forced: its tokens are decoded one forward call at a time, as generation would.
+    bool exact = true;
+    for (size_t t = plen; t < ids.size(); ++t) {
+      auto l = runner.forward(kv, std::span<const int32_t>(&ids[t - 1], 1), int32_t(t - 1));
+      const float* row = l.data();
+      const int64_t V = c.n_vocab;
+      const float* top = std::max_element(row, row + V);
+      double mx = *top, sum = 0;
+      for (int64_t j = 0; j < V; ++j) sum += std::exp(double(row[j]) - mx);
+      res.logprob += double(row[ids[t]]) - mx - std::log(sum);
+      exact = exact && top - row == ids[t];
+    }
+    res.exact += exact;
+  }
+  res.logprob /= double(probes_.size());
+  return res;
+}
+
+PrefillChoice choose_prefill(const AnswerProbes& probes, Backend& be, const std::vector<PolicySpec>& specs,
+                             const Options& o) {
+  PrefillChoice ch;
+  ch.n = int(probes.size());
+  ch.full = probes.run(be, std::vector<PolicySpec>(specs.size(), PolicySpec{}), o);
+  std::vector<PolicySpec> v = specs;
+  for (PolicySpec& p : v) p.prefill = PrefillMode::Window;
+  ch.window = probes.run(be, v, o);
+  for (PolicySpec& p : v) p.prefill = PrefillMode::Offload;
+  ch.offload = probes.run(be, v, o);
+  ch.mode = double(ch.window.exact) >= (1.0 - o.prefill_tolerance) * double(ch.full.exact) ? PrefillMode::Window
+                                                                                         : PrefillMode::Offload;
+  return ch;
+}
+
 Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Options& o, const Progress& progress) {
   const ModelConfig& c = m.config();
   const Tokenizer& tok = m.tokenizer();
@@ -223,35 +278,12 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
   // Per-head ablation: answer log-probability with only head h restricted, relative to all full.
   std::vector<double> ablation(H, 0.0);
   if (o.ablation_probes > 0) {
-    std::vector<std::pair<std::vector<int32_t>, size_t>> probes;  // (ids, prompt length)
-    for (int i = 0; i < o.ablation_probes; ++i) {
-      eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / o.ablation_probes, o.seed + 9000 + i);
-      std::vector<int32_t> ids = tok.encode(e.prompt + e.expected, tok.add_bos());
-      probes.emplace_back(ids, tok.encode(e.prompt, tok.add_bos()).size());
-    }
+    AnswerProbes probes(m, gen, o.ablation_probes, ctx, o.seed + 9000);
     PolicySpec stream;
     stream.kind = PolicyKind::Streaming;
     stream.sinks = o.sinks;
     stream.window = o.window;
-    auto answer_logprob = [&](const std::vector<PolicySpec>& specs) {
-      KVSetup ks = plan_kv_specs(m, specs, KVOptions{"full", "", "", o.page_size, o.chunk}, ctx + 16, "ablation");
-      double total = 0;
-      for (const auto& [ids, plen] : probes) {
-        PagePool pool(o.page_size, c.head_dim, ks.capacity_pages);
-        KVCache kv(c, pool, ks.specs);
-        runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
-        auto l = runner.forward(kv, std::span<const int32_t>(ids.data() + plen - 1, ids.size() - plen + 1),
-                                int32_t(plen - 1), true);
-        const int64_t V = c.n_vocab;
-        for (size_t t = plen; t < ids.size(); ++t) {
-          const float* row = l.data() + (t - plen) * V;
-          double mx = *std::max_element(row, row + V), sum = 0;
-          for (int64_t j = 0; j < V; ++j) sum += std::exp(double(row[j]) - mx);
-          total += double(row[ids[t]]) - mx - std::log(sum);
-        }
-      }
-      return total / double(probes.size());
-    };
+    auto answer_logprob = [&](const std::vector<PolicySpec>& specs) { return probes.run(be, specs, o).logprob; };
     const double base = answer_logprob(std::vector<PolicySpec>(H, PolicySpec{}));
     for (size_t h = 0; h < H; ++h) {
       std::vector<PolicySpec> specs(H, PolicySpec{});
@@ -350,9 +382,11 @@ HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx,
   stream.kind = PolicyKind::Streaming;
   stream.sinks = o.sinks;
   stream.window = window;
+  stream.prefill = o.prefill;
   HeadMap m = HeadMap::uniform(id, stream);
   m.profile_sinks = o.sinks;
   m.profile_window = o.window;
+  m.profile_prefill = o.prefill;
   for (int i = 0; i < k; ++i) m.heads[ranked[i]].spec = PolicySpec{};  // full
   for (int i = 0; i < H; ++i) {
     m.heads[i].retrieval_score = s.retrieval.empty() ? -1 : s.retrieval[i];

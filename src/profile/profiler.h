@@ -34,6 +34,11 @@ struct Options {
   int page_size = 32;
   int chunk = 512;
   uint64_t seed = 7;
+  // Streaming heads' prefill (see PrefillMode): chosen by choose_prefill() unless set by the user.
+  PrefillMode prefill = PrefillMode::Window;
+  double prefill_tolerance = 0.0;   // share of full's exact matches windowed prefill may lose before offload is
+                                    // chosen (0: window must match full on the probes; it saves no steady-state KV)
+  int prefill_probes = 60;          // needle probes for that choice (a third of each trained format)
 };
 
 struct Scores {
@@ -48,6 +53,35 @@ struct Scores {
   int copy_steps = 0;                   // how many copy steps the retrieval score is over
 };
 
+// Needle prompts with their answers, for teacher-forced answer scores under per-head policies.
+class AnswerProbes {
+ public:
+  AnswerProbes(const Model& m, const eval::TaskGen& gen, int n, int ctx, uint64_t seed);
+  struct Result {
+    double logprob = 0;  // mean over the probes of the answer's log-probability (nats)
+    int exact = 0;       // probes whose every answer token is the argmax (teacher-forced exact match)
+  };
+  // The prompt is prefilled in chunks, then the answer is decoded one token per forward call.
+  Result run(Backend& be, const std::vector<PolicySpec>& specs, const Options& o) const;
+  size_t size() const { return probes_.size(); }
+
+ private:
+  const Model& m_;
+  int ctx_ = 0;
+  std::vector<std::pair<std::vector<int32_t>, size_t>> probes_;  // (prompt + answer ids, prompt length)
+};
+
+// How the streaming heads of `specs` should prefill. Teacher-forced exact match on the probes with every head
+// full, with the map's streaming heads windowed from the first prompt token, and with them attending the whole
+// prompt (offload). Window is chosen if it keeps at least (1 - o.prefill_tolerance) of full's exact matches.
+struct PrefillChoice {
+  PrefillMode mode = PrefillMode::Window;
+  int n = 0;
+  AnswerProbes::Result full, window, offload;
+};
+PrefillChoice choose_prefill(const AnswerProbes& probes, Backend& be, const std::vector<PolicySpec>& specs,
+                             const Options& o);
+
 using Progress = std::function<void(int done, int total, const std::string& what)>;
 
 Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Options& o, const Progress& progress);
@@ -59,6 +93,7 @@ std::function<double(int)> key_of(const Scores& s);  // the ranking key of head 
 
 // Head map meeting `target` (a share of the full KV bytes at ctx, pages counted whole): as many heads `full`
 // as fit, best-ranked first, the rest `streaming` (sinks + window). `order` overrides the ranking (control).
+// Streaming heads get o.prefill.
 HeadMap assign(const ModelIdentity& id, const Scores& s, double target, int ctx, const Options& o,
                const std::vector<int>* order = nullptr);
 
