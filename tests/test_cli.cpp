@@ -131,7 +131,16 @@ TEST(Cli, RunAnswersThePasskeyAndStopsAtStopString) {
   std::string p = "'The pass key is 4821930. Remember it. 4821930 is the pass key.\nWhat is the pass key? The pass key is'";
   Result r = run("run -m " + model() + " -n 12 --temp 0 -p " + p);
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("The pass key is 4821930."), std::string::npos) << r.out;
+  // The answer follows the question (the prompt's own "The pass key is 4821930." does not count).
+  EXPECT_NE(r.out.find("What is the pass key? The pass key is 4821930."), std::string::npos) << r.out;
+  // -p takes llama.cpp's escapes: the same prompt with \n written as two characters gives the same answer ...
+  const std::string escaped = "'The pass key is 4821930. Remember it. 4821930 is the pass key.\\nWhat is the pass key? The pass key is'";
+  Result e = run("run -m " + model() + " -n 12 --temp 0 -p " + escaped);
+  auto text = [](const std::string& s) { return s.substr(0, s.find("load ")); };
+  EXPECT_EQ(text(e.out), text(r.out));
+  // ... and --no-escape keeps it literal.
+  e = run("run -m " + model() + " -n 1 --temp 0 --no-escape -p " + escaped);
+  EXPECT_NE(e.out.find("pass key.\\nWhat"), std::string::npos) << e.out;
   r = run("run -m " + model() + " -n 12 --temp 0 --stop 930 -p " + p);
   EXPECT_NE(r.out.find("stop: stop"), std::string::npos) << r.out;
 }

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "cli/common.h"
+#include "util/escape.h"
 #include "engine/generate.h"
 #include "util/error.h"
 #include "tokenizer/utf8.h"
@@ -15,7 +16,7 @@ namespace {
 struct RunArgs {
   std::string model, prompt, prompt_file, system;
   int n_predict = 128, n_ctx = 0, threads = 0;
-  bool chat = false;
+  bool chat = false, escape = true;
   std::vector<std::string> stop;
   SamplerParams sp;
   KVOptions kv;
@@ -23,6 +24,7 @@ struct RunArgs {
 
 void run(RunArgs& a) {
   auto t0 = std::chrono::steady_clock::now();
+  if (a.escape) a.prompt = process_escapes(a.prompt);
   if (!a.prompt_file.empty()) {
     std::ifstream f(a.prompt_file, std::ios::binary);
     if (!f) fail("{}: cannot open prompt file", a.prompt_file);
@@ -100,6 +102,7 @@ void register_run(CLI::App& app) {
   cmd->add_option("-m,--model", a.model, "GGUF model file")->required();
   cmd->add_option("-p,--prompt", a.prompt, "prompt text");
   cmd->add_option("-f,--file", a.prompt_file, "read the prompt from this file");
+  cmd->add_flag("!--no-escape", a.escape, "take -p literally (by default \\n \\t \\\\ \\\" \\xHH in it are escapes, as in llama.cpp)");
   cmd->add_option("-n,--n-predict", a.n_predict, "tokens to generate (-1: until end of text or context)")->capture_default_str();
   cmd->add_option("-c,--ctx", a.n_ctx, "context size in tokens (default: the model's trained context)");
   cmd->add_option("-t,--threads", a.threads, "threads (default: physical cores)");
