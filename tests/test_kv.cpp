@@ -11,20 +11,15 @@
 #include "kv/kv_cache.h"
 #include "kv/page_pool.h"
 #include "model/model.h"
+#include "test_models.h"
 #include "test_util.h"
 
 using namespace headroom;
 
 namespace {
 
-const Model& retrieval_model() {
-  static std::unique_ptr<Model> m = Model::load(test::shared("models/retrieval-14m-q8_0.gguf"));
-  return *m;
-}
-Backend& backend() {
-  static std::unique_ptr<Backend> be = make_cpu_backend(2);
-  return *be;
-}
+using test::retrieval_model;
+Backend& backend() { return test::cpu_backend(); }
 
 std::vector<int32_t> text_ids(int n) {
   std::ifstream f(test::shared("corpus/haystack.txt"));

@@ -4,20 +4,15 @@
 
 #include "eval/tasks.h"
 #include "profile/profiler.h"
+#include "test_models.h"
 #include "test_util.h"
 
 using namespace headroom;
 
 namespace {
 
-const Model& retrieval_model() {
-  static std::unique_ptr<Model> m = Model::load(test::shared("models/retrieval-14m-q8_0.gguf"));
-  return *m;
-}
-Backend& backend() {
-  static std::unique_ptr<Backend> be = make_cpu_backend(2);
-  return *be;
-}
+using test::retrieval_model;
+Backend& backend() { return test::cpu_backend(); }
 const eval::TaskGen& task_gen() {
   static eval::TaskGen g = eval::TaskGen::from_shared(retrieval_model().tokenizer(), test::shared_dir());
   return g;
