@@ -166,10 +166,7 @@ void check_model(const std::string& golden_name) {
     std::vector<float> l = all_logits(fx, ids, 32, 256);
     double nll = 0;
     for (size_t i = 0; i + 1 < ids.size(); ++i) {
-      const float* row = l.data() + i * V;
-      double mx = *std::max_element(row, row + V), s = 0;
-      for (int j = 0; j < V; ++j) s += std::exp(double(row[j]) - mx);
-      nll += -(double(row[ids[i + 1]]) - mx - std::log(s));
+      nll -= Sampler::log_prob(std::span<const float>(l.data() + i * V, size_t(V)), ids[i + 1]);
     }
     double ppl = std::exp(nll / double(ids.size() - 1));
     double want = p["ppl"].get<double>();

@@ -114,8 +114,9 @@ void expect_close(const std::vector<float>& a, const std::vector<float>& b, cons
     const float* y = b.data() + row * V;
     std::vector<float> sorted(x, x + V);
     std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
-    if (sorted[0] - sorted[1] > 0.5f)
+    if (sorted[0] - sorted[1] > 0.5f) {
       EXPECT_EQ(std::max_element(x, x + V) - x, std::max_element(y, y + V) - y) << what << " row " << row;
+    }
     for (size_t i = 0; i < V; ++i) sum += std::abs(x[i] - y[i]);
   }
   EXPECT_LT(sum / double(a.size()), 0.1) << what;  // a wrong page or mask moves logits by ~1 or more

@@ -63,7 +63,9 @@ TEST(Profiler, AssignKeepsTheBestHeadsFullWithinTheTarget) {
     int64_t pages = 0;
     for (const HeadEntry& e : m.heads) {
       pages += e.spec.kind == PolicyKind::Full ? fp : std::min(fp, streaming_max_pages(e.spec.window, o.page_size));
-      if (e.spec.kind == PolicyKind::Streaming) EXPECT_EQ(e.spec.prefill, PrefillMode::Offload);
+      if (e.spec.kind == PolicyKind::Streaming) {
+        EXPECT_EQ(e.spec.prefill, PrefillMode::Offload);
+      }
     }
     EXPECT_LE(double(pages), target * double(fp * H) + 1e-9) << target;
     EXPECT_GE(double(pages), 0.9 * target * double(fp * H)) << "the rest of the budget widens the windows";

@@ -12,6 +12,13 @@ int32_t Sampler::argmax(std::span<const float> logits) {
   return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
 
+double Sampler::log_prob(std::span<const float> logits, int32_t id) {
+  const double mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float x : logits) sum += std::exp(double(x) - mx);
+  return double(logits[size_t(id)]) - mx - std::log(sum);
+}
+
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {
   const int32_t V = int32_t(logits.size());
   const bool penalties = p_.repeat_penalty != 1.0f || p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f;

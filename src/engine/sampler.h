@@ -28,6 +28,8 @@ class Sampler {
   // `history`: the tokens so far (prompt and generated) for penalties.
   int32_t sample(std::span<const float> logits, std::span<const int32_t> history);
   static int32_t argmax(std::span<const float> logits);
+  // log softmax(logits)[id], in double precision.
+  static double log_prob(std::span<const float> logits, int32_t id);
 
  private:
   SamplerParams p_;

@@ -200,13 +200,13 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
         if (it == cell.end()) continue;
         const Agg& a = it->second;
         double held = a.dev / a.n, ratio = held / full_ref(ctx);
+        auto mib = [&a](double total) { return total / a.n / 1048576.0; };  // per-episode mean, MiB
         md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} | {:.2f} |\n", cfg, task_name(t),
-                          task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n, held / 1048576.0,
-                          100 * ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0, a.host_peak / a.n / 1048576.0);
+                          task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n, mib(a.dev),
+                          100 * ratio, mib(a.peak), mib(a.host), mib(a.host_peak));
         if (csv.is_open())
           csv << fmt::format("{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f}\n", cfg, task_name(t), ctx, a.n,
-                             double(a.ok) / a.n, held / 1048576.0, ratio, a.peak / a.n / 1048576.0, a.host / a.n / 1048576.0,
-                             a.host_peak / a.n / 1048576.0);
+                             double(a.ok) / a.n, mib(a.dev), ratio, mib(a.peak), mib(a.host), mib(a.host_peak));
         summary.push_back({{"config", cfg}, {"task", task_name(t)}, {"trained", task_is_trained(t)}, {"ctx", ctx},
                            {"n", a.n}, {"accuracy", double(a.ok) / a.n}, {"kv_held_bytes", held},
                            {"kv_vs_full", ratio}, {"kv_peak_bytes", a.peak / a.n}, {"kv_host_bytes", a.host / a.n},

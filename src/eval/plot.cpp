@@ -245,22 +245,28 @@ void line_chart(const std::string& png_path, const LineChart& c) {
   // Series: lines (broken at invalid points), then markers on top.
   cv.set_clip(a.x + 1, a.y + 1, ax1 - 1, ay1 - 1);
   auto marker_of = [](size_t i) { return Marker(i % 4); };
+  // Point i of a series in pixels; false for a point that cannot be drawn (not finite, or <= 0 on a log axis).
+  auto pixel = [&](const Series& s, size_t i, double& x, double& y) {
+    if (!finite(s.x[i]) || !finite(s.y[i]) || (c.x_log2 && s.x[i] <= 0)) return false;
+    x = L.px(c.x_log2 ? std::log2(s.x[i]) : s.x[i]);
+    y = L.py(s.y[i]);
+    return true;
+  };
+  double x = 0, y = 0;
   for (size_t si = 0; si < c.series.size(); ++si) {
     const Series& s = c.series[si];
     std::vector<double> xs, ys;
     auto flush = [&] { cv.polyline(xs, ys, 2.25, series_color(si)), xs.clear(), ys.clear(); };
     for (size_t i = 0; i < std::min(s.x.size(), s.y.size()); ++i) {
-      bool ok = finite(s.x[i]) && finite(s.y[i]) && (!c.x_log2 || s.x[i] > 0);
-      if (!ok) { flush(); continue; }
-      xs.push_back(L.px(c.x_log2 ? std::log2(s.x[i]) : s.x[i])), ys.push_back(L.py(s.y[i]));
+      if (!pixel(s, i, x, y)) { flush(); continue; }
+      xs.push_back(x), ys.push_back(y);
     }
     flush();
   }
   for (size_t si = 0; si < c.series.size(); ++si) {
     const Series& s = c.series[si];
     for (size_t i = 0; i < std::min(s.x.size(), s.y.size()); ++i)
-      if (finite(s.x[i]) && finite(s.y[i]) && (!c.x_log2 || s.x[i] > 0))
-        cv.marker(L.px(c.x_log2 ? std::log2(s.x[i]) : s.x[i]), L.py(s.y[i]), 4.5, marker_of(si), series_color(si));
+      if (pixel(s, i, x, y)) cv.marker(x, y, 4.5, marker_of(si), series_color(si));
   }
   cv.reset_clip();
   cv.stroke_rect(a.x, a.y, ax1 + 1, ay1 + 1, kAxis);

@@ -38,7 +38,8 @@ class PagePool {
   float* kmax(int32_t id) { return &meta_[id].kmax[0]; }
   int& used(int32_t id) { return meta_[id].used; }  // slots filled (0..page_size), filled in order
 
-  // Tier moves. offload: device -> host (always succeeds). fetch: host -> device; false if the device is full.
+  // Tier moves. offload: device -> host (always succeeds; a page already there stays). fetch: host -> device
+  // (true at once for a device page); false if the device is full.
   bool on_host(int32_t id) const { return meta_[id].host_slot >= 0; }
   void offload(int32_t id);
   bool fetch(int32_t id);

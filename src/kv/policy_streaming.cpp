@@ -42,7 +42,7 @@ class StreamingPolicy final : public Policy {
       if (keep(id)) {
         h.pages[w++] = id;
       } else if (park) {  // still read by the rest of the prompt: to the host tier until the prefill ends
-        if (!pool.on_host(id)) pool.offload(id);
+        pool.offload(id);
         h.pages[w++] = id;
       } else {
         h.tokens -= pool.used(id);

@@ -42,7 +42,7 @@ class TopKPolicy final : public Policy {
     // Unchosen pages leave the device before chosen ones come back, so a step never holds more than it attends.
     if (spec_.offload)
       for (size_t i = 0; i < n; ++i)
-        if (!h.selected[i] && !pool.on_host(h.pages[i])) pool.offload(h.pages[i]);
+        if (!h.selected[i]) pool.offload(h.pages[i]);
     for (size_t i = 0; i < n; ++i) {
       if (!h.selected[i]) continue;
       // Prefill reads parked pages where they are (on a GPU: pinned host memory over the bus).
@@ -57,8 +57,7 @@ class TopKPolicy final : public Policy {
     if (!spec_.offload || !prefill) return;
     // Park all but the sink page and the recent pages (the tail page is among them) until decoding chooses.
     const size_t n = h.pages.size();
-    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i)
-      if (!pool.on_host(h.pages[i])) pool.offload(h.pages[i]);
+    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i) pool.offload(h.pages[i]);
   }
 
   // Without offload every page stays on the device. With it, a decode step holds the sink page, the recent

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "engine/kv_setup.h"
+#include "engine/sampler.h"
 #include "util/error.h"
 
 namespace headroom::profile {
@@ -178,14 +179,9 @@ AnswerProbes::Result AnswerProbes::run(Backend& be, const std::vector<PolicySpec
     // The answer is teacher-forced: its tokens are decoded one forward call at a time, as generation would.
     bool exact = true;
     for (size_t t = plen; t < ids.size(); ++t) {
-      auto l = runner.forward(kv, std::span<const int32_t>(&ids[t - 1], 1), int32_t(t - 1));
-      const float* row = l.data();
-      const int64_t V = c.n_vocab;
-      const float* top = std::max_element(row, row + V);
-      double mx = *top, sum = 0;
-      for (int64_t j = 0; j < V; ++j) sum += std::exp(double(row[j]) - mx);
-      res.logprob += double(row[ids[t]]) - mx - std::log(sum);
-      exact = exact && top - row == ids[t];
+      auto row = runner.forward(kv, std::span<const int32_t>(&ids[t - 1], 1), int32_t(t - 1));
+      res.logprob += Sampler::log_prob(row, ids[t]);
+      exact = exact && Sampler::argmax(row) == ids[t];
     }
     res.exact += exact;
   }
