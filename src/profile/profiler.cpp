@@ -12,6 +12,9 @@ namespace headroom::profile {
 
 namespace {
 
+// Probes cycle through the model's trained retrieval formats.
+constexpr eval::Task kTrainedTasks[] = {eval::Task::Passkey, eval::Task::KeyValue, eval::Task::MultiKey};
+
 // Gathers one KV head's cached keys and values in position order (the profiler runs with `full`).
 struct HeadKV {
   std::vector<float> k, v;
@@ -156,9 +159,8 @@ std::vector<std::pair<int32_t, int32_t>> find_spans(const std::vector<int32_t>& 
 
 AnswerProbes::AnswerProbes(const Model& m, const eval::TaskGen& gen, int n, int ctx, uint64_t seed) : m_(m) {
   const Tokenizer& tok = m.tokenizer();
-  const eval::Task kinds[] = {eval::Task::Passkey, eval::Task::KeyValue, eval::Task::MultiKey};
   for (int i = 0; i < n; ++i) {
-    eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / n, seed + i);
+    eval::Episode e = gen.make(kTrainedTasks[i % 3], ctx, (i + 0.5) / n, seed + i);
     probes_.push_back({tok.encode(e.prompt + e.expected, tok.add_bos()), tok.encode(e.prompt, tok.add_bos()).size()});
   }
   ctx_ = ctx;
@@ -223,12 +225,11 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
   KVSetup kvs = plan_kv(m, kvo, ctx + 16);
-  const eval::Task kinds[] = {eval::Task::Passkey, eval::Task::KeyValue, eval::Task::MultiKey};
   const int total = o.retrieval_prompts + o.natural_prompts;
   int copy_steps = 0;
 
   for (int i = 0; i < o.retrieval_prompts; ++i) {
-    eval::Episode e = gen.make(kinds[i % 3], ctx, (i + 0.5) / o.retrieval_prompts, o.seed + 1000 + i);
+    eval::Episode e = gen.make(kTrainedTasks[i % 3], ctx, (i + 0.5) / o.retrieval_prompts, o.seed + 1000 + i);
     // Teacher-force the answer: tokenize prompt + answer together, as the model would have produced it.
     const std::vector<int32_t> prompt_ids = tok.encode(e.prompt, tok.add_bos());
     std::vector<int32_t> ids = tok.encode(e.prompt + e.expected, tok.add_bos());
