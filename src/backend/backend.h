@@ -7,10 +7,12 @@
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
 
+#include "backend/kv_layout.h"
 #include "gguf/gguf.h"
 
 namespace headroom {
@@ -35,36 +37,63 @@ struct RopeParams {
   const float* freq_factors = nullptr;  // Llama-3.1 `rope_freqs.weight` (n_rot/2 values): theta_i /= f_i
 };
 
-// One page of one (layer, KV head)'s cache as the attention kernel sees it: `n_slots` token slots of K and V
-// rows (head_dim floats each, slot-major), and the absolute position of each slot's token (-1 = empty or
-// evicted). If `score_acc` is non-null the kernel adds, per slot, the attention probability summed over the
-// query heads and query rows of the job (used by the `evict` policy).
-struct AttnPage {
-  const float* k = nullptr;
-  const float* v = nullptr;
-  const int32_t* pos = nullptr;
-  float* score_acc = nullptr;
-  int n_slots = 0;
+// ---- KV storage and paged attention ----------------------------------------------------------------------
+//
+// The backend owns the KV pages (KVStore, layout in backend/kv_layout.h). Nobody else sees their memory:
+// K/V rows go in with kv_store() at slots the caller's page tables chose, tier moves and evict's compaction
+// are copy ops, and attention reads pages by id. Every index array an op reads during the forward pass
+// (slot mapping, jobs, page ids, positions) lives in backend memory (alloc + upload, once per step), so a
+// decode step runs from embedding to logits without a host synchronisation.
+
+// A backend's page arrays (both tiers). Opaque: only the backend that made it reads its memory.
+class KVStore {
+ public:
+  explicit KVStore(const KVLayout& l) : layout_(l) {}
+  virtual ~KVStore() = default;
+  const KVLayout& layout() const { return layout_; }
+
+ protected:
+  KVLayout layout_;
 };
 
-// Attention of the query heads [head0, head0 + n_group) that share one KV head, over the given pages.
-// Query row r (position q_pos[r]) attends slot s iff pos[s] >= 0 && pos[s] <= q_pos[r] && the rule allows it:
-// window == 0 means no restriction; otherwise pos[s] < sinks || pos[s] > q_pos[r] - window.
-// The result is exact softmax attention over exactly those slots (a row with no allowed slot gets zeros).
+// A page copy (tier moves: device <-> host) or a slot copy (evict's compaction); ids / global slots.
+struct PageCopy {
+  int32_t src, dst;
+};
+struct SlotCopy {
+  int32_t src, dst;  // page_id * page_size + slot
+};
+
+// One attention job: the query rows [row0, row0 + n_rows) of one sequence, query heads
+// [kv_head * n_group, (kv_head + 1) * n_group), over the pages page_ids[page0 .. page0 + n_pages).
+// Query row r (position q_pos[r]) attends slot s iff pos[s] >= 0 && pos[s] <= q_pos[r] && the rule allows
+// it: window == 0 means no restriction; otherwise pos[s] < sinks || pos[s] > q_pos[r] - window. The result
+// is exact softmax attention over exactly those slots (a row with no allowed slot gets zeros).
+// POD: it lives in backend memory, in the step's job table.
 struct AttnJob {
-  int n_rows = 0;
-  const float* q = nullptr;      // q + r*q_stride + h*head_dim is query head h of row r (RoPE applied)
+  int32_t row0 = 0, n_rows = 0;
+  int32_t kv_head = 0;
+  int32_t page0 = 0, n_pages = 0;
+  int32_t sinks = 0, window = 0;
+  // Quest selection (select_pages): if select_k > 0, the n_cand pages at [page0 + cand0, ...) are
+  // candidates, of which the select_k best are kept. Otherwise ignored.
+  int32_t cand0 = 0, n_cand = 0, select_k = 0;
+  int32_t score = 0;  // 1: add each slot's attention probability (summed over rows and heads) to its score
+};
+
+// One layer's attention over all jobs of a step. Every pointer is backend memory.
+struct AttnBatch {
+  const float* q = nullptr;      // q + r*q_stride + h*head_dim: query head h of step row r (RoPE applied)
   int64_t q_stride = 0;
-  const int32_t* q_pos = nullptr;
-  int head0 = 0;
-  int n_group = 1;
-  int head_dim = 0;
-  float scale = 1.0f;
-  int32_t sinks = 0;
-  int32_t window = 0;
-  std::span<const AttnPage> pages;
+  const int32_t* q_pos = nullptr;  // [step rows]
   float* out = nullptr;          // out + r*out_stride + h*head_dim
   int64_t out_stride = 0;
+  int n_group = 1;               // query heads per KV head
+  int head_dim = 0;
+  float scale = 1.0f;
+  AttnJob* jobs = nullptr;       // select_pages may rewrite n_pages and the candidates' page ids
+  int32_t n_jobs = 0;
+  int32_t* page_ids = nullptr;
 };
 
 class Backend {
@@ -89,8 +118,82 @@ class Backend {
   virtual void add(float* x, const float* y, int64_t count) = 0;
   // x[r][j] += b[j] for n rows of dim floats (attention biases of qwen2).
   virtual void add_bias(float* x, const float* b, int64_t n, int64_t dim) = 0;
-  // Runs every job (typically all KV heads of one layer); jobs write disjoint outputs.
-  virtual void attention(std::span<const AttnJob> jobs) = 0;
+
+  // ---- memory ---------------------------------------------------------------------------------------------
+  // Backend memory for activations and step tables (device memory on a GPU; callers never dereference it).
+  // alloc returns 64-byte aligned memory; upload is ordered with the ops (async on a GPU); download waits
+  // for every op before it (a host synchronisation) and synchronize() waits for all work.
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* p) = 0;
+  virtual void upload(void* dst, const void* src, size_t bytes) = 0;
+  virtual void download(void* dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+  // Weights: the backend's copy of a weight (uploaded once; the CPU backend reads the mapping in place).
+  virtual WeightView upload_weight(const WeightView& host) { return host; }
+  virtual const float* upload_f32(const float* host, int64_t n) { return host; }
+
+  // ---- KV ------------------------------------------------------------------------------------------------
+  // A store with the layout's page arrays; every page starts empty. Throws Error (one line) if the backend
+  // cannot store the type or the memory is not there.
+  virtual std::unique_ptr<KVStore> kv_create(const KVLayout& layout) = 0;
+  // Empties pages (every slot pos -1, score 0, key min +inf / max -inf). ids: host memory.
+  virtual void kv_reset(KVStore& kv, std::span<const int32_t> ids) = 0;
+  // Copies whole pages (K, V, pos, scores, key bounds) between any ids; host memory spans, run in order.
+  virtual void kv_copy_pages(KVStore& kv, std::span<const PageCopy> copies) = 0;
+  virtual void kv_copy_slots(KVStore& kv, std::span<const SlotCopy> copies) = 0;
+  // Writes n_rows rows of K and V (n_kv_heads * head_dim floats each, RoPE applied to K): row r, KV head h
+  // goes to global slot slots[r * n_kv_heads + h] (skipped if -1), with position pos[r], converted to the
+  // store's type; updates the page's key min/max. k, v, slots, pos: backend memory.
+  virtual void kv_store(KVStore& kv, const float* k, const float* v, int64_t n_rows, int n_kv_heads,
+                        const int32_t* slots, const int32_t* pos) = 0;
+  // Reads back (synchronises): scores of pages [n][page_size]; or one page as float K, V and positions.
+  virtual void kv_read_scores(KVStore& kv, std::span<const int32_t> ids, float* out) = 0;
+  virtual void kv_read_page(KVStore& kv, int32_t id, float* k, float* v, int32_t* pos) = 0;
+
+  // For every job with select_k > 0: scores its candidate pages with Quest's bound for the job's last
+  // query row, sum over the group's heads h and dims d of max(q_hd * kmin_d, q_hd * kmax_d), keeps the
+  // select_k best (ties: the earlier page), moves them, in their original order, to the front of the
+  // candidate range, shifts the pages after the range down behind them and sets n_pages to match.
+  virtual void select_pages(KVStore& kv, const AttnBatch& b) = 0;
+  // Runs every job of the batch (jobs write disjoint outputs; jobs with `score` own their pages).
+  virtual void attention(KVStore& kv, const AttnBatch& b) = 0;
+};
+
+// Owns n elements of T in a backend's memory.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(Backend& be, size_t n) : be_(&be), n_(n), p_(static_cast<T*>(be.alloc(n * sizeof(T)))) {}
+  DeviceArray(DeviceArray&& o) noexcept { swap(o); }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() {
+    if (p_) be_->free(p_);
+  }
+  // Grows (contents lost) to hold at least n elements.
+  void reserve(Backend& be, size_t n) {
+    if (n <= n_ && p_) return;
+    DeviceArray bigger(be, std::max(n, n_ * 2));
+    swap(bigger);
+  }
+  void upload(const T* src, size_t n) { be_->upload(p_, src, n * sizeof(T)); }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  void swap(DeviceArray& o) {
+    std::swap(be_, o.be_);
+    std::swap(n_, o.n_);
+    std::swap(p_, o.p_);
+  }
+  Backend* be_ = nullptr;
+  size_t n_ = 0;
+  T* p_ = nullptr;
 };
 
 // threads <= 0: one per physical core.
