@@ -43,25 +43,29 @@ Fixture open(const std::string& golden_name, int threads = 2) {
 }
 
 // Logits of every position of ids under `full` attention with the given page size.
-std::vector<float> all_logits(Fixture& fx, const std::vector<int32_t>& ids, int page_size, int chunk = 64) {
+std::vector<float> all_logits(Fixture& fx, const std::vector<int32_t>& ids, int page_size, int chunk = 64,
+                              const std::string& kv_type = "f16") {
   const ModelConfig& c = fx.model->config();
   KVOptions o;
   o.page_size = page_size;
   o.chunk = chunk;
+  o.kv_type = kv_type;
   KVSetup s = plan_kv(*fx.model, o, int64_t(ids.size()) + 64);
-  PagePool pool(page_size, c.head_dim, s.capacity_pages);
+  PagePool pool(*fx.be, s.layout);
   KVCache kv(c, pool, s.specs);
   Runner r(*fx.model, *fx.be, chunk);
   auto l = r.forward(kv, ids, 0, true);
   return std::vector<float>(l.begin(), l.end());
 }
 
-std::vector<int32_t> greedy(Fixture& fx, const std::vector<int32_t>& ids, int n, int page_size) {
+std::vector<int32_t> greedy(Fixture& fx, const std::vector<int32_t>& ids, int n, int page_size,
+                            const std::string& kv_type = "f16") {
   const ModelConfig& c = fx.model->config();
   KVOptions o;
   o.page_size = page_size;
+  o.kv_type = kv_type;
   KVSetup s = plan_kv(*fx.model, o, int64_t(ids.size()) + n + 1);
-  PagePool pool(page_size, c.head_dim, s.capacity_pages);
+  PagePool pool(*fx.be, s.layout);
   KVCache kv(c, pool, s.specs);
   Runner r(*fx.model, *fx.be, 512);
   std::vector<int32_t> out;
@@ -133,10 +137,12 @@ void check_model(const std::string& golden_name) {
     const json& g = cs["greedy"];
     std::vector<int32_t> want = g["ids"].get<std::vector<int32_t>>();
     const int stable = g["stable"].get<int>();
-    for (int ps : {1, 32, 4096}) {
-      std::vector<int32_t> got = greedy(fx, ids, int(want.size()), ps);
+    // F16 KV (the default) at three page sizes, and the F32 cache as a control.
+    const std::pair<int, const char*> runs[] = {{1, "f16"}, {32, "f16"}, {4096, "f16"}, {32, "f32"}};
+    for (auto [ps, kv_type] : runs) {
+      std::vector<int32_t> got = greedy(fx, ids, int(want.size()), ps, kv_type);
       for (int i = 0; i < stable && i < int(want.size()); ++i) {
-        ASSERT_EQ(got[i], want[i]) << name << " greedy token " << i << " (page size " << ps << ")";
+        ASSERT_EQ(got[i], want[i]) << name << " greedy token " << i << " (page size " << ps << ", " << kv_type << " KV)";
         if (tok.is_eog(want[i])) break;  // an engine stops here
       }
       if (cs.contains("expected") && !cs["expected"].is_null()) {

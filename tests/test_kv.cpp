@@ -32,13 +32,14 @@ std::vector<int32_t> text_ids(int n) {
 
 // Logits of every position under the given per-head specs.
 std::vector<float> logits_with(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& ids, int page_size,
-                               int chunk, PagePool** pool_out = nullptr) {
+                               int chunk, const std::string& kv_type = "f16") {
   const Model& m = retrieval_model();
   KVOptions o;
   o.page_size = page_size;
   o.chunk = chunk;
+  o.kv_type = kv_type;
   KVSetup s = plan_kv_specs(m, specs, o, int64_t(ids.size()) + 1, "test");
-  PagePool pool(page_size, m.config().head_dim, s.capacity_pages);
+  PagePool pool(backend(), s.layout);
   KVCache kv(m.config(), pool, s.specs);
   Runner r(m, backend(), chunk);
   std::vector<float> out;
@@ -58,27 +59,62 @@ std::vector<PolicySpec> all(const PolicySpec& s) {
   return std::vector<PolicySpec>(size_t(c.n_layer) * c.n_head_kv, s);
 }
 
+// A pool for the retrieval model with the metadata the specs' policies need, `device` device pages and as
+// many host pages.
+KVLayout layout_for(int ps, int32_t device, const std::vector<PolicySpec>& specs, KVType t = KVType::F16,
+                    int head_dim = 0) {
+  KVLayout l;
+  l.type = t;
+  l.page_size = ps;
+  l.head_dim = head_dim ? head_dim : retrieval_model().config().head_dim;
+  l.device_pages = device;
+  l.host_pages = device;
+  for (const PolicySpec& s : specs) {
+    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
+    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
+  }
+  return l;
+}
+
 }  // namespace
 
 TEST(PagePool, AllocReleaseCapacityAndTiers) {
-  PagePool pool(4, 8, 3);
+  KVLayout l = layout_for(4, 3, {}, KVType::F32, 8);
+  PagePool pool(backend(), l);
   int32_t a = pool.alloc(), b = pool.alloc(), c = pool.alloc();
   EXPECT_GE(a, 0);
   EXPECT_GE(c, 0);
   EXPECT_EQ(pool.alloc(), -1) << "capacity is a hard limit";
   EXPECT_EQ(pool.device_pages(), 3);
-  pool.k(a)[0] = 42.0f;
-  pool.offload(a);
-  EXPECT_TRUE(pool.on_host(a));
+  // Write one token into page a through the backend op, as the model does.
+  std::vector<float> k(8), v(8);
+  for (int i = 0; i < 8; ++i) k[size_t(i)] = 42.0f + float(i), v[size_t(i)] = -float(i);
+  int32_t slot = pool.assign_slot(a, 7), pos7 = 7;
+  pool.flush();
+  backend().kv_store(pool.store(), k.data(), v.data(), 1, 1, &slot, &pos7);
+  const int32_t ha = pool.offload(a);
+  EXPECT_TRUE(pool.on_host(ha));
+  EXPECT_NE(ha, a) << "a page id is its place";
   EXPECT_EQ(pool.device_pages(), 2);
   EXPECT_EQ(pool.host_pages(), 1);
-  EXPECT_EQ(pool.k(a)[0], 42.0f) << "data follows the page to the host tier";
-  int32_t d = pool.alloc();  // the freed device slot is reusable
+  std::vector<float> rk(4 * 8), rv(4 * 8);
+  std::vector<int32_t> rp(4);
+  pool.read_page(ha, rk.data(), rv.data(), rp.data());
+  EXPECT_EQ(rk[0], 42.0f) << "data follows the page to the host tier";
+  EXPECT_EQ(rv[7], -7.0f);
+  EXPECT_EQ(rp, (std::vector<int32_t>{7, -1, -1, -1}));
+  EXPECT_EQ(pool.used(ha), 1);
+  int32_t d = pool.alloc();  // the freed device page is reusable, and empty
   EXPECT_GE(d, 0);
-  EXPECT_FALSE(pool.fetch(a)) << "no device room to fetch";
+  pool.read_page(d, rk.data(), rv.data(), rp.data());
+  EXPECT_EQ(rp, (std::vector<int32_t>{-1, -1, -1, -1})) << "a reused page starts empty";
+  EXPECT_EQ(pool.fetch(ha), -1) << "no device room to fetch";
   pool.release(b);
-  EXPECT_TRUE(pool.fetch(a));
-  EXPECT_EQ(pool.k(a)[0], 42.0f);
+  const int32_t back = pool.fetch(ha);
+  ASSERT_GE(back, 0);
+  EXPECT_FALSE(pool.on_host(back));
+  pool.read_page(back, rk.data(), rv.data(), rp.data());
+  EXPECT_EQ(rk[7], 49.0f);
   EXPECT_EQ(pool.host_pages(), 0);
   pool.retain(c);
   pool.release(c);
@@ -86,7 +122,8 @@ TEST(PagePool, AllocReleaseCapacityAndTiers) {
   pool.release(c);
   EXPECT_EQ(pool.device_pages(), 2);
   EXPECT_EQ(pool.peak_device_pages(), 3);
-  EXPECT_EQ(pool.page_bytes(), 2 * 4 * 8 * 4);
+  EXPECT_EQ(pool.page_bytes(), 2 * 4 * 8 * 4) << "F32: K + V of 4 slots of 8 floats";
+  EXPECT_EQ(pool.layout().meta_page_bytes(), 4 * 4) << "positions only: no policy asked for more";
 }
 
 TEST(KVBudgetParse, Forms) {
@@ -97,8 +134,9 @@ TEST(KVBudgetParse, Forms) {
   EXPECT_EQ(KVBudget::parse("300MB").value, 300e6);
   for (const char* bad : {"", "abc", "-5", "0", "150%", "12XB", "1.5"}) EXPECT_THROW(KVBudget::parse(bad), Error) << bad;
   const ModelConfig& c = retrieval_model().config();
-  EXPECT_EQ(KVBudget::parse("25%").tokens_per_head(c, 4096), 1024);
-  EXPECT_EQ(KVBudget::parse("8MiB").tokens_per_head(c, 4096), 8 * 1024 * 1024 / c.kv_bytes_per_token(4));
+  EXPECT_EQ(KVBudget::parse("25%").tokens_per_head(4096, 1000.0), 1024);
+  EXPECT_EQ(KVBudget::parse("8MiB").tokens_per_head(4096, double(c.kv_bytes_per_token(KVType::F16))),
+            8 * 1024 * 1024 / c.kv_bytes_per_token(KVType::F16));
 }
 
 // Page sizes that are multiples of the kernel's 16-slot blocks give bit-identical results whatever the
@@ -170,7 +208,7 @@ TEST(KVPolicies, StreamingFreesPagesAndStaysWithinBound) {
   st.sinks = 4;
   st.window = 33;
   auto specs = all(st);
-  PagePool pool(16, c.head_dim, 10000);
+  PagePool pool(backend(), layout_for(16, 10000, specs));
   KVCache kv(c, pool, specs);
   Runner r(m, backend(), 32);
   auto ids = text_ids(500);
@@ -193,7 +231,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
   ev.budget = 100;
   ev.sinks = 4;
   ev.window = 40;
-  PagePool pool(16, c.head_dim, 10000);
+  PagePool pool(backend(), layout_for(16, 10000, all(ev)));
   KVCache kv(c, pool, all(ev));
   Runner r(m, backend(), 64);
   auto ids = text_ids(400);
@@ -213,7 +251,8 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
 }
 
 TEST(KVPolicies, TopKChoosesTheHighestScoringPageAndOffloadsTheRest) {
-  // One head, hand-made keys: page 3 holds a key aligned with the query.
+  // One head, hand-made keys: page 3 holds a key aligned with the query. The cache plans each step, the
+  // backend stores the rows and, at the query step, chooses the pages (select_pages) inside the "layer".
   ModelConfig c;
   c.n_layer = 1;
   c.n_head = 2;
@@ -223,23 +262,45 @@ TEST(KVPolicies, TopKChoosesTheHighestScoringPageAndOffloadsTheRest) {
   tk.topk_pages = 1;
   tk.recent_pages = 1;
   tk.offload = true;
-  PagePool pool(2, 4, 100);
+  PagePool pool(backend(), layout_for(2, 100, {tk}, KVType::F32, 4));
   KVCache kv(c, pool, {tk});
-  std::vector<float> k(4), v(4, 1.0f);
-  for (int32_t p = 0; p < 16; ++p) {
+  KVStep step;
+  std::vector<float> k(4), v(4, 1.0f), q(8, 1.0f), out(8);
+  auto run_step = [&](int32_t p) {
+    StepInfo s{p, 1, false, false};
+    step.begin(1, 1, 1);
+    kv.plan_step(step, 0, s);
+    pool.flush();
     std::fill(k.begin(), k.end(), 0.01f);
     if (p == 6) k = {5, 5, 5, 5};  // page 3 (positions 6, 7)
-    kv.append(0, 1, &p, k.data(), v.data());
-  }
-  std::vector<float> q(8, 1.0f), out(8);
-  int32_t qpos = 16;
-  auto jobs = kv.plan(0, 1, &qpos, q.data(), 8, out.data(), 8, 0.5f);
-  ASSERT_EQ(jobs.size(), 1u);
+    backend().kv_store(pool.store(), k.data(), v.data(), 1, 1, step.layer_slots(0), &p);
+    AttnBatch b;
+    b.q = q.data();
+    b.q_stride = 8;
+    b.q_pos = &p;
+    b.out = out.data();
+    b.out_stride = 8;
+    b.n_group = 2;
+    b.head_dim = 4;
+    b.scale = 0.5f;
+    b.jobs = step.jobs[0].data();
+    b.n_jobs = 1;
+    b.page_ids = step.page_ids.data();
+    if (step.selects) backend().select_pages(pool.store(), b);
+    backend().attention(pool.store(), b);
+    kv.finish_step(step, s);
+  };
+  for (int32_t p = 0; p < 16; ++p) run_step(p);
+  EXPECT_EQ(pool.host_pages(), 0) << "3 pages or fewer so far each step: every page read, none parked";
+  run_step(16);  // 9 pages now: sink, 7 candidates, the recent page (holding position 16)
+  ASSERT_TRUE(step.selects);
+  const AttnJob& j = step.jobs[0][0];
   std::vector<int32_t> first_pos;
-  for (const AttnPage& pg : jobs[0].pages) first_pos.push_back(pg.pos[0]);
-  EXPECT_EQ(first_pos, (std::vector<int32_t>{0, 6, 14})) << "sink page, best page, recent page";
-  kv.after_step(0, 17);
-  EXPECT_EQ(pool.host_pages(), 5) << "8 pages, 3 chosen: 5 offloaded";
+  for (int i = 0; i < j.n_pages; ++i) first_pos.push_back(pool.pos(step.page_ids[size_t(j.page0 + i)])[0]);
+  EXPECT_EQ(first_pos, (std::vector<int32_t>{0, 6, 16})) << "sink page, best page, recent page";
+  EXPECT_EQ(pool.host_pages(), 0) << "moves take effect at the next step";
+  run_step(17);
+  EXPECT_EQ(pool.host_pages(), 6) << "9 pages, 3 read at the last step: 6 offloaded before this one";
   EXPECT_EQ(pool.device_pages(), 3);
 }
 
@@ -301,7 +362,7 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   o.policy = "full";
   o.budget = "64";
   KVSetup s = plan_kv(m, o, 4096);
-  PagePool pool(o.page_size, m.config().head_dim, s.capacity_pages);
+  PagePool pool(backend(), s.layout);
   KVCache kv(m.config(), pool, s.specs);
   Runner r(m, backend(), 32);
   Sampler sampler(SamplerParams{});
@@ -320,10 +381,14 @@ struct BesideFull {
   static constexpr int ps = 16, chunk = 64;
   const ModelConfig& c = retrieval_model().config();
   const int heads = c.n_layer * c.n_head_kv;
-  PagePool pool_full{ps, c.head_dim, 100000}, pool{ps, c.head_dim, 100000};
+  PagePool pool_full, pool;
   KVCache kv_full, kv;
   Runner r{retrieval_model(), backend(), chunk};
-  explicit BesideFull(const PolicySpec& spec) : kv_full(c, pool_full, all(PolicySpec{})), kv(c, pool, all(spec)) {}
+  explicit BesideFull(const PolicySpec& spec)
+      : pool_full(backend(), layout_for(ps, 20000, all(PolicySpec{}))),
+        pool(backend(), layout_for(ps, 20000, all(spec))),
+        kv_full(c, pool_full, all(PolicySpec{})),
+        kv(c, pool, all(spec)) {}
   // Prefills ids[0, n) into both; true if every logit agrees exactly.
   bool prefill_agrees(const std::vector<int32_t>& ids, size_t n) {
     std::span<const int32_t> prompt(ids.data(), n);

@@ -71,7 +71,7 @@ void register_bench(CLI::App& app) {
           if (n == 0) continue;
           std::vector<double> rates;
           for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
-            PagePool pool(kvo.page_size, c.head_dim, kvs.capacity_pages);
+            PagePool pool(*be, kvs.layout);
             KVCache kv(c, pool, kvs.specs);
             std::vector<int32_t> toks(size_t(d) + n);
             for (int32_t& x : toks) x = tok_dist(rng);

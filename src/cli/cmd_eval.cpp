@@ -77,6 +77,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--seed", o.seed, "episode seed")->capture_default_str();
   cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
   cmd->add_option("--chunk", o.chunk, "prefill chunk size")->capture_default_str();
+  cmd->add_option("--kv-type", o.kv_type, "stored K/V type: f16 (default), bf16, f32, q8_0")->capture_default_str();
   cmd->add_option("--prefill", o.prefill,
                   "streaming heads during prefill, for every configuration: window, full (device peak = the prompt) "
                   "or offload (the prompt past the window parked in the host tier); default: the head map's choice "

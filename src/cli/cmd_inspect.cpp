@@ -50,9 +50,11 @@ void register_inspect(CLI::App& app) {
                   : c.rope_scaling == RopeScaling::Llama3 ? ", llama3 frequency factors"
                                                           : "",
                   c.rms_eps, c.tied_output ? "tied" : "separate", c.attn_bias ? "q/k/v biases" : "no biases");
-      std::printf("KV bytes per token: %lld (f32 cache, as headroom stores it), %lld (f16); full context %d: %.2f MiB (f32)\n",
-                  (long long)c.kv_bytes_per_token(4), (long long)c.kv_bytes_per_token(2), c.n_ctx_train,
-                  double(c.kv_bytes_per_token(4)) * c.n_ctx_train / (1024.0 * 1024));
+      std::printf("KV bytes per token: %lld (f16, the default --kv-type), %lld (q8_0), %lld (f32); full context %d: "
+                  "%.2f MiB (f16)\n",
+                  (long long)c.kv_bytes_per_token(KVType::F16), (long long)c.kv_bytes_per_token(KVType::Q8_0),
+                  (long long)c.kv_bytes_per_token(KVType::F32), c.n_ctx_train,
+                  double(c.kv_bytes_per_token(KVType::F16)) * c.n_ctx_train / (1024.0 * 1024));
     }
     if (f->has("tokenizer.ggml.model")) {
       auto tok = Tokenizer::from_gguf(*f);

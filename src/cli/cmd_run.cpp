@@ -66,7 +66,7 @@ void run(RunArgs& a) {
 
   KVSetup kvs = plan_kv(*model, a.kv, n_ctx);
   std::fprintf(stderr, "%s\n", kvs.summary.c_str());
-  PagePool pool(a.kv.page_size, c.head_dim, kvs.capacity_pages);
+  PagePool pool(*backend, kvs.layout);
   KVCache kv(c, pool, kvs.specs);
   Runner runner(*model, *backend, a.kv.chunk);
   Sampler sampler(a.sp);

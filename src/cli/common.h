@@ -22,6 +22,11 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o) {
                   "(the whole prompt, pages past the window parked in the host tier until it ends); default: the "
                   "head map's choice, else window")
       ->check(CLI::IsMember({"window", "full", "offload"}));
+  app->add_option("--kv-type", o.kv_type,
+                  "type the KV cache stores K and V in: f16 (default, as llama.cpp), bf16, f32, q8_0 (half of f16)")
+      ->capture_default_str();
+  app->add_option("--cache-type-k,--ctk", o.cache_type_k, "llama.cpp's name for the K type (-ctk works too); must equal V's");
+  app->add_option("--cache-type-v,--ctv", o.cache_type_v, "llama.cpp's name for the V type (-ctv works too); must equal K's");
 }
 
 void register_inspect(CLI::App& app);

@@ -1,5 +1,8 @@
 // headroom: command-line entry point. Each subcommand lives in its own cmd_*.cpp.
+#include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "cli/common.h"
 #include "util/error.h"
@@ -15,8 +18,20 @@ int main(int argc, char** argv) {
   headroom::cli::register_synth(app);
   headroom::cli::register_profile(app);
   headroom::cli::register_eval(app);
+  // llama.cpp's -ctk / -ctv: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as "-c tk"),
+  // so they are rewritten to the long names before parsing.
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "-ctk") a = "--cache-type-k";
+    else if (a == "-ctv") a = "--cache-type-v";
+    else if (a.rfind("-ctk=", 0) == 0) a = "--cache-type-k=" + a.substr(5);
+    else if (a.rfind("-ctv=", 0) == 0) a = "--cache-type-v=" + a.substr(5);
+    args.push_back(a);
+  }
+  std::reverse(args.begin(), args.end());  // CLI11 takes the arguments in reverse order
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {

@@ -12,14 +12,49 @@ void apply_prefill_mode(const KVOptions& o, std::vector<PolicySpec>& specs) {
   const PrefillMode mode = parse_prefill_mode(o.prefill);
   for (PolicySpec& p : specs) p.prefill = mode;
 }
+
+// The store's layout for these specs: the KV type, and the metadata arrays the policies in use need.
+KVLayout layout_for(const Model& m, const KVOptions& o, const std::vector<PolicySpec>& specs) {
+  const ModelConfig& c = m.config();
+  if (o.page_size < 1 || o.page_size > 4096) fail("--page-size {} out of range (1..4096)", o.page_size);
+  KVLayout l;
+  std::string type = o.kv_type;
+  const char* flag = "--kv-type";
+  if (!o.cache_type_k.empty() || !o.cache_type_v.empty()) {
+    const KVType k = o.cache_type_k.empty() ? parse_kv_type(o.kv_type) : parse_kv_type(o.cache_type_k, "--cache-type-k");
+    const KVType v = o.cache_type_v.empty() ? parse_kv_type(o.kv_type) : parse_kv_type(o.cache_type_v, "--cache-type-v");
+    if (k != v)
+      fail("--cache-type-k {} and --cache-type-v {} differ: headroom stores K and V in one type", kv_type_name(k),
+           kv_type_name(v));
+    type = kv_type_name(k);
+    flag = o.cache_type_k.empty() ? "--cache-type-v" : "--cache-type-k";
+  }
+  l.type = parse_kv_type(type, flag);
+  if (std::string why = kv_type_fits(l.type, c.head_dim); !why.empty()) fail("{} {}: {}", flag, type, why);
+  l.page_size = o.page_size;
+  l.head_dim = c.head_dim;
+  for (const PolicySpec& s : specs) {
+    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
+    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
+  }
+  return l;
+}
+
+void set_capacity(KVSetup& s, int64_t device, int64_t host) {
+  if (device > INT32_MAX / 2 || host > INT32_MAX / 2 || device + host > INT32_MAX / 2)
+    fail("KV pool of {} device + {} host pages is beyond what page ids address (lower -c or --kv-budget)", device, host);
+  s.capacity_pages = device;
+  s.layout.device_pages = int32_t(device);
+  s.layout.host_pages = int32_t(host);
+}
+
+std::string mib(double bytes) { return fmt::format("{:.1f} MiB", bytes / (1024.0 * 1024)); }
 }  // namespace
 
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   const ModelConfig& c = m.config();
-  if (o.page_size < 1 || o.page_size > 4096) fail("--page-size {} out of range (1..4096)", o.page_size);
   KVSetup s;
   KVBudget budget = o.budget.empty() ? KVBudget{} : KVBudget::parse(o.budget);
-  s.tokens_per_head = budget.tokens_per_head(c, n_ctx);
   const size_t n_heads = size_t(c.n_layer) * c.n_head_kv;
   std::string what;
   if (!o.head_map.empty()) {
@@ -30,33 +65,42 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     for (const HeadEntry& e : map.heads) s.specs.push_back(e.spec);
     what = fmt::format("head map {} ({} full, {} streaming, {} topk, {} evict)", o.head_map, map.count(PolicyKind::Full),
                        map.count(PolicyKind::Streaming), map.count(PolicyKind::TopK), map.count(PolicyKind::Evict));
+    s.layout = layout_for(m, o, s.specs);
+    s.tokens_per_head = budget.tokens_per_head(n_ctx, double(n_heads) * double(s.layout.page_bytes()) / o.page_size);
   } else {
     if (o.policy == "auto") fail("--kv-policy auto needs --head-map FILE (make one with `headroom profile`)");
     PolicyKind kind = parse_policy_kind(o.policy);
     if (kind != PolicyKind::Full && budget.kind == KVBudget::Kind::None)
       fail("--kv-policy {} needs --kv-budget (tokens per head like 512, bytes like 64MiB, or a share like 25%)", o.policy);
-    const bool offload = kind == PolicyKind::TopK;
-    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, offload));
+    PolicySpec probe;
+    probe.kind = kind;
+    s.layout = layout_for(m, o, {probe});
+    // Bytes budgets count what is stored per token: K + V in the KV type and the policy's metadata.
+    s.tokens_per_head = budget.tokens_per_head(n_ctx, double(n_heads) * double(s.layout.page_bytes()) / o.page_size);
+    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size,
+                                         fmt::format("--kv-budget {}", o.budget.empty() ? "(none)" : o.budget)));
     what = fmt::format("{} for all {} heads", o.policy, n_heads);
   }
   apply_prefill_mode(o, s.specs);
   int64_t needed = pages_needed(s.specs, n_ctx, o.page_size, o.chunk) * n_seqs;
-  s.capacity_pages = needed;
+  int64_t device = needed;
   if (budget.kind != KVBudget::Kind::None) {
     bool uniform_full = o.head_map.empty() && o.policy == "full";
     if (uniform_full || budget.kind == KVBudget::Kind::Bytes) {
       int64_t allowed = budget.kind == KVBudget::Kind::Bytes
-                            ? int64_t(budget.value) / (2LL * o.page_size * c.head_dim * int64_t(sizeof(float)))
+                            ? int64_t(budget.value / double(s.layout.page_bytes()))
                             : int64_t(n_heads) * ((s.tokens_per_head + o.page_size - 1) / o.page_size) * n_seqs;
-      s.capacity_pages = std::min(needed, allowed);
+      device = std::min(needed, allowed);
     }
   }
-  if (s.capacity_pages < int64_t(n_heads))
-    fail("--kv-budget {} is too small: it holds {} pages but every one of the {} KV heads needs at least one",
-         o.budget, s.capacity_pages, n_heads);
-  const double page_kib = 2.0 * o.page_size * c.head_dim * sizeof(float) / 1024.0;
-  s.summary = fmt::format("KV: {}, budget {}, page {} tokens, device capacity {} pages ({:.1f} MiB)", what,
-                          budget.to_string(), o.page_size, s.capacity_pages, s.capacity_pages * page_kib / 1024.0);
+  if (device < int64_t(n_heads))
+    fail("--kv-budget {} is too small: it holds {} pages of {} tokens but every one of the {} KV heads needs at least "
+         "one", o.budget, device, o.page_size, n_heads);
+  set_capacity(s, device, host_pages_needed(s.specs, n_ctx, o.page_size) * n_seqs);
+  s.summary = fmt::format("KV: {}, {} cache, budget {}, page {} tokens, device capacity {} pages ({} K+V, {} metadata)",
+                          what, kv_type_name(s.layout.type), budget.to_string(), o.page_size, s.capacity_pages,
+                          mib(double(s.capacity_pages * s.layout.kv_page_bytes())),
+                          mib(double(s.capacity_pages * s.layout.meta_page_bytes())));
   return s;
 }
 
@@ -67,9 +111,11 @@ KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOpt
   KVSetup s;
   s.specs = std::move(specs);
   apply_prefill_mode(o, s.specs);
+  s.layout = layout_for(m, o, s.specs);
   s.tokens_per_head = n_ctx;
-  s.capacity_pages = pages_needed(s.specs, n_ctx, o.page_size, o.chunk);
-  s.summary = fmt::format("KV: {}, page {} tokens, device capacity {} pages", what, o.page_size, s.capacity_pages);
+  set_capacity(s, pages_needed(s.specs, n_ctx, o.page_size, o.chunk), host_pages_needed(s.specs, n_ctx, o.page_size));
+  s.summary = fmt::format("KV: {}, {} cache, page {} tokens, device capacity {} pages", what,
+                          kv_type_name(s.layout.type), o.page_size, s.capacity_pages);
   return s;
 }
 

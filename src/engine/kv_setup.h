@@ -16,13 +16,16 @@ struct KVOptions {
   std::string head_map;          // JSON from `headroom profile`
   int page_size = 32;
   int chunk = 512;               // prefill chunk (tokens per forward call)
+  std::string kv_type = "f16";   // stored K/V type: f16 | bf16 | f32 | q8_0 (KVType)
+  std::string cache_type_k, cache_type_v;  // llama.cpp's names; when given they override kv_type (and must agree)
   std::string prefill;           // streaming heads during prefill: window | full | offload (PrefillMode);
                                  // "" = what the head map says (window for a uniform policy)
 };
 
 struct KVSetup {
   std::vector<PolicySpec> specs;  // [layer * n_head_kv + kv_head]
-  int64_t capacity_pages = 0;     // device tier capacity of the pool
+  KVLayout layout;                // the pool's store: type, page shape, tier capacities, policy metadata
+  int64_t capacity_pages = 0;     // device tier capacity of the pool (= layout.device_pages)
   int64_t tokens_per_head = 0;    // what the budget allows per head
   std::string summary;            // one line for the log
 };

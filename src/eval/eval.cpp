@@ -77,6 +77,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
   kvo.prefill = o.prefill;
+  kvo.kv_type = o.kv_type;
 
   // Per (config, ctx): the per-head specs.
   std::map<std::pair<std::string, int>, KVSetup> setups;
@@ -122,9 +123,9 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
           for (const Config& cfg : o.configs) {
             auto t0 = std::chrono::steady_clock::now();
             const KVSetup& s = setups.at({cfg.label(), ctx});
-            PagePool pool(o.page_size, c.head_dim, s.capacity_pages);
+            PagePool pool(be, s.layout);
             KVCache kv(c, pool, s.specs);
-            EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0, 0};
+            EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0, 0, 0};
             std::vector<int32_t> gen_ids;
             try {
               auto logits = runner.forward(kv, ids, 0);
@@ -143,6 +144,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
             r.kv_peak_bytes = pool.peak_device_pages() * pool.page_bytes();
             r.kv_host_bytes = pool.host_bytes();
             r.kv_host_peak_bytes = pool.peak_host_pages() * pool.page_bytes();
+            r.kv_meta_bytes = pool.device_meta_bytes();
             r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             out.push_back(r);
             if (progress) progress(++done, total, out.back());
@@ -157,14 +159,14 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
   if (!o.out_dir.empty()) fs::create_directories(o.out_dir);
 
   // Per (config, task, ctx): accuracy and mean KV bytes; full's bytes per ctx are the 100% reference.
-  struct Agg { int n = 0, ok = 0; double dev = 0, peak = 0, host = 0, host_peak = 0; };
+  struct Agg { int n = 0, ok = 0; double dev = 0, peak = 0, host = 0, host_peak = 0, meta = 0; };
   std::map<std::tuple<std::string, std::string, int>, Agg> cell;
   std::map<std::tuple<std::string, int, double>, Agg> niah;  // (config, ctx, depth)
   std::map<std::pair<std::string, int>, Agg> by_cfg_ctx;      // trained tasks only, for the budget plot
   std::map<int, double> full_bytes;
   std::map<int, Agg> full_all;
   for (const EpisodeResult& r : rs) {
-    auto add = [&](Agg& a) { a.n++; a.ok += r.correct; a.dev += double(r.kv_device_bytes); a.peak += double(r.kv_peak_bytes); a.host += double(r.kv_host_bytes); a.host_peak += double(r.kv_host_peak_bytes); };
+    auto add = [&](Agg& a) { a.n++; a.ok += r.correct; a.dev += double(r.kv_device_bytes); a.peak += double(r.kv_peak_bytes); a.host += double(r.kv_host_bytes); a.host_peak += double(r.kv_host_peak_bytes); a.meta += double(r.kv_meta_bytes); };
     add(cell[{r.config, task_name(r.task), r.ctx}]);
     if (r.task == Task::Passkey) add(niah[{r.config, r.ctx, r.depth}]);
     if (task_is_trained(r.task)) add(by_cfg_ctx[{r.config, r.ctx}]);
@@ -180,13 +182,18 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
     if (it != full_bytes.end()) return it->second;
     const int prompt_tokens = prompt_tokens_at[ctx];
     int64_t pages = (prompt_tokens + o.answer_tokens + o.page_size - 1) / o.page_size;
-    return double(pages) * c.n_layer * c.n_head_kv * 2.0 * o.page_size * c.head_dim * sizeof(float);
+    KVLayout l;
+    l.type = parse_kv_type(o.kv_type);
+    l.page_size = o.page_size;
+    l.head_dim = c.head_dim;
+    return double(pages) * c.n_layer * c.n_head_kv * double(l.kv_page_bytes());
   };
 
   std::vector<std::string> cfg_order;
   for (const Config& cf : o.configs) cfg_order.push_back(cf.label());
-  std::string md = "| config | task | ctx | n | accuracy | KV held (MiB) | KV vs full | KV peak (MiB) | host tier (MiB) | host peak (MiB) |\n"
-                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+  std::string md = fmt::format("KV type {} (bytes below are stored bytes; metadata is its own column)\n\n", o.kv_type) +
+                   "| config | task | ctx | n | accuracy | KV held (MiB) | KV vs full | KV peak (MiB) | host tier (MiB) | host peak (MiB) | metadata (MiB) |\n"
+                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
   std::ofstream csv;
   if (!o.out_dir.empty()) {
     csv.open(o.out_dir + "/results.csv");
@@ -201,16 +208,16 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
         const Agg& a = it->second;
         double held = a.dev / a.n, ratio = held / full_ref(ctx);
         auto mib = [&a](double total) { return total / a.n / 1048576.0; };  // per-episode mean, MiB
-        md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} | {:.2f} |\n", cfg, task_name(t),
-                          task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n, mib(a.dev),
-                          100 * ratio, mib(a.peak), mib(a.host), mib(a.host_peak));
+        md += fmt::format("| {} | {}{} | {} | {} | {:.3f} | {:.2f} | {:.1f}% | {:.2f} | {:.2f} | {:.2f} | {:.3f} |\n", cfg,
+                          task_name(t), task_is_trained(t) ? "" : " (untrained)", ctx, a.n, double(a.ok) / a.n,
+                          mib(a.dev), 100 * ratio, mib(a.peak), mib(a.host), mib(a.host_peak), mib(a.meta));
         if (csv.is_open())
           csv << fmt::format("{},{},{},{},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f}\n", cfg, task_name(t), ctx, a.n,
                              double(a.ok) / a.n, mib(a.dev), ratio, mib(a.peak), mib(a.host), mib(a.host_peak));
         summary.push_back({{"config", cfg}, {"task", task_name(t)}, {"trained", task_is_trained(t)}, {"ctx", ctx},
                            {"n", a.n}, {"accuracy", double(a.ok) / a.n}, {"kv_held_bytes", held},
                            {"kv_vs_full", ratio}, {"kv_peak_bytes", a.peak / a.n}, {"kv_host_bytes", a.host / a.n},
-                           {"kv_host_peak_bytes", a.host_peak / a.n}});
+                           {"kv_host_peak_bytes", a.host_peak / a.n}, {"kv_meta_bytes", a.meta / a.n}});
       }
   // The headline: mean over the trained tasks, per config and ctx, relative to full.
   md += "\n| config | ctx | trained-task accuracy (mean of task means) | vs full | KV held vs full | device peak vs full | host peak vs full |\n"
@@ -260,7 +267,8 @@ std::string report(const Model& m, const Options& o, const std::vector<EpisodeRe
                      {"config", r.config}, {"correct", r.correct}, {"answer", r.answer}, {"expected", r.expected},
                      {"prompt_tokens", r.prompt_tokens}, {"kv_device_bytes", r.kv_device_bytes},
                      {"kv_peak_bytes", r.kv_peak_bytes}, {"kv_host_bytes", r.kv_host_bytes},
-                     {"kv_host_peak_bytes", r.kv_host_peak_bytes}, {"seconds", r.seconds}});
+                     {"kv_host_peak_bytes", r.kv_host_peak_bytes}, {"kv_meta_bytes", r.kv_meta_bytes},
+                     {"seconds", r.seconds}});
     j["episodes"] = eps;
     std::ofstream(o.out_dir + "/results.json") << j.dump(1) << "\n";
     std::ofstream(o.out_dir + "/summary.md") << md;

@@ -32,6 +32,7 @@ struct Options {
   int answer_tokens = 12;
   int page_size = 32;
   int chunk = 512;
+  std::string kv_type = "f16";  // the stored K/V type (bytes are reported in it)
   std::string prefill;        // streaming heads' prefill: window | full | offload; "" = the head map's (else window)
   std::string head_map;       // for profile / random configs (needs scores)
   std::string out_dir;        // results.json, results.csv, PNGs
@@ -50,6 +51,7 @@ struct EpisodeResult {
   int64_t kv_peak_bytes;      // device tier peak (includes a prefill chunk in flight)
   int64_t kv_host_bytes;      // host tier at the end
   int64_t kv_host_peak_bytes; // host tier peak (offload prefill parks the prompt there until it ends)
+  int64_t kv_meta_bytes;      // policy metadata held on the device at the end (positions, key bounds, scores)
   double seconds;
 };
 

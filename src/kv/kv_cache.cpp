@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <cstring>
 
 namespace headroom {
 
@@ -40,12 +39,12 @@ KVBudget KVBudget::parse(const std::string& s) {
   return b;
 }
 
-int64_t KVBudget::tokens_per_head(const ModelConfig& c, int64_t n_ctx) const {
+int64_t KVBudget::tokens_per_head(int64_t n_ctx, double bytes_per_token) const {
   switch (kind) {
     case Kind::None: return n_ctx;
     case Kind::Tokens: return static_cast<int64_t>(value);
     case Kind::Percent: return static_cast<int64_t>(std::floor(value / 100.0 * double(n_ctx)));
-    case Kind::Bytes: return static_cast<int64_t>(value / double(c.kv_bytes_per_token(sizeof(float))));
+    case Kind::Bytes: return static_cast<int64_t>(value / bytes_per_token);
   }
   return n_ctx;
 }
@@ -60,36 +59,8 @@ std::string KVBudget::to_string() const {
   return "?";
 }
 
-PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload) {
-  PolicySpec s;
-  s.kind = kind;
-  s.offload = offload;
-  switch (kind) {
-    case PolicyKind::Full: break;
-    case PolicyKind::Streaming: {
-      // The largest window whose pages (counted whole) fit in the budget: window = (pages - 2) * page + 1.
-      const int64_t pages = t / page_size;
-      if (pages < 3)
-        fail("--kv-budget of {} tokens per head is {} pages of {}; streaming needs at least 3 (sinks, window, tail)",
-             t, pages, page_size);
-      s.window = static_cast<int>((pages - 2) * page_size + 1);
-      break;
-    }
-    case PolicyKind::TopK: {
-      int64_t pages = t / page_size;
-      if (pages < 1 + s.recent_pages + 1)
-        fail("--kv-budget of {} tokens per head is {} pages of {}; topk needs at least {} (sink, {} recent, 1 chosen)",
-             t, pages, page_size, 2 + s.recent_pages, s.recent_pages);
-      s.topk_pages = static_cast<int>(pages - 1 - s.recent_pages);
-      break;
-    }
-    case PolicyKind::Evict:
-      if (t < s.sinks + 32) fail("--kv-budget of {} tokens per head is too small for evict (needs >= {})", t, s.sinks + 32);
-      s.budget = static_cast<int>(t);
-      s.window = static_cast<int>(t / 2);
-      break;
-  }
-  return s;
+PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, const std::string& what) {
+  return policy_descriptor(kind).uniform(t, page_size, what);
 }
 
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk) {
@@ -102,15 +73,37 @@ int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int pa
   return total;
 }
 
+int64_t host_pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size) {
+  int64_t total = 0;
+  for (const PolicySpec& s : specs)
+    if (policy_descriptor(s.kind).may_offload(s)) total += (n_ctx + page_size - 1) / page_size + 1;
+  return total;
+}
+
+void KVStep::begin(int layers, int kv_heads, int rows) {
+  n_layer = layers;
+  n_kv = kv_heads;
+  n_rows = rows;
+  slots.assign(size_t(layers) * size_t(rows) * size_t(kv_heads), -1);
+  jobs.resize(size_t(layers));
+  for (auto& j : jobs) j.clear();
+  page_ids.clear();
+  selects = false;
+}
+
 KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs)
     : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool) {
   if (specs.size() != size_t(n_layer_) * n_kv_)
     fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
   if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
   heads_.resize(specs.size());
-  for (const PolicySpec& s : specs) policies_.push_back(make_policy(s));
-  jobs_.resize(n_kv_);
-  job_pages_.resize(n_kv_);
+  for (const PolicySpec& s : specs) {
+    const PolicyDescriptor& d = policy_descriptor(s.kind);
+    if ((d.page_minmax && !pool.layout().page_minmax) || (d.slot_scores && !pool.layout().slot_scores))
+      fail("KV cache: the pool keeps no {} for policy {}", d.page_minmax ? "key bounds" : "slot scores", d.name);
+    policies_.push_back(make_policy(s));
+  }
+  first_job_.assign(size_t(n_layer_), 0);
 }
 
 KVCache::~KVCache() { clear(); }
@@ -129,81 +122,82 @@ int64_t KVCache::pages_held() const {
   return n;
 }
 
-int32_t KVCache::new_page() {
-  int32_t id = pool_.alloc();
-  if (id < 0)
-    throw BudgetExhausted(fmt::format(
-        "KV budget exhausted after {} tokens: all {} device pages ({:.1f} MiB) are in use; raise --kv-budget or "
-        "use a streaming/evict policy", appended_, pool_.device_capacity(),
-        double(pool_.device_capacity() * pool_.page_bytes()) / (1024.0 * 1024)));
-  return id;
+int64_t KVCache::pages_for(int n_rows) const {
+  const int ps = pool_.page_size();
+  int64_t need = 0;
+  for (const HeadCache& h : heads_) {
+    int room = 0;
+    if (!h.pages.empty()) {
+      const int32_t tail = h.pages.back();
+      room = ps - pool_.used(tail);
+      if (room > 0 && pool_.on_host(tail)) ++need;  // the tail comes back to be written
+    }
+    need += (std::max(0, n_rows - room) + ps - 1) / ps;
+  }
+  return need;
 }
 
-void KVCache::append(int layer, int n, const int32_t* pos, const float* k, const float* v) {
+void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
+  const size_t n_heads = heads_.size();
+  // 1. What the last step decided: evict's scores (one read for all heads), then every head's before_step.
+  std::vector<int32_t> score_ids;
+  for (size_t i = 0; i < n_heads; ++i)
+    if (policies_[i]->needs_scores(heads_[i])) score_ids.insert(score_ids.end(), heads_[i].pages.begin(), heads_[i].pages.end());
+  pool_.read_scores(score_ids);
+  for (size_t i = 0; i < n_heads; ++i) policies_[i]->before_step(heads_[i], pool_, s);
+
+  // 2. The new rows' slots, after checking that the device tier has every page they need.
+  const int64_t need = pages_for(s.n_rows);
+  if (need > pool_.device_free())
+    throw BudgetExhausted(fmt::format(
+        "KV budget exhausted after {} tokens: the next {} need {} more device pages, {} of {} are free ({:.1f} MiB "
+        "in all); raise --kv-budget or use a streaming/evict policy",
+        appended_, s.n_rows, need, pool_.device_free(), pool_.device_capacity(),
+        double(pool_.device_capacity() * pool_.layout().page_bytes()) / (1024.0 * 1024)));
   const int ps = pool_.page_size();
-  for (int h = 0; h < n_kv_; ++h) {
-    HeadCache& hc = heads_[size_t(layer) * n_kv_ + h];
-    for (int r = 0; r < n; ++r) {
-      if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps) {
-        int32_t id = new_page();
-        hc.pages.push_back(id);
+  for (int l = 0; l < n_layer_; ++l) {
+    int32_t* slots = step.layer_slots(l);
+    for (int h = 0; h < n_kv_; ++h) {
+      HeadCache& hc = heads_[size_t(l) * n_kv_ + h];
+      if (!hc.pages.empty() && pool_.on_host(hc.pages.back()) && pool_.used(hc.pages.back()) < ps)
+        hc.pages.back() = pool_.fetch(hc.pages.back());  // counted above
+      for (int r = 0; r < s.n_rows; ++r) {
+        if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps) hc.pages.push_back(pool_.alloc());
+        slots[size_t(row0 + r) * size_t(n_kv_) + size_t(h)] = pool_.assign_slot(hc.pages.back(), s.pos0 + r);
+        ++hc.tokens;
       }
-      const int32_t id = hc.pages.back();
-      if (pool_.on_host(id) && !pool_.fetch(id)) throw BudgetExhausted("KV budget exhausted: cannot fetch tail page");
-      const int slot = pool_.used(id)++;
-      const float* kr = k + (int64_t(r) * n_kv_ + h) * head_dim_;
-      const float* vr = v + (int64_t(r) * n_kv_ + h) * head_dim_;
-      std::memcpy(pool_.k(id) + int64_t(slot) * head_dim_, kr, head_dim_ * sizeof(float));
-      std::memcpy(pool_.v(id) + int64_t(slot) * head_dim_, vr, head_dim_ * sizeof(float));
-      pool_.pos(id)[slot] = pos[r];
-      pool_.score(id)[slot] = 0.0f;
-      float* mn = pool_.kmin(id);
-      float* mx = pool_.kmax(id);
-      for (int d = 0; d < head_dim_; ++d) {
-        mn[d] = std::min(mn[d], kr[d]);
-        mx[d] = std::max(mx[d], kr[d]);
-      }
-      ++hc.tokens;
     }
   }
-  if (layer == 0) appended_ += n;
-}
+  appended_ += s.n_rows;
 
-std::span<const AttnJob> KVCache::plan(int layer, int n, const int32_t* pos, const float* q, int64_t q_stride,
-                                       float* out, int64_t out_stride, float scale) {
-  const int group = static_cast<int>(q_stride / head_dim_) / n_kv_;
-  for (int h = 0; h < n_kv_; ++h) {
-    const size_t i = size_t(layer) * n_kv_ + h;
-    QueryView qv{q, q_stride, h * group, group, head_dim_, n, pos, prefilling_};
-    std::vector<AttnPage>& pages = job_pages_[h];
-    pages.clear();
-    AttnJob& j = jobs_[h];
-    policies_[i]->select(heads_[i], pool_, qv, pages, j.sinks, j.window);
-    j.n_rows = n;
-    j.q = q;
-    j.q_stride = q_stride;
-    j.q_pos = pos;
-    j.head0 = h * group;
-    j.n_group = group;
-    j.head_dim = head_dim_;
-    j.scale = scale;
-    j.pages = pages;
-    j.out = out;
-    j.out_stride = out_stride;
-  }
-  return jobs_;
-}
-
-void KVCache::after_step(int layer, int32_t next_pos) {
-  for (int h = 0; h < n_kv_; ++h) {
-    const size_t i = size_t(layer) * n_kv_ + h;
-    policies_[i]->after_step(heads_[i], pool_, next_pos, prefilling_);
+  // 3. Pages the last step chose come back if there is room; then every head's job.
+  for (size_t i = 0; i < n_heads; ++i) policies_[i]->prefetch(heads_[i], pool_, s);
+  for (int l = 0; l < n_layer_; ++l) {
+    std::vector<AttnJob>& jobs = step.jobs[size_t(l)];
+    first_job_[size_t(l)] = jobs.size();
+    for (int h = 0; h < n_kv_; ++h) {
+      const size_t i = size_t(l) * n_kv_ + h;
+      AttnJob j;
+      j.row0 = row0;
+      j.n_rows = s.n_rows;
+      j.kv_head = h;
+      j.page0 = int32_t(step.page_ids.size());
+      policies_[i]->plan(heads_[i], pool_, s, j, step.page_ids);
+      j.n_pages = int32_t(step.page_ids.size()) - j.page0;
+      step.selects |= j.select_k > 0;
+      jobs.push_back(j);
+    }
   }
 }
 
-void KVCache::end_prefill(int32_t next_pos) {
-  prefilling_ = false;
-  for (int l = 0; l < n_layer_; ++l) after_step(l, next_pos);
+void KVCache::finish_step(const KVStep& step, const StepInfo& s) {
+  for (int l = 0; l < n_layer_; ++l)
+    for (int h = 0; h < n_kv_; ++h) {
+      const size_t i = size_t(l) * n_kv_ + h;
+      const AttnJob& j = step.jobs[size_t(l)][first_job_[size_t(l)] + size_t(h)];
+      policies_[i]->after_step(heads_[i], pool_, s,
+                               std::span<const int32_t>(step.page_ids.data() + j.page0, size_t(j.n_pages)));
+    }
 }
 
 }  // namespace headroom

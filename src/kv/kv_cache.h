@@ -1,8 +1,10 @@
 // KVCache: the paged, head-aware KV cache of ONE sequence. Every (layer, KV head) has its own page list and
-// its own Policy; pages come from a PagePool shared by all sequences. The forward pass calls, per layer:
-//   append()      write the new tokens' K and V (RoPE applied) into the heads' pages,
-//   plan()        ask each head's policy which pages to read; returns one AttnJob per KV head,
-//   after_step()  let each policy give back / evict / offload.
+// its own Policy; pages come from a PagePool shared by all sequences. Once per step, on host metadata only:
+//   plan_step()    every head's policy acts on the last step, the step's new rows get their slots (after a
+//                  check that the device tier has the pages: never a half-written step), and every head of
+//                  every layer gets its attention job and page list in the step's tables (KVStep);
+//   (the runner uploads the tables once and runs the layers: kv_store at the slots, select_pages, attention)
+//   finish_step()  with the pages the jobs finally read, each policy gives back / offloads.
 #pragma once
 
 #include <cstdint>
@@ -31,18 +33,31 @@ struct KVBudget {
   enum class Kind { None, Tokens, Bytes, Percent } kind = Kind::None;
   double value = 0;
   static KVBudget parse(const std::string& s);  // throws Error with one line
-  // Tokens per KV head this budget allows for a context of n_ctx.
-  int64_t tokens_per_head(const ModelConfig& c, int64_t n_ctx) const;
+  // Tokens per KV head this budget allows for a context of n_ctx, with `bytes_per_token` stored bytes (K + V
+  // of every layer and KV head, plus the policies' metadata).
+  int64_t tokens_per_head(int64_t n_ctx, double bytes_per_token) const;
   std::string to_string() const;
 };
 
-// Per-head policy specs for a uniform policy under a budget: full, streaming (4 sinks + the rest as window),
-// topk (pages = budget / page size, minus the sink and recent pages), evict (budget tokens, half recent).
-// Throws Error if the budget is too small for the policy (e.g. cannot hold the sinks and a window).
-PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, bool offload);
+// Per-head policy specs for a uniform policy under a budget (the policy's descriptor decides). Throws Error
+// naming `what` if the budget is too small for the policy.
+PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, const std::string& what = "--kv-budget");
 
 // Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head).
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk);
+// Host-tier pages the heads that may park pages there need at most.
+int64_t host_pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size);
+
+// The step's tables, built on the host by every sequence's cache and uploaded once per step.
+struct KVStep {
+  int n_layer = 0, n_kv = 0, n_rows = 0;
+  std::vector<int32_t> slots;              // [layer][row][kv_head]: global slot of the row's K/V (-1: none)
+  std::vector<std::vector<AttnJob>> jobs;  // [layer][job]
+  std::vector<int32_t> page_ids;           // the jobs' page lists (AttnJob::page0, n_pages)
+  bool selects = false;                    // some job selects pages on the backend (read back after the step)
+  void begin(int layers, int kv_heads, int rows);
+  int32_t* layer_slots(int layer) { return slots.data() + size_t(layer) * size_t(n_rows) * size_t(n_kv); }
+};
 
 class KVCache {
  public:
@@ -51,16 +66,13 @@ class KVCache {
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
-  // k, v: n rows of n_head_kv * head_dim floats.
-  void append(int layer, int n, const int32_t* pos, const float* k, const float* v);
-  // One job per KV head of `layer`, valid until the next plan() call.
-  std::span<const AttnJob> plan(int layer, int n, const int32_t* pos, const float* q, int64_t q_stride, float* out,
-                                int64_t out_stride, float scale);
-  void after_step(int layer, int32_t next_pos);
-  // Brackets the chunks of one prompt: policies may treat prefill differently (streaming's prefill_full).
-  // end_prefill() runs every head's after_step as a decode step would, giving back what the prompt left.
-  void begin_prefill() { prefilling_ = true; }
-  void end_prefill(int32_t next_pos);
+  // Plans this sequence's rows [row0, row0 + s.n_rows) of the step. Throws BudgetExhausted, before anything
+  // of the step is written, if the device tier cannot take the new rows.
+  void plan_step(KVStep& step, int row0, const StepInfo& s);
+  // After the step ran; `step` holds the final page lists (read back if step.selects).
+  void finish_step(const KVStep& step, const StepInfo& s);
+  // Device pages the step's new rows would take (nano-vllm's can_append), with nothing changed.
+  int64_t pages_for(int n_rows) const;
   void clear();  // give every page back
 
   int n_layer() const { return n_layer_; }
@@ -72,15 +84,12 @@ class KVCache {
   int64_t tokens_appended() const { return appended_; }
 
  private:
-  int32_t new_page();
   int n_layer_, n_kv_, head_dim_;
   PagePool& pool_;
   std::vector<HeadCache> heads_;
   std::vector<std::unique_ptr<Policy>> policies_;
-  std::vector<AttnJob> jobs_;
-  std::vector<std::vector<AttnPage>> job_pages_;
+  std::vector<size_t> first_job_;  // [layer]: this sequence's first job in the step's tables
   int64_t appended_ = 0;
-  bool prefilling_ = false;
 };
 
 }  // namespace headroom

@@ -1,66 +1,113 @@
 #include "kv/policy.h"
 
+#include <nlohmann/json.hpp>
+
 #include "util/error.h"
 
 namespace headroom {
 
-std::unique_ptr<Policy> make_full_policy(const PolicySpec& s);
-std::unique_ptr<Policy> make_streaming_policy(const PolicySpec& s);
-std::unique_ptr<Policy> make_topk_policy(const PolicySpec& s);
-std::unique_ptr<Policy> make_evict_policy(const PolicySpec& s);
+extern const PolicyDescriptor kFullPolicy, kStreamingPolicy, kTopKPolicy, kEvictPolicy;
 
-const char* policy_name(PolicyKind k) {
-  switch (k) {
-    case PolicyKind::Full: return "full";
-    case PolicyKind::Streaming: return "streaming";
-    case PolicyKind::TopK: return "topk";
-    case PolicyKind::Evict: return "evict";
-  }
-  return "?";
+namespace {
+// The registry, in PolicyKind order.
+const PolicyDescriptor* const kPolicies[] = {&kFullPolicy, &kStreamingPolicy, &kTopKPolicy, &kEvictPolicy};
+
+struct PrefillModeInfo {
+  PrefillMode mode;
+  const char* name;
+};
+constexpr PrefillModeInfo kPrefillModes[] = {
+    {PrefillMode::Window, "window"}, {PrefillMode::Full, "full"}, {PrefillMode::Offload, "offload"}};
+}  // namespace
+
+std::span<const PolicyDescriptor> policies() {
+  static const std::vector<PolicyDescriptor> all = [] {
+    std::vector<PolicyDescriptor> v;
+    for (const PolicyDescriptor* d : kPolicies) v.push_back(*d);
+    return v;
+  }();
+  return all;
+}
+
+const PolicyDescriptor& policy_descriptor(PolicyKind k) {
+  for (const PolicyDescriptor* d : kPolicies)
+    if (d->kind == k) return *d;
+  fail("unknown policy kind {}", int(k));
+}
+
+const char* policy_name(PolicyKind k) { return policy_descriptor(k).name; }
+
+std::string policy_names(const char* sep) {
+  std::string s;
+  for (const PolicyDescriptor* d : kPolicies) s += (s.empty() ? "" : sep) + std::string(d->name);
+  return s;
 }
 
 PolicyKind parse_policy_kind(const std::string& s) {
-  if (s == "full") return PolicyKind::Full;
-  if (s == "streaming") return PolicyKind::Streaming;
-  if (s == "topk") return PolicyKind::TopK;
-  if (s == "evict") return PolicyKind::Evict;
-  fail("unknown KV policy '{}' (choose full, streaming, topk, evict)", s);
+  for (const PolicyDescriptor* d : kPolicies)
+    if (s == d->name) return d->kind;
+  fail("unknown KV policy '{}' (choose {})", s, policy_names());
 }
 
+std::unique_ptr<Policy> make_policy(const PolicySpec& s) { return policy_descriptor(s.kind).make(s); }
+
 const char* prefill_mode_name(PrefillMode m) {
-  switch (m) {
-    case PrefillMode::Window: return "window";
-    case PrefillMode::Full: return "full";
-    case PrefillMode::Offload: return "offload";
-  }
+  for (const PrefillModeInfo& i : kPrefillModes)
+    if (i.mode == m) return i.name;
   return "?";
 }
 
 PrefillMode parse_prefill_mode(const std::string& s) {
-  if (s == "window") return PrefillMode::Window;
-  if (s == "full") return PrefillMode::Full;
-  if (s == "offload") return PrefillMode::Offload;
+  for (const PrefillModeInfo& i : kPrefillModes)
+    if (s == i.name) return i.mode;
   fail("unknown prefill mode '{}' (choose window, full, offload)", s);
 }
 
-AttnPage Policy::view(PagePool& pool, int32_t id, bool with_scores) {
-  AttnPage p;
-  p.k = pool.k(id);
-  p.v = pool.v(id);
-  p.pos = pool.pos(id);
-  p.score_acc = with_scores ? pool.score(id) : nullptr;
-  p.n_slots = pool.used(id);
-  return p;
+bool page_in_window(const PagePool& pool, int32_t id, int sinks, int window, int32_t next_pos) {
+  // A token at position p is still needed by a query at q >= next_pos iff p < sinks or p > q - window.
+  const int32_t oldest_needed = next_pos - window + 1;
+  const int32_t* pos = pool.pos(id);
+  for (int s = 0; s < pool.used(id); ++s)
+    if (pos[s] >= 0 && (pos[s] < sinks || pos[s] >= oldest_needed)) return true;
+  return pool.used(id) < pool.page_size();  // the tail page is still being filled
 }
 
-std::unique_ptr<Policy> make_policy(const PolicySpec& s) {
-  switch (s.kind) {
-    case PolicyKind::Full: return make_full_policy(s);
-    case PolicyKind::Streaming: return make_streaming_policy(s);
-    case PolicyKind::TopK: return make_topk_policy(s);
-    case PolicyKind::Evict: return make_evict_policy(s);
+void compact_pages(HeadCache& h, PagePool& pool) {
+  const int ps = pool.page_size();
+  size_t wp = 0;
+  int ws = 0;
+  int64_t live = 0;
+  for (size_t rp = 0; rp < h.pages.size(); ++rp) {
+    const int32_t src = h.pages[rp];
+    const int n_used = pool.used(src);
+    for (int rs = 0; rs < n_used; ++rs) {
+      if (pool.pos(src)[rs] < 0) continue;
+      const int32_t dst = h.pages[wp];
+      if (dst != src || ws != rs) pool.move_slot(src, rs, dst, ws);
+      ++live;
+      if (++ws == ps) {
+        ++wp;
+        ws = 0;
+      }
+    }
   }
-  fail("bad policy kind");
+  // Full pages keep all their slots; the page being written keeps ws; later pages are released.
+  for (size_t i = 0; i < wp; ++i) pool.truncate(h.pages[i], ps);
+  const size_t keep = wp + (ws > 0 ? 1 : 0);
+  if (ws > 0) pool.truncate(h.pages[wp], ws);
+  for (size_t i = keep; i < h.pages.size(); ++i) pool.release(h.pages[i]);
+  h.pages.resize(keep);
+  h.tokens = live;
+}
+
+int json_int_field(const nlohmann::json& j, const char* key, int def, int lo, int hi, const std::string& where) {
+  if (!j.contains(key)) return def;
+  const nlohmann::json& v = j.at(key);
+  if (!v.is_number_integer() && !(v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))))
+    fail("{}: \"{}\" must be an integer in [{}, {}]", where, key, lo, hi);
+  const double d = v.get<double>();
+  if (!(d >= lo && d <= hi)) fail("{}: \"{}\" is {}, out of range [{}, {}]", where, key, v.dump(), lo, hi);
+  return int(d);
 }
 
 }  // namespace headroom

@@ -1,14 +1,26 @@
-// A KV policy answers one question for one (sequence, layer, KV head): which cached tokens does this head
-// attend at this step. It may also give pages back (streaming), evict tokens (evict) or move cold pages to
-// the host tier (topk). Attention over what it chooses is exact (see AttnJob in backend/backend.h).
-// One policy per file: policy_full.cpp, policy_streaming.cpp, policy_topk.cpp, policy_evict.cpp.
+// A KV policy decides, for one (sequence, layer, KV head), what the head keeps and what it attends. It plans
+// on host metadata only (page ids, fill counts, the positions mirror of PagePool); anything that depends on
+// this step's queries runs inside the layer as a backend op that the plan asks for (Quest's page selection,
+// evict's score accumulation), and what those ops decide is acted on at the next step.
+//
+// Per step, for each head:
+//   before_step  act on the last step: evict's excess tokens, topk's moves (unchosen pages to the host tier);
+//   (the cache appends this step's rows, checking first that the device tier has the pages)
+//   prefetch     topk: bring the pages the last step chose back to the device, if there is room;
+//   plan         the attention job: the page ids to read (in position order) and the rule;
+//   after_step   after the step ran, with the pages the job finally read: give back / offload.
+//
+// One file per policy (policy_full.cpp, policy_streaming.cpp, policy_topk.cpp, policy_evict.cpp), each with a
+// PolicyDescriptor; policy.cpp lists them. Adding a policy is one new file plus one line there (and its kind).
 #pragma once
 
-#include <climits>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "backend/backend.h"
 #include "kv/page_pool.h"
@@ -29,8 +41,6 @@ enum class PrefillMode {
 };
 const char* prefill_mode_name(PrefillMode m);
 PrefillMode parse_prefill_mode(const std::string& s);  // throws Error naming the valid choices
-const char* policy_name(PolicyKind k);
-PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the valid choices
 
 // Parameters of one head's policy (the unused ones are ignored by each kind).
 struct PolicySpec {
@@ -48,41 +58,65 @@ struct PolicySpec {
 // The cache of one (sequence, layer, KV head): its pages in order of first position.
 struct HeadCache {
   std::vector<int32_t> pages;
-  std::vector<uint8_t> selected;  // topk: which pages the last decode step chose (parallel to pages)
+  std::vector<uint8_t> selected;  // topk: which pages the last decode step read (parallel to pages)
   int64_t tokens = 0;             // tokens currently held
 };
 
-// What a policy may look at to choose: the query rows of this head's GQA group.
-struct QueryView {
-  const float* q = nullptr;   // q + r*stride + h*head_dim, h in [head0, head0+n_group)
-  int64_t stride = 0;
-  int head0 = 0, n_group = 1, head_dim = 0;
+// The step as a policy sees it: the rows this sequence adds at positions [pos0, pos0 + n_rows).
+struct StepInfo {
+  int32_t pos0 = 0;
   int n_rows = 0;
-  const int32_t* pos = nullptr;
-  bool prefill = false;       // rows of a prompt being prefilled (set by KVCache::begin_prefill)
+  bool prefill = false;     // rows of a prompt
+  bool last_chunk = false;  // ... and the prompt ends with them
+  int32_t next_pos() const { return pos0 + n_rows; }
+  bool more_prompt() const { return prefill && !last_chunk; }
 };
 
 class Policy {
  public:
   explicit Policy(const PolicySpec& s) : spec_(s) {}
   virtual ~Policy() = default;
-  virtual PolicyKind kind() const = 0;
   const PolicySpec& spec() const { return spec_; }
 
-  // Fill `pages` with the pages to read and set the sinks/window rule for this step.
-  virtual void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages,
-                      int32_t& sinks, int32_t& window) = 0;
-  // After the step's attention: give back / evict / offload what is no longer needed. next_pos is the
-  // position of the next token this sequence will see; prefill tells whether more prompt chunks follow.
-  virtual void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool prefill) {}
+  // Evict: true if before_step needs the pages' accumulated scores (PagePool::read_scores, batched).
+  virtual bool needs_scores(const HeadCache& h) const { return false; }
+  virtual void before_step(HeadCache& h, PagePool& pool, const StepInfo& s) {}
+  virtual void prefetch(HeadCache& h, PagePool& pool, const StepInfo& s) {}
+  // Fills the job's rule and selection fields (rows, head and page range are the cache's) and appends the
+  // page ids to read.
+  virtual void plan(const HeadCache& h, const PagePool& pool, const StepInfo& s, AttnJob& job,
+                    std::vector<int32_t>& pages) const = 0;
+  // `read` is the job's final page list (after select_pages).
+  virtual void after_step(HeadCache& h, PagePool& pool, const StepInfo& s, std::span<const int32_t> read) {}
   // Most tokens this head holds on the device in steady state for a context of n_ctx (budget planning).
   virtual int64_t max_tokens(int64_t n_ctx, int page_size) const = 0;
 
  protected:
-  static AttnPage view(PagePool& pool, int32_t id, bool with_scores = false);
   PolicySpec spec_;
 };
 
+// Everything the rest of the program knows about one kind of policy.
+struct PolicyDescriptor {
+  PolicyKind kind;
+  const char* name;
+  const char* help;  // one line for --help
+  std::unique_ptr<Policy> (*make)(const PolicySpec& s);
+  // The spec for every head under a uniform budget of `tokens` per head (throws Error, one line, naming
+  // `what` (the flag or entry that set the budget), if it cannot work at that size).
+  PolicySpec (*uniform)(int64_t tokens, int page_size, const std::string& what);
+  // Head-map JSON: writes / reads the kind's parameters of one entry (reading range-checks each field).
+  void (*to_json)(const PolicySpec& s, nlohmann::json& j);
+  void (*from_json)(const nlohmann::json& j, PolicySpec& s, const std::string& where);
+  bool page_minmax;  // needs Quest key bounds per page
+  bool slot_scores;  // needs accumulated attention per slot
+  bool (*may_offload)(const PolicySpec& s);  // may park pages in the host tier
+};
+
+std::span<const PolicyDescriptor> policies();
+const PolicyDescriptor& policy_descriptor(PolicyKind k);
+const char* policy_name(PolicyKind k);
+PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the valid choices
+std::string policy_names(const char* sep = ", ");    // "full, streaming, topk, evict"
 std::unique_ptr<Policy> make_policy(const PolicySpec& s);
 
 // Pages a streaming head holds at most in steady state: the page with the sinks, plus the pages that cover
@@ -91,5 +125,25 @@ std::unique_ptr<Policy> make_policy(const PolicySpec& s);
 inline int64_t streaming_max_pages(int window, int page_size) {
   return 2 + (int64_t(window) - 1 + page_size - 1) / page_size;
 }
+
+// Shared pieces any policy may use.
+// Keeps the pages `keep(id)` says yes to, in order; the others go to `drop(id)` (or stay, if it returns true).
+template <typename Keep, typename Drop>
+void filter_pages(HeadCache& h, Keep&& keep, Drop&& drop) {
+  size_t w = 0;
+  for (size_t i = 0; i < h.pages.size(); ++i) {
+    const int32_t id = h.pages[i];
+    if (keep(id)) h.pages[w++] = id;
+    else if (int32_t stay = drop(id); stay >= 0) h.pages[w++] = stay;
+  }
+  h.pages.resize(w);
+}
+// True if page id holds a token still needed by queries at positions >= next_pos under sinks + window, or
+// is still being filled.
+bool page_in_window(const PagePool& pool, int32_t id, int sinks, int window, int32_t next_pos);
+// Moves every live slot (pos >= 0) to the front of the head's pages, in order, and releases emptied pages.
+void compact_pages(HeadCache& h, PagePool& pool);
+// Head-map JSON: the integer field `key` of an entry (def if absent), range-checked; errors name `where`.
+int json_int_field(const nlohmann::json& j, const char* key, int def, int lo, int hi, const std::string& where);
 
 }  // namespace headroom

@@ -1,4 +1,6 @@
 // `full`: the head attends every token it has seen.
+#include <nlohmann/json.hpp>
+
 #include "kv/policy.h"
 
 namespace headroom {
@@ -7,16 +9,19 @@ namespace {
 class FullPolicy final : public Policy {
  public:
   using Policy::Policy;
-  PolicyKind kind() const override { return PolicyKind::Full; }
-  void select(HeadCache& h, PagePool& pool, const QueryView&, std::vector<AttnPage>& pages, int32_t& sinks,
-              int32_t& window) override {
-    for (int32_t id : h.pages) pages.push_back(view(pool, id));
-    sinks = window = 0;
+  void plan(const HeadCache& h, const PagePool&, const StepInfo&, AttnJob&, std::vector<int32_t>& pages) const override {
+    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
   }
   int64_t max_tokens(int64_t n_ctx, int) const override { return n_ctx; }
 };
 }  // namespace
 
-std::unique_ptr<Policy> make_full_policy(const PolicySpec& s) { return std::make_unique<FullPolicy>(s); }
+extern const PolicyDescriptor kFullPolicy{
+    PolicyKind::Full, "full", "every token, every page",
+    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<FullPolicy>(s); },
+    [](int64_t, int, const std::string&) { return PolicySpec{}; },
+    [](const PolicySpec&, nlohmann::json&) {},
+    [](const nlohmann::json&, PolicySpec&, const std::string&) {},
+    false, false, [](const PolicySpec&) { return false; }};
 
 }  // namespace headroom

@@ -1,11 +1,14 @@
 // `streaming` (StreamingLLM; DuoAttention's streaming heads): the first `sinks` tokens plus the last `window`
-// tokens. Pages whose every token has fallen out of the window (and holds no sink) are given back at once.
-// While a prompt is prefilled the head follows its PrefillMode (policy.h): the window from the start, or the
-// whole prompt with its old pages kept on the device (full) or parked in the host tier (offload) until the
-// prefill ends.
+// tokens. Pages whose every token has fallen out of the window (and holds no sink) are given back after the
+// step. While a prompt is prefilled the head follows its PrefillMode (policy.h): the window from the start,
+// or the whole prompt with its old pages kept on the device (full) or parked in the host tier (offload) until
+// the prefill ends. Host-tier pages are read where they are (on a GPU: pinned memory over the bus).
 #include <algorithm>
 
+#include <nlohmann/json.hpp>
+
 #include "kv/policy.h"
+#include "util/error.h"
 
 namespace headroom {
 
@@ -13,43 +16,26 @@ namespace {
 class StreamingPolicy final : public Policy {
  public:
   using Policy::Policy;
-  PolicyKind kind() const override { return PolicyKind::Streaming; }
 
-  void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages, int32_t& sinks,
-              int32_t& window) override {
-    // Host-tier pages (offload prefill) are read where they are: on CPU the tiers are the same memory; on a GPU
-    // the host tier is pinned memory the kernel reads over the bus.
-    for (int32_t id : h.pages) pages.push_back(view(pool, id));
-    const bool whole_prompt = spec_.prefill != PrefillMode::Window && q.prefill;
-    sinks = whole_prompt ? 0 : spec_.sinks;
-    window = whole_prompt ? 0 : spec_.window;
+  void plan(const HeadCache& h, const PagePool&, const StepInfo& s, AttnJob& job,
+            std::vector<int32_t>& pages) const override {
+    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
+    const bool whole_prompt = spec_.prefill != PrefillMode::Window && s.prefill;
+    job.sinks = whole_prompt ? 0 : spec_.sinks;
+    job.window = whole_prompt ? 0 : spec_.window;
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t next_pos, bool prefill) override {
-    if (prefill && spec_.prefill == PrefillMode::Full) return;  // the prompt's pages stay until the prefill ends
-    const bool park = prefill && spec_.prefill == PrefillMode::Offload;
-    // A token at position p is still needed by a query at q >= next_pos iff p < sinks or p > q - window.
-    const int32_t oldest_needed = next_pos - spec_.window + 1;
-    auto keep = [&](int32_t id) {
-      const int32_t* pos = pool.pos(id);
-      for (int s = 0; s < pool.used(id); ++s)
-        if (pos[s] >= 0 && (pos[s] < spec_.sinks || pos[s] >= oldest_needed)) return true;
-      return pool.used(id) < pool.page_size();  // the tail page is still being filled
-    };
-    size_t w = 0;
-    for (size_t i = 0; i < h.pages.size(); ++i) {
-      const int32_t id = h.pages[i];
-      if (keep(id)) {
-        h.pages[w++] = id;
-      } else if (park) {  // still read by the rest of the prompt: to the host tier until the prefill ends
-        pool.offload(id);
-        h.pages[w++] = id;
-      } else {
-        h.tokens -= pool.used(id);
-        pool.release(id);
-      }
-    }
-    h.pages.resize(w);
+  void after_step(HeadCache& h, PagePool& pool, const StepInfo& s, std::span<const int32_t>) override {
+    if (s.more_prompt() && spec_.prefill == PrefillMode::Full) return;  // kept until the prefill ends
+    const bool park = s.more_prompt() && spec_.prefill == PrefillMode::Offload;
+    filter_pages(
+        h, [&](int32_t id) { return page_in_window(pool, id, spec_.sinks, spec_.window, s.next_pos()); },
+        [&](int32_t id) -> int32_t {
+          if (park) return pool.offload(id);  // still read by the rest of the prompt, from the host tier
+          h.tokens -= pool.used(id);
+          pool.release(id);
+          return -1;
+        });
   }
 
   int64_t max_tokens(int64_t n_ctx, int page_size) const override {
@@ -57,8 +43,37 @@ class StreamingPolicy final : public Policy {
     return std::min<int64_t>(streaming_max_pages(spec_.window, page_size) * page_size, n_ctx);
   }
 };
+
+// The largest window whose pages (counted whole) fit in the budget: window = (pages - 2) * page + 1.
+PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
+  PolicySpec s;
+  s.kind = PolicyKind::Streaming;
+  const int64_t pages = t / page_size;
+  if (pages < 3)
+    fail("{} gives {} tokens per head, {} pages of {}; streaming needs at least 3 (sinks, window, tail)", what, t,
+         pages, page_size);
+  s.window = int(std::min<int64_t>((pages - 2) * page_size + 1, INT32_MAX / 2));
+  return s;
+}
 }  // namespace
 
-std::unique_ptr<Policy> make_streaming_policy(const PolicySpec& s) { return std::make_unique<StreamingPolicy>(s); }
+extern const PolicyDescriptor kStreamingPolicy{
+    PolicyKind::Streaming, "streaming", "sinks + a recent window (StreamingLLM)",
+    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<StreamingPolicy>(s); },
+    uniform,
+    [](const PolicySpec& s, nlohmann::json& x) {
+      x["sinks"] = s.sinks;
+      x["window"] = s.window;
+      if (s.prefill != PrefillMode::Window) x["prefill"] = prefill_mode_name(s.prefill);
+    },
+    [](const nlohmann::json& x, PolicySpec& s, const std::string& where) {
+      s.sinks = json_int_field(x, "sinks", s.sinks, 0, 1 << 24, where);
+      s.window = json_int_field(x, "window", s.window, 1, 1 << 24, where);
+      if (x.contains("prefill")) {
+        if (!x["prefill"].is_string()) fail("{}: \"prefill\" must be window, full or offload", where);
+        s.prefill = parse_prefill_mode(x["prefill"].get<std::string>());
+      }
+    },
+    false, false, [](const PolicySpec& s) { return s.prefill == PrefillMode::Offload; }};
 
 }  // namespace headroom

@@ -1,12 +1,15 @@
-// `topk` (Quest): every page keeps the elementwise min and max of its keys. At a decode step the score of a
-// page for this KV head is  sum over the group's query heads h of  sum_d max(q_hd * min_d, q_hd * max_d),
-// an upper bound of the largest q·k in the page. The head attends the top `topk_pages` pages by score plus
-// the sink page and the `recent_pages` most recent pages, exactly. Prefill attends everything (as Quest does).
-// With `offload` set only the pages in use stay on the device: at a decode step the unchosen pages go to the
-// host tier before the chosen ones are fetched back; while a prompt is prefilled every page but the sink and
-// recent ones is parked there after each chunk, and the next chunks read it in place.
+// `topk` (Quest): every page keeps the elementwise min and max of its keys (in the device tier, for every
+// page wherever its K/V are). At a decode step the head attends the sink page, the `recent_pages` most recent
+// pages and the `topk_pages` best of the others by Quest's bound, an upper bound of the largest q·k in the
+// page (scored and chosen on the backend inside the layer: select_pages). Prefill attends everything, as
+// Quest does.
+// With `offload` only the pages in use stay on the device: after a decode step the pages it did not read go
+// to the host tier, and at the next step, once its new rows have their pages, the ones it read come back if
+// there is room; a chosen page still in the host tier is read where it is. While a prompt is prefilled every
+// page but the sink and recent ones is parked there after each chunk, and the next chunks read it in place.
 #include <algorithm>
-#include <numeric>
+
+#include <nlohmann/json.hpp>
 
 #include "kv/policy.h"
 #include "util/error.h"
@@ -17,47 +20,42 @@ namespace {
 class TopKPolicy final : public Policy {
  public:
   using Policy::Policy;
-  PolicyKind kind() const override { return PolicyKind::TopK; }
 
-  void select(HeadCache& h, PagePool& pool, const QueryView& q, std::vector<AttnPage>& pages, int32_t& sinks,
-              int32_t& window) override {
-    sinks = window = 0;
-    const size_t n = h.pages.size();
-    h.selected.assign(n, 0);
-    const size_t recent_from = n > size_t(spec_.recent_pages) ? n - spec_.recent_pages : 0;
-    if (q.n_rows > 1 || n <= size_t(1 + spec_.recent_pages + spec_.topk_pages)) {
-      std::fill(h.selected.begin(), h.selected.end(), 1);
-    } else {
-      h.selected[0] = 1;
-      for (size_t i = recent_from; i < n; ++i) h.selected[i] = 1;
-      scores_.assign(n, 0.0f);
-      for (size_t i = 1; i < recent_from; ++i) scores_[i] = page_score(pool, h.pages[i], q);
-      order_.resize(recent_from > 1 ? recent_from - 1 : 0);
-      std::iota(order_.begin(), order_.end(), size_t{1});
-      const size_t k = std::min(order_.size(), size_t(spec_.topk_pages));
-      std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
-                        [&](size_t a, size_t b) { return scores_[a] > scores_[b] || (scores_[a] == scores_[b] && a < b); });
-      for (size_t j = 0; j < k; ++j) h.selected[order_[j]] = 1;
-    }
-    // Unchosen pages leave the device before chosen ones come back, so a step never holds more than it attends.
-    if (spec_.offload)
-      for (size_t i = 0; i < n; ++i)
-        if (!h.selected[i]) pool.offload(h.pages[i]);
-    for (size_t i = 0; i < n; ++i) {
-      if (!h.selected[i]) continue;
-      // Prefill reads parked pages where they are (on a GPU: pinned host memory over the bus).
-      if (!q.prefill && pool.on_host(h.pages[i]) && !pool.fetch(h.pages[i]))
-        fail("KV budget exhausted: no device page free to fetch a chosen page back from the host tier "
-             "({} pages in use); raise --kv-budget", pool.device_pages());
-      pages.push_back(view(pool, h.pages[i]));
-    }
+  void before_step(HeadCache& h, PagePool& pool, const StepInfo&) override {
+    if (!spec_.offload || h.selected.size() != h.pages.size()) return;
+    for (size_t i = 0; i < h.pages.size(); ++i)
+      if (!h.selected[i]) h.pages[i] = pool.offload(h.pages[i]);
   }
 
-  void after_step(HeadCache& h, PagePool& pool, int32_t, bool prefill) override {
-    if (!spec_.offload || !prefill) return;
+  void prefetch(HeadCache& h, PagePool& pool, const StepInfo& s) override {
+    if (!spec_.offload || s.prefill || h.selected.size() != h.pages.size()) return;
+    for (size_t i = 0; i < h.pages.size(); ++i)
+      if (h.selected[i] && pool.on_host(h.pages[i]))
+        if (int32_t id = pool.fetch(h.pages[i]); id >= 0) h.pages[i] = id;
+  }
+
+  void plan(const HeadCache& h, const PagePool&, const StepInfo& s, AttnJob& job,
+            std::vector<int32_t>& pages) const override {
+    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
+    const size_t n = h.pages.size();
+    if (s.prefill || n <= size_t(1 + spec_.recent_pages + spec_.topk_pages)) return;  // everything
+    job.cand0 = 1;
+    job.n_cand = int32_t(n - 1 - size_t(spec_.recent_pages));
+    job.select_k = spec_.topk_pages;
+  }
+
+  void after_step(HeadCache& h, PagePool& pool, const StepInfo& s, std::span<const int32_t> read) override {
+    h.selected.assign(h.pages.size(), 0);
+    for (size_t i = 0, j = 0; i < h.pages.size() && j < read.size(); ++i)  // both in position order
+      if (h.pages[i] == read[j]) {
+        h.selected[i] = 1;
+        ++j;
+      }
+    if (!spec_.offload || !s.prefill) return;
     // Park all but the sink page and the recent pages (the tail page is among them) until decoding chooses.
     const size_t n = h.pages.size();
-    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i) pool.offload(h.pages[i]);
+    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i) h.pages[i] = pool.offload(h.pages[i]);
+    h.selected.clear();
   }
 
   // Without offload every page stays on the device. With it, a decode step holds the sink page, the recent
@@ -66,24 +64,33 @@ class TopKPolicy final : public Policy {
     if (!spec_.offload) return n_ctx;
     return std::min<int64_t>(n_ctx, int64_t(1 + spec_.recent_pages + spec_.topk_pages) * page_size);
   }
-
- private:
-  static float page_score(PagePool& pool, int32_t id, const QueryView& q) {
-    const float* mn = pool.kmin(id);
-    const float* mx = pool.kmax(id);
-    float s = 0;
-    const float* row = q.q + int64_t(q.n_rows - 1) * q.stride;
-    for (int g = 0; g < q.n_group; ++g) {
-      const float* qh = row + int64_t(q.head0 + g) * q.head_dim;
-      for (int d = 0; d < q.head_dim; ++d) s += std::max(qh[d] * mn[d], qh[d] * mx[d]);
-    }
-    return s;
-  }
-  std::vector<float> scores_;
-  std::vector<size_t> order_;
 };
+
+PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
+  PolicySpec s;
+  s.kind = PolicyKind::TopK;
+  s.offload = true;
+  const int64_t pages = t / page_size;
+  if (pages < 1 + s.recent_pages + 1)
+    fail("{} gives {} tokens per head, {} pages of {}; topk needs at least {} (sink, {} recent, 1 chosen)", what, t,
+         pages, page_size, 2 + s.recent_pages, s.recent_pages);
+  s.topk_pages = int(std::min<int64_t>(pages - 1 - s.recent_pages, 1 << 24));
+  return s;
+}
 }  // namespace
 
-std::unique_ptr<Policy> make_topk_policy(const PolicySpec& s) { return std::make_unique<TopKPolicy>(s); }
+extern const PolicyDescriptor kTopKPolicy{
+    PolicyKind::TopK, "topk", "sink + recent pages + the best pages by Quest's key bound",
+    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<TopKPolicy>(s); },
+    uniform,
+    [](const PolicySpec& s, nlohmann::json& x) {
+      x["topk_pages"] = s.topk_pages;
+      x["recent_pages"] = s.recent_pages;
+    },
+    [](const nlohmann::json& x, PolicySpec& s, const std::string& where) {
+      s.topk_pages = json_int_field(x, "topk_pages", s.topk_pages, 1, 1 << 20, where);
+      s.recent_pages = json_int_field(x, "recent_pages", s.recent_pages, 1, 1 << 20, where);
+    },
+    true, false, [](const PolicySpec& s) { return s.offload; }};
 
 }  // namespace headroom

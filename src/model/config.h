@@ -1,6 +1,8 @@
 // ModelConfig: the hyper-parameters of a Llama-family model, read from GGUF metadata.
 #pragma once
 
+#include "backend/kv_layout.h"
+
 #include <cstdint>
 #include <string>
 
@@ -33,8 +35,8 @@ struct ModelConfig {
 
   int n_group() const { return n_head / n_head_kv; }
   int64_t kv_dim() const { return int64_t(n_head_kv) * head_dim; }
-  // Bytes of K+V for one token across all layers at `bytes_per_elem` (4 for our F32 cache, 2 for F16).
-  int64_t kv_bytes_per_token(int bytes_per_elem) const { return 2LL * n_layer * kv_dim() * bytes_per_elem; }
+  // Bytes of K+V for one token across all layers and KV heads in the stored type (llama.cpp's figure).
+  int64_t kv_bytes_per_token(KVType t) const { return 2LL * n_layer * n_head_kv * kv_row_bytes(t, head_dim); }
 };
 
 // Reads and validates the config; throws a one-line Error naming the file and the problem for anything

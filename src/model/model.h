@@ -51,8 +51,9 @@ class Model {
   std::vector<std::vector<float>> owned_;  // small tensors converted to F32
 };
 
-// Lets the head profiler see every layer's attention inputs: q has n rows of n_head*head_dim floats (RoPE
-// applied), and kv already holds this step's keys and values.
+// Lets the head profiler see every layer's attention inputs. The runner reads them back from the backend for
+// it (a synchronisation per layer: inspection only). q has n rows of n_head*head_dim floats (RoPE applied),
+// and kv already holds this step's keys and values.
 class AttentionObserver {
  public:
   virtual ~AttentionObserver() = default;
@@ -61,7 +62,9 @@ class AttentionObserver {
   virtual void on_attention_out(int layer, int n, const float* out) {}
 };
 
-// The forward pass for one model on one backend; owns the activation buffers.
+// The forward pass for one model on one backend. Activations, the step's tables and the logits live in
+// backend memory; per step the runner uploads the token ids, positions, slot mapping, jobs and page ids
+// once, runs every layer, and downloads the logits (the step's one synchronisation).
 class Runner {
  public:
   Runner(const Model& m, Backend& be, int max_batch = 512);
@@ -73,14 +76,23 @@ class Runner {
   Backend& backend() { return be_; }
 
  private:
-  void forward_chunk(KVCache& kv, const int32_t* tokens, int n, int32_t pos0, float* logits_out, bool all_logits,
-                     AttentionObserver* obs);
+  void step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* logits_out, bool all_logits,
+            AttentionObserver* obs);
   const Model& m_;
   Backend& be_;
   int max_batch_;
   RopeParams rope_;
-  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, logits_;
+  std::vector<LayerWeights> w_;  // the backend's copies of the weights
+  WeightView tok_embd_, output_;
+  const float* output_norm_ = nullptr;
+  DeviceArray<float> x_, xn_, q_, k_, v_, att_, gate_, up_, logits_dev_;
+  DeviceArray<int32_t> tokens_dev_, pos_dev_, slots_dev_, page_ids_dev_;
+  DeviceArray<AttnJob> jobs_dev_;
+  KVStep step_;
+  std::vector<AttnJob> jobs_host_;
+  std::vector<size_t> layer_job0_;
   std::vector<int32_t> pos_;
+  std::vector<float> logits_, q_host_, att_host_;
 };
 
 }  // namespace headroom

@@ -24,17 +24,21 @@ struct HeadKV {
 void gather(KVCache& kv, int layer, int h, HeadKV& out) {
   const HeadCache& hc = kv.head(layer, h);
   PagePool& pool = kv.pool();
-  const int hd = pool.head_dim();
+  const int hd = pool.head_dim(), ps = pool.page_size();
   out.k.clear();
   out.v.clear();
   out.pos.clear();
-  for (int32_t id : hc.pages)
-    for (int s = 0; s < pool.used(id); ++s) {
-      if (pool.pos(id)[s] < 0) continue;
-      out.pos.push_back(pool.pos(id)[s]);
-      out.k.insert(out.k.end(), pool.k(id) + int64_t(s) * hd, pool.k(id) + int64_t(s + 1) * hd);
-      out.v.insert(out.v.end(), pool.v(id) + int64_t(s) * hd, pool.v(id) + int64_t(s + 1) * hd);
+  std::vector<float> k(size_t(ps) * hd), v(size_t(ps) * hd);
+  std::vector<int32_t> pos(static_cast<size_t>(ps));
+  for (int32_t id : hc.pages) {
+    pool.read_page(id, k.data(), v.data(), pos.data());
+    for (int s = 0; s < ps; ++s) {
+      if (pos[size_t(s)] < 0) continue;
+      out.pos.push_back(pos[size_t(s)]);
+      out.k.insert(out.k.end(), k.begin() + ptrdiff_t(s) * hd, k.begin() + ptrdiff_t(s + 1) * hd);
+      out.v.insert(out.v.end(), v.begin() + ptrdiff_t(s) * hd, v.begin() + ptrdiff_t(s + 1) * hd);
     }
+  }
 }
 
 class Observer : public AttentionObserver {
@@ -175,7 +179,7 @@ AnswerProbes::Result AnswerProbes::run(Backend& be, const std::vector<PolicySpec
   Runner runner(m_, be, o.chunk);
   Result res;
   for (const auto& [ids, plen] : probes_) {
-    PagePool pool(o.page_size, c.head_dim, ks.capacity_pages);
+    PagePool pool(be, ks.layout);
     KVCache kv(c, pool, ks.specs);
     runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
     // The answer is teacher-forced: its tokens are decoded one forward call at a time, as generation would.
@@ -250,7 +254,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     copy_steps += int(obs.copy_rows.size());
     obs.measure_streaming = true;
     obs.query_from = int32_t(tok.encode(e.prompt.substr(0, e.prompt.rfind('\n')), tok.add_bos()).size());
-    PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
+    PagePool pool(be, kvs.layout);
     KVCache kv(c, pool, kvs.specs);
     runner.forward(kv, ids, 0, false, &obs);
     if (progress) progress(i + 1, total, fmt::format("retrieval probe {} ({} tokens)", eval::task_name(e.task), ids.size()));
@@ -267,7 +271,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     obs.query_from = INT32_MAX;
     obs.needle_spans.clear();
     obs.copy_rows.clear();
-    PagePool pool(o.page_size, c.head_dim, kvs.capacity_pages);
+    PagePool pool(be, kvs.layout);
     KVCache kv(c, pool, kvs.specs);
     runner.forward(kv, ids, 0, false, &obs);
     if (progress) progress(o.retrieval_prompts + i + 1, total, fmt::format("natural text ({} tokens)", ids.size()));

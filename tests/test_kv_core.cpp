@@ -1,0 +1,190 @@
+// The KV core a GPU can use: stored bytes per KV type, no host synchronisation between the layers of a decode
+// step, budget exhaustion found before a step writes anything, and policies exact in every KV type.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "engine/kv_setup.h"
+#include "kv/kv_cache.h"
+#include "model/model.h"
+#include "test_models.h"
+#include "test_util.h"
+
+using namespace headroom;
+
+namespace {
+
+using test::retrieval_model;
+
+std::vector<int32_t> text_ids(int n) {
+  std::ifstream f(test::shared("corpus/haystack.txt"));
+  std::string text(20000, '\0');
+  f.read(text.data(), std::streamsize(text.size()));
+  auto ids = retrieval_model().tokenizer().encode(text, true);
+  ids.resize(size_t(n));
+  return ids;
+}
+
+// Forwards every op to the CPU backend and logs them, so a test can see where the host waits.
+class LoggingBackend final : public Backend {
+ public:
+  explicit LoggingBackend(Backend& inner) : in_(inner) {}
+  std::vector<std::string> log;
+  const char* name() const override { return "logging"; }
+  int threads() const override { return in_.threads(); }
+  void matmul(const WeightView& w, const float* x, int64_t n, float* y) override { note("matmul"); in_.matmul(w, x, n, y); }
+  void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) override { note("embed"); in_.embed(w, ids, n, out); }
+  void rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* out) override {
+    note("rmsnorm");
+    in_.rmsnorm(x, w, n, dim, eps, out);
+  }
+  void rope(float* x, int64_t n, int64_t nh, int64_t hd, const int32_t* pos, const RopeParams& p) override {
+    note("rope");
+    in_.rope(x, n, nh, hd, pos, p);
+  }
+  void swiglu(const float* g, const float* u, int64_t count, float* out) override { note("swiglu"); in_.swiglu(g, u, count, out); }
+  void add(float* x, const float* y, int64_t count) override { note("add"); in_.add(x, y, count); }
+  void add_bias(float* x, const float* b, int64_t n, int64_t dim) override { note("add_bias"); in_.add_bias(x, b, n, dim); }
+  void* alloc(size_t bytes) override { return in_.alloc(bytes); }
+  void free(void* p) override { in_.free(p); }
+  void upload(void* d, const void* s, size_t bytes) override { note("upload"); in_.upload(d, s, bytes); }
+  void download(void* d, const void* s, size_t bytes) override { note("SYNC download"); in_.download(d, s, bytes); }
+  void synchronize() override { note("SYNC"); in_.synchronize(); }
+  std::unique_ptr<KVStore> kv_create(const KVLayout& l) override { return in_.kv_create(l); }
+  void kv_reset(KVStore& kv, std::span<const int32_t> ids) override { note("kv_reset"); in_.kv_reset(kv, ids); }
+  void kv_copy_pages(KVStore& kv, std::span<const PageCopy> c) override { note("kv_copy_pages"); in_.kv_copy_pages(kv, c); }
+  void kv_copy_slots(KVStore& kv, std::span<const SlotCopy> c) override { note("kv_copy_slots"); in_.kv_copy_slots(kv, c); }
+  void kv_store(KVStore& kv, const float* k, const float* v, int64_t n, int nkv, const int32_t* slots,
+                const int32_t* pos) override {
+    note("kv_store");
+    in_.kv_store(kv, k, v, n, nkv, slots, pos);
+  }
+  void kv_read_scores(KVStore& kv, std::span<const int32_t> ids, float* out) override {
+    note("SYNC kv_read_scores");
+    in_.kv_read_scores(kv, ids, out);
+  }
+  void kv_read_page(KVStore& kv, int32_t id, float* k, float* v, int32_t* pos) override {
+    note("SYNC kv_read_page");
+    in_.kv_read_page(kv, id, k, v, pos);
+  }
+  void select_pages(KVStore& kv, const AttnBatch& b) override { note("select_pages"); in_.select_pages(kv, b); }
+  void attention(KVStore& kv, const AttnBatch& b) override { note("attention"); in_.attention(kv, b); }
+
+ private:
+  void note(const char* what) { log.emplace_back(what); }
+  Backend& in_;
+};
+
+}  // namespace
+
+TEST(KVCore, BytesPerTokenEqualLlamaCpps) {
+  // The Llama-3.2-1B shape: 16 layers, 8 KV heads of 64 dims. llama.cpp: 32 KiB per token in F16, 17 in Q8_0.
+  ModelConfig c;
+  c.n_layer = 16;
+  c.n_head_kv = 8;
+  c.head_dim = 64;
+  EXPECT_EQ(c.kv_bytes_per_token(KVType::F16), 32 * 1024);
+  EXPECT_EQ(c.kv_bytes_per_token(KVType::Q8_0), 17 * 1024);
+  EXPECT_EQ(c.kv_bytes_per_token(KVType::BF16), 32 * 1024);
+  EXPECT_EQ(c.kv_bytes_per_token(KVType::F32), 64 * 1024);
+  KVLayout l;
+  l.page_size = 32;
+  l.head_dim = 64;
+  l.type = KVType::Q8_0;
+  EXPECT_EQ(l.kv_page_bytes() * c.n_layer * c.n_head_kv / l.page_size, 17 * 1024) << "pages add up to the same";
+  EXPECT_EQ(parse_kv_type("Q8_0"), KVType::Q8_0);
+  EXPECT_THROW(parse_kv_type("q4_0"), Error);
+  EXPECT_NE(kv_type_fits(KVType::Q8_0, 48), "") << "q8_0 needs blocks of 32";
+}
+
+TEST(KVCore, BudgetsCountStoredBytesAndMetadata) {
+  const Model& m = retrieval_model();
+  const ModelConfig& c = m.config();
+  KVOptions o;
+  o.budget = "4MiB";
+  o.kv_type = "f16";
+  KVSetup f16 = plan_kv(m, o, 4096);
+  o.kv_type = "q8_0";
+  KVSetup q8 = plan_kv(m, o, 4096);
+  o.kv_type = "f32";
+  KVSetup f32 = plan_kv(m, o, 4096);
+  const int64_t mib4 = 4 << 20;
+  for (const KVSetup* s : {&f16, &q8, &f32}) {
+    EXPECT_LE(s->capacity_pages * s->layout.page_bytes(), mib4) << kv_type_name(s->layout.type);
+    EXPECT_GT((s->capacity_pages + 1) * s->layout.page_bytes(), mib4) << "the whole budget is used";
+  }
+  EXPECT_GT(q8.capacity_pages, f16.capacity_pages * 18 / 10) << "q8_0 holds almost twice the pages of f16";
+  EXPECT_GT(f16.capacity_pages, f32.capacity_pages * 18 / 10);
+  // topk keeps key bounds per page: fewer pages for the same bytes, and they are counted.
+  o.kv_type = "f16";
+  o.policy = "topk";
+  KVSetup tk = plan_kv(m, o, 4096);
+  EXPECT_EQ(tk.layout.meta_page_bytes(), 32 * 4 + 2 * c.head_dim * 4);
+  EXPECT_TRUE(tk.layout.page_minmax);
+  EXPECT_FALSE(f16.layout.page_minmax);
+}
+
+TEST(KVCore, NoHostSynchronisationBetweenTheLayersOfADecodeStep) {
+  const Model& m = retrieval_model();
+  for (const char* policy : {"full", "streaming", "topk", "evict"}) {
+    SCOPED_TRACE(policy);
+    LoggingBackend be(test::cpu_backend());
+    KVOptions o;
+    o.policy = policy;
+    if (std::string(policy) != "full") o.budget = "128";
+    KVSetup s = plan_kv(m, o, 512);
+    PagePool pool(be, s.layout);
+    KVCache kv(m.config(), pool, s.specs);
+    Runner r(m, be, 64);
+    auto ids = text_ids(300);
+    r.forward(kv, std::span<const int32_t>(ids.data(), 290), 0);
+    for (size_t i = 290; i < 300; ++i) {
+      be.log.clear();
+      r.forward(kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+      // From the embedding to the logits matmul the step is pure backend work.
+      size_t first = 0, last = 0;
+      for (size_t e = 0; e < be.log.size(); ++e) {
+        if (be.log[e] == "embed" && first == 0) first = e + 1;
+        if (be.log[e] == "matmul") last = e;
+      }
+      ASSERT_GT(first, 0u);
+      int attention = 0;
+      for (size_t e = first; e < last; ++e) {
+        EXPECT_EQ(be.log[e].rfind("SYNC", 0), std::string::npos) << "step " << i << ", op " << e << ": " << be.log[e];
+        EXPECT_NE(be.log[e], "upload") << "the step's tables go up once, before the layers";
+        attention += be.log[e] == "attention";
+      }
+      EXPECT_EQ(attention, m.config().n_layer) << "one attention call per layer";
+      EXPECT_EQ(be.log[last + 1], "SYNC download") << "then the logits come back";
+    }
+  }
+}
+
+TEST(KVCore, BudgetExhaustionIsFoundBeforeTheStepWritesAnything) {
+  const Model& m = retrieval_model();
+  KVOptions o;
+  o.budget = "64";  // full under 64 tokens per head: 2 pages of 32
+  KVSetup s = plan_kv(m, o, 4096);
+  PagePool pool(test::cpu_backend(), s.layout);
+  KVCache kv(m.config(), pool, s.specs);
+  Runner r(m, test::cpu_backend(), 32);
+  auto ids = text_ids(100);
+  r.forward(kv, std::span<const int32_t>(ids.data(), 60), 0);
+  const int64_t pages = pool.device_pages(), held = kv.pages_held(), tokens = kv.tokens_appended();
+  EXPECT_EQ(kv.pages_for(4), 0) << "4 more tokens fit in the tail pages";
+  EXPECT_GT(kv.pages_for(5), pool.device_free());
+  try {
+    r.forward(kv, std::span<const int32_t>(ids.data() + 60, 8), 60);
+    FAIL() << "68 tokens cannot fit in 64 per head";
+  } catch (const BudgetExhausted& e) {
+    EXPECT_NE(std::string(e.what()).find("KV budget exhausted after 60 tokens"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pool.device_pages(), pages) << "nothing was allocated";
+  EXPECT_EQ(kv.pages_held(), held);
+  EXPECT_EQ(kv.tokens_appended(), tokens);
+  // ... and the cache is still usable for what does fit.
+  r.forward(kv, std::span<const int32_t>(ids.data() + 60, 4), 60);
+  EXPECT_EQ(kv.tokens_appended(), 64);
+}
