@@ -3,12 +3,14 @@
 //   bench_ops --benchmark_filter=Q8 --benchmark_min_time=0.5s
 //
 // Counters: GB/s = weight (or K/V cache) bytes read per second; GFLOP/s = 2*rows*cols*n per second.
-// BM_ModelStep runs the matmuls + attention + small ops of one forward pass of a retrieval-14m-like
+// BM_Attention / BM_AttentionL8B: attention over a KV store per KV type (the kv arg: 0 f32, 1 f16, 2 bf16, 3 q8_0;
+// GB/s counts the stored K/V bytes). BM_ModelStep runs the matmuls + attention + small ops of one forward pass of a retrieval-14m-like
 // Llama (dim 256, 8 layers, FFN 768, 4 heads x 64, 2 KV heads, vocab 32000, all Q8_0) and reports tok/s.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -79,65 +81,83 @@ BENCHMARK(BM_MatmulQ8)
     ->UseRealTime();
 BENCHMARK(BM_MatmulF32)->ArgNames({"rows", "cols", "n", "thr"})->ArgsProduct({{768}, {256}, {1, 512}, {1, 2}})->UseRealTime();
 
-// Decode attention: 1 row, n_kv KV heads (one job each) x group, `slots` cached tokens in pages of 256.
+// Attention over a store in `type`: n_kv KV heads (one job each) x group, `slots` cached tokens per KV head
+// in pages of 32, `rows` query rows at the end of the context.
 struct AttnSetup {
   int D, G, n_kv, slots, rows;
-  std::vector<std::vector<float>> k, v;
-  std::vector<std::vector<int32_t>> pos;
-  std::vector<std::vector<AttnPage>> pages;
+  std::unique_ptr<KVStore> kv;
   std::vector<float> q, out;
-  std::vector<int32_t> qpos;
+  std::vector<int32_t> qpos, ids;
   std::vector<AttnJob> jobs;
-  AttnSetup(int D_, int G_, int n_kv_, int slots_, int rows_) : D(D_), G(G_), n_kv(n_kv_), slots(slots_), rows(rows_) {
-    const int page = 256;
-    pages.resize(size_t(n_kv));
-    for (int kv = 0; kv < n_kv; ++kv)
-      for (int s0 = 0; s0 < slots; s0 += page) {
-        const int ns = std::min(page, slots - s0);
-        k.push_back(random_vec(size_t(ns * D), uint32_t(3 + s0 + kv)));
-        v.push_back(random_vec(size_t(ns * D), uint32_t(5 + s0 + kv)));
-        pos.emplace_back(size_t(ns));
-        for (int i = 0; i < ns; ++i) pos.back()[size_t(i)] = s0 + i;
+  AttnBatch batch;
+  AttnSetup(Backend& be, KVType type, int D_, int G_, int n_kv_, int slots_, int rows_)
+      : D(D_), G(G_), n_kv(n_kv_), slots(slots_), rows(rows_) {
+    const int P = 32, per_head = (slots + P - 1) / P;
+    KVLayout l;
+    l.type = type;
+    l.page_size = P;
+    l.head_dim = D;
+    l.device_pages = per_head * n_kv;
+    kv = be.kv_create(l);
+    for (int h = 0; h < n_kv; ++h) {  // page ids of head h: h, h + n_kv, ... (heads interleaved in memory)
+      const std::vector<float> k = random_vec(size_t(slots) * D, uint32_t(3 + h)), v = random_vec(k.size(), uint32_t(5 + h));
+      std::vector<int32_t> sl(static_cast<size_t>(slots)), pos(static_cast<size_t>(slots));
+      for (int s = 0; s < slots; ++s) {
+        sl[size_t(s)] = ((s / P) * n_kv + h) * P + s % P;
+        pos[size_t(s)] = s;
       }
-    size_t pi = 0;
-    for (int kv = 0; kv < n_kv; ++kv)
-      for (int s0 = 0; s0 < slots; s0 += page, ++pi)
-        pages[size_t(kv)].push_back({k[pi].data(), v[pi].data(), pos[pi].data(), nullptr, std::min(page, slots - s0)});
+      be.kv_store(*kv, k.data(), v.data(), slots, 1, sl.data(), pos.data());
+      AttnJob j;
+      j.n_rows = rows;
+      j.kv_head = h;
+      j.page0 = int32_t(ids.size());
+      j.n_pages = per_head;
+      for (int p = 0; p < per_head; ++p) ids.push_back(p * n_kv + h);
+      jobs.push_back(j);
+    }
     q = random_vec(size_t(rows * n_kv * G * D), 7);
     out.resize(q.size());
     for (int r = 0; r < rows; ++r) qpos.push_back(slots - rows + r);
-    for (int kv = 0; kv < n_kv; ++kv) {
-      AttnJob j;
-      j.n_rows = rows;
-      j.q = q.data();
-      j.q_stride = int64_t(n_kv) * G * D;
-      j.q_pos = qpos.data();
-      j.head0 = kv * G;
-      j.n_group = G;
-      j.head_dim = D;
-      j.scale = 1.0f / std::sqrt(float(D));
-      j.pages = pages[size_t(kv)];
-      j.out = out.data();
-      j.out_stride = j.q_stride;
-      jobs.push_back(j);
-    }
+    batch.q = q.data();
+    batch.q_stride = int64_t(n_kv) * G * D;
+    batch.q_pos = qpos.data();
+    batch.out = out.data();
+    batch.out_stride = batch.q_stride;
+    batch.n_group = G;
+    batch.head_dim = D;
+    batch.scale = 1.0f / std::sqrt(float(D));
+    batch.jobs = jobs.data();
+    batch.n_jobs = int32_t(jobs.size());
+    batch.page_ids = ids.data();
   }
+  double kv_bytes() const { return 2.0 * n_kv * slots * double(kv_row_bytes(kv->layout().type, D)); }
 };
 
-// args: slots, rows, threads
-void BM_Attention(benchmark::State& st) {
+constexpr KVType kBenchKV[] = {KVType::F32, KVType::F16, KVType::BF16, KVType::Q8_0};
+
+void run_attention(benchmark::State& st, int D, int G, int n_kv) {
+  const KVType type = kBenchKV[st.range(3)];
   auto be = make_cpu_backend(int(st.range(2)));
-  AttnSetup a(64, 2, 2, int(st.range(0)), int(st.range(1)));
+  AttnSetup a(*be, type, D, G, n_kv, int(st.range(0)), int(st.range(1)));
   for (auto _ : st) {
-    be->attention(a.jobs);
+    be->attention(*a.kv, a.batch);
     benchmark::DoNotOptimize(a.out.data());
   }
-  st.counters["GB/s"] = benchmark::Counter(2.0 * a.n_kv * a.slots * a.D * 4, benchmark::Counter::kIsIterationInvariantRate);
+  st.SetLabel(kv_type_name(type));
+  st.counters["GB/s"] = benchmark::Counter(a.kv_bytes(), benchmark::Counter::kIsIterationInvariantRate);
 }
+// args: slots, rows, threads, kv (0 f32, 1 f16, 2 bf16, 3 q8_0). retrieval-14m-like heads: 2 KV x 2, dim 64.
+void BM_Attention(benchmark::State& st) { run_attention(st, 64, 2, 2); }
 BENCHMARK(BM_Attention)
-    ->ArgNames({"slots", "rows", "thr"})
-    ->ArgsProduct({{128, 512, 4096}, {1}, {1, 2}})
-    ->ArgsProduct({{512}, {512}, {1, 2}})
+    ->ArgNames({"slots", "rows", "thr", "kv"})
+    ->ArgsProduct({{512, 4096, 32768, 131072}, {1}, {1, 2}, {0, 1, 2, 3}})
+    ->ArgsProduct({{512}, {512}, {1, 2}, {0, 1, 3}})
+    ->UseRealTime();
+// Llama-3-8B-like heads: 8 KV x 4, dim 128 (one layer).
+void BM_AttentionL8B(benchmark::State& st) { run_attention(st, 128, 4, 8); }
+BENCHMARK(BM_AttentionL8B)
+    ->ArgNames({"slots", "rows", "thr", "kv"})
+    ->ArgsProduct({{4096, 32768}, {1}, {1, 2}, {0, 1, 3}})
     ->UseRealTime();
 
 // One forward pass of a retrieval-14m-like model: args n (tokens), threads. Context = n tokens.
@@ -164,7 +184,7 @@ void BM_ModelStep(benchmark::State& st) {
   std::vector<int32_t> pos(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(i);
   // The cache of one layer: the n tokens themselves (decode: pretend 128 tokens of context).
-  AttnSetup cache(int(hd), int(nh / nkv), int(nkv), int(std::max<int64_t>(n, 128)), int(n));
+  AttnSetup cache(*be, KVType::F16, int(hd), int(nh / nkv), int(nkv), int(std::max<int64_t>(n, 128)), int(n));
   RopeParams rp;
   rp.n_rot = int(hd);
   for (auto _ : st) {
@@ -175,7 +195,7 @@ void BM_ModelStep(benchmark::State& st) {
       be->matmul(ly.wv.view, h.data(), n, v.data());
       be->rope(q.data(), n, nh, hd, pos.data(), rp);
       be->rope(k.data(), n, nkv, hd, pos.data(), rp);
-      be->attention(cache.jobs);
+      be->attention(*cache.kv, cache.batch);
       be->matmul(ly.wo.view, cache.out.data(), n, att.data());
       be->add(x.data(), att.data(), n * dim);
       be->rmsnorm(x.data(), norm_w.data(), n, dim, 1e-5f, h.data());

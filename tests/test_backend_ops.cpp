@@ -12,7 +12,8 @@
 //   * rope: ggml's angle recurrence theta_i = p * scale^i by repeated float multiplication has a relative
 //     error of about (i + 4) u, i.e. an absolute angle error of |theta| (i + 4) u that the output inherits
 //     times the pair's norm.
-//   * attention: scores are float dots of head_dim terms and the probabilities use the polynomial exp,
+//   * attention (every KV type, against a reference from the *stored* K/V read back with kv_read_page):
+//     scores are float dots of head_dim terms and the probabilities use the polynomial exp,
 //     so each probability is within ~1e-6 relative; outputs are convex combinations of V rows, so we allow
 //     1e-5 * max|v| (a wrong slot or a wrong mask shows up as errors of ~1e-1).
 #include <gtest/gtest.h>
@@ -529,154 +530,482 @@ TEST(BackendOps, Rope) {
   EXPECT_THROW(be.one->rope(v.data(), 1, 1, 2, pos.data(), bad), Error);
 }
 
-// ---- attention ----------------------------------------------------------------------------------------
+// ---- KV store ops -------------------------------------------------------------------------------------
+//
+// The helpers take the backend under test as a Backend& so that another backend (CUDA) can be checked the
+// same way, and against the CPU backend (run the same writes on both and compare kv_read_page / outputs).
 
-struct TestPage {
-  std::vector<float> k, v, score;
-  std::vector<int32_t> pos;
-  bool with_score = false;
-};
+constexpr KVType kAllKVTypes[] = {KVType::F32, KVType::F16, KVType::BF16, KVType::Q8_0};
 
-struct TestJob {
-  int n_rows, head0, n_group, head_dim;
-  float scale;
-  int32_t sinks, window;
-  std::vector<int32_t> q_pos;
-  std::vector<TestPage> pages;
-};
-
-// Fills pages with the positions in `positions` (some replaced by -1 holes), random K/V.
-std::vector<TestPage> make_pages(const std::vector<int>& sizes, std::vector<int32_t> positions, int head_dim,
-                                 double hole_rate, bool score, std::mt19937& rng) {
-  std::shuffle(positions.begin(), positions.end(), rng);
-  std::uniform_real_distribution<double> u01(0, 1);
-  std::vector<TestPage> pages;
-  size_t next = 0;
-  for (int s : sizes) {
-    TestPage p;
-    p.k = random_vec(size_t(s * head_dim), rng, -1, 1);
-    p.v = random_vec(size_t(s * head_dim), rng, -2, 2);
-    p.pos.resize(size_t(s));
-    for (auto& ps : p.pos) ps = (next < positions.size() && u01(rng) >= hole_rate) ? positions[next++] : -1;
-    // Empty slots hold garbage: NaN K/V must never reach a result.
-    for (size_t i = 0; i < p.pos.size(); ++i)
-      if (p.pos[i] < 0)
-        for (int e = 0; e < head_dim; ++e) p.k[i * size_t(head_dim) + size_t(e)] = p.v[i * size_t(head_dim) + size_t(e)] = NAN;
-    p.with_score = score;
-    if (score) p.score = random_vec(size_t(s), rng, 0, 1);  // += must keep the old value
-    pages.push_back(std::move(p));
-  }
-  return pages;
+KVLayout make_layout(KVType t, int page_size, int head_dim, int32_t device_pages, int32_t host_pages, bool minmax,
+                     bool scores) {
+  KVLayout l;
+  l.type = t;
+  l.page_size = page_size;
+  l.head_dim = head_dim;
+  l.device_pages = device_pages;
+  l.host_pages = host_pages;
+  l.page_minmax = minmax;
+  l.slot_scores = scores;
+  return l;
 }
+
+// Test-local references for the stored value of x in each KV type.
+double bf16_rne(float x) {  // nearest bf16, ties to even (x finite, no overflow)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t lo = u & 0xFFFF0000u, hi = lo + 0x10000u;
+  const double dl = std::fabs(bf16_to_double(uint16_t(lo >> 16)) - double(x));
+  const double dh = std::fabs(bf16_to_double(uint16_t(hi >> 16)) - double(x));
+  if (dl < dh) return bf16_to_double(uint16_t(lo >> 16));
+  if (dh < dl) return bf16_to_double(uint16_t(hi >> 16));
+  return ((lo >> 16) & 1) ? bf16_to_double(uint16_t(hi >> 16)) : bf16_to_double(uint16_t(lo >> 16));
+}
+// llama.cpp quantize_row_q8_0_ref followed by dequantization, for a row of n (multiple of 32) floats.
+std::vector<double> q8_0_reference(const float* x, int n) {
+  std::vector<double> out;
+  for (int b = 0; b < n / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const double dh = half_to_double(double_to_half(d));
+    for (int j = 0; j < 32; ++j) out.push_back(dh * double(std::roundf(x[b * 32 + j] * id)));
+  }
+  return out;
+}
+std::vector<double> stored_reference(KVType t, const float* x, int n) {
+  if (t == KVType::Q8_0) return q8_0_reference(x, n);
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i)
+    out[size_t(i)] = t == KVType::F32 ? double(x[i]) : t == KVType::F16 ? half_to_double(double_to_half(x[i])) : bf16_rne(x[i]);
+  return out;
+}
+
+// One page read back as floats.
+struct PageData {
+  std::vector<float> k, v;
+  std::vector<int32_t> pos;
+};
+PageData read_page(Backend& be, KVStore& kv, int32_t id) {
+  const KVLayout& l = kv.layout();
+  PageData p;
+  p.k.resize(size_t(l.page_size) * size_t(l.head_dim));
+  p.v.resize(p.k.size());
+  p.pos.resize(size_t(l.page_size));
+  be.kv_read_page(kv, id, p.k.data(), p.v.data(), p.pos.data());
+  return p;
+}
+std::vector<float> read_scores(Backend& be, KVStore& kv, std::vector<int32_t> ids) {
+  std::vector<float> s(ids.size() * size_t(kv.layout().page_size), NAN);
+  be.kv_read_scores(kv, ids, s.data());
+  return s;
+}
+
+// Rows for kv_store: one KV head, slot and position per row.
+struct KVWrites {
+  std::vector<float> k, v;
+  std::vector<int32_t> slots, pos;
+};
+void store_writes(Backend& be, KVStore& kv, const KVWrites& w) {
+  if (w.slots.empty()) return;
+  const int D = kv.layout().head_dim;
+  DeviceArray<float> k(be, w.k.size()), v(be, w.v.size());
+  DeviceArray<int32_t> slots(be, w.slots.size()), pos(be, w.pos.size());
+  k.upload(w.k.data(), w.k.size());
+  v.upload(w.v.data(), w.v.size());
+  slots.upload(w.slots.data(), w.slots.size());
+  pos.upload(w.pos.data(), w.pos.size());
+  ASSERT_EQ(w.k.size(), w.slots.size() * size_t(D));
+  be.kv_store(kv, k.get(), v.get(), int64_t(w.slots.size()), 1, slots.get(), pos.get());
+}
+
+TEST(BackendOps, KVFreshStoreIsEmpty) {
+  auto be = make_cpu_backend(2);
+  for (KVType t : kAllKVTypes) {
+    const KVLayout l = make_layout(t, 16, 64, 3, 2, true, true);
+    auto kv = be->kv_create(l);
+    EXPECT_EQ(kv->layout().total_pages(), 5);
+    for (int32_t id = 0; id < 5; ++id) {
+      const PageData p = read_page(*be, *kv, id);
+      for (int32_t ps : p.pos) ASSERT_EQ(ps, -1) << "type " << kv_type_name(t) << " page " << id;
+    }
+    for (float s : read_scores(*be, *kv, {0, 1, 2, 3, 4})) ASSERT_EQ(s, 0.0f);
+  }
+  // A big store costs no RSS for its K/V capacity, so creating it is cheap (and its positions read -1).
+  auto big = be->kv_create(make_layout(KVType::F16, 32, 128, 20000, 0, false, false));
+  const PageData p = read_page(*be, *big, 19999);
+  for (int32_t ps : p.pos) ASSERT_EQ(ps, -1);
+}
+
+TEST(BackendOps, KVCreateRejects) {
+  auto be = make_cpu_backend(1);
+  try {
+    be->kv_create(make_layout(KVType::Q8_0, 16, 72, 2, 0, false, false));
+    ADD_FAILURE() << "q8_0 with head_dim 72 must throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("72"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(be->kv_create(make_layout(KVType::F16, 0, 64, 2, 0, false, false)), Error);
+  EXPECT_THROW(be->kv_create(make_layout(KVType::F16, 16, 64, -1, 0, false, false)), Error);
+  EXPECT_THROW(be->kv_create(make_layout(KVType::F16, 1 << 20, 64, 1 << 12, 0, false, false)), Error);  // int32 slots
+  auto kv = be->kv_create(make_layout(KVType::F32, 4, 32, 2, 1, false, false));
+  const std::vector<int32_t> bad = {3};
+  EXPECT_THROW(be->kv_reset(*kv, bad), Error);
+  EXPECT_THROW(read_page(*be, *kv, -1), Error);
+  EXPECT_THROW(read_scores(*be, *kv, {0}), Error);  // no slot scores kept
+  const std::vector<PageCopy> pc = {{0, 3}};
+  EXPECT_THROW(be->kv_copy_pages(*kv, pc), Error);
+  const std::vector<SlotCopy> sc = {{0, 12}};
+  EXPECT_THROW(be->kv_copy_slots(*kv, sc), Error);
+  std::vector<float> k(32), v(32);
+  const int32_t slot = 12, pos = 0;
+  EXPECT_THROW(be->kv_store(*kv, k.data(), v.data(), 1, 1, &slot, &pos), Error);
+}
+
+// kv_store converts exactly as the reference (F16/BF16 nearest-even, Q8_0 like llama.cpp), puts rows at
+// their slots (two KV heads per row, some slots -1), and only there.
+TEST(BackendOps, KVStoreRoundTrip) {
+  auto be = make_cpu_backend(2);
+  std::mt19937 rng(40);
+  for (KVType t : kAllKVTypes)
+    for (int D : {64, 40, 128}) {
+      if (!kv_type_fits(t, D).empty()) continue;
+      SCOPED_TRACE(testing::Message() << "type " << kv_type_name(t) << " head_dim " << D);
+      const int P = 8;
+      auto kv = be->kv_create(make_layout(t, P, D, 3, 2, true, true));
+      const int n_rows = 9, n_kv = 2;
+      std::vector<float> k = random_vec(size_t(n_rows * n_kv * D), rng, -3, 3), v = random_vec(k.size(), rng, -3, 3);
+      // Halfway cases: F16 ties (1 + 2^-11, 1 + 3*2^-11), BF16 ties (1 + 2^-8, 1 + 3*2^-8), Q8_0 ties
+      // (amax 127 -> d 1, x*id = 2.5 / -3.5 / 0.5 round away from zero), zero, subnormal-free small values.
+      // Q8_0 ties in the first block of 32, the others in the second.
+      const float q8_ties[] = {127.0f, 2.5f, -3.5f, 0.5f};
+      const float ties[] = {1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048, 1.0f + 1.0f / 256, -(1.0f + 3.0f / 256),
+                            0.0f, -0.0f, 1e-3f, 60000.0f};
+      for (size_t i = 0; i < std::size(q8_ties); ++i) k[i] = q8_ties[i];
+      for (size_t i = 0; i < std::size(ties); ++i) k[32 + i] = v[size_t(D) + 32 + i] = ties[i];
+      std::vector<int32_t> slots(size_t(n_rows * n_kv)), pos(static_cast<size_t>(n_rows));
+      std::vector<int32_t> all_slots(size_t(5 * P));
+      std::iota(all_slots.begin(), all_slots.end(), 0);
+      std::shuffle(all_slots.begin(), all_slots.end(), rng);
+      for (size_t i = 0; i < slots.size(); ++i) slots[i] = i % 5 == 3 ? -1 : all_slots[i];
+      for (int r = 0; r < n_rows; ++r) pos[size_t(r)] = 100 + 7 * r;
+      be->kv_store(*kv, k.data(), v.data(), n_rows, n_kv, slots.data(), pos.data());
+      std::vector<int> written(size_t(5 * P), -1);  // global slot -> row*n_kv + head
+      for (size_t i = 0; i < slots.size(); ++i)
+        if (slots[i] >= 0) written[size_t(slots[i])] = int(i);
+      for (int32_t id = 0; id < 5; ++id) {
+        const PageData p = read_page(*be, *kv, id);
+        for (int s = 0; s < P; ++s) {
+          const int w = written[size_t(id * P + s)];
+          if (w < 0) {
+            ASSERT_EQ(p.pos[size_t(s)], -1) << "page " << id << " slot " << s;
+            continue;
+          }
+          ASSERT_EQ(p.pos[size_t(s)], pos[size_t(w / n_kv)]);
+          const std::vector<double> kr = stored_reference(t, k.data() + size_t(w) * size_t(D), D);
+          const std::vector<double> vr = stored_reference(t, v.data() + size_t(w) * size_t(D), D);
+          for (int e = 0; e < D; ++e) {
+            ASSERT_EQ(double(p.k[size_t(s * D + e)]), kr[size_t(e)]) << "K page " << id << " slot " << s << " dim " << e;
+            ASSERT_EQ(double(p.v[size_t(s * D + e)]), vr[size_t(e)]) << "V page " << id << " slot " << s << " dim " << e;
+          }
+        }
+      }
+      if (t == KVType::Q8_0) {  // the ties themselves, spelled out
+        const PageData p = read_page(*be, *kv, slots[0] / P);
+        const float* k0 = p.k.data() + size_t(slots[0] % P) * size_t(D);
+        EXPECT_EQ(k0[1], 3.0f);
+        EXPECT_EQ(k0[2], -4.0f);
+        EXPECT_EQ(k0[3], 1.0f);
+      }
+      if (t == KVType::F16) {
+        const PageData p = read_page(*be, *kv, slots[0] / P);
+        const float* k0 = p.k.data() + size_t(slots[0] % P) * size_t(D);
+        EXPECT_EQ(k0[32], 1.0f);                // 1 + 2^-11 -> even 1
+        EXPECT_EQ(k0[33], 1.0f + 2.0f / 1024);  // 1 + 3*2^-11 -> even 1 + 2^-9
+      }
+    }
+}
+
+// Page and slot copies move K, V, positions and scores; copies run in order; reset empties.
+TEST(BackendOps, KVCopyPagesSlotsAndReset) {
+  auto be = make_cpu_backend(2);
+  std::mt19937 rng(41);
+  for (KVType t : kAllKVTypes) {
+    SCOPED_TRACE(testing::Message() << "type " << kv_type_name(t));
+    const int P = 8, D = 64;
+    auto kv = be->kv_create(make_layout(t, P, D, 3, 3, true, true));
+    KVWrites w;
+    for (int s = 0; s < 2 * P; ++s) {  // pages 0 and 1 full, positions 0..15
+      if (s == 5) continue;            // a hole in page 0
+      w.slots.push_back(s);
+      w.pos.push_back(s);
+    }
+    w.k = random_vec(w.slots.size() * D, rng);
+    w.v = random_vec(w.slots.size() * D, rng);
+    store_writes(*be, *kv, w);
+    // Nonzero scores: one decode row attending pages 0 and 1 with score accumulation.
+    std::vector<float> q = random_vec(D, rng), out(D);
+    std::vector<int32_t> qpos = {100}, ids = {0, 1};
+    AttnJob job;
+    job.n_rows = 1;
+    job.n_pages = 2;
+    job.score = 1;
+    AttnBatch b;
+    b.q = q.data();
+    b.q_stride = D;
+    b.q_pos = qpos.data();
+    b.out = out.data();
+    b.out_stride = D;
+    b.head_dim = D;
+    b.scale = 0.125f;
+    b.jobs = &job;
+    b.n_jobs = 1;
+    b.page_ids = ids.data();
+    be->attention(*kv, b);
+    const std::vector<float> sc01 = read_scores(*be, *kv, {0, 1});
+    for (int s = 0; s < 2 * P; ++s) ASSERT_EQ(sc01[size_t(s)] > 0, s != 5) << s;
+    const PageData p0 = read_page(*be, *kv, 0), p1 = read_page(*be, *kv, 1);
+
+    // Page copies, in order: 0 -> 4 (host tier), then 4 -> 2, then 1 -> 0 (0's old content survives in 2).
+    const std::vector<PageCopy> pc = {{0, 4}, {4, 2}, {1, 0}, {3, 3}};
+    be->kv_copy_pages(*kv, pc);
+    for (int32_t id : {4, 2}) {
+      const PageData p = read_page(*be, *kv, id);
+      EXPECT_TRUE(bitwise_equal(p.k, p0.k));  // bitwise: the hole (slot 5) holds whatever was there
+      EXPECT_TRUE(bitwise_equal(p.v, p0.v));
+      EXPECT_EQ(p.pos, p0.pos);
+      const std::vector<float> s = read_scores(*be, *kv, {id});
+      EXPECT_TRUE(std::equal(s.begin(), s.end(), sc01.begin())) << "page " << id;
+    }
+    {
+      const PageData p = read_page(*be, *kv, 0);
+      EXPECT_TRUE(bitwise_equal(p.k, p1.k));
+      EXPECT_EQ(p.pos, p1.pos);
+      const std::vector<float> s = read_scores(*be, *kv, {0});
+      EXPECT_TRUE(std::equal(s.begin(), s.end(), sc01.begin() + P));
+    }
+    // Slot copies, in order: compaction within page 2 (slot 6 -> 5, then 7 -> 6) and across pages
+    // (page 1 slot 3 -> page 5 slot 0, then page 5 slot 0 -> page 5 slot 1).
+    const std::vector<SlotCopy> cp = {{2 * P + 6, 2 * P + 5}, {2 * P + 7, 2 * P + 6}, {1 * P + 3, 5 * P}, {5 * P, 5 * P + 1}};
+    be->kv_copy_slots(*kv, cp);
+    const PageData p2 = read_page(*be, *kv, 2), p5 = read_page(*be, *kv, 5);
+    const std::vector<float> s2 = read_scores(*be, *kv, {2}), s5 = read_scores(*be, *kv, {5});
+    auto row_eq = [&](const std::vector<float>& a, int sa, const std::vector<float>& b_, int sb) {
+      return std::equal(a.begin() + sa * D, a.begin() + (sa + 1) * D, b_.begin() + sb * D);
+    };
+    EXPECT_TRUE(row_eq(p2.k, 5, p0.k, 6) && row_eq(p2.v, 5, p0.v, 6));
+    EXPECT_TRUE(row_eq(p2.k, 6, p0.k, 7) && row_eq(p2.v, 6, p0.v, 7));
+    EXPECT_TRUE(row_eq(p2.k, 7, p0.k, 7));  // the source stays
+    EXPECT_EQ(p2.pos[5], 6);
+    EXPECT_EQ(p2.pos[6], 7);
+    EXPECT_EQ(p2.pos[7], 7);
+    EXPECT_EQ(s2[5], sc01[6]);
+    EXPECT_EQ(s2[6], sc01[7]);
+    for (int s : {0, 1}) {
+      EXPECT_TRUE(row_eq(p5.k, s, p1.k, 3) && row_eq(p5.v, s, p1.v, 3)) << s;
+      EXPECT_EQ(p5.pos[size_t(s)], 11);
+      EXPECT_EQ(s5[size_t(s)], sc01[size_t(P + 3)]);
+    }
+    for (int s = 2; s < P; ++s) EXPECT_EQ(p5.pos[size_t(s)], -1);
+
+    const std::vector<int32_t> rs = {2, 5};
+    be->kv_reset(*kv, rs);
+    for (int32_t id : rs) {
+      const PageData p = read_page(*be, *kv, id);
+      for (int32_t ps : p.pos) EXPECT_EQ(ps, -1);
+      for (float s : read_scores(*be, *kv, {id})) EXPECT_EQ(s, 0.0f);
+    }
+    EXPECT_EQ(read_page(*be, *kv, 4).pos, p0.pos);  // untouched
+  }
+}
+
+// ---- attention ----------------------------------------------------------------------------------------
 
 bool allowed(int32_t ps, int32_t qp, int32_t sinks, int32_t window) {
   if (ps < 0 || ps > qp) return false;
   return window == 0 || ps < sinks || int64_t(ps) > int64_t(qp) - window;
 }
 
-// Runs the jobs on a backend: returns out and the final score arrays (pages are copied, not modified).
-struct AttnResult {
-  std::vector<float> out;
-  std::vector<std::vector<float>> scores;  // per job, concatenated pages
+struct TestJob {
+  int32_t row0, n_rows, kv_head;
+  std::vector<int32_t> pages;  // ids
+  int32_t sinks = 0, window = 0;
+  bool score = false;
 };
 
-AttnResult run_attention(Backend& be, const std::vector<TestJob>& tj, const std::vector<float>& q, int n_rows,
-                         int n_heads, int head_dim) {
-  AttnResult res;
-  res.out.assign(size_t(n_rows * n_heads * head_dim), NAN);
-  std::vector<std::vector<TestPage>> pages;
-  for (const auto& j : tj) pages.push_back(j.pages);
-  std::vector<std::vector<AttnPage>> views(tj.size());
+// A batch: step rows (q, positions), query heads n_kv * group, the store's contents (writes) and the jobs.
+struct AttnCase {
+  KVLayout layout;
+  int n_rows = 0, n_kv = 0, group = 1;
+  float scale = 0.125f;
+  std::vector<int32_t> q_pos;
+  std::vector<float> q;
+  KVWrites writes;
+  std::vector<TestJob> jobs;
+};
+
+// Writes positions (shuffled, a share of them dropped as holes) into the slots of `ids` in order, random K/V;
+// some holes get garbage rows with position -1 (NaN for float types) that must never reach a result.
+void fill_pages(AttnCase& c, const std::vector<int32_t>& ids, std::vector<int32_t> positions, double hole_rate,
+                std::mt19937& rng) {
+  const int P = c.layout.page_size, D = c.layout.head_dim;
+  std::shuffle(positions.begin(), positions.end(), rng);
+  std::uniform_real_distribution<double> u01(0, 1);
+  const float garbage = c.layout.type == KVType::Q8_0 ? 1e4f : NAN;
+  size_t next = 0;
+  for (int32_t id : ids)
+    for (int s = 0; s < P; ++s) {
+      const bool real = next < positions.size() && u01(rng) >= hole_rate;
+      if (!real && u01(rng) < 0.5) continue;  // never written
+      c.writes.slots.push_back(id * P + s);
+      c.writes.pos.push_back(real ? positions[next++] : -1);
+      const std::vector<float> k = random_vec(size_t(D), rng, -1, 1), v = random_vec(size_t(D), rng, -2, 2);
+      for (int e = 0; e < D; ++e) {
+        c.writes.k.push_back(real ? k[size_t(e)] : garbage);
+        c.writes.v.push_back(real ? v[size_t(e)] : garbage);
+      }
+    }
+}
+
+struct AttnResult {
+  std::vector<float> out;
+  std::vector<std::vector<float>> scores;  // per job: its pages' scores after the run
+};
+
+// Runs the case on a backend (a fresh store; attention runs `runs` times, so scores accumulate).
+AttnResult run_attention(Backend& be, const AttnCase& c, int runs = 1) {
+  auto kv = be.kv_create(c.layout);
+  store_writes(be, *kv, c.writes);
+  const int D = c.layout.head_dim, H = c.n_kv * c.group;
   std::vector<AttnJob> jobs;
-  for (size_t ji = 0; ji < tj.size(); ++ji) {
-    for (auto& p : pages[ji])
-      views[ji].push_back({p.k.data(), p.v.data(), p.pos.data(), p.with_score ? p.score.data() : nullptr,
-                           int(p.pos.size())});
+  std::vector<int32_t> ids;
+  for (const TestJob& tj : c.jobs) {
     AttnJob j;
-    j.n_rows = tj[ji].n_rows;
-    j.q = q.data();
-    j.q_stride = int64_t(n_heads) * head_dim;
-    j.q_pos = tj[ji].q_pos.data();
-    j.head0 = tj[ji].head0;
-    j.n_group = tj[ji].n_group;
-    j.head_dim = head_dim;
-    j.scale = tj[ji].scale;
-    j.sinks = tj[ji].sinks;
-    j.window = tj[ji].window;
-    j.pages = views[ji];
-    j.out = res.out.data();
-    j.out_stride = int64_t(n_heads) * head_dim;
+    j.row0 = tj.row0;
+    j.n_rows = tj.n_rows;
+    j.kv_head = tj.kv_head;
+    j.page0 = int32_t(ids.size());
+    j.n_pages = int32_t(tj.pages.size());
+    j.sinks = tj.sinks;
+    j.window = tj.window;
+    j.score = tj.score;
+    ids.insert(ids.end(), tj.pages.begin(), tj.pages.end());
     jobs.push_back(j);
   }
-  be.attention(jobs);
-  for (auto& ps : pages) {
-    std::vector<float> s;
-    for (auto& p : ps) s.insert(s.end(), p.score.begin(), p.score.end());
-    res.scores.push_back(std::move(s));
-  }
+  DeviceArray<float> q(be, c.q.size() + 1), out(be, size_t(c.n_rows) * H * D + 1);
+  DeviceArray<int32_t> qpos(be, c.q_pos.size() + 1), dids(be, ids.size() + 1);
+  DeviceArray<AttnJob> djobs(be, jobs.size() + 1);
+  q.upload(c.q.data(), c.q.size());
+  qpos.upload(c.q_pos.data(), c.q_pos.size());
+  dids.upload(ids.data(), ids.size());
+  djobs.upload(jobs.data(), jobs.size());
+  AttnResult res;
+  res.out.assign(size_t(c.n_rows) * H * D, NAN);
+  out.upload(res.out.data(), res.out.size());
+  AttnBatch b;
+  b.q = q.get();
+  b.q_stride = int64_t(H) * D;
+  b.q_pos = qpos.get();
+  b.out = out.get();
+  b.out_stride = int64_t(H) * D;
+  b.n_group = c.group;
+  b.head_dim = D;
+  b.scale = c.scale;
+  b.jobs = djobs.get();
+  b.n_jobs = int32_t(jobs.size());
+  b.page_ids = dids.get();
+  for (int i = 0; i < runs; ++i) be.attention(*kv, b);
+  be.download(res.out.data(), out.get(), res.out.size() * 4);
+  for (const TestJob& tj : c.jobs)
+    res.scores.push_back(c.layout.slot_scores ? read_scores(be, *kv, tj.pages) : std::vector<float>{});
   return res;
 }
 
-void check_attention(const std::vector<TestJob>& tj, int n_rows, int n_heads, int head_dim, std::mt19937& rng) {
-  Backends be;
-  const std::vector<float> q = random_vec(size_t(n_rows * n_heads * head_dim), rng, -2, 2);
-  const AttnResult r1 = run_attention(*be.one, tj, q, n_rows, n_heads, head_dim);
-  const AttnResult r2 = run_attention(*be.two, tj, q, n_rows, n_heads, head_dim);
-  ASSERT_TRUE(bitwise_equal(r1.out, r2.out)) << "1 and 2 threads differ (out)";
-  for (size_t ji = 0; ji < tj.size(); ++ji) ASSERT_TRUE(bitwise_equal(r1.scores[ji], r2.scores[ji])) << "scores differ";
-
-  for (size_t ji = 0; ji < tj.size(); ++ji) {
-    const TestJob& job = tj[ji];
-    std::vector<double> score_ref;  // per slot of the job's pages; only pages with score_acc are checked
-    std::vector<bool> has_score;
-    for (const auto& p : job.pages)
-      for (size_t s = 0; s < p.pos.size(); ++s) {
-        score_ref.push_back(p.with_score ? p.score[s] : 0.0);
-        has_score.push_back(p.with_score);
-      }
+// Float64 reference from the stored K/V (read back from the backend's store) against the backend's result.
+void check_against_reference(Backend& be, const AttnCase& c, const AttnResult& res, int runs) {
+  auto kv = be.kv_create(c.layout);
+  store_writes(be, *kv, c.writes);
+  const int D = c.layout.head_dim, H = c.n_kv * c.group, P = c.layout.page_size;
+  std::vector<bool> row_done(size_t(c.n_rows) * H, false);
+  for (size_t ji = 0; ji < c.jobs.size(); ++ji) {
+    const TestJob& job = c.jobs[ji];
+    std::vector<PageData> pages;
     double vmax = 0;
-    for (const auto& p : job.pages)
-      for (float v : p.v) vmax = std::max(vmax, double(std::fabs(v)));
-    for (int r = 0; r < job.n_rows; ++r)
-      for (int h = job.head0; h < job.head0 + job.n_group; ++h) {
-        const float* qv = q.data() + size_t((r * n_heads + h) * head_dim);
-        // Scores of allowed slots, in double.
-        std::vector<std::pair<double, const float*>> sv;  // (score, v row)
+    for (int32_t id : job.pages) {
+      pages.push_back(read_page(be, *kv, id));
+      for (int s = 0; s < P; ++s)
+        if (pages.back().pos[size_t(s)] >= 0)
+          for (int e = 0; e < D; ++e) vmax = std::max(vmax, double(std::fabs(pages.back().v[size_t(s * D + e)])));
+    }
+    std::vector<double> score_ref(job.pages.size() * size_t(P), 0.0);
+    for (int r = job.row0; r < job.row0 + job.n_rows; ++r)
+      for (int h = job.kv_head * c.group; h < (job.kv_head + 1) * c.group; ++h) {
+        row_done[size_t(r * H + h)] = true;
+        const float* qv = c.q.data() + size_t((r * H + h) * D);
+        std::vector<std::pair<double, const float*>> sv;
         std::vector<size_t> slot_index;
-        size_t base = 0;
-        for (const auto& p : job.pages) {
-          for (size_t s = 0; s < p.pos.size(); ++s)
-            if (allowed(p.pos[s], job.q_pos[size_t(r)], job.sinks, job.window)) {
+        for (size_t pi = 0; pi < pages.size(); ++pi)
+          for (int s = 0; s < P; ++s)
+            if (allowed(pages[pi].pos[size_t(s)], c.q_pos[size_t(r)], job.sinks, job.window)) {
               double d = 0;
-              for (int e = 0; e < head_dim; ++e) d += double(qv[e]) * p.k[s * size_t(head_dim) + size_t(e)];
-              sv.push_back({d * job.scale, p.v.data() + s * size_t(head_dim)});
-              slot_index.push_back(base + s);
+              for (int e = 0; e < D; ++e) d += double(qv[e]) * pages[pi].k[size_t(s * D + e)];
+              sv.push_back({d * c.scale, pages[pi].v.data() + size_t(s * D)});
+              slot_index.push_back(pi * size_t(P) + size_t(s));
             }
-          base += p.pos.size();
-        }
-        const float* out = r1.out.data() + size_t((r * n_heads + h) * head_dim);
+        const float* out = res.out.data() + size_t((r * H + h) * D);
         if (sv.empty()) {
-          for (int e = 0; e < head_dim; ++e) ASSERT_EQ(out[e], 0.0f) << "row without allowed slot must be zero";
+          for (int e = 0; e < D; ++e) ASSERT_EQ(out[e], 0.0f) << "row without allowed slot must be zero";
           continue;
         }
         double mx = -INFINITY, sum = 0;
         for (auto& s : sv) mx = std::max(mx, s.first);
         for (auto& s : sv) sum += std::exp(s.first - mx);
-        for (int e = 0; e < head_dim; ++e) {
+        for (int e = 0; e < D; ++e) {
           double ref = 0;
           for (auto& s : sv) ref += std::exp(s.first - mx) / sum * s.second[e];
           ASSERT_NEAR(out[e], ref, 1e-5 * vmax) << "job " << ji << " row " << r << " head " << h << " dim " << e;
         }
-        for (size_t t = 0; t < sv.size(); ++t) score_ref[slot_index[t]] += std::exp(sv[t].first - mx) / sum;
+        for (size_t t = 0; t < sv.size(); ++t) score_ref[slot_index[t]] += runs * std::exp(sv[t].first - mx) / sum;
       }
-    size_t checked = 0;
-    for (size_t s = 0; s < score_ref.size(); ++s)
-      if (has_score[s]) {
-        ASSERT_NEAR(r1.scores[ji][checked], score_ref[s], 1e-5 * (1 + std::fabs(score_ref[s])))
-            << "job " << ji << " slot " << s;
-        ++checked;
+    if (c.layout.slot_scores) {
+      ASSERT_EQ(res.scores[ji].size(), score_ref.size());
+      for (size_t s = 0; s < score_ref.size(); ++s) {
+        const double expect = job.score ? score_ref[s] : 0.0;  // kv_store starts every slot at 0
+        ASSERT_NEAR(res.scores[ji][s], expect, 1e-5 * (1 + std::fabs(expect))) << "job " << ji << " slot " << s;
       }
-    ASSERT_EQ(checked, r1.scores[ji].size());
+    }
+  }
+  for (size_t i = 0; i < row_done.size(); ++i) {  // outputs nobody wrote stay untouched
+    if (row_done[i]) continue;
+    for (int e = 0; e < D; ++e) ASSERT_TRUE(std::isnan(res.out[i * size_t(D) + size_t(e)])) << "row*head " << i;
+  }
+}
+
+// Every KV type the head_dim allows: the backend with 1, 2, 3 threads bitwise equal, and against the
+// float64 reference.
+void check_attention(AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
+  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
+  c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
+  for (KVType t : types) {
+    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+    SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
+    AttnCase ct = c;
+    ct.layout.type = t;
+    if (t == KVType::Q8_0)  // garbage that Q8_0 can hold
+      for (size_t i = 0; i < ct.writes.k.size(); ++i)
+        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
+    const int runs = 2;
+    auto one = make_cpu_backend(1), two = make_cpu_backend(2), three = make_cpu_backend(3);
+    const AttnResult r1 = run_attention(*one, ct, runs);
+    const AttnResult r2 = run_attention(*two, ct, runs);
+    const AttnResult r3 = run_attention(*three, ct, runs);
+    ASSERT_TRUE(bitwise_equal(r1.out, r2.out) && bitwise_equal(r1.out, r3.out)) << "thread counts differ (out)";
+    for (size_t ji = 0; ji < ct.jobs.size(); ++ji)
+      ASSERT_TRUE(bitwise_equal(r1.scores[ji], r2.scores[ji]) && bitwise_equal(r1.scores[ji], r3.scores[ji]))
+          << "thread counts differ (scores)";
+    check_against_reference(*two, ct, r2, runs);
   }
 }
 
@@ -686,101 +1015,336 @@ std::vector<int32_t> iota_vec(int n, int start = 0) {
   return v;
 }
 
-TEST(BackendOps, AttentionDecodeWithHoles) {
+TEST(BackendOps, AttentionDecodeWithHolesAndHostPages) {
   std::mt19937 rng(11);
-  const int D = 64, n_heads = 4;
-  // 2 KV heads x group 2; positions 0..179 scattered over 3 pages, ~20% holes; q at 150 so some slots
-  // hold "future" positions that causality must skip.
-  std::vector<TestJob> jobs;
-  for (int kv = 0; kv < 2; ++kv)
-    jobs.push_back({1, kv * 2, 2, D, 0.125f, 0, 0, {150}, make_pages({40, 64, 100}, iota_vec(180), D, 0.2, false, rng)});
-  check_attention(jobs, 1, n_heads, D, rng);
+  // 2 KV heads x group 2; positions 0..179 scattered over uneven page lists (device and host ids), ~20%
+  // holes; q at 150, so some slots hold "future" positions that causality must skip.
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 32, 64, 6, 6, false, true);
+  c.n_rows = 1, c.n_kv = 2, c.group = 2;
+  c.q_pos = {150};
+  const std::vector<int32_t> p0 = {3, 7, 0, 10, 1, 6, 11}, p1 = {2, 9, 4, 8};
+  fill_pages(c, p0, iota_vec(180), 0.2, rng);
+  fill_pages(c, p1, iota_vec(120), 0.05, rng);
+  c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 0, 0, false}};
+  check_attention(c, rng);
 }
 
 TEST(BackendOps, AttentionLongDecodeSplitWithScores) {
   std::mt19937 rng(12);
-  const int D = 128, n_heads = 8;
-  // 4200 slots (split-K path): pages of 256 plus a short one, group 4, evict scores, and sinks/window.
-  std::vector<TestJob> jobs;
-  std::vector<int> sizes(16, 256);
-  sizes.push_back(104);
-  for (int kv = 0; kv < 2; ++kv)
-    jobs.push_back({1, kv * 4, 4, D, 1.0f / std::sqrt(float(D)), kv == 0 ? 0 : 4, kv == 0 ? 0 : 1000, {4300},
-                    make_pages(sizes, iota_vec(4300), D, 0.05, true, rng)});
-  check_attention(jobs, 1, n_heads, D, rng);
+  // 17 pages of 256 per KV head (split-K path), group 4, scores, and sinks/window on the second head.
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 256, 128, 20, 20, false, true);
+  c.n_rows = 1, c.n_kv = 2, c.group = 4;
+  c.scale = 1.0f / std::sqrt(128.0f);
+  c.q_pos = {4300};
+  std::vector<int32_t> p0, p1;
+  for (int i = 0; i < 17; ++i) {
+    p0.push_back(i < 9 ? i : 11 + i);  // device ids, then host ids 20..27
+    p1.push_back(i < 10 ? 19 - i : 49 - i);
+  }
+  fill_pages(c, p0, iota_vec(4300), 0.05, rng);
+  fill_pages(c, p1, iota_vec(4300), 0.05, rng);
+  c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 4, 1000, true}};
+  check_attention(c, rng);
 }
 
 TEST(BackendOps, AttentionCausalPrefill) {
   std::mt19937 rng(13);
-  const int D = 64, n_heads = 4, n_rows = 37, past = 70;
+  const int n_rows = 37, past = 70;
   // Rows at positions past..past+36; the cache holds positions 0..past+36 (the new rows included) in
-  // pages of 32 with a few evicted slots. Group 2, and a second pass with sinks 4 / window 16.
+  // pages of 32 with a few holes. Group 2, and a second pass with sinks 4 / window 16.
   for (int32_t window : {0, 16}) {
-    std::vector<TestJob> jobs;
-    std::vector<int32_t> qpos = iota_vec(n_rows, past);
-    for (int kv = 0; kv < 2; ++kv)
-      jobs.push_back({n_rows, kv * 2, 2, D, 0.125f, window ? 4 : 0, window, qpos,
-                      make_pages({32, 32, 32, 11}, iota_vec(past + n_rows), D, 0.1, kv == 1, rng)});
-    check_attention(jobs, n_rows, n_heads, D, rng);
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 64, 8, 2, false, true);
+    c.n_rows = n_rows, c.n_kv = 2, c.group = 2;
+    c.q_pos = iota_vec(n_rows, past);
+    const std::vector<int32_t> p0 = {0, 1, 2, 8}, p1 = {5, 9, 3, 4};
+    fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
+    fill_pages(c, p1, iota_vec(past + n_rows), 0.1, rng);
+    c.jobs = {{0, n_rows, 0, p0, window ? 4 : 0, window, false}, {0, n_rows, 1, p1, window ? 4 : 0, window, true}};
+    check_attention(c, rng);
   }
 }
 
-TEST(BackendOps, AttentionOddHeadDimGroupsAndEmptyRows) {
+TEST(BackendOps, AttentionOddHeadDimsAndEmptyRows) {
   std::mt19937 rng(14);
-  const int D = 72, n_heads = 5;  // head_dim not a multiple of 16; groups 1 and 4
-  std::vector<TestJob> jobs;
-  // Row 1's position (-5) is before every slot: no allowed slot, zeros. Row 2 sees only slots < 3.
-  const std::vector<int32_t> qpos = {600, -5, 2};
-  jobs.push_back({3, 0, 1, D, 0.1f, 2, 50, qpos, make_pages({300, 400}, iota_vec(650), D, 0.1, true, rng)});
-  jobs.push_back({3, 1, 4, D, 0.1f, 0, 0, qpos, make_pages({16, 16, 700}, iota_vec(700), D, 0.3, true, rng)});
-  check_attention(jobs, 3, n_heads, D, rng);
-  // head_dim 96 (a multiple of 16 other than 64/128), prefill rows, group 3.
-  const int D2 = 96, rows2 = 11;
-  std::vector<TestJob> jobs2;
-  jobs2.push_back({rows2, 0, 3, D2, 0.1f, 0, 0, iota_vec(rows2, 40), make_pages({20, 40}, iota_vec(40 + rows2), D2, 0.1, true, rng)});
-  check_attention(jobs2, rows2, 3, D2, rng);
+  {
+    // head_dim 72 (not a multiple of 16, so no Q8_0); group 1; row 1's position (-5) is before every slot
+    // (zeros), row 2 sees only slots < 3; pages of 20 (chunks span pages).
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 20, 72, 70, 0, false, true);
+    c.n_rows = 3, c.n_kv = 2, c.group = 1;
+    c.q_pos = {600, -5, 2};
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 35; ++i) {
+      p0.push_back(i);
+      p1.push_back(69 - i);
+    }
+    fill_pages(c, p0, iota_vec(650), 0.1, rng);
+    fill_pages(c, p1, iota_vec(700), 0.3, rng);
+    c.jobs = {{0, 3, 0, p0, 2, 50, true}, {0, 3, 1, p1, 0, 0, true}};
+    check_attention(c, rng);
+  }
+  {
+    // head_dim 96 (a multiple of 32 other than 64/128), prefill rows, group 3.
+    const int rows = 11;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 16, 96, 4, 0, false, true);
+    c.n_rows = rows, c.n_kv = 1, c.group = 3;
+    c.scale = 0.1f;
+    c.q_pos = iota_vec(rows, 40);
+    fill_pages(c, {2, 0, 3, 1}, iota_vec(40 + rows), 0.1, rng);
+    c.jobs = {{0, rows, 0, {2, 0, 3, 1}, 0, 0, true}};
+    check_attention(c, rng);
+  }
 }
 
 TEST(BackendOps, AttentionNoPagesAndAllHoles) {
   std::mt19937 rng(15);
-  const int D = 64, n_heads = 2;
-  std::vector<TestJob> jobs;
-  jobs.push_back({2, 0, 1, D, 0.125f, 0, 0, {5, 9}, {}});
-  jobs.push_back({2, 1, 1, D, 0.125f, 0, 0, {5, 9}, make_pages({20}, {}, D, 1.0, true, rng)});
-  check_attention(jobs, 2, n_heads, D, rng);
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 16, 64, 2, 1, false, true);
+  c.n_rows = 2, c.n_kv = 2, c.group = 1;
+  c.q_pos = {5, 9};
+  fill_pages(c, {2}, {}, 1.0, rng);  // only garbage rows with position -1
+  c.jobs = {{0, 2, 0, {}, 0, 0, false}, {0, 2, 1, {2, 0}, 0, 0, true}};
+  check_attention(c, rng);
 }
 
 TEST(BackendOps, AttentionPrefillLongContextGqa4) {
   std::mt19937 rng(16);
-  const int D = 64, n_heads = 8, n_rows = 64, past = 1200;
-  std::vector<TestJob> jobs;
-  for (int kv = 0; kv < 2; ++kv)
-    jobs.push_back({n_rows, kv * 4, 4, D, 0.125f, 0, 0, iota_vec(n_rows, past),
-                    make_pages({512, 512, 240}, iota_vec(past + n_rows), D, 0.02, kv == 0, rng)});
-  check_attention(jobs, n_rows, n_heads, D, rng);
+  const int n_rows = 64, past = 1200;
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 128, 64, 12, 12, false, true);
+  c.n_rows = n_rows, c.n_kv = 2, c.group = 4;
+  c.q_pos = iota_vec(n_rows, past);
+  std::vector<int32_t> p0, p1;
+  for (int i = 0; i < 11; ++i) {
+    p0.push_back(i);
+    p1.push_back(12 + i);
+  }
+  fill_pages(c, p0, iota_vec(past + n_rows), 0.02, rng);
+  fill_pages(c, p1, iota_vec(past + n_rows), 0.02, rng);
+  c.jobs = {{0, n_rows, 0, p0, 0, 0, true}, {0, n_rows, 1, p1, 0, 0, false}};
+  check_attention(c, rng, {KVType::F32, KVType::F16, KVType::Q8_0});
 }
 
-// Pages smaller than a chunk (chunks then span pages), some with score_acc and some without; decode
-// (split-K over many tiny pages) and prefill rows.
-TEST(BackendOps, AttentionTinyPagesMixedScores) {
+// Several sequences in one batch (jobs over different row ranges): a decode row and a prefill block, tiny
+// pages (chunks span pages and pages end mid-chunk), scores on some jobs only, shared pages read by
+// two jobs without scores.
+TEST(BackendOps, AttentionMixedBatchTinyPages) {
   std::mt19937 rng(18);
-  const int D = 64, n_heads = 4;
-  std::vector<int> sizes;
-  for (int i = 0; i < 300; ++i) sizes.push_back(1 + int(rng() % 7));
-  for (int n_rows : {1, 9}) {
-    std::vector<TestJob> jobs;
-    std::vector<int32_t> qpos;
-    for (int r = 0; r < n_rows; ++r) qpos.push_back(1100 + r);
-    for (int kv = 0; kv < 2; ++kv) {
-      TestJob j{n_rows, kv * 2, 2, D, 0.125f, 3, kv == 0 ? 0 : 300, qpos,
-                make_pages(sizes, iota_vec(1100 + n_rows), D, 0.1, true, rng)};
-      for (size_t i = 1; i < j.pages.size(); i += 3) {
-        j.pages[i].with_score = false;
-        j.pages[i].score.clear();
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 5, 64, 400, 300, false, true);
+  c.n_rows = 1 + 9 + 3, c.n_kv = 2, c.group = 2;
+  c.q_pos = {1100};
+  for (int r = 0; r < 9; ++r) c.q_pos.push_back(300 + r);
+  for (int r = 0; r < 3; ++r) c.q_pos.push_back(20 + 2 * r);
+  std::vector<int32_t> ids(700);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  auto take = [&](size_t n) {
+    std::vector<int32_t> v(ids.end() - ptrdiff_t(n), ids.end());
+    ids.resize(ids.size() - n);
+    return v;
+  };
+  const std::vector<int32_t> a0 = take(240), a1 = take(240), b0 = take(65), b1 = take(62), shared = take(6);
+  fill_pages(c, a0, iota_vec(1101), 0.1, rng);
+  fill_pages(c, a1, iota_vec(1101), 0.1, rng);
+  fill_pages(c, b0, iota_vec(309), 0.05, rng);
+  fill_pages(c, b1, iota_vec(309), 0.05, rng);
+  fill_pages(c, shared, iota_vec(30), 0.0, rng);
+  c.jobs = {{0, 1, 0, a0, 3, 0, true},   {0, 1, 1, a1, 3, 300, false}, {1, 9, 0, b0, 0, 0, true},
+            {1, 9, 1, b1, 2, 64, false}, {10, 3, 0, shared, 0, 0, false}, {10, 3, 1, shared, 0, 4, false}};
+  check_attention(c, rng);
+}
+
+TEST(BackendOps, AttentionRejectsBadJobs) {
+  auto be = make_cpu_backend(1);
+  auto kv = be->kv_create(make_layout(KVType::F16, 16, 64, 2, 0, false, false));
+  std::vector<float> q(64), out(64);
+  std::vector<int32_t> qpos = {3}, ids = {2};
+  AttnJob job;
+  job.n_rows = 1;
+  job.n_pages = 1;
+  AttnBatch b;
+  b.q = q.data();
+  b.q_stride = 64;
+  b.q_pos = qpos.data();
+  b.out = out.data();
+  b.out_stride = 64;
+  b.head_dim = 64;
+  b.jobs = &job;
+  b.n_jobs = 1;
+  b.page_ids = ids.data();
+  EXPECT_THROW(be->attention(*kv, b), Error);  // page id 2 of 2 pages
+  ids[0] = 1;
+  job.score = 1;
+  EXPECT_THROW(be->attention(*kv, b), Error);  // scores without slot scores
+  job.score = 0;
+  b.head_dim = 32;
+  EXPECT_THROW(be->attention(*kv, b), Error);  // head_dim of another store
+  b.head_dim = 64;
+  be->attention(*kv, b);  // an empty page: zeros
+  for (float o : out) EXPECT_EQ(o, 0.0f);
+}
+
+// ---- select_pages -------------------------------------------------------------------------------------
+
+// Float64 Quest scores of pages (from their stored keys) for the group's heads of one query row.
+double quest_reference(const PageData& p, const float* q, int G, int D) {
+  std::vector<double> mn(size_t(D), INFINITY), mx(size_t(D), -INFINITY);
+  bool any = false;
+  for (size_t s = 0; s < p.pos.size(); ++s)
+    if (p.pos[s] >= 0) {
+      any = true;
+      for (int d = 0; d < D; ++d) {
+        mn[size_t(d)] = std::min(mn[size_t(d)], double(p.k[s * size_t(D) + size_t(d)]));
+        mx[size_t(d)] = std::max(mx[size_t(d)], double(p.k[s * size_t(D) + size_t(d)]));
       }
-      jobs.push_back(std::move(j));
     }
-    check_attention(jobs, n_rows, n_heads, D, rng);
+  if (!any) return -INFINITY;
+  double t = 0;
+  for (int h = 0; h < G; ++h)
+    for (int d = 0; d < D; ++d)
+      t += std::max(q[h * D + d] * mn[size_t(d)], q[h * D + d] * mx[size_t(d)]);
+  return t;
+}
+
+// Expected page list of a job after select_pages (the reference: sort candidates by score, ties earlier).
+std::vector<int32_t> expected_selection(const std::vector<int32_t>& pages, int cand0, int n_cand, int k,
+                                        const std::vector<double>& score, double* gap) {
+  std::vector<int> order(static_cast<size_t>(n_cand));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[size_t(a)] > score[size_t(b)]; });
+  *gap = INFINITY;
+  if (k < n_cand) *gap = score[size_t(order[size_t(k - 1)])] - score[size_t(order[size_t(k)])];
+  if (k >= n_cand) return pages;
+  std::vector<int> keep(order.begin(), order.begin() + k);
+  std::sort(keep.begin(), keep.end());
+  std::vector<int32_t> out(pages.begin(), pages.begin() + cand0);
+  for (int i : keep) out.push_back(pages[size_t(cand0 + i)]);
+  out.insert(out.end(), pages.begin() + cand0 + n_cand, pages.end());
+  return out;
+}
+
+TEST(BackendOps, SelectPagesQuest) {
+  std::mt19937 rng(19);
+  const int P = 4, D = 64, G = 2, n_kv = 2;
+  for (KVType t : kAllKVTypes) {
+    SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
+    const KVLayout l = make_layout(t, P, D, 300, 400, true, false);
+    // Jobs: (rows, pages, cand0, n_cand, k). Job 0: 3 rows (the last one selects), 10 pages, candidates
+    // 1..8, keep 3; page 4 scaled x3 (the best) and page 7 a copy of it (a tie: the earlier one wins when
+    // k = 1, job 1 over the same pages); job 2: k >= n_cand (unchanged); job 3: 320 candidates (the
+    // parallel path), keep 40; job 4: an empty candidate page (never better than a real one).
+    std::vector<std::vector<int32_t>> pages(5);
+    std::vector<int32_t> ids(700);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    size_t next = 0;
+    auto fresh = [&](size_t n) {
+      std::vector<int32_t> v(ids.begin() + ptrdiff_t(next), ids.begin() + ptrdiff_t(next + n));
+      next += n;
+      return v;
+    };
+    pages[0] = fresh(10);
+    pages[1] = pages[0];
+    pages[2] = fresh(5);
+    pages[3] = fresh(330);
+    pages[4] = fresh(6);
+    struct Sel {
+      int row0, n_rows, kv_head, cand0, n_cand, k;
+    };
+    const Sel sel[5] = {{0, 3, 0, 1, 8, 3}, {0, 3, 1, 1, 8, 1}, {3, 1, 0, 0, 5, 5}, {4, 1, 1, 5, 320, 40}, {5, 1, 0, 0, 6, 2}};
+    const int n_rows = 6;
+    std::vector<std::vector<int32_t>> results[3];
+    for (int th = 1; th <= 3; ++th) {
+      auto be = make_cpu_backend(th);
+      auto kv = be->kv_create(l);
+      std::mt19937 data_rng(77);  // the same store for every thread count
+      KVWrites w;
+      std::vector<int32_t> to_fill;
+      for (int j : {0, 2, 3, 4})
+        for (int32_t id : pages[size_t(j)]) to_fill.push_back(id);
+      for (int32_t id : to_fill) {
+        if (id == pages[4][2] || id == pages[0][6]) continue;  // empty page / filled by copy below
+        const int n = 1 + int(data_rng() % P);
+        const float scale = id == pages[0][3] ? 3.0f : 1.0f;
+        for (int s = 0; s < n; ++s) {
+          w.slots.push_back(id * P + s);
+          w.pos.push_back(s);
+          for (int d = 0; d < D; ++d) {
+            w.k.push_back(scale * std::uniform_real_distribution<float>(-1, 1)(data_rng));
+            w.v.push_back(0.0f);
+          }
+        }
+      }
+      store_writes(*be, *kv, w);
+      const std::vector<PageCopy> cp = {{pages[0][3], pages[0][6]}};
+      be->kv_copy_pages(*kv, cp);
+      const std::vector<float> q = random_vec(size_t(n_rows) * n_kv * G * D, data_rng, -1, 1);
+      std::vector<AttnJob> jobs;
+      std::vector<int32_t> flat;
+      for (int j = 0; j < 5; ++j) {
+        AttnJob a;
+        a.row0 = sel[j].row0;
+        a.n_rows = sel[j].n_rows;
+        a.kv_head = sel[j].kv_head;
+        a.page0 = int32_t(flat.size());
+        a.n_pages = int32_t(pages[size_t(j)].size());
+        a.cand0 = sel[j].cand0;
+        a.n_cand = sel[j].n_cand;
+        a.select_k = sel[j].k;
+        flat.insert(flat.end(), pages[size_t(j)].begin(), pages[size_t(j)].end());
+        jobs.push_back(a);
+      }
+      std::vector<int32_t> qpos(static_cast<size_t>(n_rows), 1000);
+      std::vector<float> out(q.size());
+      AttnBatch b;
+      b.q = q.data();
+      b.q_stride = int64_t(n_kv) * G * D;
+      b.q_pos = qpos.data();
+      b.out = out.data();
+      b.out_stride = b.q_stride;
+      b.n_group = G;
+      b.head_dim = D;
+      b.jobs = jobs.data();
+      b.n_jobs = 5;
+      b.page_ids = flat.data();
+      be->select_pages(*kv, b);
+      for (int j = 0; j < 5; ++j) {
+        const AttnJob& a = jobs[size_t(j)];
+        results[th - 1].emplace_back(flat.begin() + a.page0, flat.begin() + a.page0 + a.n_pages);
+      }
+      if (th > 1) continue;
+      // The reference, from the stored keys.
+      for (int j = 0; j < 5; ++j) {
+        SCOPED_TRACE(testing::Message() << "job " << j);
+        const Sel& s = sel[j];
+        const float* qr = q.data() + size_t(s.row0 + s.n_rows - 1) * size_t(b.q_stride) + size_t(s.kv_head * G * D);
+        std::vector<double> score;
+        for (int c = 0; c < s.n_cand; ++c)
+          score.push_back(quest_reference(read_page(*be, *kv, pages[size_t(j)][size_t(s.cand0 + c)]), qr, G, D));
+        double gap;
+        const std::vector<int32_t> expect = expected_selection(pages[size_t(j)], s.cand0, s.n_cand, s.k, score, &gap);
+        if (j != 1) {
+          ASSERT_GT(gap, 1e-4 * (1 + std::fabs(score[0]))) << "ambiguous test data";
+        }
+        EXPECT_EQ(results[0][size_t(j)], expect);
+      }
+      // The tie: job 1 keeps page 4 (index 3), not its copy at index 6; job 0 keeps both.
+      EXPECT_EQ(results[0][1], (std::vector<int32_t>{pages[0][0], pages[0][3], pages[0][9]}));
+      const auto& r0 = results[0][0];
+      EXPECT_NE(std::find(r0.begin(), r0.end(), pages[0][3]), r0.end());
+      EXPECT_NE(std::find(r0.begin(), r0.end(), pages[0][6]), r0.end());
+      EXPECT_EQ(jobs[2].n_pages, 5);
+      EXPECT_EQ(jobs[3].n_pages, 330 - 280);
+      const auto& r4 = results[0][4];
+      EXPECT_EQ(std::find(r4.begin(), r4.end(), pages[4][2]), r4.end()) << "an empty page was selected";
+    }
+    EXPECT_EQ(results[0], results[1]);
+    EXPECT_EQ(results[0], results[2]);
   }
 }
 

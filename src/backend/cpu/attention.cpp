@@ -22,7 +22,7 @@
 //   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots;
 //   * jobs with fewer rows (decode) and more than kSeg slots: split-K, one task per segment of kSeg
 //     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order.
-// Score accumulation (pages with score_acc, the `evict` policy) runs as a second pass once the final
+// Score accumulation (pages with a score array, the `evict` policy) runs as a second pass once the final
 // (m, l) of every pair is known: p = e^(s - m) / l is recomputed with the same score kernel (the same
 // scores bit for bit) and summed over the job's rows and heads per slot, one task per (job, segment), so
 // every slot is written by exactly one task.
@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 
+#include "backend/cpu/kv_store.h"
 #include "util/error.h"
 
 namespace headroom::cpu {
@@ -56,45 +57,78 @@ struct Piece {
 struct Chunk {
   int cnt = 0;
   int32_t pos[kChunk];
-  const float* k[kChunk];
+  const uint8_t* kr[kChunk];  // stored rows (in the KV type)
+  const uint8_t* vr[kChunk];
+  const float* k[kChunk];     // float rows: the stored ones (F32) or their conversions in the scratch
   const float* v[kChunk];
-  float* score[kChunk];  // score_acc slot, or null
+  float* score[kChunk];  // score slot, or null
   uint32_t scored = 0;   // bit s set iff score[s] is not null
 };
 
+// How a job's stored rows become the float rows the kernels read.
+struct KVConv {
+  KVType type = KVType::F32;
+  size_t rb = 0;            // bytes per stored row
+  float* kbuf = nullptr;    // kChunk rows of ld floats each (types other than F32)
+  float* vbuf = nullptr;
+  size_t ld = 0;
+  bool need_v = true;
+};
+
+// Points the chunk's float rows at the stored rows (F32) or converts the rows of real tokens (pos >= 0)
+// into the scratch; the rows of empty slots are never used in arithmetic that reaches a result.
+inline void convert_chunk(Chunk& c, const KVConv& cv, int D) {
+  if (cv.type == KVType::F32) {
+    std::memcpy(c.k, c.kr, sizeof(c.k));
+    std::memcpy(c.v, c.vr, sizeof(c.v));
+    return;
+  }
+  for (int i = 0; i < c.cnt; ++i) {
+    float* kd = cv.kbuf + size_t(i) * cv.ld;
+    float* vd = cv.vbuf + size_t(i) * cv.ld;
+    c.k[i] = kd;
+    c.v[i] = vd;
+    if (c.pos[i] < 0) continue;
+    kv_decode_row(cv.type, c.kr[i], D, kd);
+    if (cv.need_v) kv_decode_row(cv.type, c.vr[i], D, vd);
+  }
+}
+
 // A full chunk of slots [s, s + kChunk) of one page.
-inline void fill_chunk(Chunk& c, const AttnPage& page, int s, size_t D) {
+inline void fill_chunk(Chunk& c, const KernelPage& page, int s, size_t rb) {
   c.cnt = kChunk;
   std::memcpy(c.pos, page.pos + s, sizeof(c.pos));
 #if defined(HR_AVX512)
-  const __m512i step = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(int64_t(D * 4)));
-  const __m512i eight = _mm512_set1_epi64(int64_t(D * 4 * 8));
-  const __m512i k0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.k + size_t(s) * D)), step);
-  const __m512i v0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.v + size_t(s) * D)), step);
-  _mm512_storeu_si512(c.k, k0);
-  _mm512_storeu_si512(c.k + 8, _mm512_add_epi64(k0, eight));
-  _mm512_storeu_si512(c.v, v0);
-  _mm512_storeu_si512(c.v + 8, _mm512_add_epi64(v0, eight));
+  const __m512i step = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(int64_t(rb)));
+  const __m512i eight = _mm512_set1_epi64(int64_t(rb * 8));
+  const __m512i k0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.k + size_t(s) * rb)), step);
+  const __m512i v0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.v + size_t(s) * rb)), step);
+  _mm512_storeu_si512(c.kr, k0);
+  _mm512_storeu_si512(c.kr + 8, _mm512_add_epi64(k0, eight));
+  _mm512_storeu_si512(c.vr, v0);
+  _mm512_storeu_si512(c.vr + 8, _mm512_add_epi64(v0, eight));
 #else
   for (int i = 0; i < kChunk; ++i) {
-    c.k[i] = page.k + size_t(s + i) * D;
-    c.v[i] = page.v + size_t(s + i) * D;
+    c.kr[i] = page.k + size_t(s + i) * rb;
+    c.vr[i] = page.v + size_t(s + i) * rb;
   }
 #endif
-  for (int i = 0; i < kChunk; ++i) c.score[i] = page.score_acc ? page.score_acc + s + i : nullptr;
-  c.scored = page.score_acc ? 0xFFFFu : 0u;
+  for (int i = 0; i < kChunk; ++i) c.score[i] = page.score ? page.score + s + i : nullptr;
+  c.scored = page.score ? 0xFFFFu : 0u;
 }
 
 // Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
 template <typename F>
-void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&& f) {
-  const size_t D = size_t(job.head_dim);
+void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, F&& f) {
+  const size_t rb = cv.rb;
+  const int D = job.head_dim;
   Chunk c;
   for (size_t pi = 0; pi < n_pieces; ++pi) {
-    const AttnPage& page = job.pages[size_t(pieces[pi].page)];
+    const KernelPage& page = job.pages[size_t(pieces[pi].page)];
     for (int s = pieces[pi].s0; s < pieces[pi].s1; ++s) {
       if (c.cnt == 0 && s + kChunk <= pieces[pi].s1) {  // a whole chunk inside this page
-        fill_chunk(c, page, s, D);
+        fill_chunk(c, page, s, rb);
+        convert_chunk(c, cv, D);
         f(c);
         c.cnt = 0;
         c.scored = 0;
@@ -102,18 +136,22 @@ void for_each_chunk(const AttnJob& job, const Piece* pieces, size_t n_pieces, F&
         continue;
       }
       c.pos[c.cnt] = page.pos[s];
-      c.k[c.cnt] = page.k + size_t(s) * D;
-      c.v[c.cnt] = page.v + size_t(s) * D;
-      c.score[c.cnt] = page.score_acc ? page.score_acc + s : nullptr;
-      if (page.score_acc) c.scored |= 1u << c.cnt;
+      c.kr[c.cnt] = page.k + size_t(s) * rb;
+      c.vr[c.cnt] = page.v + size_t(s) * rb;
+      c.score[c.cnt] = page.score ? page.score + s : nullptr;
+      if (page.score) c.scored |= 1u << c.cnt;
       if (++c.cnt == kChunk) {
+        convert_chunk(c, cv, D);
         f(c);
         c.cnt = 0;
         c.scored = 0;
       }
     }
   }
-  if (c.cnt) f(c);
+  if (c.cnt) {
+    convert_chunk(c, cv, D);
+    f(c);
+  }
 }
 
 // ---- per-pair running state -----------------------------------------------------------------------------
@@ -136,13 +174,20 @@ struct ChunkScratch {
   float* scores;  // pairs x 16: raw dots, then probabilities
   float* alpha;   // pairs
   float* kt;      // kMaxTransposedDim x 16 (transposed K chunk)
+  float* kconv;   // kChunk x conv_ld(D): K rows converted from the KV type
+  float* vconv;
 };
-inline size_t chunk_scratch_floats(size_t pairs) { return pairs * 16 + (pairs + 15) / 16 * 16 + kMaxTransposedDim * 16; }
-ChunkScratch make_chunk_scratch(float* base, size_t pairs) {
+inline size_t conv_ld(int D) { return (size_t(D) + 15) / 16 * 16; }
+inline size_t chunk_scratch_floats(size_t pairs, int D) {
+  return kMaxTransposedDim * 16 + pairs * 16 + (pairs + 15) / 16 * 16 + 2 * kChunk * conv_ld(D);
+}
+ChunkScratch make_chunk_scratch(float* base, size_t pairs, int D) {
   ChunkScratch c;
   c.kt = base;
   c.scores = base + kMaxTransposedDim * 16;
   c.alpha = c.scores + pairs * 16;
+  c.kconv = c.alpha + (pairs + 15) / 16 * 16;
+  c.vconv = c.kconv + kChunk * conv_ld(D);
   return c;
 }
 
@@ -289,7 +334,7 @@ void scores_transposed_n(const float* const* q, const float* kt, int D, float* c
 #endif
 
 // Whether a job's scores use the transposed-K kernel (a function of the job shape only).
-bool use_transposed(const AttnJob& job) {
+bool use_transposed(const KernelJob& job) {
 #if defined(HR_AVX512)
   return job.head_dim % 16 == 0 && job.head_dim <= kMaxTransposedDim && int64_t(job.n_rows) * job.n_group >= 4;
 #else
@@ -298,12 +343,12 @@ bool use_transposed(const AttnJob& job) {
 #endif
 }
 
-inline const float* q_ptr(const AttnJob& job, int r, int h) {
+inline const float* q_ptr(const KernelJob& job, int r, int h) {
   return job.q + int64_t(r) * job.q_stride + int64_t(job.head0 + h) * job.head_dim;
 }
 
 // Raw dots of all heads of row r for one chunk: sc[h*16 + s]. kt is the transposed chunk (if used).
-void row_scores(const AttnJob& job, int r, const Chunk& c, bool transposed, const float* kt, float* sc) {
+void row_scores(const KernelJob& job, int r, const Chunk& c, bool transposed, const float* kt, float* sc) {
   const int D = job.head_dim, G = job.n_group;
 #if defined(HR_AVX512)
   if (transposed) {
@@ -430,8 +475,8 @@ void pv_regs_n(float* const* st, const float* alpha, const float* const* p, cons
 
 // Online softmax of rows [r0, r1) (at most kRowBlock) of a job over the given pieces. State of (row r,
 // head h): states + ((r - r0) * G + h) * state_stride(D), initialized by the caller.
-void run_rows(const AttnJob& job, const Piece* pieces, size_t n_pieces, int r0, int r1, float* states,
-              const ChunkScratch& cs) {
+void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, int r0, int r1,
+              float* states, const ChunkScratch& cs) {
   const int D = job.head_dim, G = job.n_group;
   const size_t sst = state_stride(D);
 #if defined(HR_AVX512)
@@ -444,7 +489,7 @@ void run_rows(const AttnJob& job, const Piece* pieces, size_t n_pieces, int r0, 
   const float* q[kMaxPairs];
   float* sc[kMaxPairs];
   uint32_t pmask[kMaxPairs];
-  for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
+  for_each_chunk(job, cv, pieces, n_pieces, [&](const Chunk& c) {
     n_pairs = 0;
     for (int r = r0; r < r1; ++r) {
       const uint32_t m = allowed_mask(c.pos, c.cnt, job.q_pos[r], job.sinks, job.window);
@@ -489,13 +534,13 @@ void write_out(float* out, const float* acc, float l, int D) {
   }
 }
 
-// Score pass for the pieces of one segment: score_acc[s] += sum over rows, heads of e^(s - m) / l.
-void accumulate_scores(const AttnJob& job, const Piece* pieces, size_t n_pieces, const float* final_ml,
-                       const ChunkScratch& cs) {
+// Score pass for the pieces of one segment: score[s] += sum over rows, heads of e^(s - m) / l.
+void accumulate_scores(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces,
+                       const float* final_ml, const ChunkScratch& cs) {
   const int G = job.n_group;
   const bool transposed = use_transposed(job);
-  for_each_chunk(job, pieces, n_pieces, [&](const Chunk& c) {
-    const uint32_t wanted = c.scored;  // slots of pages with score_acc
+  for_each_chunk(job, cv, pieces, n_pieces, [&](const Chunk& c) {
+    const uint32_t wanted = c.scored;  // slots of pages with scores
     if (!wanted) return;
     float tot[kChunk] = {};
     uint32_t any = 0;
@@ -544,9 +589,21 @@ struct Task {
   int a, b;  // row block [a, b) or segment a (split)
 };
 
+// The conversion state of a job for the thread whose chunk scratch is cs.
+KVConv make_conv(KVType type, const KernelJob& job, const ChunkScratch& cs, bool need_v) {
+  KVConv cv;
+  cv.type = type;
+  cv.rb = size_t(kv_row_bytes(type, job.head_dim));
+  cv.kbuf = cs.kconv;
+  cv.vbuf = cs.vconv;
+  cv.ld = conv_ld(job.head_dim);
+  cv.need_v = need_v;
+  return cv;
+}
+
 }  // namespace
 
-void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> jobs) {
+void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<const KernelJob> jobs) {
   const int T = pool.size();
   std::vector<Piece> pieces;
   std::vector<int> seg_begin;
@@ -556,7 +613,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   bool any_scores = false;
 
   for (size_t ji = 0; ji < jobs.size(); ++ji) {
-    const AttnJob& job = jobs[ji];
+    const KernelJob& job = jobs[ji];
     JobPlan& plan = plans[ji];
     if (job.n_rows < 0 || job.n_group <= 0 || job.n_group > kMaxGroup || job.head_dim <= 0)
       fail("cpu backend: attention: bad job shape (rows {}, group {}, head_dim {})", job.n_rows, job.n_group,
@@ -569,11 +626,11 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     seg_begin.push_back(0);
     int in_seg = 0;
     for (size_t pg = 0; pg < job.pages.size(); ++pg) {
-      const AttnPage& page = job.pages[pg];
+      const KernelPage& page = job.pages[pg];
       if (page.n_slots < 0) fail("cpu backend: attention: page with {} slots", page.n_slots);
       if (page.n_slots > 0 && (!page.k || !page.v || !page.pos))
         fail("cpu backend: attention: page without k, v or pos");
-      if (page.score_acc && page.n_slots > 0) plan.scores = true;
+      if (page.score && page.n_slots > 0) plan.scores = true;
       for (int off = 0; off < page.n_slots;) {
         const int take = std::min(page.n_slots - off, kSeg - in_seg);
         pieces.push_back({int(pg), off, off + take});
@@ -594,13 +651,14 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
     plan.ml_off = ml_total;
     ml_total += 2 * n_states;
     any_scores |= plan.scores;
-    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group)));
+    if (!kv_type_fits(type, job.head_dim).empty()) fail("cpu backend: attention: {}", kv_type_fits(type, job.head_dim));
+    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim));
     if (plan.split) {
       plan.partial_off = partial_total;
       partial_total += size_t(plan.n_seg) * n_states * sst;
       for (int g = 0; g < plan.n_seg; ++g) tasks.push_back({int(ji), g, 0});
     } else {
-      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group)) +
+      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim) +
                                                   size_t(kRowBlock) * size_t(job.n_group) * sst);
       for (int r = 0; r < job.n_rows; r += kRowBlock)
         tasks.push_back({int(ji), r, std::min(job.n_rows, r + kRowBlock)});
@@ -616,26 +674,27 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   // Pass 1: online softmax per task.
   pool.parallel_for(int64_t(tasks.size()), [&](int64_t ti, int th) {
     const Task& task = tasks[size_t(ti)];
-    const AttnJob& job = jobs[size_t(task.job)];
+    const KernelJob& job = jobs[size_t(task.job)];
     const JobPlan& plan = plans[size_t(task.job)];
     const int D = job.head_dim, G = job.n_group;
     const size_t sst = state_stride(D);
     const Piece* jp = pieces.data() + plan.piece0;
     float* tbuf = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
-    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(kRowBlock) * size_t(G));
-    const size_t cs_floats = chunk_scratch_floats(size_t(kRowBlock) * size_t(G));
+    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(kRowBlock) * size_t(G), D);
+    const size_t cs_floats = chunk_scratch_floats(size_t(kRowBlock) * size_t(G), D);
+    const KVConv cv = make_conv(type, job, cs, true);
     if (plan.split) {
       const size_t n_states = size_t(job.n_rows) * size_t(G);
       float* states = partial + plan.partial_off + size_t(task.a) * n_states * sst;
       for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
       const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-      run_rows(job, jp + pb, size_t(pe - pb), 0, job.n_rows, states, cs);
+      run_rows(job, cv, jp + pb, size_t(pe - pb), 0, job.n_rows, states, cs);
       return;
     }
     const size_t n_states = size_t(task.b - task.a) * size_t(G);
     float* states = tbuf + (cs_floats + 15) / 16 * 16;
     for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
-    run_rows(job, jp, plan.n_pieces, task.a, task.b, states, cs);
+    run_rows(job, cv, jp, plan.n_pieces, task.a, task.b, states, cs);
     for (int r = task.a; r < task.b; ++r)
       for (int h = 0; h < G; ++h) {
         const float* st = states + (size_t(r - task.a) * size_t(G) + size_t(h)) * sst;
@@ -652,7 +711,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   for (size_t ji = 0; ji < jobs.size(); ++ji) {
     const JobPlan& plan = plans[ji];
     if (!plan.split) continue;
-    const AttnJob& job = jobs[ji];
+    const KernelJob& job = jobs[ji];
     const int D = job.head_dim, G = job.n_group;
     const size_t n_states = size_t(job.n_rows) * size_t(G), sst = state_stride(D);
     const float* seg0 = partial + plan.partial_off;
@@ -681,16 +740,16 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   }
 
   if (!any_scores) return;
-  // Pass 2: probabilities into score_acc. One task per (job, segment) owns those slots. Jobs are assumed
-  // to use disjoint score_acc arrays; if two jobs name the same array, the pass runs on one thread.
+  // Pass 2: probabilities into the pages' scores. One task per (job, segment) owns those slots. Jobs are assumed
+  // to score disjoint pages; if two jobs name the same page, the pass runs on one thread.
   std::vector<Task> stasks;
   std::vector<const float*> accs;
   for (size_t ji = 0; ji < jobs.size(); ++ji) {
     if (!plans[ji].scores || jobs[ji].n_rows == 0) continue;
     for (int g = 0; g < plans[ji].n_seg; ++g) stasks.push_back({int(ji), g, 0});
     std::vector<const float*> mine;
-    for (const AttnPage& pg : jobs[ji].pages)
-      if (pg.score_acc) mine.push_back(pg.score_acc);
+    for (const KernelPage& pg : jobs[ji].pages)
+      if (pg.score) mine.push_back(pg.score);
     std::sort(mine.begin(), mine.end());
     mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
     accs.insert(accs.end(), mine.begin(), mine.end());
@@ -700,12 +759,13 @@ void attention(ThreadPool& pool, AttnScratch& scratch, std::span<const AttnJob> 
   auto score_task = [&](int64_t ti, int th) {
     const Task& task = stasks[size_t(ti)];
     const JobPlan& plan = plans[size_t(task.job)];
-    const AttnJob& job = jobs[size_t(task.job)];
+    const KernelJob& job = jobs[size_t(task.job)];
     const ChunkScratch cs = make_chunk_scratch(static_cast<float*>(scratch.thread[size_t(th)].ensure(0)),
-                                               size_t(kRowBlock) * size_t(job.n_group));
+                                               size_t(kRowBlock) * size_t(job.n_group), job.head_dim);
+    const KVConv cv = make_conv(type, job, cs, false);
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-    accumulate_scores(job, pieces.data() + plan.piece0 + pb, size_t(pe - pb), scratch.final_ml.data() + plan.ml_off,
-                      cs);
+    accumulate_scores(job, cv, pieces.data() + plan.piece0 + pb, size_t(pe - pb),
+                      scratch.final_ml.data() + plan.ml_off, cs);
   };
   if (shared) {
     for (size_t ti = 0; ti < stasks.size(); ++ti) score_task(int64_t(ti), 0);
