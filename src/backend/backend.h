@@ -61,7 +61,7 @@ struct PageCopy {
   int32_t src, dst;
 };
 struct SlotCopy {
-  int32_t src, dst;  // page_id * page_size + slot
+  int32_t src, dst;  // page_id * page_size + slot; src -1 empties dst (pos -1, score 0)
 };
 
 // One attention job: the query rows [row0, row0 + n_rows) of one sequence, query heads

@@ -14,6 +14,7 @@
 // PolicyDescriptor; policy.cpp lists them. Adding a policy is one new file plus one line there (and its kind).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -119,11 +120,12 @@ PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the 
 std::string policy_names(const char* sep = ", ");    // "full, streaming, topk, evict"
 std::unique_ptr<Policy> make_policy(const PolicySpec& s);
 
-// Pages a streaming head holds at most in steady state: the page with the sinks, plus the pages that cover
-// the window's window-1 past positions (at most ceil((window-1)/page)+1 when they straddle page edges;
-// the page being filled is among them).
-inline int64_t streaming_max_pages(int window, int page_size) {
-  return 2 + (int64_t(window) - 1 + page_size - 1) / page_size;
+// Pages a streaming head holds at most in steady state: the pages with the sinks (ceil(sinks/page), at least
+// one), plus the pages that cover the window's window-1 past positions (at most ceil((window-1)/page)+1 when
+// they straddle page edges; the page being filled is among them).
+inline int64_t streaming_max_pages(int window, int page_size, int sinks = 1) {
+  const int64_t sink_pages = std::max<int64_t>(1, (int64_t(sinks) + page_size - 1) / page_size);
+  return sink_pages + 1 + (int64_t(window) - 1 + page_size - 1) / page_size;
 }
 
 // Shared pieces any policy may use.

@@ -40,7 +40,7 @@ class StreamingPolicy final : public Policy {
 
   int64_t max_tokens(int64_t n_ctx, int page_size) const override {
     if (spec_.prefill == PrefillMode::Full) return n_ctx;  // the whole prompt is held until its prefill ends
-    return std::min<int64_t>(streaming_max_pages(spec_.window, page_size) * page_size, n_ctx);
+    return std::min<int64_t>(streaming_max_pages(spec_.window, page_size, spec_.sinks) * page_size, n_ctx);
   }
 };
 

@@ -118,7 +118,7 @@ class CpuBackend final : public Backend {
   void kv_copy_slots(KVStore& kv, std::span<const SlotCopy> copies) override {
     cpu::CpuKVStore& st = store(kv);
     for (const SlotCopy& c : copies) {
-      st.check_slot(c.src, "kv_copy_slots");
+      if (c.src != -1) st.check_slot(c.src, "kv_copy_slots");
       st.check_slot(c.dst, "kv_copy_slots");
     }
     const int P = st.page_size(), D = st.head_dim();
@@ -126,6 +126,11 @@ class CpuBackend final : public Backend {
     kv_tmp_.resize(size_t(D));
     for (const SlotCopy& c : copies) {
       if (c.src == c.dst) continue;
+      if (c.src == -1) {  // empties the slot
+        st.pos(c.dst / P)[c.dst % P] = -1;
+        if (float* sc = st.scores(c.dst / P)) sc[c.dst % P] = 0.0f;
+        continue;
+      }
       const int32_t si = c.src / P, ss = c.src % P, di = c.dst / P, ds = c.dst % P;
       std::memcpy(st.k(di) + size_t(ds) * rb, st.k(si) + size_t(ss) * rb, rb);
       std::memcpy(st.v(di) + size_t(ds) * rb, st.v(si) + size_t(ss) * rb, rb);
