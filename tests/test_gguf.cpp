@@ -74,8 +74,9 @@ TEST(Gguf, RoundTripEveryValueType) {
   EXPECT_EQ(f->get_str_arr("strs"), (std::vector<std::string>{"a", "bc", ""}));
   const Value* n = f->find("nested");
   ASSERT_TRUE(n);
-  ASSERT_EQ(n->arr.size(), 2u);
-  EXPECT_EQ(n->arr[0].arr[1].as_int(), 2);
+  ASSERT_EQ(n->size(), 2u);
+  EXPECT_EQ(n->array_at(0).int_at(1), 2);
+  EXPECT_EQ(n->array_at(1).size(), 1u);
   ASSERT_EQ(f->tensors().size(), 3u);
   const Tensor& a = f->tensor("a.weight");
   EXPECT_EQ(a.ne[0], 8);
