@@ -392,9 +392,9 @@ std::string Value::to_string(size_t max_items) const {
       if (sv.size() > kMax) {
         size_t cut = kMax - 3;
         while (cut > 0 && (static_cast<unsigned char>(sv[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 char
-        return "\"" + escape_control(sv.substr(0, cut)) + "...\"";
+        return fmt::format("\"{}...\"", escape_control(sv.substr(0, cut)));
       }
-      return "\"" + escape_control(sv) + "\"";
+      return fmt::format("\"{}\"", escape_control(sv));
     }
     case ValueType::BOOL: return b ? "true" : "false";
     case ValueType::FLOAT32: case ValueType::FLOAT64: return fmt::format("{:g}", f);
