@@ -7,6 +7,8 @@
 //     over the harness's own trusted pattern, never over untrusted text of any size);
 //   - if max_rss_mb > 0, the child's peak RSS (getrusage via wait4) stayed below it.
 // A child still running at the limit is killed and the row fails as a hang.
+// check_success_row is the same for input that must work: exit code 0, no error line, some output line
+// matching `pattern`, and the same time and memory limits.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -114,6 +116,28 @@ inline void check_hostile_row(const HostileRow& row) {
   ASSERT_EQ(error_lines.size(), 1u) << "expected exactly one error line; output: " << r.out;
   EXPECT_TRUE(std::regex_search(error_lines[0], std::regex(row.pattern)))
       << "error line does not match /" << row.pattern << "/: " << error_lines[0];
+  if (row.max_rss_mb > 0) EXPECT_LT(r.peak_rss_mb, row.max_rss_mb) << "peak RSS " << r.peak_rss_mb << " MB";
+}
+
+inline void check_success_row(const HostileRow& row) {
+  SCOPED_TRACE(row.name);
+  ChildResult r = run_child(row.args, row.time_limit_s);
+  ASSERT_FALSE(r.timed_out) << "hung past " << row.time_limit_s << " s; output: " << r.out;
+  ASSERT_TRUE(r.exited) << "killed by signal " << r.code << "; output: " << r.out;
+  EXPECT_EQ(r.code, 0) << r.out;
+  bool matched = false;
+  size_t start = 0;
+  const std::regex re(row.pattern);
+  while (start < r.out.size()) {
+    size_t end = r.out.find('\n', start);
+    if (end == std::string::npos) end = r.out.size();
+    const std::string line = r.out.substr(start, end - start);
+    EXPECT_NE(line.rfind("error: ", 0), 0u) << line;
+    // Lines of any length are not searched: the regex runs over short lines only (see the note above).
+    if (line.size() <= 4096 && std::regex_search(line, re)) matched = true;
+    start = end + 1;
+  }
+  EXPECT_TRUE(matched) << "no output line matches /" << row.pattern << "/; output: " << r.out;
   if (row.max_rss_mb > 0) EXPECT_LT(r.peak_rss_mb, row.max_rss_mb) << "peak RSS " << r.peak_rss_mb << " MB";
 }
 

@@ -267,6 +267,27 @@ TEST(TokenizerChatTemplate, ChatMLDefaultSystemPrompts) {
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
 }
 
+TEST(TokenizerChatTemplate, Llama31DateFromTemplateText) {
+  // Llama-3.1 writes its default date as `date_string = "..."`; the first such assignment wins, spaces around
+  // '=' are allowed, and a mention that is not an assignment is skipped.
+  auto today = [](const std::string& tail) {
+    const std::string t = "<|start_header_id|>{{ 'Cutting Knowledge Date: December 2023' }}" + tail;
+    const std::string out = ChatTemplate::detect(t).apply({{"user", "Hi"}}, true);
+    const std::string key = "Today Date: ";
+    const size_t at = out.find(key);
+    return at == std::string::npos ? std::string("(none)") : out.substr(at + key.size(), out.find('\n', at) - at - key.size());
+  };
+  EXPECT_EQ(today("{% set date_string = \"26 Jul 2024\" %}"), "26 Jul 2024");
+  EXPECT_EQ(today("{% if not date_string is defined %}{% set date_string \n=\t\"01 Feb 2031\" %}"), "01 Feb 2031");
+  EXPECT_EQ(today("date_string=\"A\" date_string = \"B\""), "A");
+  EXPECT_EQ(today("date_string = \"\""), "");
+  EXPECT_EQ(today("date_string = 'single quotes'"), "26 Jul 2024");  // not the pattern: the built-in default
+  EXPECT_EQ(today("date_string = \"unterminated"), "26 Jul 2024");
+  // 40 000 characters in the quotes: found by plain search (a backtracking regex overflowed the stack here).
+  EXPECT_EQ(today("date_string = \"" + std::string(40000, 'x') + "\"").size(), 40000u);
+  EXPECT_EQ(today("date_string = \"" + std::string(40000, 'x')), "26 Jul 2024");
+}
+
 TEST(TokenizerChatTemplate, RenderedPromptTokenizesWithSpecialTokens) {
   // The rendered prompt, tokenized with parse_special, holds the template's control tokens as single ids.
   auto f = gguf::File::open(test::shared("testdata/vocab/ggml-vocab-qwen2.gguf"));

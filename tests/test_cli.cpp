@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "gguf/gguf.h"
 #include "test_util.h"
 
 namespace {
@@ -159,4 +160,17 @@ TEST(Cli, HeadMapForAnotherModelIsRefused) {
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("run -m " + model() + " -p hi --head-map " + dir + "/stories-heads.json");
   expect_one_line_error(r, "head map was made for another model");
+}
+
+TEST(Cli, SynthWritesLlamaCppFileType) {
+  // general.file_type is llama.cpp's llama_ftype: 7 for a Q8_0 file (the Q8_0 tensor type id, 8, reads as
+  // Q5_0 there), and inspect names it from the same table.
+  const std::string out = headroom::test::scratch_dir("cli") + "/synth-q8_0.gguf";
+  Result r = run("synth --shape tiny --type q8_0 --layers 1 --ctx 64 --shared " + headroom::test::shared_dir() + " -o " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto f = headroom::gguf::File::open(out);
+  EXPECT_EQ(f->get_int("general.file_type"), 7);
+  EXPECT_EQ(f->tensor("blk.0.attn_q.weight").type, headroom::gguf::DType::Q8_0);
+  r = run("inspect " + out);
+  EXPECT_NE(r.out.find("general.file_type                            7 (Q8_0)"), std::string::npos) << r.out;
 }

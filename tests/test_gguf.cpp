@@ -74,8 +74,9 @@ TEST(Gguf, RoundTripEveryValueType) {
   EXPECT_EQ(f->get_str_arr("strs"), (std::vector<std::string>{"a", "bc", ""}));
   const Value* n = f->find("nested");
   ASSERT_TRUE(n);
-  ASSERT_EQ(n->arr.size(), 2u);
-  EXPECT_EQ(n->arr[0].arr[1].as_int(), 2);
+  ASSERT_EQ(n->size(), 2u);
+  EXPECT_EQ(n->array_at(0).int_at(1), 2);
+  EXPECT_EQ(n->array_at(1).size(), 1u);
   ASSERT_EQ(f->tensors().size(), 3u);
   const Tensor& a = f->tensor("a.weight");
   EXPECT_EQ(a.ne[0], 8);
@@ -268,4 +269,59 @@ TEST(Gguf, WritesFuzzCorpus) {
   poke<uint32_t>(b, 4, 1);
   save("v1.gguf", b);
   EXPECT_TRUE(std::filesystem::exists(dir + "/valid.gguf"));
+}
+
+TEST(Gguf, CompactArraysReadBackAndOutliveTheirBuilders) {
+  Writer w;
+  w.add("s", Value::of_str_arr({"x", "", "yz"}));
+  w.add("b", Value::of_arr(ValueType::BOOL, {Value::of_bool(true), Value::of_bool(false)}));
+  w.add("u64", Value::of_u64(~0ull));
+  auto bytes = w.to_bytes();
+  auto f = File::parse(bytes.data(), bytes.size(), "t.gguf");
+  const Value copy = *f->find("s");  // a copy views the same bytes
+  EXPECT_EQ(copy.size(), 3u);
+  EXPECT_EQ(copy.str_at(2), "yz");
+  EXPECT_EQ(copy.str_at(1), "");
+  EXPECT_THROW(copy.str_at(3), Error);
+  EXPECT_THROW(copy.int_at(0), Error);
+  EXPECT_EQ(f->find("b")->int_at(0), 1);
+  EXPECT_EQ(f->find("b")->to_string(), "[2 x bool] [true, false]");
+  // A u64 above INT64_MAX prints as itself, converts to double, and as an integer is an error naming file and key.
+  EXPECT_EQ(f->find("u64")->to_string(), "18446744073709551615");
+  EXPECT_DOUBLE_EQ(f->get_float("u64"), 18446744073709551615.0);
+  try {
+    f->get_int("u64");
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "t.gguf: metadata 'u64': integer value 18446744073709551615 is too large (more than 9223372036854775807)");
+  }
+  // Built in memory, the array keeps its bytes through copies after the builder is gone.
+  Value v = [] { return Value::of_str_arr({std::string(100, 'a'), "b"}); }();
+  Value w2 = v;
+  v = Value::of_u32(1);
+  EXPECT_EQ(w2.str_at(0), std::string(100, 'a'));
+  EXPECT_EQ(Value::of_i32_arr({-3, 4}).int_at(0), -3);
+}
+
+TEST(Gguf, MetadataStringsPrintEscaped) {
+  EXPECT_EQ(Value::of_str("a\nb\x1b[31m\\").to_string(), "\"a\\nb\\x1b[31m\\\\\"");
+  EXPECT_EQ(Value::of_str(std::string(100, 'x')).to_string(), "\"" + std::string(57, 'x') + "...\"");
+  // Keys with control characters are refused (every message naming a key stays one printable line).
+  Writer w;
+  w.add("bad\nkey", Value::of_u32(1));
+  auto b = w.to_bytes();
+  EXPECT_NE(expect_error(b).find("key with control characters: 'bad\\nkey'"), std::string::npos);
+}
+
+TEST(Gguf, FileTypesAreLlamaCppNumbers) {
+  // llama.cpp's llama_ftype, not the tensor type ids (Q8_0 tensors are type 8, a Q8_0 file is ftype 7).
+  EXPECT_EQ(file_type_of(DType::F32), 0u);
+  EXPECT_EQ(file_type_of(DType::F16), 1u);
+  EXPECT_EQ(file_type_of(DType::Q4_0), 2u);
+  EXPECT_EQ(file_type_of(DType::Q8_0), 7u);
+  EXPECT_EQ(file_type_of(DType::Q6_K), 18u);
+  EXPECT_EQ(file_type_of(DType::BF16), 32u);
+  EXPECT_STREQ(file_type_name(7), "Q8_0");
+  EXPECT_STREQ(file_type_name(15), "Q4_K - Medium");
+  EXPECT_EQ(file_type_name(5), nullptr);  // removed from llama.cpp
 }

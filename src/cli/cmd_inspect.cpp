@@ -6,6 +6,7 @@
 #include "model/config.h"
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
+#include "util/escape.h"
 
 namespace headroom::cli {
 
@@ -21,7 +22,12 @@ void register_inspect(CLI::App& app) {
                 f->version(), f->metadata().size(), f->tensors().size(), (unsigned long long)f->alignment(),
                 double(f->file_size()) / (1024.0 * 1024));
     std::printf("metadata:\n");
-    for (const auto& [k, v] : f->metadata()) std::printf("  %-44s %s\n", k.c_str(), v.to_string(all ? 16 : 6).c_str());
+    for (const auto& [k, v] : f->metadata()) {
+      std::string shown = v.to_string(all ? 16 : 6);
+      if (k == "general.file_type" && v.is_int() && v.as_double() >= 0 && v.as_double() <= UINT32_MAX)
+        if (const char* name = gguf::file_type_name(uint32_t(v.as_double()))) shown += fmt::format(" ({})", name);
+      std::printf("  %-44s %s\n", k.c_str(), shown.c_str());
+    }
 
     std::map<std::string, std::pair<int, uint64_t>> by_type;
     int64_t params = 0;
@@ -42,7 +48,7 @@ void register_inspect(CLI::App& app) {
     if (f->has("general.architecture") && f->find_tensor("token_embd.weight")) {
       ModelConfig c = load_config(*f);
       std::printf("\nmodel: %s%s%s, %d layers, dim %d, %d heads x %d, %d KV heads (GQA %d:1), FFN %d, vocab %d\n",
-                  c.arch.c_str(), c.name.empty() ? "" : " ", c.name.c_str(), c.n_layer, c.n_embd, c.n_head,
+                  c.arch.c_str(), c.name.empty() ? "" : " ", escape_control(c.name).c_str(), c.n_layer, c.n_embd, c.n_head,
                   c.head_dim, c.n_head_kv, c.n_group(), c.n_ff, c.n_vocab);
       std::printf("context %d (trained), rope theta %g, %s pairs%s, rms eps %g, %s output, %s\n", c.n_ctx_train,
                   c.rope_theta, c.rope_neox ? "NEOX" : "adjacent",

@@ -1,13 +1,12 @@
 // `headroom run`: generate text from a prompt, streaming it, then print load / prompt / generation speed.
 #include <chrono>
 #include <cstdio>
-#include <fstream>
-#include <sstream>
 
 #include "cli/common.h"
 #include "util/escape.h"
 #include "engine/generate.h"
 #include "util/error.h"
+#include "util/file.h"
 #include "tokenizer/utf8.h"
 
 namespace headroom::cli {
@@ -26,11 +25,7 @@ void run(RunArgs& a) {
   auto t0 = std::chrono::steady_clock::now();
   if (a.escape) a.prompt = process_escapes(a.prompt);
   if (!a.prompt_file.empty()) {
-    std::ifstream f(a.prompt_file, std::ios::binary);
-    if (!f) fail("{}: cannot open prompt file", a.prompt_file);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    a.prompt = ss.str();
+    a.prompt = read_text_file(a.prompt_file, "prompt file", size_t(64) << 20);
   }
   if (std::string clean = tok::utf8_sanitize(a.prompt); clean != a.prompt) {
     std::fprintf(stderr, "warning: the prompt is not valid UTF-8; invalid bytes were replaced with U+FFFD\n");

@@ -120,7 +120,7 @@ void register_synth(CLI::App& app) {
     w.add(a + ".attention.head_count_kv", gguf::Value::of_u32(s->n_head_kv));
     w.add(a + ".attention.layer_norm_rms_epsilon", gguf::Value::of_f32(1e-5f));
     w.add(a + ".rope.freq_base", gguf::Value::of_f32(s->theta));
-    w.add("general.file_type", gguf::Value::of_u32(uint32_t(wt)));
+    w.add("general.file_type", gguf::Value::of_u32(*gguf::file_type_of(wt)));  // every --type has one
     for (const auto& [k, v] : vf->metadata())
       if (k.rfind("tokenizer.", 0) == 0) w.add(k, v);
 

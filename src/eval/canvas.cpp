@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "util/error.h"
+#include "util/file.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -72,8 +73,13 @@ std::shared_ptr<const Font> Font::load() {
   std::string path = env && *env ? env : kDefaultFont;
   std::shared_ptr<Font> f(new Font());
   f->impl_ = std::make_unique<Impl>();
-  std::ifstream in(path, std::ios::binary);
-  if (in) f->impl_->data.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  std::string why;
+  try {
+    const std::string bytes = read_text_file(path, "font", size_t(64) << 20);
+    f->impl_->data.assign(bytes.begin(), bytes.end());
+  } catch (const Error& e) {
+    why = e.what();
+  }
   auto& d = f->impl_->data;
   if (!d.empty()) {
     int off = stbtt_GetFontOffsetForIndex(d.data(), 0);
@@ -82,7 +88,8 @@ std::shared_ptr<const Font> Font::load() {
   if (f->ok_) {
     stbtt_GetFontVMetrics(&f->impl_->info, &f->impl_->ascent, &f->impl_->descent, &f->impl_->line_gap);
   } else if (!warned.exchange(true)) {
-    fmt::print(stderr, "headroom: warning: cannot load font {}; plots are drawn without text\n", path);
+    fmt::print(stderr, "headroom: warning: cannot load font {}{}{}; plots are drawn without text\n", path,
+               why.empty() ? "" : ": ", why);
   }
   return f;
 }

@@ -1,13 +1,17 @@
 #include "eval/tasks.h"
 
 #include <algorithm>
-#include <fstream>
 #include <random>
 #include <sstream>
 
 #include "util/error.h"
+#include "util/file.h"
 
 namespace headroom::eval {
+
+namespace {
+constexpr size_t kMaxCorpusBytes = size_t(256) << 20;
+}  // namespace
 
 const char* task_name(Task t) {
   switch (t) {
@@ -38,16 +42,16 @@ TaskGen::TaskGen(const Tokenizer& tok, std::string haystack, std::vector<std::st
 }
 
 TaskGen TaskGen::from_shared(const Tokenizer& tok, const std::string& shared_dir) {
-  auto slurp = [](const std::string& p) {
-    std::ifstream f(p, std::ios::binary);
-    if (!f) fail("{}: cannot open (is --shared pointing at the shared data folder?)", p);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
+  auto slurp = [](const std::string& p, const char* what) {
+    try {
+      return read_text_file(p, what, kMaxCorpusBytes);
+    } catch (const Error& e) {
+      fail("{} (is --shared pointing at the shared data folder?)", e.what());
+    }
   };
-  std::string text = slurp(shared_dir + "/corpus/haystack.txt");
+  std::string text = slurp(shared_dir + "/corpus/haystack.txt", "haystack corpus");
   std::vector<std::string> keys;
-  std::stringstream ks(slurp(shared_dir + "/models/retrieval-keys.txt"));
+  std::stringstream ks(slurp(shared_dir + "/models/retrieval-keys.txt", "key word list"));
   for (std::string line; std::getline(ks, line);)
     if (!line.empty()) keys.push_back(line);
   return TaskGen(tok, std::move(text), std::move(keys));

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -14,6 +15,8 @@
 #include <limits>
 
 #include "util/error.h"
+#include "util/escape.h"
+#include "util/file.h"
 
 namespace headroom::gguf {
 
@@ -22,6 +25,11 @@ namespace {
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" little-endian
 constexpr int kMaxArrayDepth = 8;
 constexpr int kMaxDims = 4;
+// What a file's metadata may cost in memory beyond the file's own bytes (keys, string values, one offset per
+// string array element, one Value per key and per nested array), and the same again for the tensor infos.
+// A real model's metadata costs a few MiB (a 256k-token vocabulary: 2 MiB of offsets) and its tensor list
+// well under 64 MiB (300k tensors); the caps only stop hostile files.
+constexpr uint64_t kMaxHeaderMemory = uint64_t(64) << 20;
 
 bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 bool checked_add(uint64_t a, uint64_t b, uint64_t* out) { return !__builtin_add_overflow(a, b, out); }
@@ -35,6 +43,18 @@ uint64_t scalar_size(ValueType t) {
     case ValueType::UINT64: case ValueType::INT64: case ValueType::FLOAT64: return 8;
     default: return 0;
   }
+}
+
+bool is_int_type(ValueType t) {
+  switch (t) {
+    case ValueType::UINT8: case ValueType::UINT16: case ValueType::UINT32: case ValueType::UINT64:
+    case ValueType::INT8: case ValueType::INT16: case ValueType::INT32: case ValueType::INT64: return true;
+    default: return false;
+  }
+}
+
+bool has_control(std::string_view s) {
+  return std::any_of(s.begin(), s.end(), [](char ch) { return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f; });
 }
 
 bool valid_value_type(uint32_t t) { return t <= static_cast<uint32_t>(ValueType::FLOAT64); }
@@ -58,6 +78,11 @@ class Cursor {
     pos_ += sizeof(T);
     return v;
   }
+  const uint8_t* here() const { return base_ + pos_; }
+  void skip(uint64_t n, const char* what) {
+    need(n, what);
+    pos_ += n;
+  }
   std::string read_string(const char* what) {
     uint64_t len = read<uint64_t>(what);
     if (len > remaining())
@@ -74,7 +99,28 @@ class Cursor {
   const std::string& label_;
 };
 
-Value read_value(Cursor& c, ValueType type, const std::string& key, const std::string& label, int depth) {
+// Charges what the header costs in memory as it is read; past kMaxHeaderMemory, an error naming the metadata
+// key or tensor that went past it. One budget for the metadata, one for the tensor infos.
+class Budget {
+ public:
+  // item: what a name names ("metadata", "tensor"); whole: what the cap is on ("metadata", "tensor list").
+  Budget(const char* item, const char* whole) : item_(item), whole_(whole) {}
+  void charge(uint64_t bytes, const std::string& label, const std::string& name) {
+    if (bytes > left_)
+      fail("{}: {} '{}' takes the {} past {} MiB of memory (a hostile or broken file)", label, item_, name, whole_,
+           kMaxHeaderMemory >> 20);
+    left_ -= bytes;
+  }
+
+ private:
+  const char* item_;
+  const char* whole_;
+  uint64_t left_ = kMaxHeaderMemory;
+};
+
+Value read_value(Cursor& c, ValueType type, const std::string& key, const std::string& label, int depth,
+                 Budget& budget) {
+  budget.charge(sizeof(Value), label, key);
   Value v;
   v.type = type;
   switch (type) {
@@ -94,22 +140,50 @@ Value read_value(Cursor& c, ValueType type, const std::string& key, const std::s
       v.b = b != 0;
       break;
     }
-    case ValueType::STRING: v.s = c.read_string("metadata string"); break;
+    case ValueType::STRING:
+      v.s = c.read_string("metadata string");
+      budget.charge(v.s.size(), label, key);
+      break;
     case ValueType::ARRAY: {
       if (depth >= kMaxArrayDepth) fail("{}: metadata '{}' nests arrays deeper than {}", label, key, kMaxArrayDepth);
       uint32_t et = c.read<uint32_t>("array element type");
       if (!valid_value_type(et)) fail("{}: metadata '{}' has array of unknown type {}", label, key, et);
-      v.elem_type = static_cast<ValueType>(et);
+      const auto elem = static_cast<ValueType>(et);
       uint64_t n = c.read<uint64_t>("array length");
-      // Each element takes at least 1 byte (scalar) or 8 bytes (string length / nested header).
-      uint64_t min_each = scalar_size(v.elem_type);
-      if (min_each == 0) min_each = v.elem_type == ValueType::STRING ? 8 : 12;
+      // Each element takes at least 1 byte (scalar) or 8 bytes (string length) or 12 (nested array header).
+      uint64_t min_each = scalar_size(elem);
+      if (min_each == 0) min_each = elem == ValueType::STRING ? 8 : 12;
       uint64_t min_total;
       if (!checked_mul(n, min_each, &min_total) || min_total > c.remaining())
         fail("{}: metadata '{}' claims {} array elements, more than the {} bytes left in the file", label, key, n,
              c.remaining());
-      v.arr.reserve(n);
-      for (uint64_t i = 0; i < n; ++i) v.arr.push_back(read_value(c, v.elem_type, key, label, depth + 1));
+      if (elem == ValueType::ARRAY) {
+        std::vector<Value> items;
+        items.reserve(n);
+        for (uint64_t k = 0; k < n; ++k) items.push_back(read_value(c, elem, key, label, depth + 1, budget));
+        v = Value::nested_arr(std::move(items));
+      } else if (elem == ValueType::STRING) {
+        budget.charge(n * sizeof(uint64_t), label, key);
+        const uint8_t* start = c.here();
+        const uint64_t start_pos = c.pos();
+        std::vector<uint64_t> offsets(n);
+        for (uint64_t k = 0; k < n; ++k) {
+          offsets[k] = c.pos() - start_pos;
+          uint64_t len = c.read<uint64_t>("metadata string");
+          if (len > c.remaining())
+            fail("{}: metadata '{}' element {} has length {} at offset {}, past end of file", label, key, k, len,
+                 c.pos() - 8);
+          c.skip(len, "metadata string");
+        }
+        v = Value::view_arr(elem, n, start, c.pos() - start_pos, std::move(offsets));
+      } else {
+        const uint8_t* start = c.here();
+        c.skip(min_total, "array elements");
+        if (elem == ValueType::BOOL)
+          for (uint64_t k = 0; k < n; ++k)
+            if (start[k] > 1) fail("{}: metadata '{}' element {} has invalid bool byte {}", label, key, k, start[k]);
+        v = Value::view_arr(elem, n, start, min_total, {});
+      }
       break;
     }
     default: fail("{}: metadata '{}' has unknown value type {}", label, key, static_cast<uint32_t>(type));
@@ -151,6 +225,40 @@ const char* type_name(DType t) {
   return buf;
 }
 
+namespace {
+// llama.cpp's llama_ftype (include/llama.h) and its names (llama_model_ftype_name). `uniform`: the file type
+// of a file whose weights are all of `type` (the K-quant _S variants; _M and _L mix in bigger types).
+struct FileType {
+  uint32_t id;
+  const char* name;
+  DType type;
+  bool uniform;
+};
+constexpr FileType kFileTypes[] = {
+    {0, "all F32", DType::F32, true},          {1, "F16", DType::F16, true},
+    {2, "Q4_0", DType::Q4_0, true},            {3, "Q4_1", DType::Q4_1, true},
+    {7, "Q8_0", DType::Q8_0, true},            {8, "Q5_0", DType::Q5_0, true},
+    {9, "Q5_1", DType::Q5_1, true},            {10, "Q2_K - Medium", DType::Q2_K, false},
+    {11, "Q3_K - Small", DType::Q3_K, true},   {12, "Q3_K - Medium", DType::Q3_K, false},
+    {13, "Q3_K - Large", DType::Q3_K, false},  {14, "Q4_K - Small", DType::Q4_K, true},
+    {15, "Q4_K - Medium", DType::Q4_K, false}, {16, "Q5_K - Small", DType::Q5_K, true},
+    {17, "Q5_K - Medium", DType::Q5_K, false}, {18, "Q6_K", DType::Q6_K, true},
+    {32, "BF16", DType::BF16, true},
+};
+}  // namespace
+
+const char* file_type_name(uint32_t ftype) {
+  for (const FileType& t : kFileTypes)
+    if (t.id == ftype) return t.name;
+  return nullptr;
+}
+
+std::optional<uint32_t> file_type_of(DType type) {
+  for (const FileType& t : kFileTypes)
+    if (t.type == type && t.uniform) return t.id;
+  return std::nullopt;
+}
+
 const char* value_type_name(ValueType t) {
   static const char* names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "str", "arr", "u64", "i64", "f64"};
   auto i = static_cast<uint32_t>(t);
@@ -172,19 +280,14 @@ std::optional<uint64_t> tensor_bytes(DType t, const int64_t ne[4]) {
 
 // ---- Value ----
 
-bool Value::is_int() const {
-  switch (type) {
-    case ValueType::UINT8: case ValueType::UINT16: case ValueType::UINT32: case ValueType::UINT64:
-    case ValueType::INT8: case ValueType::INT16: case ValueType::INT32: case ValueType::INT64: return true;
-    default: return false;
-  }
-}
+bool Value::is_int() const { return is_int_type(type); }
 
 int64_t Value::as_int() const {
   switch (type) {
     case ValueType::UINT8: case ValueType::UINT16: case ValueType::UINT32: return static_cast<int64_t>(u);
     case ValueType::UINT64:
-      if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) fail("integer value {} too large", u);
+      if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        fail("integer value {} is too large (more than {})", u, std::numeric_limits<int64_t>::max());
       return static_cast<int64_t>(u);
     case ValueType::INT8: case ValueType::INT16: case ValueType::INT32: case ValueType::INT64: return i;
     case ValueType::BOOL: return b ? 1 : 0;
@@ -194,31 +297,124 @@ int64_t Value::as_int() const {
 
 double Value::as_double() const {
   if (is_float()) return f;
+  if (type == ValueType::UINT64) return static_cast<double>(u);
   return static_cast<double>(as_int());
+}
+
+namespace {
+// One scalar element of an array, decoded from its GGUF bytes.
+Value decode_scalar(ValueType t, const uint8_t* p) {
+  auto get = [p](auto x) {
+    std::memcpy(&x, p, sizeof x);
+    return x;
+  };
+  Value v;
+  v.type = t;
+  switch (t) {
+    case ValueType::UINT8: v.u = get(uint8_t{}); break;
+    case ValueType::UINT16: v.u = get(uint16_t{}); break;
+    case ValueType::UINT32: v.u = get(uint32_t{}); break;
+    case ValueType::UINT64: v.u = get(uint64_t{}); break;
+    case ValueType::INT8: v.i = get(int8_t{}); break;
+    case ValueType::INT16: v.i = get(int16_t{}); break;
+    case ValueType::INT32: v.i = get(int32_t{}); break;
+    case ValueType::INT64: v.i = get(int64_t{}); break;
+    case ValueType::FLOAT32: v.f = get(float{}); break;
+    case ValueType::FLOAT64: v.f = get(double{}); break;
+    case ValueType::BOOL: v.b = get(uint8_t{}) != 0; break;
+    default: break;
+  }
+  return v;
+}
+
+// Appends a scalar or string value as GGUF encodes it.
+void encode_scalar(std::vector<uint8_t>& out, const Value& v) {
+  auto put = [&out](auto x) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&x);
+    out.insert(out.end(), p, p + sizeof x);
+  };
+  switch (v.type) {
+    case ValueType::UINT8: put(static_cast<uint8_t>(v.u)); break;
+    case ValueType::UINT16: put(static_cast<uint16_t>(v.u)); break;
+    case ValueType::UINT32: put(static_cast<uint32_t>(v.u)); break;
+    case ValueType::UINT64: put(v.u); break;
+    case ValueType::INT8: put(static_cast<int8_t>(v.i)); break;
+    case ValueType::INT16: put(static_cast<int16_t>(v.i)); break;
+    case ValueType::INT32: put(static_cast<int32_t>(v.i)); break;
+    case ValueType::INT64: put(v.i); break;
+    case ValueType::FLOAT32: put(static_cast<float>(v.f)); break;
+    case ValueType::FLOAT64: put(v.f); break;
+    case ValueType::BOOL: put(static_cast<uint8_t>(v.b ? 1 : 0)); break;
+    case ValueType::STRING:
+      put(static_cast<uint64_t>(v.s.size()));
+      out.insert(out.end(), v.s.begin(), v.s.end());
+      break;
+    case ValueType::ARRAY: assert(false && "encode_scalar: arrays are encoded by the writer"); break;
+  }
+}
+}  // namespace
+
+// Where element k starts in raw_; `want` names the caller's kind of element ("strings" for str_at).
+const uint8_t* Value::elem_ptr(uint64_t k, const char* want) const {
+  if (type != ValueType::ARRAY) fail("expected an array, found {}", value_type_name(type));
+  if (k >= n_) fail("array index {} out of range (array has {} elements)", k, n_);
+  const bool strings = std::string_view(want) == "strings";
+  if (elem_type == ValueType::ARRAY || strings != (elem_type == ValueType::STRING))
+    fail("expected an array of {}, found an array of {}", want, value_type_name(elem_type));
+  return strings ? raw_ + str_offsets_[k] : raw_ + k * scalar_size(elem_type);
+}
+
+std::string_view Value::str_at(uint64_t k) const {
+  const uint8_t* p = elem_ptr(k, "strings");
+  uint64_t len;
+  std::memcpy(&len, p, sizeof len);
+  return {reinterpret_cast<const char*>(p + sizeof len), len};
+}
+int64_t Value::int_at(uint64_t k) const { return decode_scalar(elem_type, elem_ptr(k, "integers")).as_int(); }
+double Value::float_at(uint64_t k) const { return decode_scalar(elem_type, elem_ptr(k, "numbers")).as_double(); }
+const Value& Value::array_at(uint64_t k) const {
+  if (type != ValueType::ARRAY || elem_type != ValueType::ARRAY)
+    fail("expected an array of arrays, found {}", type == ValueType::ARRAY ? value_type_name(elem_type) : value_type_name(type));
+  if (k >= n_) fail("array index {} out of range (array has {} elements)", k, n_);
+  return items_[k];
+}
+Value Value::at(uint64_t k) const {
+  if (type == ValueType::ARRAY && elem_type == ValueType::ARRAY) return array_at(k);
+  if (type == ValueType::ARRAY && elem_type == ValueType::STRING) return of_str(std::string(str_at(k)));
+  return decode_scalar(elem_type, elem_ptr(k, "scalars"));
 }
 
 std::string Value::to_string(size_t max_items) const {
   switch (type) {
     case ValueType::STRING: {
-      std::string s = this->s;
-      if (s.size() > 60) s = s.substr(0, 57) + "...";
-      for (char& ch : s)
-        if (ch == '\n' || ch == '\r' || ch == '\t') ch = ' ';
-      return "\"" + s + "\"";
+      constexpr size_t kMax = 60;  // bytes shown, then "..."
+      std::string_view sv = s;
+      if (sv.size() > kMax) {
+        size_t cut = kMax - 3;
+        while (cut > 0 && (static_cast<unsigned char>(sv[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 char
+        return fmt::format("\"{}...\"", escape_control(sv.substr(0, cut)));
+      }
+      return fmt::format("\"{}\"", escape_control(sv));
     }
     case ValueType::BOOL: return b ? "true" : "false";
     case ValueType::FLOAT32: case ValueType::FLOAT64: return fmt::format("{:g}", f);
+    case ValueType::UINT8: case ValueType::UINT16: case ValueType::UINT32: case ValueType::UINT64:
+      return std::to_string(u);
+    case ValueType::INT8: case ValueType::INT16: case ValueType::INT32: case ValueType::INT64:
+      return std::to_string(i);
     case ValueType::ARRAY: {
-      std::string out = fmt::format("[{} x {}]", arr.size(), value_type_name(elem_type));
-      if (!arr.empty()) {
+      std::string out = fmt::format("[{} x {}]", n_, value_type_name(elem_type));
+      if (n_ > 0 && max_items > 0) {
         out += " [";
-        for (size_t k = 0; k < arr.size() && k < max_items; ++k) out += (k ? ", " : "") + arr[k].to_string(max_items);
-        out += arr.size() > max_items ? ", ...]" : "]";
+        // Nested arrays show only their summary, so the line stays short at any depth.
+        const size_t inner = elem_type == ValueType::ARRAY ? 0 : max_items;
+        for (uint64_t k = 0; k < n_ && k < max_items; ++k) out += (k ? ", " : "") + at(k).to_string(inner);
+        out += n_ > max_items ? ", ...]" : "]";
       }
       return out;
     }
-    default: return is_int() ? std::to_string(as_int()) : "?";
   }
+  return "?";
 }
 
 Value Value::of_u32(uint32_t v) { Value x; x.type = ValueType::UINT32; x.u = v; return x; }
@@ -227,23 +423,52 @@ Value Value::of_u64(uint64_t v) { Value x; x.type = ValueType::UINT64; x.u = v; 
 Value Value::of_f32(float v) { Value x; x.type = ValueType::FLOAT32; x.f = v; return x; }
 Value Value::of_bool(bool v) { Value x; x.type = ValueType::BOOL; x.b = v; return x; }
 Value Value::of_str(std::string v) { Value x; x.type = ValueType::STRING; x.s = std::move(v); return x; }
-Value Value::of_arr(ValueType elem, std::vector<Value> items) {
-  Value x; x.type = ValueType::ARRAY; x.elem_type = elem; x.arr = std::move(items); return x;
+Value Value::of_arr(ValueType elem, const std::vector<Value>& items) {
+  if (elem == ValueType::ARRAY) return nested_arr(items);
+  auto bytes = std::make_shared<std::vector<uint8_t>>();
+  std::vector<uint64_t> offsets;
+  for (const Value& e : items) {
+    assert(e.type == elem);
+    if (elem == ValueType::STRING) offsets.push_back(bytes->size());
+    encode_scalar(*bytes, e);
+  }
+  Value x = view_arr(elem, items.size(), bytes->data(), bytes->size(), std::move(offsets));
+  x.own_ = std::move(bytes);
+  return x;
 }
 Value Value::of_str_arr(const std::vector<std::string>& v) {
   std::vector<Value> items; items.reserve(v.size());
   for (const auto& s : v) items.push_back(of_str(s));
-  return of_arr(ValueType::STRING, std::move(items));
+  return of_arr(ValueType::STRING, items);
 }
 Value Value::of_f32_arr(const std::vector<float>& v) {
   std::vector<Value> items; items.reserve(v.size());
   for (float s : v) items.push_back(of_f32(s));
-  return of_arr(ValueType::FLOAT32, std::move(items));
+  return of_arr(ValueType::FLOAT32, items);
 }
 Value Value::of_i32_arr(const std::vector<int32_t>& v) {
   std::vector<Value> items; items.reserve(v.size());
   for (int32_t s : v) items.push_back(of_i32(s));
-  return of_arr(ValueType::INT32, std::move(items));
+  return of_arr(ValueType::INT32, items);
+}
+Value Value::view_arr(ValueType elem, uint64_t n, const uint8_t* raw, uint64_t raw_size,
+                      std::vector<uint64_t> str_offsets) {
+  Value x;
+  x.type = ValueType::ARRAY;
+  x.elem_type = elem;
+  x.n_ = n;
+  x.raw_ = raw;
+  x.raw_size_ = raw_size;
+  x.str_offsets_ = std::move(str_offsets);
+  return x;
+}
+Value Value::nested_arr(std::vector<Value> items) {
+  Value x;
+  x.type = ValueType::ARRAY;
+  x.elem_type = ValueType::ARRAY;
+  x.n_ = items.size();
+  x.items_ = std::move(items);
+  return x;
 }
 
 std::string Tensor::shape_string() const {
@@ -255,7 +480,8 @@ std::string Tensor::shape_string() const {
 // ---- File ----
 
 std::unique_ptr<File> File::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  check_regular_file(path, "GGUF file");  // before open: opening a FIFO would wait for a writer
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) fail("{}: cannot open: {}", path, std::strerror(errno));
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -310,13 +536,20 @@ void File::parse_all() {
   if (!checked_mul(n_tensors, 24, &min_bytes) || min_bytes > c.remaining())
     fail("{}: header claims {} tensors, more than the file can hold ({} bytes)", label, n_tensors, size_);
 
-  kv_.reserve(n_kv);
+  // No reserve(n_kv): the count is the file's claim, and each entry costs more memory than file bytes.
+  Budget budget("metadata", "metadata");
   for (uint64_t k = 0; k < n_kv; ++k) {
     std::string key = c.read_string("metadata key");
     if (key.empty()) fail("{}: metadata entry {} has an empty key", label, k);
+    // GGUF keys are ASCII of at most 65535 bytes; refusing control bytes keeps every message naming a key
+    // one printable line.
+    if (key.size() > 65535) fail("{}: metadata entry {} has a key of {} bytes (at most 65535)", label, k, key.size());
+    if (has_control(key))
+      fail("{}: metadata entry {} has a key with control characters: '{}'", label, k, escape_control(key));
+    budget.charge(sizeof(kv_[0]) + 2 * key.size() + 64, label, key);  // the entry, the key twice, the index node
     uint32_t t = c.read<uint32_t>("metadata type");
     if (!valid_value_type(t)) fail("{}: metadata '{}' has unknown value type {}", label, key, t);
-    Value v = read_value(c, static_cast<ValueType>(t), key, label, 0);
+    Value v = read_value(c, static_cast<ValueType>(t), key, label, 0, budget);
     if (kv_index_.count(key)) fail("{}: duplicate metadata key '{}'", label, key);
     kv_index_.emplace(key, kv_.size());
     kv_.emplace_back(std::move(key), std::move(v));
@@ -324,17 +557,20 @@ void File::parse_all() {
 
   if (const Value* a = find("general.alignment")) {
     if (!a->is_int()) fail("{}: general.alignment must be an integer, found {}", label, value_type_name(a->type));
-    int64_t al = a->as_int();
+    int64_t al = get_int("general.alignment");
     if (al <= 0 || (al & (al - 1)) != 0 || al > (1 << 20))
       fail("{}: general.alignment {} is not a power of two in [1, 1048576]", label, al);
     alignment_ = static_cast<uint64_t>(al);
   }
 
-  tensors_.reserve(n_tensors);
+  Budget tensor_budget("tensor", "tensor list");
   for (uint64_t ti = 0; ti < n_tensors; ++ti) {
     Tensor t;
     t.name = c.read_string("tensor name");
     if (t.name.empty() || t.name.size() > 1024) fail("{}: tensor {} has an invalid name length {}", label, ti, t.name.size());
+    if (has_control(t.name))
+      fail("{}: tensor {} has a name with control characters: '{}'", label, ti, escape_control(t.name));
+    tensor_budget.charge(sizeof(Tensor) + 2 * t.name.size() + 64, label, t.name);
     uint32_t nd = c.read<uint32_t>("tensor dimension count");
     if (nd == 0 || nd > kMaxDims) fail("{}: tensor '{}' has {} dimensions (1 to {} allowed)", label, t.name, nd, kMaxDims);
     t.n_dims = static_cast<int>(nd);
@@ -431,8 +667,8 @@ std::vector<std::string> File::get_str_arr(std::string_view key) const {
   if (!v) missing(path_, key);
   if (v->type != ValueType::ARRAY || v->elem_type != ValueType::STRING) wrong_type(path_, key, "an array of strings", v->type);
   std::vector<std::string> out;
-  out.reserve(v->arr.size());
-  for (const Value& e : v->arr) out.push_back(e.s);
+  out.reserve(v->size());
+  for (uint64_t k = 0; k < v->size(); ++k) out.emplace_back(v->str_at(k));
   return out;
 }
 std::vector<float> File::get_f32_arr(std::string_view key) const {
@@ -441,18 +677,24 @@ std::vector<float> File::get_f32_arr(std::string_view key) const {
   if (v->type != ValueType::ARRAY || !(v->elem_type == ValueType::FLOAT32 || v->elem_type == ValueType::FLOAT64))
     wrong_type(path_, key, "an array of floats", v->type);
   std::vector<float> out;
-  out.reserve(v->arr.size());
-  for (const Value& e : v->arr) out.push_back(static_cast<float>(e.f));
+  out.reserve(v->size());
+  for (uint64_t k = 0; k < v->size(); ++k) out.push_back(static_cast<float>(v->float_at(k)));
   return out;
 }
 std::vector<int32_t> File::get_i32_arr(std::string_view key) const {
   const Value* v = find(key);
   if (!v) missing(path_, key);
-  if (v->type != ValueType::ARRAY || (!v->arr.empty() && !v->arr[0].is_int())) wrong_type(path_, key, "an array of integers", v->type);
+  if (v->type != ValueType::ARRAY || (v->size() > 0 && !is_int_type(v->elem_type)))
+    wrong_type(path_, key, "an array of integers", v->type);
   std::vector<int32_t> out;
-  out.reserve(v->arr.size());
-  for (const Value& e : v->arr) {
-    int64_t x = e.as_int();
+  out.reserve(v->size());
+  for (uint64_t k = 0; k < v->size(); ++k) {
+    int64_t x;
+    try {
+      x = v->int_at(k);
+    } catch (const Error& e) {
+      fail("{}: metadata '{}' element {}: {}", path_, key, k, e.what());
+    }
     if (x < INT32_MIN || x > INT32_MAX) fail("{}: metadata '{}' has value {} out of int32 range", path_, key, x);
     out.push_back(static_cast<int32_t>(x));
   }
@@ -504,24 +746,14 @@ void put_str(std::vector<uint8_t>& out, const std::string& s) {
   out.insert(out.end(), s.begin(), s.end());
 }
 void put_value(std::vector<uint8_t>& out, const Value& v) {
-  switch (v.type) {
-    case ValueType::UINT8: put<uint8_t>(out, static_cast<uint8_t>(v.u)); break;
-    case ValueType::UINT16: put<uint16_t>(out, static_cast<uint16_t>(v.u)); break;
-    case ValueType::UINT32: put<uint32_t>(out, static_cast<uint32_t>(v.u)); break;
-    case ValueType::UINT64: put<uint64_t>(out, v.u); break;
-    case ValueType::INT8: put<int8_t>(out, static_cast<int8_t>(v.i)); break;
-    case ValueType::INT16: put<int16_t>(out, static_cast<int16_t>(v.i)); break;
-    case ValueType::INT32: put<int32_t>(out, static_cast<int32_t>(v.i)); break;
-    case ValueType::INT64: put<int64_t>(out, v.i); break;
-    case ValueType::FLOAT32: put<float>(out, static_cast<float>(v.f)); break;
-    case ValueType::FLOAT64: put<double>(out, v.f); break;
-    case ValueType::BOOL: put<uint8_t>(out, v.b ? 1 : 0); break;
-    case ValueType::STRING: put_str(out, v.s); break;
-    case ValueType::ARRAY:
-      put<uint32_t>(out, static_cast<uint32_t>(v.elem_type));
-      put<uint64_t>(out, v.arr.size());
-      for (const Value& e : v.arr) put_value(out, e);
-      break;
+  if (v.type != ValueType::ARRAY) return encode_scalar(out, v);
+  put<uint32_t>(out, static_cast<uint32_t>(v.elem_type));
+  put<uint64_t>(out, v.size());
+  if (v.elem_type == ValueType::ARRAY) {
+    for (uint64_t k = 0; k < v.size(); ++k) put_value(out, v.array_at(k));
+  } else {
+    const std::string_view bytes = v.encoded();
+    out.insert(out.end(), bytes.begin(), bytes.end());
   }
 }
 }  // namespace

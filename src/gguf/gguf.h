@@ -33,14 +33,21 @@ struct TypeTraits {
 const TypeTraits* type_traits(DType t);
 const char* type_name(DType t);  // "f32", "q8_0", ... or "type#N"
 
+// general.file_type holds llama.cpp's llama_ftype (what most of the weights are), not a DType.
+const char* file_type_name(uint32_t ftype);  // as llama.cpp names it: "Q8_0", "Q4_K - Medium", ...; nullptr if unknown
+// The llama_ftype of a file whose weights are all of type t; nullopt where llama.cpp has none for it.
+std::optional<uint32_t> file_type_of(DType t);
+
 enum class ValueType : uint32_t {
   UINT8 = 0, INT8 = 1, UINT16 = 2, INT16 = 3, UINT32 = 4, INT32 = 5, FLOAT32 = 6, BOOL = 7,
   STRING = 8, ARRAY = 9, UINT64 = 10, INT64 = 11, FLOAT64 = 12,
 };
 const char* value_type_name(ValueType t);
 
-// A metadata value. Scalars live in one of u/i/f/b/s by kind; arrays hold their elements in `arr`
-// (all of type `elem_type`, nested arrays allowed).
+// A metadata value. Scalars live in one of u/i/f/b/s by kind. Arrays are compact: their elements stay in the
+// bytes GGUF encodes them in (for a File, a view into its mapping, valid while the File lives; for a Value
+// built with of_arr, bytes the Value shares among its copies), read with the *_at accessors. String arrays
+// keep one offset per element; only arrays of arrays hold a Value per element.
 struct Value {
   ValueType type = ValueType::UINT32;
   uint64_t u = 0;        // UINT8/16/32/64
@@ -48,15 +55,27 @@ struct Value {
   double f = 0;          // FLOAT32/64
   bool b = false;        // BOOL
   std::string s;         // STRING
-  ValueType elem_type = ValueType::UINT8;
-  std::vector<Value> arr;
+  ValueType elem_type = ValueType::UINT8;  // ARRAY
 
   bool is_int() const;
   bool is_float() const { return type == ValueType::FLOAT32 || type == ValueType::FLOAT64; }
-  // Numeric conversions; throw headroom::Error if the value is not numeric.
+  // Numeric conversions; throw headroom::Error if the value is not numeric (or a u64 above INT64_MAX for
+  // as_int). The message names neither file nor key: File's getters add both.
   int64_t as_int() const;
   double as_double() const;
-  std::string to_string(size_t max_items = 8) const;  // for `inspect`
+  // For `inspect`: one line, control characters escaped, long strings cut, arrays as "[N x type] [first
+  // max_items elements, ...]".
+  std::string to_string(size_t max_items = 8) const;
+
+  // Arrays: element count and elements (k < size(); the element type must fit the accessor, else Error).
+  uint64_t size() const { return n_; }
+  std::string_view str_at(uint64_t k) const;   // STRING elements
+  int64_t int_at(uint64_t k) const;            // integer or bool elements (as_int's rules)
+  double float_at(uint64_t k) const;           // any numeric elements
+  const Value& array_at(uint64_t k) const;     // ARRAY elements
+  Value at(uint64_t k) const;                  // any element, as a Value of its own
+  // The elements of a scalar or string array exactly as GGUF encodes them (what the writer writes).
+  std::string_view encoded() const { return {reinterpret_cast<const char*>(raw_), raw_size_}; }
 
   static Value of_u32(uint32_t v);
   static Value of_i32(int32_t v);
@@ -64,10 +83,24 @@ struct Value {
   static Value of_f32(float v);
   static Value of_bool(bool v);
   static Value of_str(std::string v);
-  static Value of_arr(ValueType elem, std::vector<Value> items);
+  static Value of_arr(ValueType elem, const std::vector<Value>& items);  // items all of type elem
   static Value of_str_arr(const std::vector<std::string>& v);
   static Value of_f32_arr(const std::vector<float>& v);
   static Value of_i32_arr(const std::vector<int32_t>& v);
+  // An array over GGUF-encoded elements someone else keeps alive (the reader's view into a mapping).
+  // str_offsets: for STRING elements, where each element's length prefix starts in `raw`.
+  static Value view_arr(ValueType elem, uint64_t n, const uint8_t* raw, uint64_t raw_size,
+                        std::vector<uint64_t> str_offsets);
+  static Value nested_arr(std::vector<Value> items);  // an array of arrays
+
+ private:
+  const uint8_t* elem_ptr(uint64_t k, const char* want) const;
+  uint64_t n_ = 0;
+  const uint8_t* raw_ = nullptr;
+  uint64_t raw_size_ = 0;
+  std::vector<uint64_t> str_offsets_;
+  std::vector<Value> items_;                         // ARRAY elements
+  std::shared_ptr<const std::vector<uint8_t>> own_;  // raw_'s storage when built in memory
 };
 
 struct Tensor {

@@ -1,15 +1,19 @@
 #include "kv/head_map.h"
 
 #include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/file.h"
 
 namespace headroom {
 
 using nlohmann::json;
+
+namespace {
+constexpr size_t kMaxHeadMapBytes = size_t(16) << 20;
+}  // namespace
 
 ModelIdentity ModelIdentity::of(const ModelConfig& c, const gguf::File& f) {
   ModelIdentity id;
@@ -100,13 +104,10 @@ void HeadMap::save(const std::string& path) const {
 }
 
 HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
-  std::ifstream f(path);
-  if (!f) fail("{}: cannot open head map", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
+  const std::string text = read_text_file(path, "head map", kMaxHeadMapBytes);
   HeadMap m;
   try {
-    json j = json::parse(ss.str());
+    json j = json::parse(text);
     if (j.value("format", "") != "headroom-head-map-1") fail("not a headroom head map (format field)");
     const json& mj = j.at("model");
     m.model.arch = mj.at("arch").get<std::string>();

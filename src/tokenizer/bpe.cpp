@@ -5,6 +5,7 @@
 #include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
 #include "util/error.h"
+#include "util/escape.h"
 
 namespace headroom::tok {
 
@@ -41,12 +42,12 @@ BpeTokenizer::BpeTokenizer(Vocab v, const gguf::Value& merges, const PreTokenize
 
   if (merges.type != gguf::ValueType::ARRAY || merges.elem_type != gguf::ValueType::STRING)
     fail("tokenizer.ggml.merges must be an array of strings");
-  ranks_.reserve(merges.arr.size() * 2);
-  for (size_t i = 0; i < merges.arr.size(); ++i) {
-    const std::string& m = merges.arr[i].s;
+  ranks_.reserve(merges.size() * 2);
+  for (size_t i = 0; i < merges.size(); ++i) {
+    const std::string_view m = merges.str_at(i);
     const size_t sp = m.find(' ', 1);  // as llama.cpp: a merge may start with a literal space
     if (sp == std::string::npos || sp + 1 >= m.size())
-      fail("tokenizer.ggml.merges[{}] = '{}' is not of the form 'left right'", i, m);
+      fail("tokenizer.ggml.merges[{}] = '{}' is not of the form 'left right'", i, escape_control(m));
     if (i > static_cast<size_t>(INT32_MAX)) fail("tokenizer.ggml.merges has too many entries");
     ranks_.emplace(m, static_cast<int32_t>(i));  // the first occurrence of a pair keeps its rank
   }

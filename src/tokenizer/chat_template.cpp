@@ -1,7 +1,6 @@
 // ChatTemplate: see tokenizer.h. Each render_* function mirrors one family's Jinja template; the templates
 // they were written against are quoted in tests/test_chat_template.cpp.
 #include <ctime>
-#include <regex>
 
 #include "tokenizer/tokenizer.h"
 #include "util/error.h"
@@ -68,9 +67,18 @@ std::string llama31_date(const std::string& t) {
     std::strftime(buf, sizeof buf, "%d %b %Y", &tm);
     return buf;
   }
-  static const std::regex re(R"re(date_string\s*=\s*"([^"]*)")re");
-  std::smatch m;
-  if (std::regex_search(t, m, re)) return m[1].str();
+  // The first `date_string = "..."` (spaces allowed around '='), found by plain search: the template is
+  // untrusted text of any size, so no backtracking regex runs over it.
+  static const std::string key = "date_string";
+  for (size_t pos = t.find(key); pos != std::string::npos; pos = t.find(key, pos + 1)) {
+    size_t i = t.find_first_not_of(kWs, pos + key.size());
+    if (i == std::string::npos || t[i] != '=') continue;
+    i = t.find_first_not_of(kWs, i + 1);
+    if (i == std::string::npos || t[i] != '"') continue;
+    const size_t end = t.find('"', i + 1);
+    if (end == std::string::npos) break;  // no closing quote after here: no later match either
+    return t.substr(i + 1, end - i - 1);
+  }
   return "26 Jul 2024";
 }
 

@@ -6,6 +6,7 @@
 #include <cctype>
 
 #include "util/error.h"
+#include "util/escape.h"
 
 namespace headroom::tok {
 
@@ -77,10 +78,10 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
   if (tokens->elem_type != gguf::ValueType::STRING)
     fail("{}: tokenizer.ggml.tokens must be an array of strings, found {}", f.path(),
          gguf::value_type_name(tokens->elem_type));
-  if (tokens->arr.empty()) fail("{}: tokenizer.ggml.tokens is empty", f.path());
-  if (tokens->arr.size() > static_cast<size_t>(INT32_MAX))
-    fail("{}: tokenizer.ggml.tokens has too many entries ({})", f.path(), tokens->arr.size());
-  const auto n = static_cast<int32_t>(tokens->arr.size());
+  if (tokens->size() == 0) fail("{}: tokenizer.ggml.tokens is empty", f.path());
+  if (tokens->size() > static_cast<uint64_t>(INT32_MAX))
+    fail("{}: tokenizer.ggml.tokens has too many entries ({})", f.path(), tokens->size());
+  const auto n = static_cast<int32_t>(tokens->size());
 
   const gguf::Value* scores = find_array(f, "tokenizer.ggml.scores");
   if (scores) {
@@ -88,8 +89,8 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
           scores->elem_type == gguf::ValueType::INT32))
       fail("{}: tokenizer.ggml.scores must be an array of floats, found {}", f.path(),
            gguf::value_type_name(scores->elem_type));
-    if (scores->arr.size() != tokens->arr.size())
-      fail("{}: tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}", f.path(), scores->arr.size(),
+    if (scores->size() != tokens->size())
+      fail("{}: tokenizer.ggml.scores has {} entries but tokenizer.ggml.tokens has {}", f.path(), scores->size(),
            n);
   }
   const gguf::Value* types = find_array(f, "tokenizer.ggml.token_type");
@@ -97,8 +98,8 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
     if (types->elem_type != gguf::ValueType::INT32 && types->elem_type != gguf::ValueType::UINT32)
       fail("{}: tokenizer.ggml.token_type must be an array of int32, found {}", f.path(),
            gguf::value_type_name(types->elem_type));
-    if (types->arr.size() != tokens->arr.size())
-      fail("{}: tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", f.path(), types->arr.size(),
+    if (types->size() != tokens->size())
+      fail("{}: tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", f.path(), types->size(),
            n);
   }
 
@@ -107,16 +108,14 @@ Vocab Vocab::load(const gguf::File& f, const std::string& model, bool default_ad
   v.attrs.assign(n, kAttrNormal);
   v.ids.reserve(static_cast<size_t>(n) * 2);
   for (int32_t i = 0; i < n; ++i) {
-    std::string word = tokens->arr[i].s;
+    std::string word(tokens->str_at(i));
     if (word.empty()) word = "[EMPTY_" + std::to_string(i) + "]";  // as llama.cpp
     auto [it, inserted] = v.ids.emplace(word, i);
-    if (!inserted) fail("{}: duplicate token in vocabulary: '{}' has ids {} and {}", f.path(), word, it->second, i);
+    if (!inserted)
+      fail("{}: duplicate token in vocabulary: '{}' has ids {} and {}", f.path(), escape_control(word), it->second, i);
     v.pieces[i] = std::move(word);
-    if (scores) {
-      const gguf::Value& s = scores->arr[i];
-      v.scores[i] = s.is_float() ? static_cast<float>(s.f) : static_cast<float>(s.as_int());
-    }
-    if (types) v.attrs[i] = attr_of_type(types->arr[i].as_int());
+    if (scores) v.scores[i] = static_cast<float>(scores->float_at(i));  // f32, f64 or i32 (checked above)
+    if (types) v.attrs[i] = attr_of_type(types->int_at(i));              // i32 or u32 (checked above)
   }
 
   v.bos = read_id(f, "tokenizer.ggml.bos_token_id", default_bos, n);

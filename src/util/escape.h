@@ -1,8 +1,13 @@
-// Backslash escapes in command-line prompts, as llama.cpp's -p does by default: \n \r \t \\ \' \" \xHH.
-// An unknown or incomplete escape is kept as written.
+// Backslash escapes, both ways:
+//  - process_escapes: in command-line prompts, as llama.cpp's -p does by default: \n \r \t \\ \' \" \xHH.
+//    An unknown or incomplete escape is kept as written.
+//  - escape_control: untrusted text (file metadata, names) made safe to print on a terminal: control bytes
+//    (C0, DEL) and C1 control characters become \n \r \t or \xHH, and a backslash becomes \\, so what is
+//    printed is one line and reads back unambiguously. Other bytes, UTF-8 included, are kept.
 #pragma once
 
 #include <string>
+#include <string_view>
 
 namespace headroom {
 
@@ -37,6 +42,33 @@ inline std::string process_escapes(const std::string& in) {
         }
         break;
       default: out += in[i]; break;
+    }
+  }
+  return out;
+}
+
+inline std::string escape_control(std::string_view in) {
+  static const char* hex = "0123456789abcdef";
+  auto put_hex = [](std::string& out, unsigned char c) {
+    out += "\\x";
+    out += hex[c >> 4];
+    out += hex[c & 15];
+  };
+  std::string out;
+  out.reserve(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    const auto c = static_cast<unsigned char>(in[i]);
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c == '\\') out += "\\\\";
+    else if (c < 0x20 || c == 0x7f) put_hex(out, c);
+    else if (c == 0xc2 && i + 1 < in.size() && static_cast<unsigned char>(in[i + 1]) >= 0x80 &&
+             static_cast<unsigned char>(in[i + 1]) <= 0x9f) {  // U+0080..U+009F, the C1 controls
+      put_hex(out, c);
+      put_hex(out, static_cast<unsigned char>(in[++i]));
+    } else {
+      out += char(c);
     }
   }
   return out;
