@@ -16,10 +16,14 @@ void apply_prefill_mode(const KVOptions& o, std::vector<PolicySpec>& specs) {
 
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   const ModelConfig& c = m.config();
-  if (o.page_size < 1 || o.page_size > 4096) fail("--page-size {} out of range (1..4096)", o.page_size);
+  pages_needed({}, n_ctx, o.page_size, o.chunk);  // range-checks the context, --page-size and --chunk first
   KVSetup s;
   KVBudget budget = o.budget.empty() ? KVBudget{} : KVBudget::parse(o.budget);
   s.tokens_per_head = budget.tokens_per_head(c, n_ctx);
+  // What the budget's size depends on, for the messages when it is too small.
+  const std::string cause = budget.kind == KVBudget::Kind::Percent
+                                ? fmt::format("--kv-budget {} of a {}-token context", o.budget, n_ctx)
+                                : fmt::format("--kv-budget {}", o.budget);
   const size_t n_heads = size_t(c.n_layer) * c.n_head_kv;
   std::string what;
   if (!o.head_map.empty()) {
@@ -36,7 +40,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     if (kind != PolicyKind::Full && budget.kind == KVBudget::Kind::None)
       fail("--kv-policy {} needs --kv-budget (tokens per head like 512, bytes like 64MiB, or a share like 25%)", o.policy);
     const bool offload = kind == PolicyKind::TopK;
-    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, offload));
+    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, offload, cause));
     what = fmt::format("{} for all {} heads", o.policy, n_heads);
   }
   apply_prefill_mode(o, s.specs);
@@ -52,8 +56,8 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     }
   }
   if (s.capacity_pages < int64_t(n_heads))
-    fail("--kv-budget {} is too small: it holds {} pages but every one of the {} KV heads needs at least one",
-         o.budget, s.capacity_pages, n_heads);
+    fail("{} is too small: it holds {} pages of {} tokens (--page-size) but every one of the {} KV heads needs at "
+         "least one", cause, s.capacity_pages, o.page_size, n_heads);
   const double page_kib = 2.0 * o.page_size * c.head_dim * sizeof(float) / 1024.0;
   s.summary = fmt::format("KV: {}, budget {}, page {} tokens, device capacity {} pages ({:.1f} MiB)", what,
                           budget.to_string(), o.page_size, s.capacity_pages, s.capacity_pages * page_kib / 1024.0);

@@ -4,21 +4,17 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <limits>
+
+#include "util/parse.h"
 
 namespace headroom {
 
-KVBudget KVBudget::parse(const std::string& s) {
+KVBudget KVBudget::parse(const std::string& s, std::string_view what) {
   KVBudget b;
-  size_t i = 0;
-  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
-  double v = 0;
-  try {
-    size_t used = 0;
-    v = i ? std::stod(s.substr(0, i), &used) : -1;
-  } catch (...) {
-    v = -1;
-  }
-  std::string unit = s.substr(i);
+  size_t used = 0;
+  const std::optional<double> num = parse_decimal_prefix(s, &used);
+  std::string unit = num ? s.substr(used) : std::string();
   for (char& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   double mult = 0;
   if (unit.empty()) b.kind = Kind::Tokens;
@@ -33,10 +29,16 @@ KVBudget KVBudget::parse(const std::string& s) {
     else if (unit == "mb") mult = 1e6;
     else if (unit == "gb") mult = 1e9;
   }
-  if (v <= 0 || (b.kind == Kind::Bytes && mult == 0) || (b.kind == Kind::Percent && v > 100) ||
-      (b.kind == Kind::Tokens && v != std::floor(v)))
-    fail("invalid --kv-budget '{}' (use tokens per KV head like 1024, bytes like 2GiB or 512MiB, or a share like 25%)", s);
+  const double v = num.value_or(0);
   b.value = b.kind == Kind::Bytes ? v * mult : v;
+  // Tokens fit in int32 and bytes stay far below int64 (4 EiB), so every count derived from them fits.
+  const bool ok = num && v > 0 &&
+                  (b.kind == Kind::Tokens   ? v == std::floor(v) && v <= double(std::numeric_limits<int32_t>::max())
+                   : b.kind == Kind::Percent ? v <= 100
+                                             : mult > 0 && b.value >= 1 && b.value <= double(int64_t(1) << 62));
+  if (!ok)
+    fail("invalid {} {:?} (use tokens per KV head like 1024 (1..2147483647), bytes like 2GiB or 512MiB (1 B..4 EiB), "
+         "or a share like 25% (above 0, at most 100%))", what, s);
   return b;
 }
 
@@ -45,7 +47,9 @@ int64_t KVBudget::tokens_per_head(const ModelConfig& c, int64_t n_ctx) const {
     case Kind::None: return n_ctx;
     case Kind::Tokens: return static_cast<int64_t>(value);
     case Kind::Percent: return static_cast<int64_t>(std::floor(value / 100.0 * double(n_ctx)));
-    case Kind::Bytes: return static_cast<int64_t>(value / double(c.kv_bytes_per_token(sizeof(float))));
+    case Kind::Bytes:
+      return static_cast<int64_t>(std::min(value / double(c.kv_bytes_per_token(sizeof(float))),
+                                           double(std::numeric_limits<int32_t>::max())));
   }
   return n_ctx;
 }
@@ -60,7 +64,7 @@ std::string KVBudget::to_string() const {
   return "?";
 }
 
-PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload) {
+PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload, std::string_view cause) {
   PolicySpec s;
   s.kind = kind;
   s.offload = offload;
@@ -70,29 +74,32 @@ PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, bool offload)
       // The largest window whose pages (counted whole) fit in the budget: window = (pages - 2) * page + 1.
       const int64_t pages = t / page_size;
       if (pages < 3)
-        fail("--kv-budget of {} tokens per head is {} pages of {}; streaming needs at least 3 (sinks, window, tail)",
-             t, pages, page_size);
-      s.window = static_cast<int>((pages - 2) * page_size + 1);
+        fail("{} is {} tokens per head, {} pages of {} (--page-size); streaming needs at least 3 (sinks, window, tail)",
+             cause, t, pages, page_size);
+      s.window = static_cast<int>(std::min<int64_t>((pages - 2) * page_size + 1, kMaxContext));
       break;
     }
     case PolicyKind::TopK: {
-      int64_t pages = t / page_size;
+      const int64_t pages = t / page_size;
       if (pages < 1 + s.recent_pages + 1)
-        fail("--kv-budget of {} tokens per head is {} pages of {}; topk needs at least {} (sink, {} recent, 1 chosen)",
-             t, pages, page_size, 2 + s.recent_pages, s.recent_pages);
-      s.topk_pages = static_cast<int>(pages - 1 - s.recent_pages);
+        fail("{} is {} tokens per head, {} pages of {} (--page-size); topk needs at least {} (sink, {} recent, 1 chosen)",
+             cause, t, pages, page_size, 2 + s.recent_pages, s.recent_pages);
+      s.topk_pages = static_cast<int>(std::min<int64_t>(pages - 1 - s.recent_pages, kMaxContext));
       break;
     }
     case PolicyKind::Evict:
-      if (t < s.sinks + 32) fail("--kv-budget of {} tokens per head is too small for evict (needs >= {})", t, s.sinks + 32);
-      s.budget = static_cast<int>(t);
-      s.window = static_cast<int>(t / 2);
+      if (t < s.sinks + 32) fail("{} is {} tokens per head, too small for evict (needs >= {})", cause, t, s.sinks + 32);
+      s.budget = static_cast<int>(std::min<int64_t>(t, kMaxContext));
+      s.window = s.budget / 2;
       break;
   }
   return s;
 }
 
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk) {
+  if (n_ctx < 1 || n_ctx > kMaxContext) fail("a context of {} tokens is out of range (1..{})", n_ctx, kMaxContext);
+  if (page_size < 1 || page_size > kMaxPageSize) fail("--page-size {} is out of range (1..{})", page_size, kMaxPageSize);
+  if (chunk < 1 || chunk > kMaxChunk) fail("--chunk {} is out of range (1..{})", chunk, kMaxChunk);
   int64_t total = 0;
   for (const PolicySpec& s : specs) {
     auto p = make_policy(s);

@@ -9,6 +9,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backend/backend.h"
@@ -30,7 +31,8 @@ class BudgetExhausted : public Error {
 struct KVBudget {
   enum class Kind { None, Tokens, Bytes, Percent } kind = Kind::None;
   double value = 0;
-  static KVBudget parse(const std::string& s);  // throws Error with one line
+  // Throws Error with one line naming `what` (the flag) for anything else, or for a value out of range.
+  static KVBudget parse(const std::string& s, std::string_view what = "--kv-budget");
   // Tokens per KV head this budget allows for a context of n_ctx.
   int64_t tokens_per_head(const ModelConfig& c, int64_t n_ctx) const;
   std::string to_string() const;
@@ -38,10 +40,16 @@ struct KVBudget {
 
 // Per-head policy specs for a uniform policy under a budget: full, streaming (4 sinks + the rest as window),
 // topk (pages = budget / page size, minus the sink and recent pages), evict (budget tokens, half recent).
-// Throws Error if the budget is too small for the policy (e.g. cannot hold the sinks and a window).
-PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, bool offload);
+// Throws Error if the budget is too small for the policy (e.g. cannot hold the sinks and a window), naming
+// `cause`: where tokens_per_head came from (e.g. "--kv-budget 25% of a 512-token context").
+PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, bool offload, std::string_view cause);
 
-// Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head).
+// Page size and prefill chunk limits (tokens), checked by pages_needed and by the flags that set them.
+inline constexpr int kMaxPageSize = 4096;
+inline constexpr int kMaxChunk = 1 << 16;
+
+// Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head). Throws
+// Error naming the context, --page-size or --chunk if one is out of range.
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk);
 
 class KVCache {
