@@ -1,8 +1,8 @@
 // `headroom eval`: the long-context tasks under KV configurations; accuracy, KV bytes, JSON/CSV and PNG plots.
 #include <unistd.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 
 #include "cli/common.h"
 #include "eval/eval.h"
