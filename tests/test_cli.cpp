@@ -60,7 +60,7 @@ TEST(Cli, InspectEveryBundledModel) {
   }
   Result r = run("inspect " + model());
   EXPECT_NE(r.out.find("8 layers, dim 256, 4 heads x 64, 2 KV heads"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("KV bytes per token: 8192"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("KV bytes per token: 4096 (f16"), std::string::npos) << r.out;  // 2 x 8 layers x 2 heads x 64 x 2 B
 }
 
 TEST(Cli, Tokenize) {
@@ -173,4 +173,19 @@ TEST(Cli, SynthWritesLlamaCppFileType) {
   EXPECT_EQ(f->tensor("blk.0.attn_q.weight").type, headroom::gguf::DType::Q8_0);
   r = run("inspect " + out);
   EXPECT_NE(r.out.find("general.file_type                            7 (Q8_0)"), std::string::npos) << r.out;
+}
+
+TEST(Cli, KVTypeFlags) {
+  const std::string p = " -n 4 --temp 0 -p \"The pass key is 4821930. Remember it.\"";
+  expect_one_line_error(run("run -m " + model() + " --kv-type q4_0" + p), "--kv-type 'q4_0' is not a KV type");
+  expect_one_line_error(run("run -m " + model() + " -ctk q8_0 -ctv f16" + p), "differ: headroom stores K and V in one type");
+  expect_one_line_error(run("run -m " + headroom::test::shared("models/stories260K.gguf") + " --kv-type q8_0" + p),
+                        "blocks of 32");
+  // llama.cpp's short names work, and the stored type is what the log reports.
+  Result r = run("run -m " + model() + " -ctk q8_0 -ctv q8_0" + p);
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("q8_0 cache"), std::string::npos) << r.out;
+  r = run("run -m " + model() + p);
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("f16 cache"), std::string::npos) << "f16 is the default: " << r.out;
 }

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
-#include <sstream>
 
 #include "cli/common.h"
 #include "model/model.h"
@@ -14,46 +13,34 @@
 namespace headroom::cli {
 
 namespace {
-std::vector<int> parse_list(const std::string& s, const char* flag) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      int v = std::stoi(item, &used);
-      if (used != item.size() || v < 0) throw std::invalid_argument("");
-      out.push_back(v);
-    } catch (...) {
-      fail("{} expects a comma-separated list of non-negative integers, got '{}'", flag, s);
-    }
-  }
-  if (out.empty()) fail("{} is empty", flag);
-  return out;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 }  // namespace
 
 void register_bench(CLI::App& app) {
-  static std::string model_path, depths = "0", threads_s = "0";
+  static std::string model_path;
+  static std::vector<int> ds = {0}, ts = {0};
   static int n_prompt = 512, n_gen = 128, reps = 3;
   static KVOptions kvo;
   auto* cmd = app.add_subcommand("bench", "measure prompt and generation tokens/s by context depth (markdown table)");
   cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
-  cmd->add_option("-p,--n-prompt", n_prompt, "prompt tokens per pp test (0: skip)")->capture_default_str();
-  cmd->add_option("-n,--n-gen", n_gen, "generated tokens per tg test (0: skip)")->capture_default_str();
-  cmd->add_option("-d,--depth", depths, "context depths, comma-separated (e.g. 0,2048)")->capture_default_str();
-  cmd->add_option("-t,--threads", threads_s, "thread counts, comma-separated (0: physical cores)")->capture_default_str();
-  cmd->add_option("-r,--repetitions", reps, "repetitions per test")->capture_default_str();
+  cmd->add_option("-p,--n-prompt", n_prompt, "prompt tokens per pp test (0: skip)")
+      ->check(in_range({0, double(kMaxContext)}))
+      ->capture_default_str();
+  cmd->add_option("-n,--n-gen", n_gen, "generated tokens per tg test (0: skip)")
+      ->check(in_range({0, double(kMaxContext)}))
+      ->capture_default_str();
+  cmd->add_option("-d,--depth", ds, "context depths, comma-separated (e.g. 0,2048)")
+      ->delimiter(',')
+      ->check(list_in_range("-d", {0, double(kMaxContext)}))
+      ->capture_default_str();
+  add_threads_flag(cmd, ts, "thread counts, comma-separated (0: one per physical core)");
+  cmd->add_option("-r,--repetitions", reps, "repetitions per test")->check(in_range({1, 1000}))->capture_default_str();
   add_kv_flags(cmd, kvo);
   cmd->callback([] {
-    if (reps < 1) fail("-r must be >= 1");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
-    std::vector<int> ds = parse_list(depths, "-d"), ts = parse_list(threads_s, "-t");
     std::mt19937 rng(42);
     std::uniform_int_distribution<int32_t> tok_dist(0, c.n_vocab - 1);
     std::string mname = fmt::format("{} {:.0f}M {}", c.arch, double(model->n_params()) / 1e6,
@@ -64,6 +51,9 @@ void register_bench(CLI::App& app) {
       auto be = make_cpu_backend(t);
       for (int d : ds) {
         const int64_t n_ctx = int64_t(d) + std::max(n_prompt, n_gen) + 1;
+        if (n_ctx > kMaxContext)
+          fail("-d {} plus the larger of -p {} and -n {} is beyond the largest context ({} tokens)", d, n_prompt, n_gen,
+               kMaxContext);
         KVSetup kvs = plan_kv(*model, kvo, n_ctx);
         Runner runner(*model, *be, kvo.chunk);
         for (int phase = 0; phase < 2; ++phase) {

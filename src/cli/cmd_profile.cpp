@@ -16,16 +16,33 @@ void register_profile(CLI::App& app) {
   auto* cmd = app.add_subcommand("profile", "find each KV head's role (retrieval vs streaming) and write a head map");
   cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
   cmd->add_option("-o,--output", out, "head map JSON to write")->capture_default_str();
-  cmd->add_option("--target-budget", target, "share of the full KV bytes the map must fit (e.g. 25%)")->capture_default_str();
-  cmd->add_option("--ctx", o.ctx, "probe length in tokens (default: the trained context)");
-  cmd->add_option("--probes", o.retrieval_prompts, "needle-copy prompts (retrieval score)")->capture_default_str();
-  cmd->add_option("--natural", o.natural_prompts, "natural-text prompts (streaming error)")->capture_default_str();
+  cmd->add_option("--target-budget", target, "share of the full KV bytes the map must fit (e.g. 25%)")
+      ->check(CLI::Validator(
+          [](std::string& s) {
+            if (KVBudget::parse(s, "--target-budget").kind != KVBudget::Kind::Percent)
+              fail("--target-budget {:?} must be a percentage like 25%", s);
+            return std::string();
+          },
+          "PERCENT"))
+      ->capture_default_str();
+  cmd->add_option("--ctx", o.ctx, "probe length in tokens, like 4096 or 4k (0: the trained context)")
+      ->transform(tokens_in("--ctx", 0, kMaxContext));
+  cmd->add_option("--probes", o.retrieval_prompts, "needle-copy prompts (retrieval score)")
+      ->check(in_range({1, 100000}))
+      ->capture_default_str();
+  cmd->add_option("--natural", o.natural_prompts, "natural-text prompts (streaming error)")
+      ->check(in_range({0, 100000}))
+      ->capture_default_str();
   cmd->add_flag("!--no-fill-windows", o.fill_windows,
                "make as many heads full as fit (at --window) instead of only the retrieval heads + wider windows");
-  cmd->add_option("--ablation", o.ablation_probes, "needle prompts for the per-head ablation (0: skip)")->capture_default_str();
-  cmd->add_option("--sinks", o.sinks, "sink tokens of streaming heads")->capture_default_str();
-  cmd->add_option("--window", o.window, "recent window of streaming heads")->capture_default_str();
-  cmd->add_option("--page-size", o.page_size, "KV page size in tokens")->capture_default_str();
+  cmd->add_option("--ablation", o.ablation_probes, "needle prompts for the per-head ablation (0: skip)")
+      ->check(in_range({0, 100000}))
+      ->capture_default_str();
+  cmd->add_option("--sinks", o.sinks, "sink tokens of streaming heads")->check(in_range({0, 4096}))->capture_default_str();
+  cmd->add_option("--window", o.window, "recent window of streaming heads")
+      ->check(in_range({16, double(kMaxContext)}))
+      ->capture_default_str();
+  add_page_size_flag(cmd, o.page_size);
   cmd->add_option("--prefill", prefill,
                   "streaming heads' prefill written into the map: auto (teacher-forced exact match of the map on "
                   "--prefill-probes needle prompts with window and with whole-prompt prefill; offload if window keeps "
@@ -33,22 +50,26 @@ void register_profile(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "window", "full", "offload"}))
       ->capture_default_str();
   cmd->add_option("--prefill-tolerance", o.prefill_tolerance, "share of full attention's exact matches windowed prefill may lose (auto)")
+      ->check(in_range({0, 1}))
       ->capture_default_str();
-  cmd->add_option("--prefill-probes", o.prefill_probes, "needle prompts for the prefill choice (auto)")->capture_default_str();
-  cmd->add_option("--seed", o.seed, "probe seed")->capture_default_str();
+  cmd->add_option("--prefill-probes", o.prefill_probes, "needle prompts for the prefill choice (auto)")
+      ->check(in_range({1, 100000}))
+      ->capture_default_str();
+  add_seed_flag(cmd, "--seed", o.seed, "probe seed");
   cmd->add_option("--png", png, "heat map of the scores (default: OUTPUT with .png)");
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
-  cmd->add_option("-t,--threads", threads, "threads (default: physical cores)");
+  add_threads_flag(cmd, threads);
   cmd->callback([] {
-    KVBudget b = KVBudget::parse(target);
-    if (b.kind != KVBudget::Kind::Percent) fail("--target-budget must be a percentage like 25%");
-    if (o.retrieval_prompts < 1 || o.natural_prompts < 0) fail("--probes must be >= 1 and --natural >= 0");
-    if (o.sinks < 0 || o.window < 16) fail("--sinks must be >= 0 and --window >= 16");
-    if (o.prefill_probes < 1 || o.prefill_tolerance < 0 || o.prefill_tolerance > 1)
-      fail("--prefill-probes must be >= 1 and --prefill-tolerance in 0..1");
+    KVBudget b = KVBudget::parse(target, "--target-budget");
+    if (o.ctx != 0 && o.ctx < 64) fail("--ctx {} is out of range (0 for the trained context, or 64..{})", o.ctx, kMaxContext);
+    if (png.empty()) png = out.substr(0, out.rfind('.')) + ".png";
+    const std::string png_streaming = png.substr(0, png.rfind('.')) + "-streaming.png";
+    check_output_file(out, "-o");
+    check_output_file(png, "--png");
+    check_output_file(png_streaming, "--png");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
-    const int ctx = o.ctx > 0 ? o.ctx : c.n_ctx_train;
+    const int ctx = int(context_for(o.ctx, c));
     auto be = make_cpu_backend(threads);
     eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
     std::fprintf(stderr, "profile: %d layers x %d KV heads, %d + %d probes of %d tokens\n", c.n_layer, c.n_head_kv,
@@ -91,7 +112,6 @@ void register_profile(CLI::App& app) {
                     e.gain, e.streaming_error, e.query_error, policy_name(e.spec.kind));
       }
     std::printf("%s\nwrote %s\n", map.note.c_str(), out.c_str());
-    if (png.empty()) png = out.substr(0, out.rfind('.')) + ".png";
     for (int which = 0; which < 2; ++which) {
       plot::Heatmap h;
       h.title = which == 0 ? "Retrieval score per KV head" : "Streaming error per KV head (relative L2)";
@@ -112,7 +132,7 @@ void register_profile(CLI::App& app) {
       }
       if (h.v_max <= 0) h.v_max = 1;
       h.colormap = plot::Colormap::Viridis;
-      std::string path = which == 0 ? png : png.substr(0, png.rfind('.')) + "-streaming.png";
+      const std::string& path = which == 0 ? png : png_streaming;
       plot::heatmap(path, h);
       std::printf("wrote %s\n", path.c_str());
     }

@@ -27,15 +27,15 @@ void run(RunArgs& a) {
   if (!a.prompt_file.empty()) {
     a.prompt = read_text_file(a.prompt_file, "prompt file", size_t(64) << 20);
   }
+  if (!a.prompt_file.empty() && a.prompt.empty()) fail("-f {:?}: the prompt file is empty or unreadable", a.prompt_file);
   if (std::string clean = tok::utf8_sanitize(a.prompt); clean != a.prompt) {
     std::fprintf(stderr, "warning: the prompt is not valid UTF-8; invalid bytes were replaced with U+FFFD\n");
     a.prompt = std::move(clean);
   }
-  if (a.n_predict < -1) fail("-n {} is invalid (use -1 for unlimited, 0 to only process the prompt)", a.n_predict);
   auto model = Model::load(a.model);
   const ModelConfig& c = model->config();
   const Tokenizer& tok = model->tokenizer();
-  const int n_ctx = a.n_ctx > 0 ? a.n_ctx : c.n_ctx_train;
+  const int n_ctx = int(context_for(a.n_ctx, c));
   auto backend = make_cpu_backend(a.threads);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
@@ -98,18 +98,13 @@ void register_run(CLI::App& app) {
   cmd->add_option("-p,--prompt", a.prompt, "prompt text");
   cmd->add_option("-f,--file", a.prompt_file, "read the prompt from this file");
   cmd->add_flag("!--no-escape", a.escape, "take -p literally (by default \\n \\t \\\\ \\\" \\xHH in it are escapes, as in llama.cpp)");
-  cmd->add_option("-n,--n-predict", a.n_predict, "tokens to generate (-1: until end of text or context)")->capture_default_str();
-  cmd->add_option("-c,--ctx", a.n_ctx, "context size in tokens (default: the model's trained context)");
-  cmd->add_option("-t,--threads", a.threads, "threads (default: physical cores)");
-  cmd->add_option("--temp", a.sp.temp, "temperature (0 = greedy)")->capture_default_str();
-  cmd->add_option("--top-k", a.sp.top_k, "top-k (0 = off)")->capture_default_str();
-  cmd->add_option("--top-p", a.sp.top_p, "top-p (1 = off)")->capture_default_str();
-  cmd->add_option("--min-p", a.sp.min_p, "min-p (0 = off)")->capture_default_str();
-  cmd->add_option("--repeat-penalty", a.sp.repeat_penalty, "repetition penalty (1 = off)")->capture_default_str();
-  cmd->add_option("--presence-penalty", a.sp.presence_penalty, "presence penalty")->capture_default_str();
-  cmd->add_option("--frequency-penalty", a.sp.frequency_penalty, "frequency penalty")->capture_default_str();
-  cmd->add_option("--repeat-last-n", a.sp.penalty_last_n, "tokens the penalties look back over")->capture_default_str();
-  cmd->add_option("-s,--seed", a.sp.seed, "random seed (same seed, same output)")->capture_default_str();
+  cmd->add_option("-n,--n-predict", a.n_predict, "tokens to generate (-1: until end of text or context, 0: only the prompt)")
+      ->check(in_range({-1, double(kMaxContext)}))
+      ->capture_default_str();
+  cmd->add_option("-c,--ctx", a.n_ctx, "context size in tokens, like 4096 or 4k (0: the model's trained context)")
+      ->transform(tokens_in("-c", 0, kMaxContext));
+  add_threads_flag(cmd, a.threads);
+  add_sampling_flags(cmd, a.sp);
   cmd->add_flag("--chat", a.chat, "wrap the prompt in the model's chat template");
   cmd->add_option("--system", a.system, "system message (with --chat)");
   cmd->add_option("--stop", a.stop, "stop string (repeatable)");

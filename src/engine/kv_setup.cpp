@@ -53,8 +53,13 @@ std::string mib(double bytes) { return fmt::format("{:.1f} MiB", bytes / (1024.0
 
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   const ModelConfig& c = m.config();
+  pages_needed({}, n_ctx, o.page_size, o.chunk);  // range-checks the context, --page-size and --chunk first
   KVSetup s;
   KVBudget budget = o.budget.empty() ? KVBudget{} : KVBudget::parse(o.budget);
+  // What the budget's size depends on, for the messages when it is too small.
+  const std::string cause = budget.kind == KVBudget::Kind::Percent
+                                ? fmt::format("--kv-budget {} of a {}-token context", o.budget, n_ctx)
+                                : fmt::format("--kv-budget {}", o.budget);
   const size_t n_heads = size_t(c.n_layer) * c.n_head_kv;
   std::string what;
   if (!o.head_map.empty()) {
@@ -77,8 +82,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     s.layout = layout_for(m, o, {probe});
     // Bytes budgets count what is stored per token: K + V in the KV type and the policy's metadata.
     s.tokens_per_head = budget.tokens_per_head(n_ctx, double(n_heads) * double(s.layout.page_bytes()) / o.page_size);
-    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size,
-                                         fmt::format("--kv-budget {}", o.budget.empty() ? "(none)" : o.budget)));
+    s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, cause));
     what = fmt::format("{} for all {} heads", o.policy, n_heads);
   }
   apply_prefill_mode(o, s.specs);
@@ -94,8 +98,8 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     }
   }
   if (device < int64_t(n_heads))
-    fail("--kv-budget {} is too small: it holds {} pages of {} tokens but every one of the {} KV heads needs at least "
-         "one", o.budget, device, o.page_size, n_heads);
+    fail("{} is too small: it holds {} pages of {} tokens (--page-size) but every one of the {} KV heads needs at "
+         "least one", cause, device, o.page_size, n_heads);
   set_capacity(s, device, host_pages_needed(s.specs, n_ctx, o.page_size) * n_seqs);
   s.summary = fmt::format("KV: {}, {} cache, budget {}, page {} tokens, device capacity {} pages ({} K+V, {} metadata)",
                           what, kv_type_name(s.layout.type), budget.to_string(), o.page_size, s.capacity_pages,

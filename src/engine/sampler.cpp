@@ -2,11 +2,28 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <unordered_map>
+
+#include "util/error.h"
 
 namespace headroom {
 
-Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {}
+void SamplerParams::validate() const {
+  const std::tuple<const char*, const NumRange&, double> params[] = {
+      {"--temp", temp_range, temp},
+      {"--top-k", top_k_range, top_k},
+      {"--top-p", top_p_range, top_p},
+      {"--min-p", min_p_range, min_p},
+      {"--repeat-penalty", repeat_penalty_range, repeat_penalty},
+      {"--presence-penalty", presence_penalty_range, presence_penalty},
+      {"--frequency-penalty", frequency_penalty_range, frequency_penalty},
+      {"--repeat-last-n", penalty_last_n_range, penalty_last_n}};
+  for (const auto& [name, range, v] : params)
+    if (std::string e = range.check(v); !e.empty()) fail("{}: {}", name, e);
+}
+
+Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) { p_.validate(); }
 
 int32_t Sampler::argmax(std::span<const float> logits) {
   return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());

@@ -8,18 +8,27 @@
 #include <span>
 #include <vector>
 
+#include "util/parse.h"
+
 namespace headroom {
 
 struct SamplerParams {
-  float temp = 0.8f;            // <= 0: greedy
+  float temp = 0.8f;            // 0: greedy
   int top_k = 40;               // <= 0: off
   float top_p = 0.95f;          // >= 1: off
   float min_p = 0.05f;          // <= 0: off
   float repeat_penalty = 1.0f;  // 1: off (llama.cpp semantics: divide positive logits, multiply negative)
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
-  int penalty_last_n = 64;
+  int penalty_last_n = 64;       // <= 0: the whole history
   uint64_t seed = 0xC0FFEE;
+
+  // The allowed ranges, used by validate() and by the CLI flags (src/cli/common.h).
+  static constexpr NumRange temp_range{0, 100}, top_k_range{0, 2147483647}, top_p_range{0, 1}, min_p_range{0, 1},
+                            repeat_penalty_range{0, 100, true}, presence_penalty_range{-2, 2},
+                            frequency_penalty_range{-2, 2}, penalty_last_n_range{0, double(kMaxContext)};
+  // Throws Error naming the first parameter (as its CLI flag) that is out of its range; the Sampler calls it.
+  void validate() const;
 };
 
 class Sampler {

@@ -6,6 +6,7 @@
 
 #include "util/error.h"
 #include "util/file.h"
+#include "util/json_read.h"
 
 namespace headroom {
 
@@ -13,6 +14,16 @@ using nlohmann::json;
 
 namespace {
 constexpr size_t kMaxHeadMapBytes = size_t(16) << 20;
+
+// The "prefill" field of obj (a streaming head or the profile section); window when absent.
+PrefillMode prefill_at(const json& obj, const JsonPlace& at) {
+  const std::string s = json_string(obj, at, "prefill", "window");
+  try {
+    return parse_prefill_mode(s);
+  } catch (const Error& e) {
+    fail("{}: {} \"prefill\": {}", at.file, at.where, e.what());
+  }
+}
 }  // namespace
 
 ModelIdentity ModelIdentity::of(const ModelConfig& c, const gguf::File& f) {
@@ -75,16 +86,7 @@ std::string HeadMap::to_json() const {
     for (int h = 0; h < model.n_head_kv; ++h) {
       const HeadEntry& e = at(l, h);
       json x = {{"layer", l}, {"kv_head", h}, {"policy", policy_name(e.spec.kind)}};
-      switch (e.spec.kind) {
-        case PolicyKind::Full: break;
-        case PolicyKind::Streaming:
-          x["sinks"] = e.spec.sinks;
-          x["window"] = e.spec.window;
-          if (e.spec.prefill != PrefillMode::Window) x["prefill"] = prefill_mode_name(e.spec.prefill);
-          break;
-        case PolicyKind::TopK: x["topk_pages"] = e.spec.topk_pages; x["recent_pages"] = e.spec.recent_pages; break;
-        case PolicyKind::Evict: x["budget"] = e.spec.budget; x["sinks"] = e.spec.sinks; x["window"] = e.spec.window; break;
-      }
+      policy_descriptor(e.spec.kind).to_json(e.spec, x);
       if (e.retrieval_score >= 0) x["retrieval_score"] = e.retrieval_score;
       if (e.streaming_error >= 0) x["streaming_error"] = e.streaming_error;
       if (e.query_error >= 0) x["query_error"] = e.query_error;
@@ -104,58 +106,66 @@ void HeadMap::save(const std::string& path) const {
 }
 
 HeadMap HeadMap::load(const std::string& path, const ModelIdentity* expect) {
-  const std::string text = read_text_file(path, "head map", kMaxHeadMapBytes);
+  return parse(read_text_file(path, "head map", kMaxHeadMapBytes), path, expect);
+}
+
+HeadMap HeadMap::parse(const std::string& text, const std::string& path, const ModelIdentity* expect) {
   HeadMap m;
+  json j;
   try {
-    json j = json::parse(text);
-    if (j.value("format", "") != "headroom-head-map-1") fail("not a headroom head map (format field)");
-    const json& mj = j.at("model");
-    m.model.arch = mj.at("arch").get<std::string>();
-    m.model.n_layer = mj.at("n_layer").get<int>();
-    m.model.n_head = mj.at("n_head").get<int>();
-    m.model.n_head_kv = mj.at("n_head_kv").get<int>();
-    m.model.head_dim = mj.at("head_dim").get<int>();
-    m.model.n_embd = mj.at("n_embd").get<int>();
-    m.model.tensor_hash = mj.at("tensor_hash").get<std::string>();
-    m.note = j.value("note", "");
-    if (j.contains("profile")) {
-      m.profile_sinks = j["profile"].at("sinks").get<int>();
-      m.profile_window = j["profile"].at("window").get<int>();
-      m.profile_prefill = parse_prefill_mode(j["profile"].value("prefill", std::string("window")));
-    }
-    if (m.model.n_layer <= 0 || m.model.n_head_kv <= 0 || m.model.n_layer * int64_t(m.model.n_head_kv) > 1 << 20)
-      fail("bad model shape");
-    m.heads.assign(size_t(m.model.n_layer) * m.model.n_head_kv, HeadEntry{});
-    std::vector<uint8_t> seen(m.heads.size(), 0);
-    for (const json& x : j.at("heads")) {
-      int l = x.at("layer").get<int>(), h = x.at("kv_head").get<int>();
-      if (l < 0 || l >= m.model.n_layer || h < 0 || h >= m.model.n_head_kv)
-        fail("head entry (layer {}, kv_head {}) out of range", l, h);
-      HeadEntry& e = m.at(l, h);
-      if (seen[size_t(l) * m.model.n_head_kv + h]++) fail("duplicate entry for layer {} kv_head {}", l, h);
-      e.spec.kind = parse_policy_kind(x.at("policy").get<std::string>());
-      e.spec.sinks = x.value("sinks", e.spec.sinks);
-      e.spec.window = x.value("window", e.spec.window);
-      e.spec.topk_pages = x.value("topk_pages", e.spec.topk_pages);
-      e.spec.recent_pages = x.value("recent_pages", e.spec.recent_pages);
-      e.spec.budget = x.value("budget", e.spec.budget);
-      e.spec.prefill = parse_prefill_mode(x.value("prefill", std::string("window")));
-      if (e.spec.sinks < 0 || e.spec.window < 1 || e.spec.topk_pages < 1 || e.spec.recent_pages < 1 || e.spec.budget < 1)
-        fail("bad policy parameters for layer {} kv_head {}", l, h);
-      e.retrieval_score = x.value("retrieval_score", -1.0);
-      e.streaming_error = x.value("streaming_error", -1.0);
-      e.query_error = x.value("query_error", -1.0);
-      e.ablation = x.value("ablation", -1.0);
-      e.gain = x.value("gain", -1.0);
-    }
-    for (size_t i = 0; i < seen.size(); ++i)
-      if (!seen[i]) fail("no entry for layer {} kv_head {}", i / m.model.n_head_kv, i % m.model.n_head_kv);
+    j = json::parse(text);
   } catch (const json::exception& e) {
     fail("{}: invalid head map JSON: {}", path, e.what());
-  } catch (const Error& e) {
-    if (std::string(e.what()).rfind(path, 0) == 0) throw;
-    fail("{}: {}", path, e.what());
   }
+  JsonPlace top{path, "the top level"};
+  if (!j.is_object() || json_string(j, top, "format", "") != "headroom-head-map-1")
+    fail("{}: not a headroom head map (format field)", path);
+  JsonPlace at{path, "model"};
+  const json& mj = json_child(j, top, "model", false);
+  m.model.arch = json_string(mj, at, "arch");
+  m.model.n_layer = int(json_int(mj, at, "n_layer", {1, 4096}));
+  m.model.n_head = int(json_int(mj, at, "n_head", {1, 4096}));
+  m.model.n_head_kv = int(json_int(mj, at, "n_head_kv", {1, 4096}));
+  m.model.head_dim = int(json_int(mj, at, "head_dim", {1, 65536}));
+  m.model.n_embd = int(json_int(mj, at, "n_embd", {1, 1 << 20}));
+  m.model.tensor_hash = json_string(mj, at, "tensor_hash");
+  if (m.model.n_layer * int64_t(m.model.n_head_kv) > 1 << 20)
+    fail("{}: model: {} layers x {} KV heads is more than {} heads", path, m.model.n_layer, m.model.n_head_kv, 1 << 20);
+  m.note = json_string(j, top, "note", "");
+  const NumRange tokens{1, double(kMaxContext)};
+  if (j.contains("profile")) {
+    JsonPlace pat{path, "profile"};
+    const json& pj = json_child(j, top, "profile", false);
+    m.profile_sinks = int(json_int(pj, pat, "sinks", {0, double(kMaxContext)}));
+    m.profile_window = int(json_int(pj, pat, "window", tokens));
+    m.profile_prefill = prefill_at(pj, pat);
+  }
+  m.heads.assign(size_t(m.model.n_layer) * m.model.n_head_kv, HeadEntry{});
+  std::vector<uint8_t> seen(m.heads.size(), 0);
+  const json& hs = json_child(j, top, "heads", true);
+  for (size_t i = 0; i < hs.size(); ++i) {
+    const json& x = hs[i];
+    JsonPlace hat{path, fmt::format("heads[{}]", i)};
+    const int l = int(json_int(x, hat, "layer", {0, double(m.model.n_layer - 1)}));
+    const int h = int(json_int(x, hat, "kv_head", {0, double(m.model.n_head_kv - 1)}));
+    if (seen[size_t(l) * m.model.n_head_kv + h]++) fail("{}: {}: duplicate entry for layer {} kv_head {}", path, hat.where, l, h);
+    HeadEntry& e = m.at(l, h);
+    const std::string policy = json_string(x, hat, "policy");
+    try {
+      e.spec.kind = parse_policy_kind(policy);
+    } catch (const Error& err) {
+      fail("{}: {} \"policy\": {}", path, hat.where, err.what());
+    }
+    policy_descriptor(e.spec.kind).from_json(x, e.spec, hat);  // the kind's own fields, range-checked
+    const NumRange score{-1, 1e9};  // -1: not profiled
+    e.retrieval_score = json_real(x, hat, "retrieval_score", score, -1.0);
+    e.streaming_error = json_real(x, hat, "streaming_error", score, -1.0);
+    e.query_error = json_real(x, hat, "query_error", score, -1.0);
+    e.ablation = json_real(x, hat, "ablation", score, -1.0);
+    e.gain = json_real(x, hat, "gain", score, -1.0);
+  }
+  for (size_t i = 0; i < seen.size(); ++i)
+    if (!seen[i]) fail("{}: no entry for layer {} kv_head {}", path, i / m.model.n_head_kv, i % m.model.n_head_kv);
   if (expect) {
     std::string mm = expect->mismatch(m.model);
     if (!mm.empty()) fail("{}: head map was made for another model: {}", path, mm);

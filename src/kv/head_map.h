@@ -45,6 +45,8 @@ struct HeadMap {
   static HeadMap uniform(const ModelIdentity& id, const PolicySpec& spec);
   // Throws Error: unreadable file, bad JSON, or (if `expect` is given) a map made for another model.
   static HeadMap load(const std::string& path, const ModelIdentity* expect);
+  // The same from the JSON text; `path` names it in messages. Every field is type- and range-checked.
+  static HeadMap parse(const std::string& text, const std::string& path, const ModelIdentity* expect);
   void save(const std::string& path) const;
   std::string to_json() const;
   int count(PolicyKind k) const;

@@ -3,21 +3,17 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
+
+#include "util/parse.h"
 
 namespace headroom {
 
-KVBudget KVBudget::parse(const std::string& s) {
+KVBudget KVBudget::parse(const std::string& s, std::string_view what) {
   KVBudget b;
-  size_t i = 0;
-  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
-  double v = 0;
-  try {
-    size_t used = 0;
-    v = i ? std::stod(s.substr(0, i), &used) : -1;
-  } catch (...) {
-    v = -1;
-  }
-  std::string unit = s.substr(i);
+  size_t used = 0;
+  const std::optional<double> num = parse_decimal_prefix(s, &used);
+  std::string unit = num ? s.substr(used) : std::string();
   for (char& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   double mult = 0;
   if (unit.empty()) b.kind = Kind::Tokens;
@@ -32,10 +28,16 @@ KVBudget KVBudget::parse(const std::string& s) {
     else if (unit == "mb") mult = 1e6;
     else if (unit == "gb") mult = 1e9;
   }
-  if (v <= 0 || (b.kind == Kind::Bytes && mult == 0) || (b.kind == Kind::Percent && v > 100) ||
-      (b.kind == Kind::Tokens && v != std::floor(v)))
-    fail("invalid --kv-budget '{}' (use tokens per KV head like 1024, bytes like 2GiB or 512MiB, or a share like 25%)", s);
+  const double v = num.value_or(0);
   b.value = b.kind == Kind::Bytes ? v * mult : v;
+  // Tokens fit in int32 and bytes stay far below int64 (4 EiB), so every count derived from them fits.
+  const bool ok = num && v > 0 &&
+                  (b.kind == Kind::Tokens   ? v == std::floor(v) && v <= double(std::numeric_limits<int32_t>::max())
+                   : b.kind == Kind::Percent ? v <= 100
+                                             : mult > 0 && b.value >= 1 && b.value <= double(int64_t(1) << 62));
+  if (!ok)
+    fail("invalid {} {:?} (use tokens per KV head like 1024 (1..2147483647), bytes like 2GiB or 512MiB (1 B..4 EiB), "
+         "or a share like 25% (above 0, at most 100%))", what, s);
   return b;
 }
 
@@ -44,7 +46,7 @@ int64_t KVBudget::tokens_per_head(int64_t n_ctx, double bytes_per_token) const {
     case Kind::None: return n_ctx;
     case Kind::Tokens: return static_cast<int64_t>(value);
     case Kind::Percent: return static_cast<int64_t>(std::floor(value / 100.0 * double(n_ctx)));
-    case Kind::Bytes: return static_cast<int64_t>(value / bytes_per_token);
+    case Kind::Bytes: return static_cast<int64_t>(std::min(value / bytes_per_token, double(std::numeric_limits<int32_t>::max())));
   }
   return n_ctx;
 }
@@ -64,6 +66,9 @@ PolicySpec uniform_spec(PolicyKind kind, int64_t t, int page_size, const std::st
 }
 
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk) {
+  if (n_ctx < 1 || n_ctx > kMaxContext) fail("a context of {} tokens is out of range (1..{})", n_ctx, kMaxContext);
+  if (page_size < 1 || page_size > kMaxPageSize) fail("--page-size {} is out of range (1..{})", page_size, kMaxPageSize);
+  if (chunk < 1 || chunk > kMaxChunk) fail("--chunk {} is out of range (1..{})", chunk, kMaxChunk);
   int64_t total = 0;
   for (const PolicySpec& s : specs) {
     auto p = make_policy(s);

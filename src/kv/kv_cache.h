@@ -11,6 +11,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backend/backend.h"
@@ -32,7 +33,8 @@ class BudgetExhausted : public Error {
 struct KVBudget {
   enum class Kind { None, Tokens, Bytes, Percent } kind = Kind::None;
   double value = 0;
-  static KVBudget parse(const std::string& s);  // throws Error with one line
+  // Throws Error with one line naming `what` (the flag) for anything else, or for a value out of range.
+  static KVBudget parse(const std::string& s, std::string_view what = "--kv-budget");
   // Tokens per KV head this budget allows for a context of n_ctx, with `bytes_per_token` stored bytes (K + V
   // of every layer and KV head, plus the policies' metadata).
   int64_t tokens_per_head(int64_t n_ctx, double bytes_per_token) const;
@@ -40,10 +42,16 @@ struct KVBudget {
 };
 
 // Per-head policy specs for a uniform policy under a budget (the policy's descriptor decides). Throws Error
-// naming `what` if the budget is too small for the policy.
-PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, const std::string& what = "--kv-budget");
+// if the budget is too small for the policy, naming `cause`: where tokens_per_head came from (e.g.
+// "--kv-budget 25% of a 512-token context").
+PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, const std::string& cause = "--kv-budget");
 
-// Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head).
+// Page size and prefill chunk limits (tokens), checked by pages_needed and by the flags that set them.
+inline constexpr int kMaxPageSize = 4096;
+inline constexpr int kMaxChunk = 1 << 16;
+
+// Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head). Throws
+// Error naming the context, --page-size or --chunk if one is out of range.
 int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk);
 // Host-tier pages the heads that may park pages there need at most.
 int64_t host_pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size);

@@ -100,14 +100,4 @@ void compact_pages(HeadCache& h, PagePool& pool) {
   h.tokens = live;
 }
 
-int json_int_field(const nlohmann::json& j, const char* key, int def, int lo, int hi, const std::string& where) {
-  if (!j.contains(key)) return def;
-  const nlohmann::json& v = j.at(key);
-  if (!v.is_number_integer() && !(v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))))
-    fail("{}: \"{}\" must be an integer in [{}, {}]", where, key, lo, hi);
-  const double d = v.get<double>();
-  if (!(d >= lo && d <= hi)) fail("{}: \"{}\" is {}, out of range [{}, {}]", where, key, v.dump(), lo, hi);
-  return int(d);
-}
-
 }  // namespace headroom

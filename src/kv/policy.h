@@ -25,6 +25,7 @@
 
 #include "backend/backend.h"
 #include "kv/page_pool.h"
+#include "util/json_read.h"
 
 namespace headroom {
 
@@ -107,7 +108,7 @@ struct PolicyDescriptor {
   PolicySpec (*uniform)(int64_t tokens, int page_size, const std::string& what);
   // Head-map JSON: writes / reads the kind's parameters of one entry (reading range-checks each field).
   void (*to_json)(const PolicySpec& s, nlohmann::json& j);
-  void (*from_json)(const nlohmann::json& j, PolicySpec& s, const std::string& where);
+  void (*from_json)(const nlohmann::json& j, PolicySpec& s, const JsonPlace& at);
   bool page_minmax;  // needs Quest key bounds per page
   bool slot_scores;  // needs accumulated attention per slot
   bool (*may_offload)(const PolicySpec& s);  // may park pages in the host tier
@@ -145,7 +146,5 @@ void filter_pages(HeadCache& h, Keep&& keep, Drop&& drop) {
 bool page_in_window(const PagePool& pool, int32_t id, int sinks, int window, int32_t next_pos);
 // Moves every live slot (pos >= 0) to the front of the head's pages, in order, and releases emptied pages.
 void compact_pages(HeadCache& h, PagePool& pool);
-// Head-map JSON: the integer field `key` of an entry (def if absent), range-checked; errors name `where`.
-int json_int_field(const nlohmann::json& j, const char* key, int def, int lo, int hi, const std::string& where);
 
 }  // namespace headroom

@@ -8,6 +8,7 @@
 
 #include "kv/policy.h"
 #include "util/error.h"
+#include "util/parse.h"
 
 namespace headroom {
 
@@ -60,8 +61,8 @@ class EvictPolicy final : public Policy {
 PolicySpec uniform(int64_t t, int, const std::string& what) {
   PolicySpec s;
   s.kind = PolicyKind::Evict;
-  if (t < s.sinks + 32) fail("{} gives {} tokens per head, too few for evict (needs >= {})", what, t, s.sinks + 32);
-  s.budget = int(std::min<int64_t>(t, 1 << 30));
+  if (t < s.sinks + 32) fail("{} is {} tokens per head, too small for evict (needs >= {})", what, t, s.sinks + 32);
+  s.budget = int(std::min<int64_t>(t, kMaxContext));
   s.window = s.budget / 2;
   return s;
 }
@@ -76,10 +77,10 @@ extern const PolicyDescriptor kEvictPolicy{
       x["sinks"] = s.sinks;
       x["window"] = s.window;
     },
-    [](const nlohmann::json& x, PolicySpec& s, const std::string& where) {
-      s.budget = json_int_field(x, "budget", s.budget, 1, 1 << 24, where);
-      s.sinks = json_int_field(x, "sinks", s.sinks, 0, 1 << 24, where);
-      s.window = json_int_field(x, "window", s.window, 1, 1 << 24, where);
+    [](const nlohmann::json& x, PolicySpec& s, const JsonPlace& at) {
+      s.budget = int(json_int(x, at, "budget", {1, double(kMaxContext)}, s.budget));
+      s.sinks = int(json_int(x, at, "sinks", {0, double(kMaxContext)}, s.sinks));
+      s.window = int(json_int(x, at, "window", {1, double(kMaxContext)}, s.window));
     },
     false, true, [](const PolicySpec&) { return false; }};
 

@@ -2,6 +2,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kv/policy.h"
+#include "util/parse.h"
 
 namespace headroom {
 
@@ -21,7 +22,7 @@ extern const PolicyDescriptor kFullPolicy{
     [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<FullPolicy>(s); },
     [](int64_t, int, const std::string&) { return PolicySpec{}; },
     [](const PolicySpec&, nlohmann::json&) {},
-    [](const nlohmann::json&, PolicySpec&, const std::string&) {},
+    [](const nlohmann::json&, PolicySpec&, const JsonPlace&) {},
     false, false, [](const PolicySpec&) { return false; }};
 
 }  // namespace headroom

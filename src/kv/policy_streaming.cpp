@@ -9,6 +9,7 @@
 
 #include "kv/policy.h"
 #include "util/error.h"
+#include "util/parse.h"
 
 namespace headroom {
 
@@ -50,9 +51,9 @@ PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
   s.kind = PolicyKind::Streaming;
   const int64_t pages = t / page_size;
   if (pages < 3)
-    fail("{} gives {} tokens per head, {} pages of {}; streaming needs at least 3 (sinks, window, tail)", what, t,
-         pages, page_size);
-  s.window = int(std::min<int64_t>((pages - 2) * page_size + 1, INT32_MAX / 2));
+    fail("{} is {} tokens per head, {} pages of {} (--page-size); streaming needs at least 3 (sinks, window, tail)",
+         what, t, pages, page_size);
+  s.window = int(std::min<int64_t>((pages - 2) * page_size + 1, kMaxContext));
   return s;
 }
 }  // namespace
@@ -66,12 +67,14 @@ extern const PolicyDescriptor kStreamingPolicy{
       x["window"] = s.window;
       if (s.prefill != PrefillMode::Window) x["prefill"] = prefill_mode_name(s.prefill);
     },
-    [](const nlohmann::json& x, PolicySpec& s, const std::string& where) {
-      s.sinks = json_int_field(x, "sinks", s.sinks, 0, 1 << 24, where);
-      s.window = json_int_field(x, "window", s.window, 1, 1 << 24, where);
-      if (x.contains("prefill")) {
-        if (!x["prefill"].is_string()) fail("{}: \"prefill\" must be window, full or offload", where);
-        s.prefill = parse_prefill_mode(x["prefill"].get<std::string>());
+    [](const nlohmann::json& x, PolicySpec& s, const JsonPlace& at) {
+      s.sinks = int(json_int(x, at, "sinks", {0, double(kMaxContext)}, s.sinks));
+      s.window = int(json_int(x, at, "window", {1, double(kMaxContext)}, s.window));
+      const std::string mode = json_string(x, at, "prefill", "window");
+      try {
+        s.prefill = parse_prefill_mode(mode);
+      } catch (const Error& e) {
+        fail("{}: {} \"prefill\": {}", at.file, at.where, e.what());
       }
     },
     false, false, [](const PolicySpec& s) { return s.prefill == PrefillMode::Offload; }};

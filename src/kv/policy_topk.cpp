@@ -13,6 +13,7 @@
 
 #include "kv/policy.h"
 #include "util/error.h"
+#include "util/parse.h"
 
 namespace headroom {
 
@@ -72,9 +73,9 @@ PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
   s.offload = true;
   const int64_t pages = t / page_size;
   if (pages < 1 + s.recent_pages + 1)
-    fail("{} gives {} tokens per head, {} pages of {}; topk needs at least {} (sink, {} recent, 1 chosen)", what, t,
-         pages, page_size, 2 + s.recent_pages, s.recent_pages);
-  s.topk_pages = int(std::min<int64_t>(pages - 1 - s.recent_pages, 1 << 24));
+    fail("{} is {} tokens per head, {} pages of {} (--page-size); topk needs at least {} (sink, {} recent, 1 chosen)",
+         what, t, pages, page_size, 2 + s.recent_pages, s.recent_pages);
+  s.topk_pages = int(std::min<int64_t>(pages - 1 - s.recent_pages, kMaxContext));
   return s;
 }
 }  // namespace
@@ -87,9 +88,9 @@ extern const PolicyDescriptor kTopKPolicy{
       x["topk_pages"] = s.topk_pages;
       x["recent_pages"] = s.recent_pages;
     },
-    [](const nlohmann::json& x, PolicySpec& s, const std::string& where) {
-      s.topk_pages = json_int_field(x, "topk_pages", s.topk_pages, 1, 1 << 20, where);
-      s.recent_pages = json_int_field(x, "recent_pages", s.recent_pages, 1, 1 << 20, where);
+    [](const nlohmann::json& x, PolicySpec& s, const JsonPlace& at) {
+      s.topk_pages = int(json_int(x, at, "topk_pages", {1, double(kMaxContext)}, s.topk_pages));
+      s.recent_pages = int(json_int(x, at, "recent_pages", {1, double(kMaxContext)}, s.recent_pages));
     },
     true, false, [](const PolicySpec& s) { return s.offload; }};
 
