@@ -17,6 +17,12 @@
 //     rows stream past, so each V row is loaded once per group of pairs.
 // Other builds / head_dims use simple vector loops with the same structure.
 //
+// KV types: with AVX-512 and head_dim 64 / 128 the kernels read the stored rows of every type directly
+// (load16: F16 through vcvtph2ps, BF16 by a shift, Q8_0 by int8 -> float times the block's scale), so
+// F16/BF16 move half the bytes of F32 and Q8_0 about a quarter. Otherwise the K/V rows of each 16-slot chunk
+// are converted into a small per-thread float scratch first. The conversions are exact, so both routes
+// compute the same values; nothing ever converts more than one chunk at a time.
+//
 // Parallel decomposition (a function of the job shapes only, never of the thread count, so results are
 // bit-identical for any number of threads):
 //   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots;
@@ -57,10 +63,10 @@ struct Piece {
 struct Chunk {
   int cnt = 0;
   int32_t pos[kChunk];
-  const uint8_t* kr[kChunk];  // stored rows (in the KV type)
-  const uint8_t* vr[kChunk];
-  const float* k[kChunk];     // float rows: the stored ones (F32) or their conversions in the scratch
-  const float* v[kChunk];
+  // K and V rows as the kernels read them: the stored rows (F32, or any type the kernels read directly),
+  // or float conversions of them in the scratch.
+  const uint8_t* k[kChunk];
+  const uint8_t* v[kChunk];
   float* score[kChunk];  // score slot, or null
   uint32_t scored = 0;   // bit s set iff score[s] is not null
 };
@@ -68,6 +74,7 @@ struct Chunk {
 // How a job's stored rows become the float rows the kernels read.
 struct KVConv {
   KVType type = KVType::F32;
+  bool direct = false;      // the kernels read `type` rows themselves (else F32 or converted rows)
   size_t rb = 0;            // bytes per stored row
   float* kbuf = nullptr;    // kChunk rows of ld floats each (types other than F32)
   float* vbuf = nullptr;
@@ -75,22 +82,20 @@ struct KVConv {
   bool need_v = true;
 };
 
-// Points the chunk's float rows at the stored rows (F32) or converts the rows of real tokens (pos >= 0)
-// into the scratch; the rows of empty slots are never used in arithmetic that reaches a result.
+// Unless the kernels read the stored rows (F32, or direct), converts the rows of real tokens (pos >= 0) to
+// floats in the scratch and points the chunk at them; the rows of empty slots are never used in arithmetic
+// that reaches a result.
 inline void convert_chunk(Chunk& c, const KVConv& cv, int D) {
-  if (cv.type == KVType::F32) {
-    std::memcpy(c.k, c.kr, sizeof(c.k));
-    std::memcpy(c.v, c.vr, sizeof(c.v));
-    return;
-  }
+  if (cv.type == KVType::F32 || cv.direct) return;
   for (int i = 0; i < c.cnt; ++i) {
     float* kd = cv.kbuf + size_t(i) * cv.ld;
     float* vd = cv.vbuf + size_t(i) * cv.ld;
-    c.k[i] = kd;
-    c.v[i] = vd;
-    if (c.pos[i] < 0) continue;
-    kv_decode_row(cv.type, c.kr[i], D, kd);
-    if (cv.need_v) kv_decode_row(cv.type, c.vr[i], D, vd);
+    if (c.pos[i] >= 0) {
+      kv_decode_row(cv.type, c.k[i], D, kd);
+      if (cv.need_v) kv_decode_row(cv.type, c.v[i], D, vd);
+    }
+    c.k[i] = reinterpret_cast<const uint8_t*>(kd);
+    c.v[i] = reinterpret_cast<const uint8_t*>(vd);
   }
 }
 
@@ -103,14 +108,14 @@ inline void fill_chunk(Chunk& c, const KernelPage& page, int s, size_t rb) {
   const __m512i eight = _mm512_set1_epi64(int64_t(rb * 8));
   const __m512i k0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.k + size_t(s) * rb)), step);
   const __m512i v0 = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(page.v + size_t(s) * rb)), step);
-  _mm512_storeu_si512(c.kr, k0);
-  _mm512_storeu_si512(c.kr + 8, _mm512_add_epi64(k0, eight));
-  _mm512_storeu_si512(c.vr, v0);
-  _mm512_storeu_si512(c.vr + 8, _mm512_add_epi64(v0, eight));
+  _mm512_storeu_si512(c.k, k0);
+  _mm512_storeu_si512(c.k + 8, _mm512_add_epi64(k0, eight));
+  _mm512_storeu_si512(c.v, v0);
+  _mm512_storeu_si512(c.v + 8, _mm512_add_epi64(v0, eight));
 #else
   for (int i = 0; i < kChunk; ++i) {
-    c.kr[i] = page.k + size_t(s + i) * rb;
-    c.vr[i] = page.v + size_t(s + i) * rb;
+    c.k[i] = page.k + size_t(s + i) * rb;
+    c.v[i] = page.v + size_t(s + i) * rb;
   }
 #endif
   for (int i = 0; i < kChunk; ++i) c.score[i] = page.score ? page.score + s + i : nullptr;
@@ -136,8 +141,8 @@ void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces,
         continue;
       }
       c.pos[c.cnt] = page.pos[s];
-      c.kr[c.cnt] = page.k + size_t(s) * rb;
-      c.vr[c.cnt] = page.v + size_t(s) * rb;
+      c.k[c.cnt] = page.k + size_t(s) * rb;
+      c.v[c.cnt] = page.v + size_t(s) * rb;
       c.score[c.cnt] = page.score ? page.score + s : nullptr;
       if (page.score) c.scored |= 1u << c.cnt;
       if (++c.cnt == kChunk) {
@@ -235,28 +240,54 @@ inline __m512 hsum16(const __m512 (&v)[16]) {
 }
 #endif
 
-// dots[s] = q · k[s] for s < cnt (D floats per row); dots has room for 16 values.
-inline void dot_chunk(const float* q, const float* const* k, int D, int cnt, float* dots) {
+#if defined(HR_AVX512)
+// Elements [d, d + 16) of a stored row of type T as floats (d % 16 == 0). The conversions are exact, so a
+// kernel reading a type directly computes what it would from the row converted to floats first.
+template <KVType T>
+inline __m512 load16(const uint8_t* row, int d) {
+  if constexpr (T == KVType::F32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + d);
+  } else if constexpr (T == KVType::F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * d)));
+  } else if constexpr (T == KVType::BF16) {
+    return vload_bf16(reinterpret_cast<const uint16_t*>(row + 2 * d));
+  } else {  // Q8_0: block d / 32 (fp16 scale, 32 int8), half d % 32
+    const uint8_t* b = row + size_t(d / 32) * 34;
+    uint16_t h;
+    std::memcpy(&h, b, 2);
+    const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + d % 32))));
+    return _mm512_mul_ps(qf, _mm512_set1_ps(_cvtsh_ss(h)));
+  }
+}
+#endif
+
+// dots[s] = q · k[s] for s < cnt (D values per row, type T: F32 unless the job reads its type directly);
+// dots has room for 16 values.
+template <KVType T>
+inline void dot_chunk(const float* q, const uint8_t* const* k, int D, int cnt, float* dots) {
 #if defined(HR_AVX512)
   // One accumulator per slot (past cnt the last slot is repeated and dropped), reduced together.
-  const float* kr[16];
+  const uint8_t* kr[16];
   for (int t = 0; t < 16; ++t) kr[t] = k[std::min(t, cnt - 1)];
   __m512 a[16];
   for (auto& v : a) v = _mm512_setzero_ps();
   int d = 0;
   for (; d + 16 <= D; d += 16) {
     const __m512 qv = _mm512_loadu_ps(q + d);
-    for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[t] + d), a[t]);
+    for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16<T>(kr[t], d), a[t]);
   }
-  if (d < D) {
-    const __mmask16 m = __mmask16((1u << (D - d)) - 1);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-    for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, kr[t] + d), a[t]);
+  if constexpr (T == KVType::F32) {
+    if (d < D) {
+      const __mmask16 m = __mmask16((1u << (D - d)) - 1);
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+      for (int t = 0; t < 16; ++t)
+        a[t] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(kr[t]) + d), a[t]);
+    }
   }
   _mm512_storeu_ps(dots, hsum16(a));
 #else
   for (int s = 0; s < cnt; ++s) {
-    const float* kr = k[s];
+    const float* kr = reinterpret_cast<const float*>(k[s]);
     VecF acc = vzero();
     int d = 0;
     for (; d + kVL <= D; d += kVL) acc = vfma(vload(q + d), vload(kr + d), acc);
@@ -293,10 +324,11 @@ inline void transpose16(const __m512 (&in)[16], __m512 (&out)[16]) {
 }
 
 // kt[d*16 + s] = k[s][d] for s < cnt (0 for s >= cnt); D % 16 == 0.
-void transpose_chunk(const float* const* k, int D, int cnt, float* kt) {
+template <KVType T>
+void transpose_chunk(const uint8_t* const* k, int D, int cnt, float* kt) {
   for (int d0 = 0; d0 < D; d0 += 16) {
     __m512 in[16], out[16];
-    for (int s = 0; s < 16; ++s) in[s] = s < cnt ? _mm512_loadu_ps(k[s] + d0) : _mm512_setzero_ps();
+    for (int s = 0; s < 16; ++s) in[s] = s < cnt ? load16<T>(k[s], d0) : _mm512_setzero_ps();
     transpose16(in, out);
     for (int i = 0; i < 16; ++i) _mm512_store_ps(kt + size_t(d0 + i) * 16, out[i]);
   }
@@ -348,6 +380,7 @@ inline const float* q_ptr(const KernelJob& job, int r, int h) {
 }
 
 // Raw dots of all heads of row r for one chunk: sc[h*16 + s]. kt is the transposed chunk (if used).
+template <KVType T>
 void row_scores(const KernelJob& job, int r, const Chunk& c, bool transposed, const float* kt, float* sc) {
   const int D = job.head_dim, G = job.n_group;
 #if defined(HR_AVX512)
@@ -365,7 +398,7 @@ void row_scores(const KernelJob& job, int r, const Chunk& c, bool transposed, co
   (void)transposed;
   (void)kt;
 #endif
-  for (int h = 0; h < G; ++h) dot_chunk(q_ptr(job, r, h), c.k, D, c.cnt, sc + size_t(h) * 16);
+  for (int h = 0; h < G; ++h) dot_chunk<T>(q_ptr(job, r, h), c.k, D, c.cnt, sc + size_t(h) * 16);
 }
 
 // ---- softmax and P·V ------------------------------------------------------------------------------------
@@ -409,7 +442,8 @@ inline float chunk_probs(float* sc, uint32_t mask, float scale, float* st, bool 
 }
 
 // acc = acc * alpha + sum over allowed s of p[s] * v[s] (any head_dim; accumulator in memory).
-inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask, const float* const* v, int D) {
+inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask, const uint8_t* const* vrows, int D) {
+  const float* const* v = reinterpret_cast<const float* const*>(vrows);
   for (int d = 0; d < D; d += kVL) {
     const int w = std::min(kVL, D - d);
     VecF a = w == kVL ? vload(acc + d) : vload_part(acc + d, w);
@@ -427,9 +461,9 @@ inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask,
 #if defined(HR_AVX512)
 // Register-blocked P·V for NP pairs over the slots in `mask`, head_dim = 16*NV: each V row is loaded once
 // for the NP pairs.
-template <int NV, int NP>
+template <int NV, int NP, KVType T>
 void accumulate_v_regs(float* const* acc, const float* alpha, const float* const* p, uint32_t mask,
-                       const float* const* v) {
+                       const uint8_t* const* v) {
   __m512 a[NP][NV];
   for (int h = 0; h < NP; ++h) {
     const __m512 al = _mm512_set1_ps(alpha[h]);
@@ -437,9 +471,9 @@ void accumulate_v_regs(float* const* acc, const float* alpha, const float* const
   }
   for (uint32_t b = mask; b; b &= b - 1) {
     const int s = __builtin_ctz(b);
-    const float* vs = v[s];
+    const uint8_t* vs = v[s];
     for (int i = 0; i < NV; ++i) {
-      const __m512 vv = _mm512_loadu_ps(vs + 16 * i);
+      const __m512 vv = load16<T>(vs, 16 * i);
       for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
     }
   }
@@ -449,9 +483,9 @@ void accumulate_v_regs(float* const* acc, const float* alpha, const float* const
 
 // P·V for n pairs, NV*16 = head_dim, in register blocks of PG pairs. The slots of a block are the union of
 // its pairs' allowed slots: all of them hold real tokens (pos >= 0), and a pair's p is 0 on the others.
-template <int NV>
+template <int NV, KVType T>
 void pv_regs_n(float* const* st, const float* alpha, const float* const* p, const uint32_t* mask,
-               const float* const* v, int n) {
+               const uint8_t* const* v, int n) {
   constexpr int PG = NV <= 4 ? 4 : 2;  // pairs per register block
   for (int i = 0; i < n; i += PG) {
     const int np = std::min(PG, n - i);
@@ -462,10 +496,10 @@ void pv_regs_n(float* const* st, const float* alpha, const float* const* p, cons
       m |= mask[i + j];
     }
     switch (np) {
-      case 1: accumulate_v_regs<NV, 1>(acc, alpha + i, p + i, m, v); break;
-      case 2: accumulate_v_regs<NV, 2>(acc, alpha + i, p + i, m, v); break;
-      case 3: accumulate_v_regs<NV, (PG >= 3 ? 3 : 2)>(acc, alpha + i, p + i, m, v); break;
-      default: accumulate_v_regs<NV, PG>(acc, alpha + i, p + i, m, v); break;
+      case 1: accumulate_v_regs<NV, 1, T>(acc, alpha + i, p + i, m, v); break;
+      case 2: accumulate_v_regs<NV, 2, T>(acc, alpha + i, p + i, m, v); break;
+      case 3: accumulate_v_regs<NV, (PG >= 3 ? 3 : 2), T>(acc, alpha + i, p + i, m, v); break;
+      default: accumulate_v_regs<NV, PG, T>(acc, alpha + i, p + i, m, v); break;
     }
   }
 }
@@ -475,6 +509,7 @@ void pv_regs_n(float* const* st, const float* alpha, const float* const* p, cons
 
 // Online softmax of rows [r0, r1) (at most kRowBlock) of a job over the given pieces. State of (row r,
 // head h): states + ((r - r0) * G + h) * state_stride(D), initialized by the caller.
+template <KVType T>
 void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, int r0, int r1,
               float* states, const ChunkScratch& cs) {
   const int D = job.head_dim, G = job.n_group;
@@ -506,21 +541,22 @@ void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_
     // Scores.
 #if defined(HR_AVX512)
     if (transposed) {
-      transpose_chunk(c.k, D, c.cnt, cs.kt);
+      transpose_chunk<T>(c.k, D, c.cnt, cs.kt);
       scores_transposed_n(q, cs.kt, D, sc, n_pairs);
     } else
 #endif
     {
-      for (int i = 0; i < n_pairs; ++i) dot_chunk(q[i], c.k, D, c.cnt, sc[i]);
+      for (int i = 0; i < n_pairs; ++i) dot_chunk<T>(q[i], c.k, D, c.cnt, sc[i]);
     }
     // Online softmax.
     for (int i = 0; i < n_pairs; ++i) cs.alpha[i] = chunk_probs(sc[i], pmask[i], job.scale, st[i], true);
     // P·V.
 #if defined(HR_AVX512)
-    if (D == 64) return pv_regs_n<4>(st, cs.alpha, sc, pmask, c.v, n_pairs);
-    if (D == 128) return pv_regs_n<8>(st, cs.alpha, sc, pmask, c.v, n_pairs);
+    if (D == 64) return pv_regs_n<4, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
+    if (D == 128) return pv_regs_n<8, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
 #endif
-    for (int i = 0; i < n_pairs; ++i) accumulate_v(st[i] + kStateHead, cs.alpha[i], sc[i], pmask[i], c.v, D);
+    if constexpr (T == KVType::F32)  // (direct types only run with head_dim 64 / 128)
+      for (int i = 0; i < n_pairs; ++i) accumulate_v(st[i] + kStateHead, cs.alpha[i], sc[i], pmask[i], c.v, D);
   });
 }
 
@@ -535,6 +571,7 @@ void write_out(float* out, const float* acc, float l, int D) {
 }
 
 // Score pass for the pieces of one segment: score[s] += sum over rows, heads of e^(s - m) / l.
+template <KVType T>
 void accumulate_scores(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces,
                        const float* final_ml, const ChunkScratch& cs) {
   const int G = job.n_group;
@@ -553,11 +590,11 @@ void accumulate_scores(const KernelJob& job, const KVConv& cv, const Piece* piec
       any |= mask;
 #if defined(HR_AVX512)
       if (transposed && !have_kt) {
-        transpose_chunk(c.k, job.head_dim, c.cnt, cs.kt);
+        transpose_chunk<T>(c.k, job.head_dim, c.cnt, cs.kt);
         have_kt = true;
       }
 #endif
-      row_scores(job, r, c, transposed, cs.kt, cs.scores);
+      row_scores<T>(job, r, c, transposed, cs.kt, cs.scores);
       for (int h = 0; h < G; ++h) {
         const size_t pair = size_t(r) * size_t(G) + size_t(h);
         float st[1] = {final_ml[2 * pair]};
@@ -593,12 +630,43 @@ struct Task {
 KVConv make_conv(KVType type, const KernelJob& job, const ChunkScratch& cs, bool need_v) {
   KVConv cv;
   cv.type = type;
+#if defined(HR_AVX512)
+  cv.direct = job.head_dim == 64 || job.head_dim == 128;
+#endif
   cv.rb = size_t(kv_row_bytes(type, job.head_dim));
   cv.kbuf = cs.kconv;
   cv.vbuf = cs.vconv;
   cv.ld = conv_ld(job.head_dim);
   cv.need_v = need_v;
   return cv;
+}
+
+// The kernels instantiated for the type they read: the KV type itself when direct, else floats.
+template <typename... A>
+void run_rows_any(const KernelJob& job, const KVConv& cv, A&&... a) {
+  switch (cv.direct ? cv.type : KVType::F32) {
+    case KVType::F32: return run_rows<KVType::F32>(job, cv, a...);
+#if defined(HR_AVX512)
+    case KVType::F16: return run_rows<KVType::F16>(job, cv, a...);
+    case KVType::BF16: return run_rows<KVType::BF16>(job, cv, a...);
+    case KVType::Q8_0: return run_rows<KVType::Q8_0>(job, cv, a...);
+#else
+    default: break;
+#endif
+  }
+}
+template <typename... A>
+void accumulate_scores_any(const KernelJob& job, const KVConv& cv, A&&... a) {
+  switch (cv.direct ? cv.type : KVType::F32) {
+    case KVType::F32: return accumulate_scores<KVType::F32>(job, cv, a...);
+#if defined(HR_AVX512)
+    case KVType::F16: return accumulate_scores<KVType::F16>(job, cv, a...);
+    case KVType::BF16: return accumulate_scores<KVType::BF16>(job, cv, a...);
+    case KVType::Q8_0: return accumulate_scores<KVType::Q8_0>(job, cv, a...);
+#else
+    default: break;
+#endif
+  }
 }
 
 }  // namespace
@@ -688,13 +756,13 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
       float* states = partial + plan.partial_off + size_t(task.a) * n_states * sst;
       for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
       const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-      run_rows(job, cv, jp + pb, size_t(pe - pb), 0, job.n_rows, states, cs);
+      run_rows_any(job, cv, jp + pb, size_t(pe - pb), 0, job.n_rows, states, cs);
       return;
     }
     const size_t n_states = size_t(task.b - task.a) * size_t(G);
     float* states = tbuf + (cs_floats + 15) / 16 * 16;
     for (size_t i = 0; i < n_states; ++i) init_state(states + i * sst, D);
-    run_rows(job, cv, jp, plan.n_pieces, task.a, task.b, states, cs);
+    run_rows_any(job, cv, jp, plan.n_pieces, task.a, task.b, states, cs);
     for (int r = task.a; r < task.b; ++r)
       for (int h = 0; h < G; ++h) {
         const float* st = states + (size_t(r - task.a) * size_t(G) + size_t(h)) * sst;
@@ -764,7 +832,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
                                                size_t(kRowBlock) * size_t(job.n_group), job.head_dim);
     const KVConv cv = make_conv(type, job, cs, false);
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
-    accumulate_scores(job, cv, pieces.data() + plan.piece0 + pb, size_t(pe - pb),
+    accumulate_scores_any(job, cv, pieces.data() + plan.piece0 + pb, size_t(pe - pb),
                       scratch.final_ml.data() + plan.ml_off, cs);
   };
   if (shared) {
