@@ -97,6 +97,13 @@ inline ChildResult run_child(const std::vector<std::string>& args, double time_l
   return r;
 }
 
+// The child's peak RSS stayed below the row's bound (if it has one).
+inline void expect_rss_within(const HostileRow& row, const ChildResult& r) {
+  if (row.max_rss_mb > 0) {
+    EXPECT_LT(r.peak_rss_mb, row.max_rss_mb) << "peak RSS " << r.peak_rss_mb << " MB";
+  }
+}
+
 inline void check_hostile_row(const HostileRow& row) {
   SCOPED_TRACE(row.name);
   ChildResult r = run_child(row.args, row.time_limit_s);
@@ -116,7 +123,7 @@ inline void check_hostile_row(const HostileRow& row) {
   ASSERT_EQ(error_lines.size(), 1u) << "expected exactly one error line; output: " << r.out;
   EXPECT_TRUE(std::regex_search(error_lines[0], std::regex(row.pattern)))
       << "error line does not match /" << row.pattern << "/: " << error_lines[0];
-  if (row.max_rss_mb > 0) EXPECT_LT(r.peak_rss_mb, row.max_rss_mb) << "peak RSS " << r.peak_rss_mb << " MB";
+  expect_rss_within(row, r);
 }
 
 inline void check_success_row(const HostileRow& row) {
@@ -138,7 +145,7 @@ inline void check_success_row(const HostileRow& row) {
     start = end + 1;
   }
   EXPECT_TRUE(matched) << "no output line matches /" << row.pattern << "/; output: " << r.out;
-  if (row.max_rss_mb > 0) EXPECT_LT(r.peak_rss_mb, row.max_rss_mb) << "peak RSS " << r.peak_rss_mb << " MB";
+  expect_rss_within(row, r);
 }
 
 }  // namespace headroom::test

@@ -61,6 +61,10 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
                                 ? fmt::format("--kv-budget {} of a {}-token context", o.budget, n_ctx)
                                 : fmt::format("--kv-budget {}", o.budget);
   const size_t n_heads = size_t(c.n_layer) * c.n_head_kv;
+  // Bytes budgets count what is stored per token: K + V in the KV type and the policies' metadata.
+  auto tokens_per_head = [&](const KVBudget& b, const KVLayout& l) {
+    return b.tokens_per_head(n_ctx, double(n_heads) * double(l.page_bytes()) / o.page_size);
+  };
   std::string what;
   if (!o.head_map.empty()) {
     if (o.policy != "auto" && o.policy != "full")
@@ -71,7 +75,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     what = fmt::format("head map {} ({} full, {} streaming, {} topk, {} evict)", o.head_map, map.count(PolicyKind::Full),
                        map.count(PolicyKind::Streaming), map.count(PolicyKind::TopK), map.count(PolicyKind::Evict));
     s.layout = layout_for(m, o, s.specs);
-    s.tokens_per_head = budget.tokens_per_head(n_ctx, double(n_heads) * double(s.layout.page_bytes()) / o.page_size);
+    s.tokens_per_head = tokens_per_head(budget, s.layout);
   } else {
     if (o.policy == "auto") fail("--kv-policy auto needs --head-map FILE (make one with `headroom profile`)");
     PolicyKind kind = parse_policy_kind(o.policy);
@@ -80,8 +84,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
     PolicySpec probe;
     probe.kind = kind;
     s.layout = layout_for(m, o, {probe});
-    // Bytes budgets count what is stored per token: K + V in the KV type and the policy's metadata.
-    s.tokens_per_head = budget.tokens_per_head(n_ctx, double(n_heads) * double(s.layout.page_bytes()) / o.page_size);
+    s.tokens_per_head = tokens_per_head(budget, s.layout);
     s.specs.assign(n_heads, uniform_spec(kind, s.tokens_per_head, o.page_size, cause));
     what = fmt::format("{} for all {} heads", o.policy, n_heads);
   }

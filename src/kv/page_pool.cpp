@@ -44,12 +44,6 @@ int32_t PagePool::alloc() {
   return id;
 }
 
-int32_t PagePool::alloc_host() {
-  const int32_t id = take(host_free_);
-  if (id >= 0) queue_.push_back({Op::Reset, id, 0});
-  return id;
-}
-
 void PagePool::retain(int32_t id) { ++meta_[size_t(id)].refs; }
 
 void PagePool::release(int32_t id) {

@@ -30,9 +30,8 @@ class PagePool {
   Backend& backend() { return be_; }
   KVStore& store() { return *store_; }
 
-  // An empty page (pos -1 everywhere), refcount 1, on the device / in the host tier; -1 if that tier is full.
+  // An empty page (pos -1 everywhere), refcount 1, on the device; -1 if the device tier is full.
   int32_t alloc();
-  int32_t alloc_host();
   void retain(int32_t id);
   void release(int32_t id);  // frees the page when the count drops to 0
 

@@ -20,15 +20,6 @@ constexpr PrefillModeInfo kPrefillModes[] = {
     {PrefillMode::Window, "window"}, {PrefillMode::Full, "full"}, {PrefillMode::Offload, "offload"}};
 }  // namespace
 
-std::span<const PolicyDescriptor> policies() {
-  static const std::vector<PolicyDescriptor> all = [] {
-    std::vector<PolicyDescriptor> v;
-    for (const PolicyDescriptor* d : kPolicies) v.push_back(*d);
-    return v;
-  }();
-  return all;
-}
-
 const PolicyDescriptor& policy_descriptor(PolicyKind k) {
   for (const PolicyDescriptor* d : kPolicies)
     if (d->kind == k) return *d;

@@ -114,12 +114,16 @@ struct PolicyDescriptor {
   bool (*may_offload)(const PolicySpec& s);  // may park pages in the host tier
 };
 
-std::span<const PolicyDescriptor> policies();
 const PolicyDescriptor& policy_descriptor(PolicyKind k);
 const char* policy_name(PolicyKind k);
 PolicyKind parse_policy_kind(const std::string& s);  // throws Error naming the valid choices
 std::string policy_names(const char* sep = ", ");    // "full, streaming, topk, evict"
 std::unique_ptr<Policy> make_policy(const PolicySpec& s);
+// A descriptor's `make` for a policy class P.
+template <typename P>
+std::unique_ptr<Policy> make_policy_as(const PolicySpec& s) {
+  return std::make_unique<P>(s);
+}
 
 // Pages a streaming head holds at most in steady state: the pages with the sinks (ceil(sinks/page), at least
 // one), plus the pages that cover the window's window-1 past positions (at most ceil((window-1)/page)+1 when

@@ -70,7 +70,7 @@ PolicySpec uniform(int64_t t, int, const std::string& what) {
 
 extern const PolicyDescriptor kEvictPolicy{
     PolicyKind::Evict, "evict", "the tokens with the most accumulated attention (H2O)",
-    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<EvictPolicy>(s); },
+    make_policy_as<EvictPolicy>,
     uniform,
     [](const PolicySpec& s, nlohmann::json& x) {
       x["budget"] = s.budget;

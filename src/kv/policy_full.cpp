@@ -19,7 +19,7 @@ class FullPolicy final : public Policy {
 
 extern const PolicyDescriptor kFullPolicy{
     PolicyKind::Full, "full", "every token, every page",
-    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<FullPolicy>(s); },
+    make_policy_as<FullPolicy>,
     [](int64_t, int, const std::string&) { return PolicySpec{}; },
     [](const PolicySpec&, nlohmann::json&) {},
     [](const nlohmann::json&, PolicySpec&, const JsonPlace&) {},

@@ -60,7 +60,7 @@ PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
 
 extern const PolicyDescriptor kStreamingPolicy{
     PolicyKind::Streaming, "streaming", "sinks + a recent window (StreamingLLM)",
-    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<StreamingPolicy>(s); },
+    make_policy_as<StreamingPolicy>,
     uniform,
     [](const PolicySpec& s, nlohmann::json& x) {
       x["sinks"] = s.sinks;

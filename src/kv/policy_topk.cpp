@@ -82,7 +82,7 @@ PolicySpec uniform(int64_t t, int page_size, const std::string& what) {
 
 extern const PolicyDescriptor kTopKPolicy{
     PolicyKind::TopK, "topk", "sink + recent pages + the best pages by Quest's key bound",
-    [](const PolicySpec& s) -> std::unique_ptr<Policy> { return std::make_unique<TopKPolicy>(s); },
+    make_policy_as<TopKPolicy>,
     uniform,
     [](const PolicySpec& s, nlohmann::json& x) {
       x["topk_pages"] = s.topk_pages;
