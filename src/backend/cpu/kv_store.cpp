@@ -51,42 +51,9 @@ void kv_encode_row(KVType t, const float* x, int D, uint8_t* dst) {
 }
 
 void kv_decode_row(KVType t, const uint8_t* src, int D, float* dst) {
-  switch (t) {
-    case KVType::F32: std::memcpy(dst, src, size_t(D) * 4); return;
-    case KVType::F16: {
-      int d = 0;
-#if defined(HR_AVX512)
-      for (; d + 16 <= D; d += 16)
-        _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * d))));
-#endif
-      for (; d < D; ++d) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * d, 2);
-        dst[d] = fp16_to_fp32(h);
-      }
-      return;
-    }
-    case KVType::BF16: {
-      int d = 0;
-#if defined(HR_AVX512)
-      for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, vload_bf16(reinterpret_cast<const uint16_t*>(src + 2 * d)));
-#endif
-      for (; d < D; ++d) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * d, 2);
-        dst[d] = bf16_to_fp32(h);
-      }
-      return;
-    }
-    case KVType::Q8_0:
-      for (int b = 0; b < D / kQK8_0; ++b) {
-        BlockQ8_0 blk;
-        std::memcpy(&blk, src + size_t(b) * sizeof(BlockQ8_0), sizeof(blk));
-        const float d = fp16_to_fp32(blk.d);
-        for (int j = 0; j < kQK8_0; ++j) dst[b * kQK8_0 + j] = d * float(blk.qs[j]);
-      }
-      return;
-  }
+  // The stored types are weight types too: one decoder (dequantize_row) serves both.
+  static constexpr DType kAs[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0};  // KVType order
+  dequantize_row(kAs[size_t(t)], src, dst, D);
 }
 
 CpuKVStore::Buf CpuKVStore::allocate(int64_t pages, int64_t per_page, const KVLayout& l, const char* what) {

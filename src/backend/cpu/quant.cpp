@@ -9,6 +9,7 @@
 #endif
 
 #include "backend/backend.h"
+#include "backend/cpu/simd.h"
 #include "util/error.h"
 
 namespace headroom::cpu {
@@ -177,14 +178,22 @@ void dequantize_row(DType type, const void* src, float* dst, int64_t n) {
     case DType::F32:
       std::memcpy(dst, src, size_t(n) * 4);
       return;
-    case DType::F16: {
+    case DType::F16: {  // exact conversions: the vector and scalar paths give the same bits
       const auto* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
+      int64_t i = 0;
+#if defined(HR_AVX512) || defined(HR_AVX2)
+      for (; i + kVL <= n; i += kVL) vstore(dst + i, vload_f16(s + i));
+#endif
+      for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
       return;
     }
     case DType::BF16: {
       const auto* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
+      int64_t i = 0;
+#if defined(HR_AVX512) || defined(HR_AVX2)
+      for (; i + kVL <= n; i += kVL) vstore(dst + i, vload_bf16(s + i));
+#endif
+      for (; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
       return;
     }
     case DType::Q8_0: deq_q8_0(static_cast<const BlockQ8_0*>(src), dst, n / kQK8_0); return;
