@@ -31,7 +31,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     c.n_layer = 8;
     c.n_head_kv = 2;
     c.head_dim = 64;
-    const int64_t t = b.tokens_per_head(4096, double(c.kv_bytes_per_token(KVType::F16)));
+    const double kv = double(c.kv_bytes_per_token(KVType::F16));
+    const int64_t t = b.tokens_per_head(4096, 1.25 * kv, kv);
     if (t < 0 || t > 2147483647) std::abort();
   } catch (const Error& e) {
     one_line(e);

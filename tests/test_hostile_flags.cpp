@@ -193,7 +193,7 @@ TEST(HostileFlags, MessagesNameTheirCause) {
   std::ofstream(file) << "x";
   check_all({
       {"share of a short context", run({"-c", "64", "--kv-policy", "streaming", "--kv-budget", "25%"}), 1,
-       R"(--kv-budget 25% of a 64-token context is 16 tokens per head, 0 pages of 32 \(--page-size\); streaming needs at least 3)"},
+       R"(--kv-budget 25% of a 64-token context is 15 tokens per head, 0 pages of 32 \(--page-size\); streaming needs at least 3)"},
       {"topk under the page size", run({"--kv-policy", "topk", "--kv-budget", "100", "--page-size", "64"}), 1,
        R"(--kv-budget 100 is 100 tokens per head, 1 pages of 64 \(--page-size\); topk needs at least 4)"},
       {"evict too small", run({"--kv-policy", "evict", "--kv-budget", "20"}), 1, R"(--kv-budget 20 is 20 tokens per head, too small for evict)"},

@@ -134,9 +134,12 @@ TEST(KVBudgetParse, Forms) {
   EXPECT_EQ(KVBudget::parse("300MB").value, 300e6);
   for (const char* bad : {"", "abc", "-5", "0", "150%", "12XB", "1.5"}) EXPECT_THROW(KVBudget::parse(bad), Error) << bad;
   const ModelConfig& c = retrieval_model().config();
-  EXPECT_EQ(KVBudget::parse("25%").tokens_per_head(4096, 1000.0), 1024);
-  EXPECT_EQ(KVBudget::parse("8MiB").tokens_per_head(4096, double(c.kv_bytes_per_token(KVType::F16))),
-            8 * 1024 * 1024 / c.kv_bytes_per_token(KVType::F16));
+  EXPECT_EQ(KVBudget::parse("25%").tokens_per_head(4096, 1000.0, 1000.0), 1024);
+  // Metadata counts against a share: with 1/4 of a token's stored bytes in metadata, 25% holds 768 tokens.
+  EXPECT_EQ(KVBudget::parse("25%").tokens_per_head(4096, 1000.0, 750.0), 768);
+  const double kv = double(c.kv_bytes_per_token(KVType::F16));
+  EXPECT_EQ(KVBudget::parse("8MiB").tokens_per_head(4096, kv, kv), 8 * 1024 * 1024 / c.kv_bytes_per_token(KVType::F16));
+  EXPECT_EQ(KVBudget::parse("8MiB").tokens_per_head(4096, 2 * kv, kv), 4 * 1024 * 1024 / c.kv_bytes_per_token(KVType::F16));
 }
 
 // Page sizes that are multiples of the kernel's 16-slot blocks give bit-identical results whatever the

@@ -61,9 +61,10 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
                                 ? fmt::format("--kv-budget {} of a {}-token context", o.budget, n_ctx)
                                 : fmt::format("--kv-budget {}", o.budget);
   const size_t n_heads = size_t(c.n_layer) * c.n_head_kv;
-  // Bytes budgets count what is stored per token: K + V in the KV type and the policies' metadata.
+  // Byte and % budgets count what is stored per token: K + V in the KV type and the policies' metadata.
   auto tokens_per_head = [&](const KVBudget& b, const KVLayout& l) {
-    return b.tokens_per_head(n_ctx, double(n_heads) * double(l.page_bytes()) / o.page_size);
+    return b.tokens_per_head(n_ctx, double(n_heads) * double(l.page_bytes()) / o.page_size,
+                             double(n_heads) * double(l.kv_page_bytes()) / o.page_size);
   };
   std::string what;
   if (!o.head_map.empty()) {

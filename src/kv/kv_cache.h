@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "kv/budget.h"
 #include "kv/head_map.h"
 #include "kv/page_pool.h"
 #include "kv/policy.h"
@@ -29,26 +30,10 @@ class BudgetExhausted : public Error {
   using Error::Error;
 };
 
-// --kv-budget: tokens per KV head ("1024"), bytes ("2GiB", "512MiB", "300MB") or a share of the full cache ("25%").
-struct KVBudget {
-  enum class Kind { None, Tokens, Bytes, Percent } kind = Kind::None;
-  double value = 0;
-  // Throws Error with one line naming `what` (the flag) for anything else, or for a value out of range.
-  static KVBudget parse(const std::string& s, std::string_view what = "--kv-budget");
-  // Tokens per KV head this budget allows for a context of n_ctx, with `bytes_per_token` stored bytes (K + V
-  // of every layer and KV head, plus the policies' metadata).
-  int64_t tokens_per_head(int64_t n_ctx, double bytes_per_token) const;
-  std::string to_string() const;
-};
-
 // Per-head policy specs for a uniform policy under a budget (the policy's descriptor decides). Throws Error
 // if the budget is too small for the policy, naming `cause`: where tokens_per_head came from (e.g.
 // "--kv-budget 25% of a 512-token context").
 PolicySpec uniform_spec(PolicyKind kind, int64_t tokens_per_head, int page_size, const std::string& cause = "--kv-budget");
-
-// Page size and prefill chunk limits (tokens), checked by pages_needed and by the flags that set them.
-inline constexpr int kMaxPageSize = 4096;
-inline constexpr int kMaxChunk = 1 << 16;
 
 // Device pages a set of heads needs at most (steady state plus one prefill chunk in flight per head). Throws
 // Error naming the context, --page-size or --chunk if one is out of range.
