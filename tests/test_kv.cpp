@@ -45,10 +45,10 @@ std::vector<float> logits_with(const std::vector<PolicySpec>& specs, const std::
   std::vector<float> out;
   // Prefill all but the last 8 tokens, then decode them one by one (both paths of every policy).
   const size_t pre = ids.size() - 8;
-  auto l = r.forward(kv, std::span<const int32_t>(ids.data(), pre), 0, true);
+  auto l = r.prefill(kv, std::span<const int32_t>(ids.data(), pre), 0, true);
   out.assign(l.begin(), l.end());
   for (size_t i = pre; i < ids.size(); ++i) {
-    auto d = r.forward(kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+    auto d = r.decode(kv, ids[i], int32_t(i));
     out.insert(out.end(), d.begin(), d.end());
   }
   return out;
@@ -215,7 +215,7 @@ TEST(KVPolicies, StreamingFreesPagesAndStaysWithinBound) {
   KVCache kv(c, pool, specs);
   Runner r(m, backend(), 32);
   auto ids = text_ids(500);
-  r.forward(kv, ids, 0);
+  r.prefill(kv, ids, 0);
   const int64_t bound = streaming_max_pages(33, 16);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) {
@@ -238,7 +238,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
   KVCache kv(c, pool, all(ev));
   Runner r(m, backend(), 64);
   auto ids = text_ids(400);
-  r.forward(kv, ids, 0);
+  r.prefill(kv, ids, 0);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) {
       const HeadCache& hc = kv.head(l, h);
@@ -253,7 +253,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
       EXPECT_LE(int64_t(hc.pages.size()), (100 + 16 + 15) / 16) << "pages are compacted";
     }
   // One decode step: the excess goes first, so the head holds the budget plus the new token.
-  r.forward(kv, std::span<const int32_t>(&ids[0], 1), 400);
+  r.decode(kv, ids[0], 400);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) EXPECT_LE(kv.head(l, h).tokens, 101);
 }
@@ -400,9 +400,9 @@ struct BesideFull {
   // Prefills ids[0, n) into both; true if every logit agrees exactly.
   bool prefill_agrees(const std::vector<int32_t>& ids, size_t n) {
     std::span<const int32_t> prompt(ids.data(), n);
-    auto a = r.forward(kv_full, prompt, 0, true);
+    auto a = r.prefill(kv_full, prompt, 0, true);
     std::vector<float> full_logits(a.begin(), a.end());
-    auto b = r.forward(kv, prompt, 0, true);
+    auto b = r.prefill(kv, prompt, 0, true);
     return std::vector<float>(b.begin(), b.end()) == full_logits;
   }
 };
@@ -441,9 +441,9 @@ TEST_P(StreamingWholePromptPrefill, AttendsThePromptThenKeepsOnlyTheWindow) {
   if (GetParam() == PrefillMode::Full) EXPECT_GE(planned, 290 / ps * heads);
   else EXPECT_GE(planned, pool_st.peak_device_pages());
   // Decoding then uses the window: logits differ from full attention.
-  auto d1 = t.r.forward(t.kv_full, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d1 = t.r.decode(t.kv_full, ids[290], 290);
   std::vector<float> f1(d1.begin(), d1.end());
-  auto d2 = t.r.forward(kv_st, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d2 = t.r.decode(kv_st, ids[290], 290);
   double diff = 0;
   for (size_t i = 0; i < f1.size(); ++i) diff = std::max(diff, double(std::abs(f1[i] - d2[i])));
   EXPECT_GT(diff, 1e-3);
@@ -464,7 +464,7 @@ TEST(KVPolicies, TopKWithOffloadParksThePromptAndHoldsOnlyChosenPages) {
   EXPECT_TRUE(t.prefill_agrees(ids, 390)) << "prefill attends every page, parked or not";
   EXPECT_LE(pool_tk.peak_device_pages(), (1 + tk.recent_pages + chunk / ps + 1) * heads);
   for (size_t i = 390; i < 400; ++i) {
-    t.r.forward(t.kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+    t.r.decode(t.kv, ids[i], int32_t(i));
     EXPECT_LE(pool_tk.device_pages(), (1 + tk.recent_pages + tk.topk_pages) * heads);
   }
   EXPECT_LE(pool_tk.peak_device_pages(), pages_needed(all(tk), 400, ps, chunk));

@@ -65,12 +65,12 @@ void register_bench(CLI::App& app) {
             KVCache kv(c, pool, kvs.specs);
             std::vector<int32_t> toks(size_t(d) + n);
             for (int32_t& x : toks) x = tok_dist(rng);
-            if (d > 0) runner.forward(kv, std::span<const int32_t>(toks.data(), d), 0);
+            if (d > 0) runner.prefill(kv, std::span<const int32_t>(toks.data(), d), 0);
             auto t0 = std::chrono::steady_clock::now();
             if (phase == 0) {
-              runner.forward(kv, std::span<const int32_t>(toks.data() + d, n), d);
+              runner.prefill(kv, std::span<const int32_t>(toks.data() + d, n), d);
             } else {
-              for (int i = 0; i < n; ++i) runner.forward(kv, std::span<const int32_t>(&toks[d + i], 1), d + i);
+              for (int i = 0; i < n; ++i) runner.decode(kv, toks[d + i], d + i);
             }
             double s = seconds_since(t0);
             if (r > 0) rates.push_back(n / s);

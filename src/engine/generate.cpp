@@ -54,7 +54,7 @@ GenerateResult generate(Runner& runner, KVCache& kv, const Tokenizer& tok, std::
   double t0 = now_s();
   std::span<const float> logits;
   try {
-    logits = runner.forward(kv, prompt, 0);
+    logits = runner.prefill(kv, prompt, 0);
   } catch (const BudgetExhausted& e) {
     r.stop_reason = std::string("budget: ") + e.what();
     r.prompt_s = now_s() - t0;
@@ -82,7 +82,7 @@ GenerateResult generate(Runner& runner, KVCache& kv, const Tokenizer& tok, std::
       break;
     }
     try {
-      logits = runner.forward(kv, std::span<const int32_t>(&id, 1), pos);
+      logits = runner.decode(kv, id, pos);
     } catch (const BudgetExhausted& e) {
       r.stop_reason = std::string("budget: ") + e.what();
       break;

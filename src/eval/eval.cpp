@@ -128,12 +128,12 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
             EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0, 0, 0};
             std::vector<int32_t> gen_ids;
             try {
-              auto logits = runner.forward(kv, ids, 0);
+              auto logits = runner.prefill(kv, ids, 0);
               for (int i = 0; i < o.answer_tokens; ++i) {
                 int32_t id = Sampler::argmax(logits);
                 if (tok.is_eog(id)) break;
                 gen_ids.push_back(id);
-                if (i + 1 < o.answer_tokens) logits = runner.forward(kv, std::span<const int32_t>(&id, 1), int32_t(ids.size()) + i);
+                if (i + 1 < o.answer_tokens) logits = runner.decode(kv, id, int32_t(ids.size()) + i);
               }
               r.answer = tok.decode(gen_ids, false, /*continuation=*/true);
             } catch (const BudgetExhausted& ex) {

@@ -181,11 +181,11 @@ AnswerProbes::Result AnswerProbes::run(Backend& be, const std::vector<PolicySpec
   for (const auto& [ids, plen] : probes_) {
     PagePool pool(be, ks.layout);
     KVCache kv(c, pool, ks.specs);
-    runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
+    runner.prefill(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
     // The answer is teacher-forced: its tokens are decoded one forward call at a time, as generation would.
     bool exact = true;
     for (size_t t = plen; t < ids.size(); ++t) {
-      auto row = runner.forward(kv, std::span<const int32_t>(&ids[t - 1], 1), int32_t(t - 1));
+      auto row = runner.decode(kv, ids[t - 1], int32_t(t - 1));
       res.logprob += Sampler::log_prob(row, ids[t]);
       exact = exact && Sampler::argmax(row) == ids[t];
     }
@@ -256,7 +256,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     obs.query_from = int32_t(tok.encode(e.prompt.substr(0, e.prompt.rfind('\n')), tok.add_bos()).size());
     PagePool pool(be, kvs.layout);
     KVCache kv(c, pool, kvs.specs);
-    runner.forward(kv, ids, 0, false, &obs);
+    runner.prefill(kv, ids, 0, false, &obs);
     if (progress) progress(i + 1, total, fmt::format("retrieval probe {} ({} tokens)", eval::task_name(e.task), ids.size()));
   }
   // Natural text: streaming error only.
@@ -273,7 +273,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     obs.copy_rows.clear();
     PagePool pool(be, kvs.layout);
     KVCache kv(c, pool, kvs.specs);
-    runner.forward(kv, ids, 0, false, &obs);
+    runner.prefill(kv, ids, 0, false, &obs);
     if (progress) progress(o.retrieval_prompts + i + 1, total, fmt::format("natural text ({} tokens)", ids.size()));
   }
   // Per-head ablation: answer log-probability with only head h restricted, relative to all full.
