@@ -127,4 +127,30 @@ KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOpt
   return s;
 }
 
+PoolPlan plan_pool(const KVSetup& s, int parallel, const std::string& kv_pool, int64_t free_memory) {
+  if (parallel < 1) fail("--parallel {} is out of range (at least 1)", parallel);
+  PoolPlan p;
+  p.layout = s.layout;
+  const int64_t page = s.layout.page_bytes();
+  int64_t device = s.capacity_pages * parallel;
+  if (!kv_pool.empty()) {
+    const KVBudget b = KVBudget::parse(kv_pool, "--kv-pool");
+    if (b.kind != KVBudget::Kind::Bytes) fail("--kv-pool {:?}: give bytes, like 4GiB or 512MiB", kv_pool);
+    device = int64_t(b.value / double(page));
+    if (device < 1) fail("--kv-pool {} is smaller than one KV page ({} bytes)", kv_pool, page);
+  } else if (const int64_t fit = free_memory / 2 / page; device > fit && parallel > 1) {
+    device = std::max<int64_t>(fit, s.capacity_pages);
+    p.capped = true;
+  }
+  const int64_t host = s.layout.host_pages * int64_t(parallel) + (parallel > 1 ? device : 0);
+  if (device > INT32_MAX / 2 || host > INT32_MAX / 2 || device + host > INT32_MAX / 2)
+    fail("KV pool of {} device + {} host pages is beyond what page ids address (lower --kv-pool, -c or --parallel)",
+         device, host);
+  p.layout.device_pages = int32_t(device);
+  p.layout.host_pages = int32_t(host);
+  p.summary = fmt::format("KV pool: {} pages ({}) for {} sequence{}{}", device, mib(double(device * page)), parallel,
+                          parallel == 1 ? "" : "s", p.capped ? ", cut to half the free memory" : "");
+  return p;
+}
+
 }  // namespace headroom
