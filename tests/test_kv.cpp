@@ -5,7 +5,7 @@
 #include <fstream>
 #include <random>
 
-#include "engine/generate.h"
+#include "engine/stack.h"
 #include "engine/kv_setup.h"
 #include "kv/head_map.h"
 #include "kv/kv_cache.h"
@@ -369,18 +369,23 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   // `full` under a budget of 64 tokens per head: the request ends with a reason, no crash.
   o.policy = "full";
   o.budget = "64";
-  KVSetup s = plan_kv(m, o, 4096);
-  PagePool pool(backend(), s.layout);
-  KVCache kv(m.config(), pool, s.specs);
-  Runner r(m, backend(), 32);
-  Sampler sampler(SamplerParams{});
-  GenerateOptions go;
-  go.n_predict = 100;
-  auto ids = text_ids(40);
-  GenerateResult res = generate(r, kv, m.tokenizer(), ids, sampler, go);
-  EXPECT_EQ(res.stop_reason.rfind("budget: KV budget exhausted", 0), 0u) << res.stop_reason;
-  EXPECT_GT(res.tokens.size(), 0u);
-  EXPECT_LT(res.tokens.size(), 100u);
+  EngineStack st(m, backend(), plan_kv(m, o, 4096), 1, 32);
+  Request req = st.request(text_ids(40));
+  req.n_predict = 100;
+  int generated = 0;
+  FinishReason why = FinishReason::None;
+  std::string detail;
+  st.engine->on_finish = [&](Sequence& s) {
+    generated = s.n_generated;
+    why = s.finish;
+    detail = s.finish_detail;
+  };
+  st.engine->add(std::move(req));
+  st.engine->run();
+  EXPECT_EQ(why, FinishReason::Budget);
+  EXPECT_EQ(detail.rfind("KV budget exhausted", 0), 0u) << detail;
+  EXPECT_GT(generated, 0);
+  EXPECT_LT(generated, 100);
 }
 
 // The same prompt prefilled under full attention and under `spec` on every head, with the same paging and

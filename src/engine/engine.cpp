@@ -179,12 +179,25 @@ void Engine::next_token(Sequence& s, std::span<const float> logits) {
 }
 
 bool Engine::step() {
+  // The running sequences' policies act on their last step first, so that the page counts the scheduler
+  // decides on are exact (a running sequence's next rows are known: a decode row or its next chunk).
+  const int chunk = sched_.options().chunk;
+  for (Sequence* s : sched_.running()) {
+    const int rows = s->prefilling() ? std::min(chunk, s->prompt_left()) : 1;
+    s->kv->prepare(StepInfo{s->n_cached, rows, s->prefilling(), s->prefilling() && rows == s->prompt_left()});
+  }
   StepPlan plan = sched_.schedule(*counter_);
   for (auto& [s, why] : plan.reject) finish(*s, FinishReason::Pool, std::move(why));
-  for (Sequence* s : plan.out_of_pool)
+  for (Sequence* s : plan.out_of_pool) {
+    const int rows = s->prefilling() ? std::min(chunk, s->prompt_left()) : 1;
+    if (std::string why = s->kv->over_budget(rows); !why.empty()) {
+      finish(*s, FinishReason::Budget, std::move(why));
+      continue;
+    }
     finish(*s, FinishReason::Pool,
            fmt::format("KV pool exhausted after {} tokens: the sequence alone outgrew the pool's {} pages (raise "
                        "--kv-pool)", s->n_cached, pool_.device_capacity()));
+  }
   for (Sequence* s : plan.preempt) {
     if (!s->kv->park()) fail("engine: the host tier has no room to park a preempted sequence");  // checked
     if (on_notice && !told_preempt_)
