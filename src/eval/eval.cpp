@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/sampler.h"
+#include "engine/stack.h"
 #include "eval/plot.h"
 #include "util/error.h"
 
@@ -111,45 +112,71 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
       setups[{cfg.label(), ctx}] = std::move(s);
     }
 
-  int total = int(o.tasks.size() * o.ctxs.size() * o.depths.size() * o.configs.size()) * o.samples, done = 0;
-  std::vector<EpisodeResult> out;
-  Runner runner(m, be, o.chunk);
+  // The episodes, in report order (task, ctx, depth, sample), each run under every configuration.
+  struct Prompt {
+    Episode e;
+    std::vector<int32_t> ids;
+    Task task;
+    int ctx, sample;
+    double depth;
+  };
+  std::vector<Prompt> prompts;
   for (Task task : o.tasks)
     for (int ctx : o.ctxs)
       for (double depth : o.depths)
         for (int sample = 0; sample < o.samples; ++sample) {
           Episode e = gen.make(task, ctx, depth, episode_seed(o.seed, task, ctx, depth, sample), o.answer_tokens + 2);
           std::vector<int32_t> ids = tok.encode(e.prompt, tok.add_bos());
-          for (const Config& cfg : o.configs) {
-            auto t0 = std::chrono::steady_clock::now();
-            const KVSetup& s = setups.at({cfg.label(), ctx});
-            PagePool pool(be, s.layout);
-            KVCache kv(c, pool, s.specs);
-            EpisodeResult r{task, ctx, depth, sample, cfg.label(), false, "", e.expected, int(ids.size()), 0, 0, 0, 0, 0, 0};
-            std::vector<int32_t> gen_ids;
-            try {
-              auto logits = runner.prefill(kv, ids, 0);
-              for (int i = 0; i < o.answer_tokens; ++i) {
-                int32_t id = Sampler::argmax(logits);
-                if (tok.is_eog(id)) break;
-                gen_ids.push_back(id);
-                if (i + 1 < o.answer_tokens) logits = runner.decode(kv, id, int32_t(ids.size()) + i);
-              }
-              r.answer = tok.decode(gen_ids, false, /*continuation=*/true);
-            } catch (const BudgetExhausted& ex) {
-              r.answer = std::string("[") + ex.what() + "]";
-            }
-            r.correct = score(e, r.answer);
-            r.kv_device_bytes = pool.device_bytes();
-            r.kv_peak_bytes = pool.peak_device_pages() * pool.page_bytes();
-            r.kv_host_bytes = pool.host_bytes();
-            r.kv_host_peak_bytes = pool.peak_host_pages() * pool.page_bytes();
-            r.kv_meta_bytes = pool.device_meta_bytes();
-            r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            out.push_back(r);
-            if (progress) progress(++done, total, out.back());
-          }
+          prompts.push_back({std::move(e), std::move(ids), task, ctx, sample, depth});
         }
+  const size_t n_cfg = o.configs.size();
+  const int total = int(prompts.size() * n_cfg);
+  int done = 0;
+  std::vector<EpisodeResult> out(prompts.size() * n_cfg);
+
+  // Per (config, ctx): one engine runs that configuration's episodes, --parallel at a time. A sequence's
+  // tokens do not depend on what runs beside it, so every result is the one it would be alone.
+  size_t p0 = 0;
+  for (Task task : o.tasks)
+    for (int ctx : o.ctxs) {
+      const size_t n_here = o.depths.size() * size_t(o.samples);
+      for (size_t ci = 0; ci < n_cfg; ++ci) {
+        const Config& cfg = o.configs[ci];
+        EngineStack st(m, be, setups.at({cfg.label(), ctx}), std::max(1, o.parallel), o.chunk);
+        Engine& engine = *st.engine;
+        engine.on_finish = [&](Sequence& s) {
+          const size_t pi = size_t(s.req.tag);
+          const Prompt& pr = prompts[pi];
+          EpisodeResult& r = out[pi * n_cfg + ci];
+          r = EpisodeResult{pr.task, pr.ctx, pr.depth, pr.sample, cfg.label(), false, "", pr.e.expected,
+                            int(pr.ids.size()), 0, 0, 0, 0, 0, 0};
+          if (s.finish == FinishReason::Budget || s.finish == FinishReason::Pool) {
+            r.answer = "[" + s.finish_detail + "]";
+          } else {
+            r.answer = tok.decode(std::span<const int32_t>(s.tokens).subspan(size_t(s.n_prompt)), false,
+                                  /*continuation=*/true);
+          }
+          r.correct = score(pr.e, r.answer);
+          const int64_t page = st.pool->page_bytes();
+          r.kv_device_bytes = s.kv->device_bytes();
+          r.kv_peak_bytes = s.kv->peak_device_pages() * page;
+          r.kv_host_bytes = s.kv->host_bytes();
+          r.kv_host_peak_bytes = s.kv->peak_host_pages() * page;
+          r.kv_meta_bytes = s.kv->device_meta_bytes();
+          r.seconds = s.t_finished - s.t_started;
+          if (progress) progress(++done, total, r);
+        };
+        for (size_t pi = p0; pi < p0 + n_here; ++pi) {
+          Request q = st.request(prompts[pi].ids);
+          q.sampling.temp = 0;  // greedy
+          q.n_predict = o.answer_tokens;
+          q.tag = int64_t(pi);
+          engine.add(std::move(q));
+        }
+        engine.run();
+      }
+      p0 += n_here;
+    }
   return out;
 }
 

@@ -32,6 +32,7 @@ struct Options {
   int answer_tokens = 12;
   int page_size = 32;
   int chunk = 512;
+  int parallel = 1;           // episodes run at once (each one's output is what it is alone)
   std::string kv_type = "f16";  // the stored K/V type (bytes are reported in it)
   std::string prefill;        // streaming heads' prefill: window | full | offload; "" = the head map's (else window)
   std::string head_map;       // for profile / random configs (needs scores)
