@@ -1,6 +1,6 @@
 #include "tokenizer/bpe.h"
 
-#include <queue>
+#include <functional>
 
 #include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
@@ -11,20 +11,8 @@ namespace headroom::tok {
 
 namespace {
 
-using Symbol = MergeSymbol;
-
-struct Bigram {
-  int32_t left, right;
-  int32_t rank;
-  size_t size;  // bytes of the merged text, to recognise a bigram made stale by another merge
-};
-
 // Lowest rank first; among equal ranks the leftmost pair (llama.cpp's llm_bigram_bpe::comparator).
-struct BigramOrder {
-  bool operator()(const Bigram& l, const Bigram& r) const {
-    return l.rank > r.rank || (l.rank == r.rank && l.left > r.left);
-  }
-};
+using BigramQueue = MergeQueue<int32_t, std::less<int32_t>>;
 
 }  // namespace
 
@@ -84,17 +72,9 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
     }
   }
 
-  std::vector<Symbol> syms;
-  syms.reserve(word.size() / 2 + 1);
-  for (size_t off = 0; off < word.size();) {
-    const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(word[off])), word.size() - off);
-    const auto idx = static_cast<int32_t>(syms.size());
-    syms.push_back({idx - 1, off + n == word.size() ? -1 : idx + 1, off, n});
-    off += n;
-  }
-
+  std::vector<MergeSymbol> syms = utf8_symbols(word);
   std::string key;
-  std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
+  BigramQueue queue;
   auto try_add = [&](int32_t left, int32_t right) {
     if (left < 0 || right < 0) return;
     const int32_t r =
