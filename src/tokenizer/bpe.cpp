@@ -100,35 +100,24 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
   }
 }
 
-std::string BpeTokenizer::make_piece(int32_t id) const {
-  const uint32_t attr = vocab_.attrs[id];
-  const std::string& text = vocab_.pieces[id];
-  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
-  if (attr & kAttrNormal) {
-    // Undo the byte-to-character table; a character outside it is kept as it is.
-    std::string out;
-    out.reserve(text.size());
-    for (size_t i = 0; i < text.size();) {
-      const int r = utf8_check(text.data() + i, text.size() - i);
-      if (r <= 0) {
-        out += text[i++];
-        continue;
-      }
-      const uint32_t cp = utf8_decode(text.data() + i, static_cast<size_t>(r));
-      if (cp < char_to_byte_.size() && char_to_byte_[cp] >= 0)
-        out += static_cast<char>(char_to_byte_[cp]);
-      else
-        out.append(text, i, static_cast<size_t>(r));
-      i += static_cast<size_t>(r);
+// Undoes the byte-to-character table; a character outside it is kept as it is.
+std::string BpeTokenizer::decode_normal(const std::string& text) const {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    const int r = utf8_check(text.data() + i, text.size() - i);
+    if (r <= 0) {
+      out += text[i++];
+      continue;
     }
-    return out;
+    const uint32_t cp = utf8_decode(text.data() + i, static_cast<size_t>(r));
+    if (cp < char_to_byte_.size() && char_to_byte_[cp] >= 0)
+      out += static_cast<char>(char_to_byte_[cp]);
+    else
+      out.append(text, i, static_cast<size_t>(r));
+    i += static_cast<size_t>(r);
   }
-  if (attr & kAttrByte) {
-    uint8_t b;
-    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
-    return text;
-  }
-  return {};
+  return out;
 }
 
 }  // namespace headroom::tok

@@ -80,29 +80,19 @@ void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::ve
   }
 }
 
-std::string SpmTokenizer::make_piece(int32_t id) const {
-  const uint32_t attr = vocab_.attrs[id];
-  const std::string& text = vocab_.pieces[id];
-  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
-  if (attr & kAttrNormal) {
-    std::string out;
-    out.reserve(text.size());
-    for (size_t i = 0; i < text.size();) {
-      if (text.compare(i, kSpace.size(), kSpace) == 0) {
-        out += ' ';
-        i += kSpace.size();
-      } else {
-        out += text[i++];
-      }
+// U+2581 stands for a space.
+std::string SpmTokenizer::decode_normal(const std::string& text) const {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    if (text.compare(i, kSpace.size(), kSpace) == 0) {
+      out += ' ';
+      i += kSpace.size();
+    } else {
+      out += text[i++];
     }
-    return out;
   }
-  if (attr & kAttrByte) {
-    uint8_t b;
-    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
-    return text;
-  }
-  return {};  // unused / undefined tokens print nothing (llama.cpp)
+  return out;
 }
 
 }  // namespace headroom::tok
