@@ -21,14 +21,6 @@ namespace {
 using test::retrieval_model;
 Backend& backend() { return test::cpu_backend(); }
 
-std::vector<int32_t> text_ids(int n) {
-  std::ifstream f(test::shared("corpus/haystack.txt"));
-  std::string text(40000, '\0');
-  f.read(text.data(), std::streamsize(text.size()));
-  auto ids = retrieval_model().tokenizer().encode(text, true);
-  ids.resize(size_t(n));
-  return ids;
-}
 
 // Logits of every position under the given per-head specs.
 std::vector<float> logits_with(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& ids, int page_size,
@@ -164,7 +156,7 @@ void expect_close(const std::vector<float>& a, const std::vector<float>& b, cons
 }
 
 TEST(KVPolicies, FullIsIndependentOfPagingAndChunking) {
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   auto ref = logits_with(all(PolicySpec{}), ids, 512, 512);
   EXPECT_EQ(logits_with(all(PolicySpec{}), ids, 32, 64), ref);
   EXPECT_EQ(logits_with(all(PolicySpec{}), ids, 16, 100), ref);
@@ -174,7 +166,7 @@ TEST(KVPolicies, FullIsIndependentOfPagingAndChunking) {
 
 TEST(KVPolicies, LooseBudgetsEqualFull) {
   // Every policy whose budget covers the whole sequence must give exactly full attention.
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   auto ref = logits_with(all(PolicySpec{}), ids, 32, 64);
   PolicySpec st{PolicyKind::Streaming};
   st.window = 400;
@@ -189,7 +181,7 @@ TEST(KVPolicies, LooseBudgetsEqualFull) {
 
 TEST(KVPolicies, StreamingIsExactWhateverTheChunkingAndFreeing) {
   // Pages are freed as they leave the window; the windowed attention must not depend on when that happens.
-  auto ids = text_ids(400);
+  auto ids = test::haystack_ids(400);
   PolicySpec st{PolicyKind::Streaming};
   st.sinks = 4;
   st.window = 64;
@@ -214,7 +206,7 @@ TEST(KVPolicies, StreamingFreesPagesAndStaysWithinBound) {
   PagePool pool(backend(), layout_for(16, 10000, specs));
   KVCache kv(c, pool, specs);
   Runner r(m, backend(), 32);
-  auto ids = text_ids(500);
+  auto ids = test::haystack_ids(500);
   r.prefill(kv, ids, 0);
   const int64_t bound = streaming_max_pages(33, 16);
   for (int l = 0; l < c.n_layer; ++l)
@@ -237,7 +229,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
   PagePool pool(backend(), layout_for(16, 10000, all(ev)));
   KVCache kv(c, pool, all(ev));
   Runner r(m, backend(), 64);
-  auto ids = text_ids(400);
+  auto ids = test::haystack_ids(400);
   r.prefill(kv, ids, 0);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) {
@@ -370,7 +362,7 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   o.policy = "full";
   o.budget = "64";
   EngineStack st(m, backend(), plan_kv(m, o, 4096), 1, 32);
-  Request req = st.request(text_ids(40));
+  Request req = st.request(test::haystack_ids(40));
   req.n_predict = 100;
   int generated = 0;
   FinishReason why = FinishReason::None;
@@ -416,7 +408,7 @@ struct BesideFull {
 class StreamingWholePromptPrefill : public ::testing::TestWithParam<PrefillMode> {};
 
 TEST_P(StreamingWholePromptPrefill, AttendsThePromptThenKeepsOnlyTheWindow) {
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   PolicySpec st{PolicyKind::Streaming};
   st.sinks = 4;
   st.window = 40;
@@ -458,7 +450,7 @@ INSTANTIATE_TEST_SUITE_P(Modes, StreamingWholePromptPrefill, ::testing::Values(P
                          [](const auto& info) { return std::string(prefill_mode_name(info.param)); });
 
 TEST(KVPolicies, TopKWithOffloadParksThePromptAndHoldsOnlyChosenPages) {
-  auto ids = text_ids(400);
+  auto ids = test::haystack_ids(400);
   PolicySpec tk{PolicyKind::TopK};
   tk.topk_pages = 3;
   tk.recent_pages = 2;

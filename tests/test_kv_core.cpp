@@ -2,7 +2,6 @@
 // step, budget exhaustion found before a step writes anything, and policies exact in every KV type.
 #include <gtest/gtest.h>
 
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -17,15 +16,6 @@ using namespace headroom;
 namespace {
 
 using test::retrieval_model;
-
-std::vector<int32_t> text_ids(int n) {
-  std::ifstream f(test::shared("corpus/haystack.txt"));
-  std::string text(20000, '\0');
-  f.read(text.data(), std::streamsize(text.size()));
-  auto ids = retrieval_model().tokenizer().encode(text, true);
-  ids.resize(size_t(n));
-  return ids;
-}
 
 // Forwards every op to the CPU backend and logs them, so a test can see where the host waits.
 class LoggingBackend final : public Backend {
@@ -138,7 +128,7 @@ TEST(KVCore, NoHostSynchronisationBetweenTheLayersOfADecodeStep) {
     PagePool pool(be, s.layout);
     KVCache kv(m.config(), pool, s.specs);
     Runner r(m, be, 64);
-    auto ids = text_ids(300);
+    auto ids = test::haystack_ids(300);
     r.prefill(kv, std::span<const int32_t>(ids.data(), 290), 0);
     for (size_t i = 290; i < 300; ++i) {
       be.log.clear();
@@ -170,7 +160,7 @@ TEST(KVCore, BudgetExhaustionIsFoundBeforeTheStepWritesAnything) {
   PagePool pool(test::cpu_backend(), s.layout);
   KVCache kv(m.config(), pool, s.specs);
   Runner r(m, test::cpu_backend(), 32);
-  auto ids = text_ids(100);
+  auto ids = test::haystack_ids(100);
   r.prefill(kv, std::span<const int32_t>(ids.data(), 60), 0);
   const int64_t pages = pool.device_pages(), held = kv.pages_held(), tokens = kv.tokens_appended();
   EXPECT_EQ(kv.pages_for(4), 0) << "4 more tokens fit in the tail pages";

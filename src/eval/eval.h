@@ -61,6 +61,7 @@ using Progress = std::function<void(int done, int total, const EpisodeResult& r)
 std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, const Options& o, const Progress& p);
 
 // Writes results.json, results.csv, summary.md and the plots into o.out_dir; returns the summary table (markdown).
+// In eval/report.cpp, composed of the pieces eval/report.h declares.
 std::string report(const Model& m, const Options& o, const std::vector<EpisodeResult>& rs);
 
 }  // namespace headroom::eval
