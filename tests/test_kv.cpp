@@ -61,10 +61,7 @@ KVLayout layout_for(int ps, int32_t device, const std::vector<PolicySpec>& specs
   l.head_dim = head_dim ? head_dim : retrieval_model().config().head_dim;
   l.device_pages = device;
   l.host_pages = device;
-  for (const PolicySpec& s : specs) {
-    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
-    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
-  }
+  set_policy_metadata(l, specs);
   return l;
 }
 

@@ -194,6 +194,6 @@ TEST(ProfileSummary, TableAndHeatmapOfAMap) {
   EXPECT_DOUBLE_EQ(profile::score_heatmap(map, profile::HeadScore::StreamingError).v_max, 0.03);
   for (HeadEntry& e : map.heads) e.streaming_error = 0;
   EXPECT_DOUBLE_EQ(profile::score_heatmap(map, profile::HeadScore::StreamingError).v_max, 1.0) << "all zero: 0..1";
-  ASSERT_EQ(profile::head_specs(map).size(), 4u);
-  EXPECT_EQ(profile::head_specs(map)[2].kind, PolicyKind::Full);
+  ASSERT_EQ(map.specs().size(), 4u);
+  EXPECT_EQ(map.specs()[2].kind, PolicyKind::Full);
 }

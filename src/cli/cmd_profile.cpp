@@ -89,7 +89,7 @@ void register_profile(CLI::App& app) {
       std::fprintf(stderr, "prefill: %d probes, every head full / the map with window prefill / with whole-prompt prefill ...\n",
                    o.prefill_probes);
       profile::AnswerProbes probes(*model, gen, o.prefill_probes, ctx, o.seed + 12000);
-      profile::PrefillChoice ch = profile::choose_prefill(probes, *be, profile::head_specs(map), o);
+      profile::PrefillChoice ch = profile::choose_prefill(probes, *be, map.specs(), o);
       o.prefill = ch.mode;
       prefill_note = profile::prefill_note(ch);
     } else {

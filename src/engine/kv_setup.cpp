@@ -33,10 +33,7 @@ KVLayout layout_for(const Model& m, const KVOptions& o, const std::vector<Policy
   if (std::string why = kv_type_fits(l.type, c.head_dim); !why.empty()) fail("{} {}: {}", flag, type, why);
   l.page_size = o.page_size;
   l.head_dim = c.head_dim;
-  for (const PolicySpec& s : specs) {
-    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
-    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
-  }
+  set_policy_metadata(l, specs);
   return l;
 }
 
@@ -72,7 +69,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
       fail("--head-map chooses the policy of every head; drop --kv-policy {} (or use --kv-policy auto)", o.policy);
     ModelIdentity id = m.identity();
     HeadMap map = HeadMap::load(o.head_map, &id);
-    for (const HeadEntry& e : map.heads) s.specs.push_back(e.spec);
+    s.specs = map.specs();
     what = fmt::format("head map {} ({} full, {} streaming, {} topk, {} evict)", o.head_map, map.count(PolicyKind::Full),
                        map.count(PolicyKind::Streaming), map.count(PolicyKind::TopK), map.count(PolicyKind::Evict));
     s.layout = layout_for(m, o, s.specs);

@@ -9,6 +9,7 @@
 
 #include "engine/sampler.h"
 #include "engine/stack.h"
+#include "profile/summary.h"
 #include "util/error.h"
 
 namespace headroom::eval {
@@ -81,9 +82,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
     for (int ctx : o.ctxs) {
       KVSetup s;
       if (cfg.kind == "map") {
-        std::vector<PolicySpec> specs;
-        for (const HeadEntry& e : map->heads) specs.push_back(e.spec);
-        s = plan_kv_specs(m, specs, kvo, ctx, "head map " + o.head_map);
+        s = plan_kv_specs(m, map->specs(), kvo, ctx, "head map " + o.head_map);
       } else if (cfg.kind == "profile" || cfg.kind == "random") {
         profile::Scores sc = scores_of(*map);
         profile::Options po = profile_options_of(*map, o);
@@ -95,9 +94,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
           std::shuffle(order.begin(), order.end(), rng);
           hm = profile::assign(m.identity(), sc, percent_of(cfg.budget), ctx, po, &order);
         }
-        std::vector<PolicySpec> specs;
-        for (const HeadEntry& e : hm.heads) specs.push_back(e.spec);
-        s = plan_kv_specs(m, specs, kvo, ctx, cfg.label() + ": " + hm.note);
+        s = plan_kv_specs(m, hm.specs(), kvo, ctx, cfg.label() + ": " + hm.note);
       } else {
         KVOptions k = kvo;
         k.policy = cfg.kind;

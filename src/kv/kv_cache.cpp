@@ -59,11 +59,7 @@ KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<Polic
   first_job_.assign(size_t(n_layer_), 0);
   // The metadata this sequence's policies keep (the pool's layout may keep more, for other sequences).
   KVLayout own = pool.layout();
-  own.page_minmax = own.slot_scores = false;
-  for (const PolicySpec& s : specs) {
-    own.page_minmax |= policy_descriptor(s.kind).page_minmax;
-    own.slot_scores |= policy_descriptor(s.kind).slot_scores;
-  }
+  set_policy_metadata(own, specs);
   meta_page_bytes_ = own.meta_page_bytes();
 }
 

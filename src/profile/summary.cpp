@@ -6,13 +6,6 @@
 
 namespace headroom::profile {
 
-std::vector<PolicySpec> head_specs(const HeadMap& map) {
-  std::vector<PolicySpec> specs;
-  specs.reserve(map.heads.size());
-  for (const HeadEntry& e : map.heads) specs.push_back(e.spec);
-  return specs;
-}
-
 std::string prefill_note(const PrefillChoice& ch) {
   return fmt::format("; prefill {} (teacher-forced exact match on {} probes: every head full {}, the map "
                      "with window prefill {}, with whole-prompt prefill {})",

@@ -12,8 +12,6 @@
 
 namespace headroom::profile {
 
-// The heads' policies, in head order (HeadMap::heads), for a KVCache or AnswerProbes::run.
-std::vector<PolicySpec> head_specs(const HeadMap& map);
 
 // The tail of the map's note on its streaming heads' prefill: as chosen by the probes, or as set by --prefill.
 std::string prefill_note(const PrefillChoice& ch);
