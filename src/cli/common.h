@@ -129,9 +129,12 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o) {
                   "at most half the free memory. Sequences that do not fit at once run in waves")
       ->check(CLI::Validator(
           [](std::string& s) {
-            if (KVBudget::parse(s, "--kv-pool").kind != KVBudget::Kind::Bytes)
-              return std::string("give bytes, like 4GiB or 512MiB");
-            return std::string();
+            bool bytes = false;
+            try {
+              bytes = KVBudget::parse(s, "--kv-pool").kind == KVBudget::Kind::Bytes;
+            } catch (const Error&) {
+            }
+            return bytes ? std::string() : fmt::format("{:?}: give bytes, like 4GiB or 512MiB", s);
           },
           "BYTES"));
   add_page_size_flag(app, o.page_size);
