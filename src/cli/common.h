@@ -117,13 +117,13 @@ inline void add_sampling_flags(CLI::App* app, SamplerParams& sp) {
   add_seed_flag(app, "-s,--seed", sp.seed, "random seed (same seed, same output)");
 }
 
-inline void add_kv_flags(CLI::App* app, KVOptions& o) {
+inline void add_kv_flags(CLI::App* app, KVOptions& o, bool head_map_flag = true) {
   app->add_option("--kv-policy", o.policy, "KV policy for every head: full | streaming | topk | evict | auto (auto = --head-map)")
       ->capture_default_str();
   app->add_option("--kv-budget", o.budget,
                   "KV budget: tokens per KV head (1024), bytes (2GiB, 512MiB) or a share of the full cache (25%)")
       ->check(CLI::Validator([](std::string& s) { return (void)KVBudget::parse(s), std::string(); }, "BUDGET"));
-  app->add_option("--head-map", o.head_map, "per-head policy map (JSON) from `headroom profile`");
+  if (head_map_flag) app->add_option("--head-map", o.head_map, "per-head policy map (JSON) from `headroom profile`");
   app->add_option("--kv-pool", o.kv_pool,
                   "KV memory all sequences share, in bytes (4GiB, 512MiB); default: each sequence's whole budget, "
                   "at most half the free memory. Sequences that do not fit at once run in waves")
@@ -192,5 +192,6 @@ void register_bench(CLI::App& app);
 void register_synth(CLI::App& app);
 void register_profile(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_serve(CLI::App& app);
 
 }  // namespace headroom::cli

@@ -26,13 +26,7 @@ class CachePages : public PageCounter {
   }
   std::string never_fits(const Sequence& s) const override {
     if (s.kv->pages_held() > 0) return "";  // it has run before: it fitted
-    // The fewest pages its prompt takes: every head holds what its policy keeps of the prompt.
-    const int ps = pool_.page_size();
-    int64_t least = 0;
-    for (const PolicySpec& spec : *s.req.specs) {
-      const int64_t kept = std::min<int64_t>(s.n_prompt, make_policy(spec)->max_tokens(s.n_prompt, ps));
-      least += (kept + ps - 1) / ps;
-    }
+    const int64_t least = prompt_min_pages(*s.req.specs, s.n_prompt, pool_.page_size());
     if (least <= pool_.device_capacity()) return "";
     return fmt::format("its prompt of {} tokens needs at least {} KV pages, more than the pool's {} ({:.1f} MiB; "
                        "raise --kv-pool or shorten the prompt)",
@@ -43,6 +37,19 @@ class CachePages : public PageCounter {
  private:
   PagePool& pool_;
 };
+
+}  // namespace
+
+int64_t prompt_min_pages(const std::vector<PolicySpec>& specs, int64_t n_prompt, int page_size) {
+  int64_t least = 0;
+  for (const PolicySpec& spec : specs) {
+    const int64_t kept = std::min<int64_t>(n_prompt, make_policy(spec)->max_tokens(n_prompt, page_size));
+    least += (kept + page_size - 1) / page_size;
+  }
+  return least;
+}
+
+namespace {
 
 SchedulerOptions scheduler_options(const EngineOptions& o) {
   SchedulerOptions so;

@@ -17,6 +17,10 @@
 
 namespace headroom {
 
+// The fewest device pages a prompt of n_prompt tokens takes under these per-head policies: what each head keeps
+// of it, in whole pages. A prompt above the pool's capacity can never run.
+int64_t prompt_min_pages(const std::vector<PolicySpec>& specs, int64_t n_prompt, int page_size);
+
 struct EngineOptions {
   int parallel = 1;       // sequences running at once (-np / --parallel)
   int chunk = 512;        // prefill chunk (--chunk); the runner's max_batch must hold chunk + parallel rows

@@ -61,7 +61,6 @@ uint64_t episode_seed(uint64_t seed, Task t, int ctx, double depth, int sample) 
 }  // namespace
 
 std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, const Options& o, const Progress& progress) {
-  const ModelConfig& c = m.config();
   const Tokenizer& tok = m.tokenizer();
   std::unique_ptr<HeadMap> map;
   for (const Config& cfg : o.configs)
@@ -129,7 +128,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
   // Per (config, ctx): one engine runs that configuration's episodes, --parallel at a time. A sequence's
   // tokens do not depend on what runs beside it, so every result is the one it would be alone.
   size_t p0 = 0;
-  for (Task task : o.tasks)
+  for (size_t ti = 0; ti < o.tasks.size(); ++ti)
     for (int ctx : o.ctxs) {
       const size_t n_here = o.depths.size() * size_t(o.samples);
       for (size_t ci = 0; ci < n_cfg; ++ci) {
