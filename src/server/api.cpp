@@ -75,6 +75,7 @@ std::string content_of(const json& m, size_t i) {
 }  // namespace
 
 ApiRequest parse_request(const std::string& body, bool chat) {
+  if (tok::utf8_sanitize(body) != body) throw ApiError(400, "the body is not valid UTF-8");
   json j;
   try {
     j = json::parse(body);

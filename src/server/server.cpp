@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <chrono>
@@ -535,12 +536,20 @@ struct Server::Impl {
   }
 
   void run() {
+    // cpp-httplib listens with a backlog of 5 (compiled into Debian's library): a burst of clients would have
+    // connections dropped. Keep the socket and listen again with a real backlog once it is bound.
+    int listen_fd = -1;
+    http.set_socket_options([&listen_fd](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = int(sock);
+    });
     if (o.port == 0) {
       bound_port = http.bind_to_any_port(o.host);
     } else {
       bound_port = http.bind_to_port(o.host, o.port) ? o.port : -1;
     }
     if (bound_port < 0) fail("cannot listen on {}:{} (in use, or not an address of this machine)", o.host, o.port);
+    if (listen_fd >= 0) ::listen(listen_fd, 1024);
     engine_thread = std::thread([this] { engine_loop(); });
     std::fprintf(stderr, "%s\n%s\n", base.summary.c_str(), pool_plan.summary.c_str());
     if (template_fallback)
