@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <filesystem>
 #include <random>
 #include <regex>
 #include <thread>
@@ -349,6 +350,32 @@ TEST(Server, SigtermAbortsRunningRequestsAndExitsZero) {
   EXPECT_EQ(got.finish, "abort");
   EXPECT_TRUE(got.done);
   EXPECT_GT(got.chunks, 1);
+}
+
+}  // namespace
+}  // namespace headroom::test
+
+namespace headroom::test {
+namespace {
+
+// The official OpenAI SDK (npm `openai`, installed by scripts/setup.sh into build/npm). Fails, never skips,
+// if node or the package is missing.
+TEST(ServerClients, OpenAINodeSdk) {
+  const std::string npm = HEADROOM_NPM_DIR;
+  ASSERT_TRUE(std::filesystem::exists(npm + "/node_modules/openai/package.json"))
+      << "the openai npm package is not installed in " << npm << " (scripts/setup.sh installs it)";
+  ServerProcess s(base_args(), "sdk");
+  ASSERT_GT(s.port(), 0) << s.log();
+  const std::string out = scratch_dir("serve") + "/sdk.out";
+  const std::string cmd = fmt::format("NODE_PATH='{}/node_modules' node '{}/tests/clients/openai_sdk.cjs' "
+                                      "'http://127.0.0.1:{}/v1' '{}' > '{}' 2>&1",
+                                      npm, HEADROOM_SOURCE_DIR, s.port(), kModelId, out);
+  const int rc = std::system(cmd.c_str());
+  std::ifstream f(out);
+  std::stringstream text;
+  text << f.rdbuf();
+  EXPECT_EQ(rc, 0) << text.str();
+  EXPECT_NE(text.str().find("ok"), std::string::npos) << text.str();
 }
 
 }  // namespace
