@@ -9,7 +9,11 @@
 #include <random>
 
 #include "cli/common.h"
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
 #include "engine/stack.h"
+#include "server/loadgen.h"
 #include "model/model.h"
 #include "util/error.h"
 
@@ -84,7 +88,21 @@ void register_bench(CLI::App& app) {
   static int n_prompt = 512, n_gen = 128, reps = 3;
   static KVOptions kvo;
   auto* cmd = app.add_subcommand("bench", "measure prompt and generation tokens/s by context depth (markdown table)");
-  cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
+  static std::string server_url, server_model, server_key;
+  static std::vector<int> clients = {1, 4, 16, 32};
+  static int server_requests = 2, server_words = 1500;
+  cmd->add_option("-m,--model", model_path, "GGUF model file (not with --server)");
+  cmd->add_option("--server", server_url,
+                  "load-test an OpenAI-compatible server instead (headroom serve or llama-server), e.g. "
+                  "http://127.0.0.1:8080: streaming /v1/completions, -n tokens each, prompts of --prompt-words");
+  cmd->add_option("--clients", clients, "--server: concurrent clients, comma-separated")
+      ->delimiter(',')
+      ->check(list_in_range("--clients", {1, 4096}))
+      ->capture_default_str();
+  cmd->add_option("--requests", server_requests, "--server: requests per client")->check(in_range({1, 100000}))->capture_default_str();
+  cmd->add_option("--prompt-words", server_words, "--server: words per prompt")->check(in_range({1, 1000000}))->capture_default_str();
+  cmd->add_option("--model-id", server_model, "--server: the request's \"model\" (default: the one /v1/models lists)");
+  cmd->add_option("--api-key", server_key, "--server: bearer token");
   cmd->add_option("-p,--n-prompt", n_prompt, "prompt tokens per pp test (0: skip)")
       ->check(in_range({0, double(kMaxContext)}))
       ->capture_default_str();
@@ -104,6 +122,39 @@ void register_bench(CLI::App& app) {
   cmd->add_option("-r,--repetitions", reps, "repetitions per test")->check(in_range({1, 1000}))->capture_default_str();
   add_kv_flags(cmd, kvo);
   cmd->callback([] {
+    if (!server_url.empty()) {
+      if (!model_path.empty()) fail("give -m (bench the engine) or --server (bench a server), not both");
+      std::string id = server_model;
+      if (id.empty()) {
+        httplib::Client cli(server_url);
+        cli.set_connection_timeout(10);
+        auto r = cli.Get("/v1/models");
+        if (!r || r->status != 200) fail("--server {}: no answer from /v1/models (is it running?)", server_url);
+        auto j = nlohmann::json::parse(r->body, nullptr, false);
+        if (j.is_discarded() || !j.contains("data") || j["data"].empty()) fail("--server {}: /v1/models lists no model", server_url);
+        id = j["data"][0].value("id", "");
+      }
+      std::printf("| server | clients | requests | output tok/s | total tok/s | TTFT p50 | TTFT p99 | failed |\n");
+      std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+      for (int c : clients) {
+        server::LoadOptions lo;
+        lo.url = server_url;
+        lo.model = id;
+        lo.api_key = server_key;
+        lo.clients = c;
+        lo.requests = server_requests;
+        lo.prompt_words = server_words;
+        lo.max_tokens = n_gen;
+        server::LoadResult r = server::run_load(lo);
+        std::printf("| %s | %d | %d | %.1f | %.1f | %.0f ms | %.0f ms | %d |\n", server_url.c_str(), c, r.ok + r.failed,
+                    r.output_tokens / r.seconds, (r.prompt_tokens + r.output_tokens) / r.seconds, r.ttft_p50 * 1e3,
+                    r.ttft_p99 * 1e3, r.failed);
+        if (r.failed) std::fprintf(stderr, "first failure: %s\n", r.first_error.c_str());
+        std::fflush(stdout);
+      }
+      return;
+    }
+    if (model_path.empty()) fail("give -m MODEL (or --server URL)");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
     std::mt19937 rng(42);

@@ -136,6 +136,7 @@ ApiRequest parse_request(const std::string& body, bool chat) {
         if (x.empty()) bad("stop", "stop strings must not be empty");
     }
     if (has(j, "stream")) r.stream = boolean(j, "stream");
+    if (has(j, "ignore_eos")) r.ignore_eos = boolean(j, "ignore_eos");
     if (has(j, "stream_options")) {
       const json& so = j["stream_options"];
       if (!so.is_object()) bad("stream_options", "must be an object");

@@ -36,6 +36,7 @@ struct ApiRequest {
   bool seeded = false;                // a seed was given
   std::vector<std::string> stop;
   bool stream = false, include_usage = false;
+  bool ignore_eos = false;            // llama.cpp's extension: end-of-generation tokens do not end it
   bool logprobs = false;
   int top_logprobs = 0;
   // headroom's extensions, checked against the server's limits by the server.

@@ -410,6 +410,7 @@ struct Server::Impl {
       r.n_predict = job->api.max_tokens ? std::min(*job->api.max_tokens, room) : room;
       r.n_ctx = n_ctx;
       r.stop = job->api.stop;
+      r.ignore_eos = job->api.ignore_eos;
       r.specs = &job->setup->specs;
       r.max_device_pages = job->setup->capacity_pages;
       r.sampling.validate();
