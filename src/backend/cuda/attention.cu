@@ -8,13 +8,16 @@
 //     of a pair in split order.
 //   * Other jobs (prefill): block (job, s) takes the passes s, s + kAttnSplits, ... over all pages and
 //     writes the outputs itself.
-// Within a block, lanes form groups of SUB lanes; a group owns one slot at a time (every NG-th slot of the
-// block's range) and each lane holds a fixed slice of head_dim (fast path, head_dim 64/128/256: SUB = 8
-// lanes, 8 contiguous values per chunk, 16-byte loads; other head_dims: SUB = 32, one value per lane per
-// chunk). A pass covers kNP = 4 (row, head) pairs: with GQA the pairs are the query heads of the KV head,
-// so one read of a K/V row serves every query head of the group (4 of them for Llama-3 8B/1B). Per pair a
-// group keeps an online softmax state (running max m, sum l, acc); the NG group states are merged in group
-// order through shared memory. KV rows are read in their stored type (F32, F16, BF16, Q8_0) and converted
+// Within a block, lanes form groups of SUB lanes and a group owns one slot at a time; each lane holds a
+// fixed slice of head_dim. Fast path (head_dim 64/128/256): SUB = head_dim / 8, so every lane holds 8
+// contiguous values (one 16-byte load of F16/BF16); warps take the block's pages in turn, read a page's
+// positions once per 32 slots, and each group takes every (32 / SUB)-th slot two at a time, loading both
+// slots' K/V rows (packed) before using either. Other head_dims: SUB = 32, one value per lane per chunk,
+// slots in turn. A pass covers kNP = 4 (row, head) pairs: with GQA the pairs are the query heads of the KV
+// head, so one read of a K/V row serves every query head of the group (4 of them for Llama-3 8B/1B). Per
+// pair a group keeps an online softmax state (running max m, sum l, acc); the NG group states are merged in
+// group order through shared memory. KV rows are read in their stored type (F32, F16, BF16, Q8_0) and
+// converted
 // exactly in registers; host-tier pages are read in place from mapped pinned memory.
 //
 // Batch invariance: every reduction order (the lane slice sums, the group butterfly, the group merge, the
@@ -75,6 +78,55 @@ __device__ __forceinline__ void load_row(const uint8_t* row, int tig, int D, flo
   }
 }
 
+// Raw 8-element chunks (kept packed in registers until used): F32 8 words, F16/BF16 4, Q8_0 8 bytes + scale.
+template <int T>
+struct RawWords {
+  static constexpr int N = T == kKVF32 ? 8 : 4;
+};
+template <int T>
+__device__ __forceinline__ void load_raw8(const uint8_t* row, int d0, uint32_t* w) {
+  if constexpr (T == kKVF32) {
+    const uint4 a = *reinterpret_cast<const uint4*>(row + 4 * d0);
+    const uint4 b = *reinterpret_cast<const uint4*>(row + 4 * d0 + 16);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+  } else if constexpr (T == kKVF16 || T == kKVBF16) {
+    const uint4 a = *reinterpret_cast<const uint4*>(row + 2 * d0);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
+  } else {
+    const uint8_t* b = row + (d0 / 32) * 34;
+    const uint16_t* qs = reinterpret_cast<const uint16_t*>(b + 2 + d0 % 32);
+    w[0] = uint32_t(qs[0]) | uint32_t(qs[1]) << 16;
+    w[1] = uint32_t(qs[2]) | uint32_t(qs[3]) << 16;
+    w[2] = ld_u16(b);
+    w[3] = 0;
+  }
+}
+template <int T>
+__device__ __forceinline__ void unpack_raw8(const uint32_t* w, float* o) {
+  if constexpr (T == kKVF32) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = __uint_as_float(w[i]);
+  } else if constexpr (T == kKVF16) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = h2f(uint16_t(w[i] & 0xFFFF));
+      o[2 * i + 1] = h2f(uint16_t(w[i] >> 16));
+    }
+  } else if constexpr (T == kKVBF16) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = __uint_as_float(w[i] << 16);
+      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  } else {
+    const float sc = h2f(uint16_t(w[2]));
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o[4 * i + k] = sc * float(int8_t((w[i] >> (8 * k)) & 0xFF));
+  }
+}
+
 template <int SUB, int W, int CH>
 __device__ __forceinline__ int lane_dim(int tig, int e) {
   return (tig + SUB * (e / W)) * W + e % W;
@@ -132,6 +184,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int tig = lane % SUB, grp = warp * GPW + lane / SUB;
   const unsigned gmask = group_mask<SUB>();
+  __shared__ int32_t spos[kWarps][32];
 
   for (int pass = pass_lo; pass < n_passes; pass += pass_step) {
     int prow[kNP], phead[kNP];
@@ -165,35 +218,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
 #pragma unroll
       for (int e = 0; e < EPL; ++e) acc[k][e] = 0.0f;
     }
-    // Slots i = grp, grp + NG, ...; the next slot's page id and position are fetched while this slot's
-    // K/V rows are in flight.
-    int i = grp;
-    int32_t id = -1, ps = -1;
-    auto fetch = [&](int at, int32_t& fid, int32_t& fps) {
-      const int pgi = rg.pg_lo + at / P, slot = at % P;
-      fid = b.page_ids[job.page0 + pgi];
-      fps = (fid >= 0 && fid < kv.total_pages) ? kv_pos(kv, fid)[slot] : -1;
-    };
-    if (i < nslots) fetch(i, id, ps);
-    for (; i < nslots; i += NG) {
-      const int slot = i % P;
-      const int32_t cid = id, cps = ps;
-      if (i + NG < nslots) fetch(i + NG, id, ps);
-      if (cid < 0 || cid >= kv.total_pages) {
-        if (tig == 0) atomicOr(err, kErrAttnPage);
-        continue;
-      }
-      bool al[kNP];
-      bool any = false;
-#pragma unroll
-      for (int k = 0; k < kNP; ++k) {
-        al[k] = pv[k] && slot_allowed(cps, qp[k], job.sinks, job.window);
-        any |= al[k];
-      }
-      if (!any) continue;
-      float kf[EPL], vf[EPL];
-      load_row<T, SUB, W, CH>(kv_krow(kv, cid, slot), tig, D, kf);
-      load_row<T, SUB, W, CH>(kv_vrow(kv, cid, slot), tig, D, vf);
+    // One online-softmax step of the group for a slot whose K and V rows are kf / vf.
+    auto step = [&](const float* kf, const float* vf, const bool* al) {
 #pragma unroll
       for (int k = 0; k < kNP; ++k) {
         const float dot = group_dot<SUB, W, CH>(sQ + k * D, kf, tig, D, gmask);
@@ -210,6 +236,110 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
         l[k] += p;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
+      }
+    };
+    if constexpr (W == 8) {
+      // Warps take the block's pages in turn; a page's positions are read once per 32 slots (one load per
+      // lane, through shared memory), and each group takes every GPW-th slot of the chunk, two slots at a
+      // time whose K/V rows are loaded (packed) before either is used.
+      constexpr int NW = RawWords<T>::N;
+      const int gw = lane / SUB;
+      for (int pg = rg.pg_lo + warp; pg < rg.pg_hi; pg += kWarps) {
+        const int32_t id = b.page_ids[job.page0 + pg];
+        if (id < 0 || id >= kv.total_pages) {
+          if (lane == 0) atomicOr(err, kErrAttnPage);
+          continue;
+        }
+        const int32_t* ppos = kv_pos(kv, id);
+        const uint8_t* krow0 = kv_krow(kv, id, 0);
+        const uint8_t* vrow0 = kv_vrow(kv, id, 0);
+        for (int c0 = 0; c0 < P; c0 += 32) {
+          const int cnt = min(32, P - c0);
+          __syncwarp();
+          spos[warp][lane] = lane < cnt ? ppos[c0 + lane] : -1;
+          __syncwarp();
+          for (int j = gw; j < cnt; j += 2 * GPW) {
+            const int jb = j + GPW;
+            const int32_t pa = spos[warp][j], pb = jb < cnt ? spos[warp][jb] : -1;
+            bool ala[kNP], alb[kNP];
+            bool anya = false, anyb = false;
+#pragma unroll
+            for (int k = 0; k < kNP; ++k) {
+              ala[k] = pv[k] && slot_allowed(pa, qp[k], job.sinks, job.window);
+              alb[k] = pv[k] && slot_allowed(pb, qp[k], job.sinks, job.window);
+              anya |= ala[k];
+              anyb |= alb[k];
+            }
+            uint32_t rka[CH][NW], rva[CH][NW], rkb[CH][NW], rvb[CH][NW];
+            if (anya) {
+              const uint8_t* kr = krow0 + int64_t(c0 + j) * kv.rb;
+              const uint8_t* vr = vrow0 + int64_t(c0 + j) * kv.rb;
+#pragma unroll
+              for (int c = 0; c < CH; ++c) {
+                load_raw8<T>(kr, (tig + SUB * c) * 8, rka[c]);
+                load_raw8<T>(vr, (tig + SUB * c) * 8, rva[c]);
+              }
+            }
+            if (anyb) {
+              const uint8_t* kr = krow0 + int64_t(c0 + jb) * kv.rb;
+              const uint8_t* vr = vrow0 + int64_t(c0 + jb) * kv.rb;
+#pragma unroll
+              for (int c = 0; c < CH; ++c) {
+                load_raw8<T>(kr, (tig + SUB * c) * 8, rkb[c]);
+                load_raw8<T>(vr, (tig + SUB * c) * 8, rvb[c]);
+              }
+            }
+            float kf[EPL], vf[EPL];
+            if (anya) {
+#pragma unroll
+              for (int c = 0; c < CH; ++c) {
+                unpack_raw8<T>(rka[c], kf + 8 * c);
+                unpack_raw8<T>(rva[c], vf + 8 * c);
+              }
+              step(kf, vf, ala);
+            }
+            if (anyb) {
+#pragma unroll
+              for (int c = 0; c < CH; ++c) {
+                unpack_raw8<T>(rkb[c], kf + 8 * c);
+                unpack_raw8<T>(rvb[c], vf + 8 * c);
+              }
+              step(kf, vf, alb);
+            }
+          }
+        }
+      }
+    } else {
+      // Slots i = grp, grp + NG, ...; the next slot's page id and position are fetched while this slot's
+      // K/V rows are in flight.
+      int i = grp;
+      int32_t id = -1, ps = -1;
+      auto fetch = [&](int at, int32_t& fid, int32_t& fps) {
+        const int pgi = rg.pg_lo + at / P, slot = at % P;
+        fid = b.page_ids[job.page0 + pgi];
+        fps = (fid >= 0 && fid < kv.total_pages) ? kv_pos(kv, fid)[slot] : -1;
+      };
+      if (i < nslots) fetch(i, id, ps);
+      for (; i < nslots; i += NG) {
+        const int slot = i % P;
+        const int32_t cid = id, cps = ps;
+        if (i + NG < nslots) fetch(i + NG, id, ps);
+        if (cid < 0 || cid >= kv.total_pages) {
+          if (tig == 0) atomicOr(err, kErrAttnPage);
+          continue;
+        }
+        bool al[kNP];
+        bool any = false;
+  #pragma unroll
+        for (int k = 0; k < kNP; ++k) {
+          al[k] = pv[k] && slot_allowed(cps, qp[k], job.sinks, job.window);
+          any |= al[k];
+        }
+        if (!any) continue;
+        float kf[EPL], vf[EPL];
+        load_row<T, SUB, W, CH>(kv_krow(kv, cid, slot), tig, D, kf);
+        load_row<T, SUB, W, CH>(kv_vrow(kv, cid, slot), tig, D, vf);
+        step(kf, vf, al);
       }
     }
     // Merge the NG group states in group order.
@@ -371,8 +501,8 @@ template <int T>
 cudaError_t run_type(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err, cudaStream_t s) {
   switch (b.head_dim) {
     case 64: return run<T, 8, 8, 1>(kv, b, scr, hq, err, s);
-    case 128: return run<T, 8, 8, 2>(kv, b, scr, hq, err, s);
-    case 256: return run<T, 8, 8, 4>(kv, b, scr, hq, err, s);
+    case 128: return run<T, 16, 8, 1>(kv, b, scr, hq, err, s);
+    case 256: return run<T, 32, 8, 1>(kv, b, scr, hq, err, s);
     default: return run<T, 32, 1, 8>(kv, b, scr, hq, err, s);
   }
 }

@@ -13,12 +13,12 @@ namespace {
 // ---- embed --------------------------------------------------------------------------------------------
 __global__ void embed_kernel(int t, const uint8_t* w, int64_t rows, int64_t cols, const int32_t* ids, float* out,
                              uint32_t* err) {
-  const int64_t i = blockIdx.y;
+  const int64_t i = blockIdx.x;
   const int32_t id = ids[i];
   float* o = out + i * cols;
   const bool bad = id < 0 || int64_t(id) >= rows;
-  if (bad && threadIdx.x == 0 && blockIdx.x == 0) atomicOr(err, kErrEmbedId);
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < cols; c += int64_t(gridDim.x) * blockDim.x) {
+  if (bad && threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrEmbedId);
+  for (int64_t c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; c < cols; c += int64_t(gridDim.y) * blockDim.x) {
     if (bad) {
       o[c] = 0.0f;
       continue;
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(KVDev kv, AttnBatch
 cudaError_t launch_embed(WT t, const void* w, int64_t rows, int64_t cols, const int32_t* ids, int64_t n, float* out,
                          uint32_t* err, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  const dim3 grid(unsigned(std::min<int64_t>(32, (cols + 255) / 256)), unsigned(n));
+  const dim3 grid(unsigned(n), unsigned(std::min<int64_t>(32, (cols + 255) / 256)));
   embed_kernel<<<grid, 256, 0, s>>>(int(t), static_cast<const uint8_t*>(w), rows, cols, ids, out, err);
   return cudaGetLastError();
 }
