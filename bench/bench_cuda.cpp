@@ -176,7 +176,7 @@ struct AttnShape {
 };
 
 // Decode attention over `layers` layers' caches, `seqs` sequences each at `depth` tokens.
-void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int rows = 1) {
+void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int q_rows = 1) {
   const int P = 32, D = sh.head_dim, G = sh.group, H = sh.n_kv * G;
   const int pages_per = (depth + P - 1) / P;  // per (layer, sequence, KV head)
   const int64_t n_pages = int64_t(sh.layers) * seqs * sh.n_kv * pages_per;
@@ -223,8 +223,8 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
     for (int sq = 0; sq < seqs; ++sq)
       for (int h = 0; h < sh.n_kv; ++h) {
         AttnJob j;
-        j.row0 = sq * rows;
-        j.n_rows = rows;
+        j.row0 = sq * q_rows;
+        j.n_rows = q_rows;
         j.kv_head = h;
         j.page0 = int32_t(((int64_t(ly) * seqs + sq) * sh.n_kv + h) * pages_per);
         j.n_pages = pages_per;
@@ -232,12 +232,12 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
       }
   DeviceArray<AttnJob> djobs(be, jobs.size());
   djobs.upload(jobs.data(), jobs.size());
-  std::vector<float> q(size_t(seqs) * rows * H * D);
+  std::vector<float> q(size_t(seqs) * q_rows * H * D);
   for (auto& v : q) v = float(int64_t(next_rand() % 2001) - 1000) / 1000.0f;
   DeviceArray<float> dq(be, q.size()), dout(be, q.size());
   dq.upload(q.data(), q.size());
-  std::vector<int32_t> qpos(size_t(seqs) * rows);
-  for (size_t i = 0; i < qpos.size(); ++i) qpos[i] = depth - rows + int32_t(i % size_t(rows));
+  std::vector<int32_t> qpos(size_t(seqs) * q_rows);
+  for (size_t i = 0; i < qpos.size(); ++i) qpos[i] = depth - q_rows + int32_t(i % size_t(q_rows));
   DeviceArray<int32_t> dqpos(be, qpos.size());
   dqpos.upload(qpos.data(), qpos.size());
   AttnBatch b;
@@ -260,9 +260,9 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
   });
   const double kv_bytes = double(jobs_per_layer) * depth * 2.0 * double(kv_row_bytes(t, D));
   const double meta = double(jobs_per_layer) * pages_per * P * 4.0;
-  if (rows > 1) {  // prefill: causal rows over the cache (the bytes figure means little here)
+  if (q_rows > 1) {  // prefill: causal rows over the cache (the bytes figure means little here)
     std::printf("%-8s %-5s %7d %5d rows %4d: %10.1f us/layer, attention alone %8.0f tokens/s over %d layers\n", sh.name,
-                kv_type_name(t), depth, seqs, rows, sec * 1e6, double(rows) * seqs / (sec * sh.layers), sh.layers);
+                kv_type_name(t), depth, seqs, q_rows, sec * 1e6, double(q_rows) * seqs / (sec * sh.layers), sh.layers);
   } else {
     std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f\n", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
                 sec * sh.layers * 1e3, (kv_bytes + meta) / sec * 1e-9);
