@@ -1,6 +1,6 @@
 // CUDA backend: paged attention (flash-decoding for decode jobs) over the KV store, and evict's score pass.
 //
-// Grid (n_jobs, kAttnSplits), 128 threads (4 warps). A block reads the job from the device job table (so
+// Grid (n_jobs, kAttnSplits = 64), 256 threads (8 warps). A block reads the job from the device job table (so
 // select_pages may have rewritten it; the host never reads it back).
 //   * Decode jobs (n_rows < kAttnSplitMaxRows): block (job, s) takes the job's pages
 //     [s * pps, (s + 1) * pps), pps = ceil(n_pages / kAttnSplits), for every (row, head) pair of the job, and
@@ -38,7 +38,7 @@ namespace headroom::cuda {
 
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNP = 4;
 

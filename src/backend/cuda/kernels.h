@@ -82,8 +82,8 @@ cudaError_t launch_f32_to_bf16(const float* x, void* out, int64_t count, cudaStr
 cudaError_t launch_q8_to_f16(const void* w, int64_t rows, int64_t cols, int64_t r0, int64_t nr, void* out, cudaStream_t s);
 
 // ---- attention (attention.cu) -------------------------------------------------------------------------
-constexpr int kAttnSplits = 32;      // slot splits per decode job (fixed: results do not depend on the batch)
-constexpr int kAttnSplitMaxRows = 8; // jobs with fewer rows are split over slots, then merged
+constexpr int kAttnSplits = 64;      // slot splits per decode job (fixed: results do not depend on the batch)
+constexpr int kAttnSplitMaxRows = 4; // jobs with fewer rows are split over slots, then merged
 // Scratch the host provides: partial states [n_jobs][kAttnSplits][kAttnSplitMaxRows * n_group][head_dim + 2]
 // and final (max, sum) per output (row, head): [ml_rows * (out_stride / head_dim)][2].
 struct AttnScratch {

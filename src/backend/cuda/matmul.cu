@@ -3,15 +3,15 @@
 //
 // GEMV (batch invariant). A block of 256 threads computes kBR = 4 consecutive weight rows for up to NR = 8
 // activation rows. Thread t takes the 16-byte weight units t, t + 256, ... of each row (8 F16/BF16
-// values, 4 F32 values, or half a Q8_0 block: 16 int8 values) and keeps one float partial per (weight row,
+// values, 4 F32 values, or one whole Q8_0 block of 32 int8 values) and keeps one float partial per (weight row,
 // activation row), summed sequentially over its units; the 256 partials are then reduced by a warp
 // butterfly and the 8 warp sums added in warp order. The unit -> thread assignment and every reduction
 // order depend only on the weight shape, so an output element has the same bits whatever n (and NR) is:
 // a row of a batch equals the same row computed alone. n > 8 runs passes of 8 activation rows.
 //
 // Q8_0: the activation rows are first quantized to Q8_0 blocks exactly as the CPU backend does (d = amax/127,
-// q = round-to-nearest-even(x / d)); each half block's dot product is exact in int32 (dp4a) and scaled by
-// d_w * d_x in float (the CPU scales whole blocks: the results differ only by float rounding). F32/F16/BF16 multiply float activations in float (FMA).
+// q = round-to-nearest-even(x / d)); each block's dot product is exact in int32 (dp4a) and scaled by
+// d_w * d_x in float, as on the CPU (the float sums run in another order: results differ by rounding). F32/F16/BF16 multiply float activations in float (FMA).
 // Shapes the vector kernel cannot take (cols not a multiple of the unit, x not 16-byte aligned) run a simple
 // warp-per-output kernel (also batch invariant).
 #include "backend/cuda/common.cuh"
@@ -97,29 +97,36 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
         }
       }
     }
-  } else {  // Q8_0, repacked: int8 [rows][cols], fp16 scales [rows][cols/32]; units of half a block
-    const int64_t U = cols / 16, nb = cols / 32;
+  } else {  // Q8_0, repacked: int8 [rows][cols], fp16 scales [rows][cols/32]; units of one block
+    const int64_t U = cols / 32;
     const uint16_t* wsc = reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols));
 #pragma unroll(NR <= 2 ? 2 : 1)
     for (int64_t u = threadIdx.x; u < U; u += kThreads) {
-      int4 wv[kBR];
+      int4 wv[kBR][2];
       float wd[kBR];
 #pragma unroll
       for (int i = 0; i < kBR; ++i) {
-        wv[i] = __ldg(reinterpret_cast<const int4*>(w + wr[i] * cols + u * 16));
-        wd[i] = h2f(__ldg(wsc + wr[i] * nb + u / 2));
+        const int4* p = reinterpret_cast<const int4*>(w + wr[i] * cols + u * 32);
+        wv[i][0] = __ldg(p);
+        wv[i][1] = __ldg(p + 1);
+        wd[i] = h2f(__ldg(wsc + wr[i] * U + u));
       }
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
-        const int4 xv = __ldg(reinterpret_cast<const int4*>(xq + xr[j] * cols + u * 16));
-        const float dx = __ldg(xd + xr[j] * nb + u / 2);
+        const int4* p = reinterpret_cast<const int4*>(xq + xr[j] * cols + u * 32);
+        const int4 x0 = __ldg(p), x1 = __ldg(p + 1);
+        const float dx = __ldg(xd + xr[j] * U + u);
 #pragma unroll
         for (int i = 0; i < kBR; ++i) {
           int s = 0;
-          s = __dp4a(wv[i].x, xv.x, s);
-          s = __dp4a(wv[i].y, xv.y, s);
-          s = __dp4a(wv[i].z, xv.z, s);
-          s = __dp4a(wv[i].w, xv.w, s);
+          s = __dp4a(wv[i][0].x, x0.x, s);
+          s = __dp4a(wv[i][0].y, x0.y, s);
+          s = __dp4a(wv[i][0].z, x0.z, s);
+          s = __dp4a(wv[i][0].w, x0.w, s);
+          s = __dp4a(wv[i][1].x, x1.x, s);
+          s = __dp4a(wv[i][1].y, x1.y, s);
+          s = __dp4a(wv[i][1].z, x1.z, s);
+          s = __dp4a(wv[i][1].w, x1.w, s);
           acc[i][j] = fmaf(__fmul_rn(wd[i], dx), float(s), acc[i][j]);
         }
       }
