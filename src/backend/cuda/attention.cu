@@ -11,8 +11,8 @@
 // Within a block, lanes form groups of SUB lanes and a group owns one slot at a time; each lane holds a
 // fixed slice of head_dim. Fast path (head_dim 64/128/256): SUB = head_dim / 8, so every lane holds 8
 // contiguous values (one 16-byte load of F16/BF16); warps take the block's pages in turn, read a page's
-// positions once per 32 slots, and each group takes every (32 / SUB)-th slot two at a time, loading both
-// slots' K/V rows (packed) before using either. Other head_dims: SUB = 32, one value per lane per chunk,
+// positions once per 32 slots, and each group takes every (32 / SUB)-th slot kSlotsAhead at a time,
+// loading their K/V rows (packed) before using the first. Other head_dims: SUB = 32, one value per lane per chunk,
 // slots in turn. A pass covers kNP = 4 (row, head) pairs: with GQA the pairs are the query heads of the KV
 // head, so one read of a K/V row serves every query head of the group (4 of them for Llama-3 8B/1B). Per
 // pair a group keeps an online softmax state (running max m, sum l, acc); the NG group states are merged in
@@ -41,6 +41,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNP = 4;
+constexpr int kSlotsAhead = 4;  // slots per group whose K/V rows are loaded before the first is used
 
 __device__ __forceinline__ bool slot_allowed(int32_t ps, int32_t qp, int32_t sinks, int32_t window) {
   if (ps < 0 || ps > qp) return false;
@@ -154,7 +155,7 @@ __device__ __forceinline__ JobRange split_range(const AttnJob& j, int s) {
 }
 
 template <int T, int SUB, int W, int CH>
-__global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
+__global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
   constexpr int EPL = W * CH, GPW = 32 / SUB, NG = kWarps * GPW;
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0) return;
@@ -258,54 +259,37 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
           __syncwarp();
           spos[warp][lane] = lane < cnt ? ppos[c0 + lane] : -1;
           __syncwarp();
-          for (int j = gw; j < cnt; j += 2 * GPW) {
-            const int jb = j + GPW;
-            const int32_t pa = spos[warp][j], pb = jb < cnt ? spos[warp][jb] : -1;
-            bool ala[kNP], alb[kNP];
-            bool anya = false, anyb = false;
+          constexpr int U = kSlotsAhead;
+          for (int j = gw; j < cnt; j += U * GPW) {
+            bool al[U][kNP];
+            bool any[U];
 #pragma unroll
-            for (int k = 0; k < kNP; ++k) {
-              ala[k] = pv[k] && slot_allowed(pa, qp[k], job.sinks, job.window);
-              alb[k] = pv[k] && slot_allowed(pb, qp[k], job.sinks, job.window);
-              anya |= ala[k];
-              anyb |= alb[k];
-            }
-            uint32_t rka[CH][NW], rva[CH][NW], rkb[CH][NW], rvb[CH][NW];
-            if (anya) {
-              const uint8_t* kr = krow0 + int64_t(c0 + j) * kv.rb;
-              const uint8_t* vr = vrow0 + int64_t(c0 + j) * kv.rb;
+            for (int u = 0; u < U; ++u) {
+              const int ju = j + u * GPW;
+              const int32_t pu = ju < cnt ? spos[warp][ju] : -1;
+              any[u] = false;
 #pragma unroll
-              for (int c = 0; c < CH; ++c) {
-                load_raw8<T>(kr, (tig + SUB * c) * 8, rka[c]);
-                load_raw8<T>(vr, (tig + SUB * c) * 8, rva[c]);
+              for (int k = 0; k < kNP; ++k) {
+                al[u][k] = pv[k] && slot_allowed(pu, qp[k], job.sinks, job.window);
+                any[u] |= al[u][k];
               }
             }
-            if (anyb) {
-              const uint8_t* kr = krow0 + int64_t(c0 + jb) * kv.rb;
-              const uint8_t* vr = vrow0 + int64_t(c0 + jb) * kv.rb;
+            uint32_t rk[U][NW], rv[U][NW];
 #pragma unroll
-              for (int c = 0; c < CH; ++c) {
-                load_raw8<T>(kr, (tig + SUB * c) * 8, rkb[c]);
-                load_raw8<T>(vr, (tig + SUB * c) * 8, rvb[c]);
+            for (int u = 0; u < U; ++u)
+              if (any[u]) {
+                const int64_t off = int64_t(c0 + j + u * GPW) * kv.rb;
+                load_raw8<T>(krow0 + off, tig * 8, rk[u]);
+                load_raw8<T>(vrow0 + off, tig * 8, rv[u]);
               }
-            }
-            float kf[EPL], vf[EPL];
-            if (anya) {
 #pragma unroll
-              for (int c = 0; c < CH; ++c) {
-                unpack_raw8<T>(rka[c], kf + 8 * c);
-                unpack_raw8<T>(rva[c], vf + 8 * c);
+            for (int u = 0; u < U; ++u)
+              if (any[u]) {
+                float kf[8], vf[8];
+                unpack_raw8<T>(rk[u], kf);
+                unpack_raw8<T>(rv[u], vf);
+                step(kf, vf, al[u]);
               }
-              step(kf, vf, ala);
-            }
-            if (anyb) {
-#pragma unroll
-              for (int c = 0; c < CH; ++c) {
-                unpack_raw8<T>(rkb[c], kf + 8 * c);
-                unpack_raw8<T>(rvb[c], vf + 8 * c);
-              }
-              step(kf, vf, alb);
-            }
           }
         }
       }
@@ -392,36 +376,49 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
   }
 }
 
-// Combines the kAttnSplits partials of each pair of the decode jobs, in split order.
-__global__ void attn_merge_kernel(AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
+// Combines the kAttnSplits partials of each pair of the decode jobs, in split order: block (job, pair).
+__global__ void __launch_bounds__(128) attn_merge_kernel(AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0 || job.n_rows >= kAttnSplitMaxRows) return;
   if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) return;  // pass 1 reported it
   const int G = b.n_group, D = b.head_dim;
-  const int npairs = job.n_rows * G;
+  const int p = blockIdx.y;
+  if (p >= job.n_rows * G) return;
   const int64_t stride = int64_t(kAttnSplitMaxRows) * G * (D + 2);
-  const float* base = scr.partial + int64_t(blockIdx.x) * kAttnSplits * stride;
-  for (int i = threadIdx.x; i < npairs * D; i += blockDim.x) {
-    const int p = i / D, d = i % D;
-    const float* pt = base + int64_t(p) * (D + 2);
+  const float* pt = scr.partial + int64_t(blockIdx.x) * kAttnSplits * stride + int64_t(p) * (D + 2);
+  __shared__ float sm[kAttnSplits], sl[kAttnSplits], sf[kAttnSplits];
+  __shared__ float sML[2];
+  for (int sp = threadIdx.x; sp < kAttnSplits; sp += blockDim.x) {
+    sm[sp] = pt[sp * stride];
+    sl[sp] = pt[sp * stride + 1];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
     float M = -INFINITY;
-    for (int s = 0; s < kAttnSplits; ++s) M = fmaxf(M, pt[s * stride]);
-    float L = 0.0f, A = 0.0f;
-    if (M != -INFINITY)
-      for (int s = 0; s < kAttnSplits; ++s) {
-        const float ms = pt[s * stride];
-        if (ms == -INFINITY) continue;
-        const float f = expf(ms - M);
-        L = fmaf(pt[s * stride + 1], f, L);
-        A = fmaf(pt[s * stride + 2 + d], f, A);
-      }
-    const int row = job.row0 + p / G, head = job.kv_head * G + p % G;
-    b.out[int64_t(row) * b.out_stride + int64_t(head) * D + d] = L > 0.0f ? A / L : 0.0f;
-    if (d == 0) {
-      const int64_t mi = int64_t(row) * hq + head;
-      if (mi < scr.ml_pairs) scr.ml[2 * mi] = M, scr.ml[2 * mi + 1] = L;
-      else atomicOr(err, kErrAttnScratch);
+    for (int sp = 0; sp < kAttnSplits; ++sp) M = fmaxf(M, sm[sp]);
+    float L = 0.0f;
+    for (int sp = 0; sp < kAttnSplits; ++sp) {
+      const float f = (M == -INFINITY || sm[sp] == -INFINITY) ? 0.0f : expf(sm[sp] - M);
+      sf[sp] = f;
+      if (f != 0.0f) L = fmaf(sl[sp], f, L);
     }
+    sML[0] = M;
+    sML[1] = L;
+  }
+  __syncthreads();
+  const float M = sML[0], L = sML[1];
+  const int row = job.row0 + p / G, head = job.kv_head * G + p % G;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float A = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < kAttnSplits; ++sp)
+      if (sf[sp] != 0.0f) A = fmaf(pt[sp * stride + 2 + d], sf[sp], A);
+    b.out[int64_t(row) * b.out_stride + int64_t(head) * D + d] = L > 0.0f ? A / L : 0.0f;
+  }
+  if (threadIdx.x == 0) {
+    const int64_t mi = int64_t(row) * hq + head;
+    if (mi < scr.ml_pairs) scr.ml[2 * mi] = M, scr.ml[2 * mi + 1] = L;
+    else atomicOr(err, kErrAttnScratch);
   }
 }
 
@@ -488,7 +485,7 @@ cudaError_t run(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int
   const dim3 grid(unsigned(b.n_jobs), kAttnSplits);
   attn_kernel<T, SUB, W, CH><<<grid, kThreads, smem, s>>>(kv, b, scr, hq, err);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  attn_merge_kernel<<<unsigned(b.n_jobs), 256, 0, s>>>(b, scr, hq, err);
+  attn_merge_kernel<<<dim3(unsigned(b.n_jobs), unsigned(kAttnSplitMaxRows * b.n_group)), 128, 0, s>>>(b, scr, hq, err);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (kv.sc[0] || kv.sc[1]) {
     attn_score_kernel<T, SUB, W, CH><<<grid, kThreads, 0, s>>>(kv, b, scr, hq);
