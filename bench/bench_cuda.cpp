@@ -1,4 +1,5 @@
-// GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed): build-cuda/bench_cuda [--quick]
+// GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
+//   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only)]
 //
 //   gemv       decode matmul (n = 1, 8, 32 activation rows) and the cuBLAS prefill path (n = 512) on the
 //              Llama-3 8B and 1B layer shapes, F16 / BF16 / Q8_0 weights: time per call and the weight bytes
@@ -303,6 +304,7 @@ void bench_copy() {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
   const std::string why = cuda_unavailable();
   if (!why.empty()) {
     std::printf("bench_cuda: skipped: %s\n", why.c_str());
@@ -311,7 +313,7 @@ int main(int argc, char** argv) {
   try {
     std::printf("%s\n", describe_device_choice("cuda").c_str());
     bench_copy();
-    bench_gemv(quick);
+    if (!attn_only) bench_gemv(quick);
     bench_attention(quick);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());

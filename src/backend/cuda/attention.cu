@@ -245,19 +245,34 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
       // time whose K/V rows are loaded (packed) before either is used.
       constexpr int NW = RawWords<T>::N;
       const int gw = lane / SUB;
-      for (int pg = rg.pg_lo + warp; pg < rg.pg_hi; pg += kWarps) {
+      // The next page's id and first 32 positions are fetched while this page's rows are in flight.
+      auto page_id = [&](int pg) -> int32_t {
+        if (pg >= rg.pg_hi) return -1;
         const int32_t id = b.page_ids[job.page0 + pg];
-        if (id < 0 || id >= kv.total_pages) {
+        return (id >= 0 && id < kv.total_pages) ? id : -2;
+      };
+      auto first_pos = [&](int32_t id) -> int32_t {
+        return (id >= 0 && lane < min(32, P)) ? kv_pos(kv, id)[lane] : -1;
+      };
+      int32_t next_id = page_id(rg.pg_lo + warp);
+      int32_t next_pos = first_pos(next_id);
+      for (int pg = rg.pg_lo + warp; pg < rg.pg_hi; pg += kWarps) {
+        const int32_t id = next_id;
+        const int32_t pos0 = next_pos;
+        next_id = page_id(pg + kWarps);
+        if (id == -2) {
           if (lane == 0) atomicOr(err, kErrAttnPage);
+          next_pos = first_pos(next_id);
           continue;
         }
         const int32_t* ppos = kv_pos(kv, id);
         const uint8_t* krow0 = kv_krow(kv, id, 0);
         const uint8_t* vrow0 = kv_vrow(kv, id, 0);
+        bool fetched = false;
         for (int c0 = 0; c0 < P; c0 += 32) {
           const int cnt = min(32, P - c0);
           __syncwarp();
-          spos[warp][lane] = lane < cnt ? ppos[c0 + lane] : -1;
+          spos[warp][lane] = c0 == 0 ? pos0 : (lane < cnt ? ppos[c0 + lane] : -1);
           __syncwarp();
           constexpr int U = kSlotsAhead;
           for (int j = gw; j < cnt; j += U * GPW) {
@@ -282,6 +297,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
                 load_raw8<T>(krow0 + off, tig * 8, rk[u]);
                 load_raw8<T>(vrow0 + off, tig * 8, rv[u]);
               }
+            if (c0 == 0 && j == gw) {  // after this batch's loads are issued
+              next_pos = first_pos(next_id);
+              fetched = true;
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u)
               if (any[u]) {
@@ -292,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
               }
           }
         }
+        if (!fetched) next_pos = first_pos(next_id);
       }
     } else {
       // Slots i = grp, grp + NG, ...; the next slot's page id and position are fetched while this slot's
