@@ -28,7 +28,8 @@
 //
 // Score pass (jobs with `score`, stores with slot scores): block (job, s) takes split s's slots, recomputes
 // each allowed (row, head) score with the same code as pass 1 (the same bits), and adds
-// sum over pairs of e^(s - M) / L (M, L: the pair's final max and sum, written by pass 1 or the merge) to
+// sum over pairs of 2^(s - M) / L (scores in log2 units, s = q.k * scale * log2(e); M, L: the pair's final
+// max and sum, written by pass 1 or the merge) to
 // the slot's score; one group owns a slot, so the sum has a fixed order and needs no atomics.
 #include <climits>
 
@@ -41,7 +42,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNP = 4;
-constexpr int kSlotsAhead = 4;  // slots per group whose K/V rows are loaded before the first is used
+constexpr int kSlotsAhead = 4;
+constexpr float kLog2e = 1.4426950408889634f;  // slots per group whose K/V rows are loaded before the first is used
 
 __device__ __forceinline__ bool slot_allowed(int32_t ps, int32_t qp, int32_t sinks, int32_t window) {
   if (ps < 0 || ps > qp) return false;
@@ -186,6 +188,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
   const int tig = lane % SUB, grp = warp * GPW + lane / SUB;
   const unsigned gmask = group_mask<SUB>();
   __shared__ int32_t spos[kWarps][32];
+  __shared__ float sF[NG * kNP];
+  __shared__ float sMLk[2 * kNP];
+  const float sc2 = b.scale * kLog2e;  // scores in log2 units: p = 2^(s - m)
 
   for (int pass = pass_lo; pass < n_passes; pass += pass_step) {
     int prow[kNP], phead[kNP];
@@ -225,15 +230,15 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
       for (int k = 0; k < kNP; ++k) {
         const float dot = group_dot<SUB, W, CH>(sQ + k * D, kf, tig, D, gmask);
         if (!al[k]) continue;
-        const float s = dot * b.scale;
+        const float s = dot * sc2;
         if (s > m[k]) {
-          const float f = expf(m[k] - s);
+          const float f = exp2f(m[k] - s);
           l[k] *= f;
 #pragma unroll
           for (int e = 0; e < EPL; ++e) acc[k][e] *= f;
           m[k] = s;
         }
-        const float p = expf(s - m[k]);
+        const float p = exp2f(s - m[k]);
         l[k] += p;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
@@ -360,6 +365,22 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
       }
     }
     __syncthreads();
+    // Per pair: the merged max and sum, and each group's factor 2^(m_g - M) (0 for a group that saw nothing).
+    if (threadIdx.x < kNP) {
+      const int k = threadIdx.x;
+      float M = -INFINITY;
+      for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * kNP + k]);
+      float L = 0.0f;
+      for (int g = 0; g < NG; ++g) {
+        const float mg = sM[g * kNP + k];
+        const float f = (M == -INFINITY || mg == -INFINITY) ? 0.0f : exp2f(mg - M);
+        sF[g * kNP + k] = f;
+        if (f != 0.0f) L = fmaf(sL[g * kNP + k], f, L);
+      }
+      sMLk[2 * k] = M;
+      sMLk[2 * k + 1] = L;
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < kNP * D; i += kThreads) {
       const int k = i / D, d = i % D;
       int row = 0, head = 0;
@@ -368,17 +389,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
       for (int kk = 0; kk < kNP; ++kk)
         if (kk == k) row = prow[kk], head = phead[kk], ok = pv[kk];
       if (!ok) continue;
-      float M = -INFINITY;
-      for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * kNP + k]);
-      float L = 0.0f, A = 0.0f;
-      if (M != -INFINITY)
-        for (int g = 0; g < NG; ++g) {
-          const float mg = sM[g * kNP + k];
-          if (mg == -INFINITY) continue;
-          const float f = expf(mg - M);
-          L = fmaf(sL[g * kNP + k], f, L);
-          A = fmaf(sA[(g * kNP + k) * D + d], f, A);
-        }
+      const float M = sMLk[2 * k], L = sMLk[2 * k + 1];
+      float A = 0.0f;
+      for (int g = 0; g < NG; ++g) {
+        const float f = sF[g * kNP + k];
+        if (f != 0.0f) A = fmaf(sA[(g * kNP + k) * D + d], f, A);
+      }
       if (split) {
         float* pt = scr.partial + ((int64_t(blockIdx.x) * kAttnSplits + blockIdx.y) * (kAttnSplitMaxRows * G) +
                                    (pass * kNP + k)) * (D + 2);
@@ -418,7 +434,7 @@ __global__ void __launch_bounds__(128) attn_merge_kernel(AttnBatch b, AttnScratc
     for (int sp = 0; sp < kAttnSplits; ++sp) M = fmaxf(M, sm[sp]);
     float L = 0.0f;
     for (int sp = 0; sp < kAttnSplits; ++sp) {
-      const float f = (M == -INFINITY || sm[sp] == -INFINITY) ? 0.0f : expf(sm[sp] - M);
+      const float f = (M == -INFINITY || sm[sp] == -INFINITY) ? 0.0f : exp2f(sm[sp] - M);
       sf[sp] = f;
       if (f != 0.0f) L = fmaf(sl[sp], f, L);
     }
@@ -476,10 +492,10 @@ __global__ void __launch_bounds__(kThreads) attn_score_kernel(KVDev kv, AttnBatc
         const int head = job.kv_head * G + h;
         const float* q = b.q + int64_t(row) * b.q_stride + int64_t(head) * D;
         const float dot = group_dot<SUB, W, CH>(q, kf, tig, D, gmask);
-        const float s = dot * b.scale;
+        const float s = dot * (b.scale * kLog2e);
         const int64_t mi = int64_t(row) * hq + head;
         if (mi >= scr.ml_pairs) continue;
-        tot += expf(s - scr.ml[2 * mi]) / scr.ml[2 * mi + 1];
+        tot += exp2f(s - scr.ml[2 * mi]) / scr.ml[2 * mi + 1];
       }
     }
     if (any && tig == 0) sc[slot] += tot;
