@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
       for (int k = 0; k < kNP; ++k) {
         const float dot = group_dot<SUB, W, CH>(sQ + k * D, kf, tig, D, gmask);
         if (!al[k]) continue;
-        const float s = dot * sc2;
+        const float s = __fmul_rn(dot, sc2);  // rounded (never contracted into the exp2 argument)
         if (s > m[k]) {
           const float f = exp2f(m[k] - s);
           l[k] *= f;
@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(kThreads) attn_score_kernel(KVDev kv, AttnBatc
         const int head = job.kv_head * G + h;
         const float* q = b.q + int64_t(row) * b.q_stride + int64_t(head) * D;
         const float dot = group_dot<SUB, W, CH>(q, kf, tig, D, gmask);
-        const float s = dot * (b.scale * kLog2e);
+        const float s = __fmul_rn(dot, b.scale * kLog2e);  // the same bits as pass 1
         const int64_t mi = int64_t(row) * hq + head;
         if (mi >= scr.ml_pairs) continue;
         tot += exp2f(s - scr.ml[2 * mi]) / scr.ml[2 * mi + 1];
