@@ -17,6 +17,7 @@
 //     so each probability is within ~1e-6 relative; outputs are convex combinations of V rows, so we allow
 //     1e-5 * max|v| (a wrong slot or a wrong mask shows up as errors of ~1e-1).
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/thread_pool.h"
 #include "backend/registry.h"
 #include "util/error.h"
 
@@ -1350,9 +1352,26 @@ TEST(BackendOps, SelectPagesQuest) {
 }
 
 TEST(BackendOps, ThreadsDefaultToPhysicalCores) {
+  // 0 threads: one per physical core among the CPUs this process may run on.
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  const int cores = cpu::physical_core_count();
+  EXPECT_LE(cores, CPU_COUNT(&allowed)) << "more cores than CPUs";
   auto be = make_cpu_backend(0);
-  EXPECT_GE(be->threads(), 1);
+  EXPECT_EQ(be->threads(), cores);
   EXPECT_STREQ(be->name(), "cpu");
+  // Pinned to one CPU, that is one core (the affinity mask is honoured).
+  int first = 0;
+  while (!CPU_ISSET(first, &allowed)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  const int pinned_cores = cpu::physical_core_count();
+  const int pinned_threads = make_cpu_backend(0)->threads();
+  ASSERT_EQ(sched_setaffinity(0, sizeof(allowed), &allowed), 0);
+  EXPECT_EQ(pinned_cores, 1);
+  EXPECT_EQ(pinned_threads, 1);
   EXPECT_EQ(make_cpu_backend(3)->threads(), 3);
 }
 

@@ -70,6 +70,18 @@ TEST(Cli, Tokenize) {
   EXPECT_NE(r.out.find("3 tokens"), std::string::npos) << r.out;
 }
 
+TEST(Cli, TokenizeEscapesPieces) {
+  // Pieces are shown as escape_control writes them: a backslash doubled, control characters as \r or \xHH,
+  // so each piece reads back unambiguously and nothing raw reaches the terminal.
+  Result r = run("tokenize -m " + model() + R"x( -p "$(printf 'a\\b\r\177')")x");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find(R"(  '\\')"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(R"(  '\r')"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(R"(  '\x7f')"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find('\r'), std::string::npos) << "a raw carriage return";
+  EXPECT_EQ(r.out.find('\x7f'), std::string::npos) << "a raw DEL";
+}
+
 TEST(Cli, BadFiles) {
   expect_one_line_error(run("inspect /nonexistent.gguf"), "cannot open");
   std::string junk = headroom::test::scratch_dir("cli") + "/junk.gguf";

@@ -54,7 +54,7 @@ std::vector<float> all_logits(Fixture& fx, const std::vector<int32_t>& ids, int 
   PagePool pool(*fx.be, s.layout);
   KVCache kv(c, pool, s.specs);
   Runner r(*fx.model, *fx.be, chunk);
-  auto l = r.forward(kv, ids, 0, true);
+  auto l = r.prefill(kv, ids, 0, true);
   return std::vector<float>(l.begin(), l.end());
 }
 
@@ -69,11 +69,11 @@ std::vector<int32_t> greedy(Fixture& fx, const std::vector<int32_t>& ids, int n,
   KVCache kv(c, pool, s.specs);
   Runner r(*fx.model, *fx.be, 512);
   std::vector<int32_t> out;
-  auto l = r.forward(kv, ids, 0);
+  auto l = r.prefill(kv, ids, 0);
   for (int i = 0; i < n; ++i) {
     int32_t id = Sampler::argmax(l);
     out.push_back(id);
-    if (i + 1 < n) l = r.forward(kv, std::span<const int32_t>(&id, 1), int32_t(ids.size()) + i);
+    if (i + 1 < n) l = r.decode(kv, id, int32_t(ids.size()) + i);
   }
   return out;
 }

@@ -234,3 +234,58 @@ TEST(HostileFlags, ContextBeyondTrainedWarnsOnceAndRuns) {
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(r.out.find("error: "), std::string::npos) << r.out;
 }
+
+// Many sequences: --parallel, the prompts file, --kv-pool.
+TEST(HostileFlags, ParallelPromptsAndPool) {
+  const std::string dir = scratch();
+  auto file = [&](const std::string& name, const std::string& text) {
+    const std::string path = dir + "/" + name;
+    std::ofstream(path, std::ios::binary) << text;
+    return path;
+  };
+  auto prompts = [&](const std::string& path, std::vector<std::string> more = {}) {
+    std::vector<std::string> a = cmd("run", {"--prompts", path, "-n", "2"});
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
+  };
+  check_all({
+      {"run --parallel 0", run({"--parallel", "0"}), 2, R"(--parallel: 0 is out of range \(1\.\.4096\))"},
+      {"run -np 0", run({"-np", "0"}), 2, R"(--parallel: 0 is out of range)"},
+      {"eval --parallel 0", cmd("eval", {"--parallel", "0"}), 2, R"(--parallel: 0 is out of range)"},
+      {"bench --parallel 4,0", cmd("bench", {"--parallel", "4,0"}), 1, R"(--parallel expects .*"0")"},
+      {"prompts: a number line", prompts(file("num.jsonl", "\"a\"\n42\n")), 1,
+       R"(line 2 is JSON but not a string)"},
+      {"prompts: not JSON", prompts(file("bare.jsonl", "hello there\n")), 1, R"(line 1 is not JSON)"},
+      {"prompts: invalid UTF-8", prompts(file("utf8.jsonl", "\"ok\"\n\"bad \xC3\x28 byte\"\n")), 1,
+       R"(line 2 is not valid UTF-8)"},
+      {"prompts: empty file", prompts(file("empty.jsonl", "\n\n")), 1, R"(no prompts in the file)"},
+      {"prompts: a directory", prompts(dir), 1, R"(prompts file)"},
+      {"prompts and -p", prompts(file("one.jsonl", "\"a\"\n"), {"-p", "x"}), 1, R"(give one of -p, -f and --prompts)"},
+      {"--kv-pool tokens", run({"--kv-pool", "1024"}), 2, R"(give bytes, like 4GiB)"},
+      {"--kv-pool 0", run({"--kv-pool", "0b"}), 2, R"(--kv-pool: "0b": give bytes)"},
+      {"--kv-pool below a page", run({"--kv-pool", "10b"}), 1, R"(--kv-pool 10b is smaller than one KV page)"},
+  });
+}
+
+// Prompts that do not fit the pool at once run in waves (one notice); the one that can never fit fails with
+// its reason while the others finish.
+TEST(HostileFlags, PoolTooSmallForAllRunsInWavesAndRejectsOnlyTheMisfit) {
+  const std::string path = scratch() + "/waves.jsonl";
+  std::string big = "\"";
+  for (int i = 0; i < 300; ++i) big += "word ";
+  big += "\"\n";
+  std::ofstream(path) << "\"Once upon a time\"\n" << big << "\"The cat sat\"\n\"A dog ran\"\n";
+  // 16 heads x 2 pages of 32 tokens (F16, head_dim 64: 8 KiB K+V + positions per page) = about 260 KiB.
+  headroom::test::ChildResult r = headroom::test::run_child(
+      cmd("run", {"--prompts", path, "-n", "4", "--temp", "0", "--kv-pool", "300KiB"}), 60);
+  ASSERT_TRUE(r.exited) << r.out;
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("run in waves"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("run in waves"), r.out.rfind("run in waves")) << "one notice";
+  EXPECT_NE(r.out.find("[2] stopped: its prompt of"), std::string::npos) << r.out;
+  for (const char* ok : {"[1] load", "[3] load", "[4] load"}) {
+    const size_t at = r.out.find(ok);
+    ASSERT_NE(at, std::string::npos) << ok << "\n" << r.out;
+    EXPECT_NE(r.out.find("stop: length", at), std::string::npos) << ok;
+  }
+}

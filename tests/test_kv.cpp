@@ -5,7 +5,7 @@
 #include <fstream>
 #include <random>
 
-#include "engine/generate.h"
+#include "engine/stack.h"
 #include "engine/kv_setup.h"
 #include "kv/head_map.h"
 #include "kv/kv_cache.h"
@@ -21,14 +21,6 @@ namespace {
 using test::retrieval_model;
 Backend& backend() { return test::cpu_backend(); }
 
-std::vector<int32_t> text_ids(int n) {
-  std::ifstream f(test::shared("corpus/haystack.txt"));
-  std::string text(40000, '\0');
-  f.read(text.data(), std::streamsize(text.size()));
-  auto ids = retrieval_model().tokenizer().encode(text, true);
-  ids.resize(size_t(n));
-  return ids;
-}
 
 // Logits of every position under the given per-head specs.
 std::vector<float> logits_with(const std::vector<PolicySpec>& specs, const std::vector<int32_t>& ids, int page_size,
@@ -45,10 +37,10 @@ std::vector<float> logits_with(const std::vector<PolicySpec>& specs, const std::
   std::vector<float> out;
   // Prefill all but the last 8 tokens, then decode them one by one (both paths of every policy).
   const size_t pre = ids.size() - 8;
-  auto l = r.forward(kv, std::span<const int32_t>(ids.data(), pre), 0, true);
+  auto l = r.prefill(kv, std::span<const int32_t>(ids.data(), pre), 0, true);
   out.assign(l.begin(), l.end());
   for (size_t i = pre; i < ids.size(); ++i) {
-    auto d = r.forward(kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+    auto d = r.decode(kv, ids[i], int32_t(i));
     out.insert(out.end(), d.begin(), d.end());
   }
   return out;
@@ -69,10 +61,7 @@ KVLayout layout_for(int ps, int32_t device, const std::vector<PolicySpec>& specs
   l.head_dim = head_dim ? head_dim : retrieval_model().config().head_dim;
   l.device_pages = device;
   l.host_pages = device;
-  for (const PolicySpec& s : specs) {
-    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
-    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
-  }
+  set_policy_metadata(l, specs);
   return l;
 }
 
@@ -164,7 +153,7 @@ void expect_close(const std::vector<float>& a, const std::vector<float>& b, cons
 }
 
 TEST(KVPolicies, FullIsIndependentOfPagingAndChunking) {
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   auto ref = logits_with(all(PolicySpec{}), ids, 512, 512);
   EXPECT_EQ(logits_with(all(PolicySpec{}), ids, 32, 64), ref);
   EXPECT_EQ(logits_with(all(PolicySpec{}), ids, 16, 100), ref);
@@ -174,7 +163,7 @@ TEST(KVPolicies, FullIsIndependentOfPagingAndChunking) {
 
 TEST(KVPolicies, LooseBudgetsEqualFull) {
   // Every policy whose budget covers the whole sequence must give exactly full attention.
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   auto ref = logits_with(all(PolicySpec{}), ids, 32, 64);
   PolicySpec st{PolicyKind::Streaming};
   st.window = 400;
@@ -189,7 +178,7 @@ TEST(KVPolicies, LooseBudgetsEqualFull) {
 
 TEST(KVPolicies, StreamingIsExactWhateverTheChunkingAndFreeing) {
   // Pages are freed as they leave the window; the windowed attention must not depend on when that happens.
-  auto ids = text_ids(400);
+  auto ids = test::haystack_ids(400);
   PolicySpec st{PolicyKind::Streaming};
   st.sinks = 4;
   st.window = 64;
@@ -214,8 +203,8 @@ TEST(KVPolicies, StreamingFreesPagesAndStaysWithinBound) {
   PagePool pool(backend(), layout_for(16, 10000, specs));
   KVCache kv(c, pool, specs);
   Runner r(m, backend(), 32);
-  auto ids = text_ids(500);
-  r.forward(kv, ids, 0);
+  auto ids = test::haystack_ids(500);
+  r.prefill(kv, ids, 0);
   const int64_t bound = streaming_max_pages(33, 16);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) {
@@ -237,8 +226,8 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
   PagePool pool(backend(), layout_for(16, 10000, all(ev)));
   KVCache kv(c, pool, all(ev));
   Runner r(m, backend(), 64);
-  auto ids = text_ids(400);
-  r.forward(kv, ids, 0);
+  auto ids = test::haystack_ids(400);
+  r.prefill(kv, ids, 0);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) {
       const HeadCache& hc = kv.head(l, h);
@@ -253,7 +242,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
       EXPECT_LE(int64_t(hc.pages.size()), (100 + 16 + 15) / 16) << "pages are compacted";
     }
   // One decode step: the excess goes first, so the head holds the budget plus the new token.
-  r.forward(kv, std::span<const int32_t>(&ids[0], 1), 400);
+  r.decode(kv, ids[0], 400);
   for (int l = 0; l < c.n_layer; ++l)
     for (int h = 0; h < c.n_head_kv; ++h) EXPECT_LE(kv.head(l, h).tokens, 101);
 }
@@ -369,18 +358,23 @@ TEST(KVBudgetLimits, TooSmallAndExhausted) {
   // `full` under a budget of 64 tokens per head: the request ends with a reason, no crash.
   o.policy = "full";
   o.budget = "64";
-  KVSetup s = plan_kv(m, o, 4096);
-  PagePool pool(backend(), s.layout);
-  KVCache kv(m.config(), pool, s.specs);
-  Runner r(m, backend(), 32);
-  Sampler sampler(SamplerParams{});
-  GenerateOptions go;
-  go.n_predict = 100;
-  auto ids = text_ids(40);
-  GenerateResult res = generate(r, kv, m.tokenizer(), ids, sampler, go);
-  EXPECT_EQ(res.stop_reason.rfind("budget: KV budget exhausted", 0), 0u) << res.stop_reason;
-  EXPECT_GT(res.tokens.size(), 0u);
-  EXPECT_LT(res.tokens.size(), 100u);
+  EngineStack st(m, backend(), plan_kv(m, o, 4096), 1, 32);
+  Request req = st.request(test::haystack_ids(40));
+  req.n_predict = 100;
+  int generated = 0;
+  FinishReason why = FinishReason::None;
+  std::string detail;
+  st.engine->on_finish = [&](Sequence& s) {
+    generated = s.n_generated;
+    why = s.finish;
+    detail = s.finish_detail;
+  };
+  st.engine->add(std::move(req));
+  st.engine->run();
+  EXPECT_EQ(why, FinishReason::Budget);
+  EXPECT_EQ(detail.rfind("KV budget exhausted", 0), 0u) << detail;
+  EXPECT_GT(generated, 0);
+  EXPECT_LT(generated, 100);
 }
 
 // The same prompt prefilled under full attention and under `spec` on every head, with the same paging and
@@ -400,9 +394,9 @@ struct BesideFull {
   // Prefills ids[0, n) into both; true if every logit agrees exactly.
   bool prefill_agrees(const std::vector<int32_t>& ids, size_t n) {
     std::span<const int32_t> prompt(ids.data(), n);
-    auto a = r.forward(kv_full, prompt, 0, true);
+    auto a = r.prefill(kv_full, prompt, 0, true);
     std::vector<float> full_logits(a.begin(), a.end());
-    auto b = r.forward(kv, prompt, 0, true);
+    auto b = r.prefill(kv, prompt, 0, true);
     return std::vector<float>(b.begin(), b.end()) == full_logits;
   }
 };
@@ -411,7 +405,7 @@ struct BesideFull {
 class StreamingWholePromptPrefill : public ::testing::TestWithParam<PrefillMode> {};
 
 TEST_P(StreamingWholePromptPrefill, AttendsThePromptThenKeepsOnlyTheWindow) {
-  auto ids = text_ids(300);
+  auto ids = test::haystack_ids(300);
   PolicySpec st{PolicyKind::Streaming};
   st.sinks = 4;
   st.window = 40;
@@ -441,9 +435,9 @@ TEST_P(StreamingWholePromptPrefill, AttendsThePromptThenKeepsOnlyTheWindow) {
   if (GetParam() == PrefillMode::Full) EXPECT_GE(planned, 290 / ps * heads);
   else EXPECT_GE(planned, pool_st.peak_device_pages());
   // Decoding then uses the window: logits differ from full attention.
-  auto d1 = t.r.forward(t.kv_full, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d1 = t.r.decode(t.kv_full, ids[290], 290);
   std::vector<float> f1(d1.begin(), d1.end());
-  auto d2 = t.r.forward(kv_st, std::span<const int32_t>(&ids[290], 1), 290);
+  auto d2 = t.r.decode(kv_st, ids[290], 290);
   double diff = 0;
   for (size_t i = 0; i < f1.size(); ++i) diff = std::max(diff, double(std::abs(f1[i] - d2[i])));
   EXPECT_GT(diff, 1e-3);
@@ -453,7 +447,7 @@ INSTANTIATE_TEST_SUITE_P(Modes, StreamingWholePromptPrefill, ::testing::Values(P
                          [](const auto& info) { return std::string(prefill_mode_name(info.param)); });
 
 TEST(KVPolicies, TopKWithOffloadParksThePromptAndHoldsOnlyChosenPages) {
-  auto ids = text_ids(400);
+  auto ids = test::haystack_ids(400);
   PolicySpec tk{PolicyKind::TopK};
   tk.topk_pages = 3;
   tk.recent_pages = 2;
@@ -464,7 +458,7 @@ TEST(KVPolicies, TopKWithOffloadParksThePromptAndHoldsOnlyChosenPages) {
   EXPECT_TRUE(t.prefill_agrees(ids, 390)) << "prefill attends every page, parked or not";
   EXPECT_LE(pool_tk.peak_device_pages(), (1 + tk.recent_pages + chunk / ps + 1) * heads);
   for (size_t i = 390; i < 400; ++i) {
-    t.r.forward(t.kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+    t.r.decode(t.kv, ids[i], int32_t(i));
     EXPECT_LE(pool_tk.device_pages(), (1 + tk.recent_pages + tk.topk_pages) * heads);
   }
   EXPECT_LE(pool_tk.peak_device_pages(), pages_needed(all(tk), 400, ps, chunk));

@@ -2,7 +2,6 @@
 // step, budget exhaustion found before a step writes anything, and policies exact in every KV type.
 #include <gtest/gtest.h>
 
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -17,15 +16,6 @@ using namespace headroom;
 namespace {
 
 using test::retrieval_model;
-
-std::vector<int32_t> text_ids(int n) {
-  std::ifstream f(test::shared("corpus/haystack.txt"));
-  std::string text(20000, '\0');
-  f.read(text.data(), std::streamsize(text.size()));
-  auto ids = retrieval_model().tokenizer().encode(text, true);
-  ids.resize(size_t(n));
-  return ids;
-}
 
 // Forwards every op to the CPU backend and logs them, so a test can see where the host waits.
 class LoggingBackend final : public Backend {
@@ -138,11 +128,11 @@ TEST(KVCore, NoHostSynchronisationBetweenTheLayersOfADecodeStep) {
     PagePool pool(be, s.layout);
     KVCache kv(m.config(), pool, s.specs);
     Runner r(m, be, 64);
-    auto ids = text_ids(300);
-    r.forward(kv, std::span<const int32_t>(ids.data(), 290), 0);
+    auto ids = test::haystack_ids(300);
+    r.prefill(kv, std::span<const int32_t>(ids.data(), 290), 0);
     for (size_t i = 290; i < 300; ++i) {
       be.log.clear();
-      r.forward(kv, std::span<const int32_t>(&ids[i], 1), int32_t(i));
+      r.decode(kv, ids[i], int32_t(i));
       // From the embedding to the logits matmul the step is pure backend work.
       size_t first = 0, last = 0;
       for (size_t e = 0; e < be.log.size(); ++e) {
@@ -170,13 +160,13 @@ TEST(KVCore, BudgetExhaustionIsFoundBeforeTheStepWritesAnything) {
   PagePool pool(test::cpu_backend(), s.layout);
   KVCache kv(m.config(), pool, s.specs);
   Runner r(m, test::cpu_backend(), 32);
-  auto ids = text_ids(100);
-  r.forward(kv, std::span<const int32_t>(ids.data(), 60), 0);
+  auto ids = test::haystack_ids(100);
+  r.prefill(kv, std::span<const int32_t>(ids.data(), 60), 0);
   const int64_t pages = pool.device_pages(), held = kv.pages_held(), tokens = kv.tokens_appended();
   EXPECT_EQ(kv.pages_for(4), 0) << "4 more tokens fit in the tail pages";
   EXPECT_GT(kv.pages_for(5), pool.device_free());
   try {
-    r.forward(kv, std::span<const int32_t>(ids.data() + 60, 8), 60);
+    r.prefill(kv, std::span<const int32_t>(ids.data() + 60, 8), 60);
     FAIL() << "68 tokens cannot fit in 64 per head";
   } catch (const BudgetExhausted& e) {
     EXPECT_NE(std::string(e.what()).find("KV budget exhausted after 60 tokens"), std::string::npos) << e.what();
@@ -185,6 +175,6 @@ TEST(KVCore, BudgetExhaustionIsFoundBeforeTheStepWritesAnything) {
   EXPECT_EQ(kv.pages_held(), held);
   EXPECT_EQ(kv.tokens_appended(), tokens);
   // ... and the cache is still usable for what does fit.
-  r.forward(kv, std::span<const int32_t>(ids.data() + 60, 4), 60);
+  r.prefill(kv, std::span<const int32_t>(ids.data() + 60, 4), 60);
   EXPECT_EQ(kv.tokens_appended(), 64);
 }

@@ -2,6 +2,8 @@
 // choose the streaming heads' prefill from what the probes show.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "eval/tasks.h"
 #include "profile/profiler.h"
 #include "test_models.h"
@@ -37,7 +39,13 @@ TEST(Profiler, FindsTheRetrievalHead) {
   int others_above = 0;
   for (size_t i = 0; i < s.retrieval.size(); ++i) others_above += int(i) != best && s.retrieval[i] > 0.2;
   EXPECT_EQ(others_above, 0);
-  for (double e : s.streaming_error) EXPECT_GE(e, 0.0);
+  // A window of 64 at 1024 tokens changes every head's output (a relative L2 change; 0 would mean the head was
+  // not restricted, NaN a broken norm).
+  ASSERT_EQ(s.streaming_error.size(), s.retrieval.size());
+  for (double e : s.streaming_error) {
+    EXPECT_TRUE(std::isfinite(e)) << e;
+    EXPECT_GT(e, 1e-3);
+  }
 }
 
 TEST(Profiler, AssignKeepsTheBestHeadsFullWithinTheTarget) {

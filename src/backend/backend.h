@@ -128,6 +128,8 @@ class Backend {
   virtual void upload(void* dst, const void* src, size_t bytes) = 0;
   virtual void download(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // Bytes of memory the backend could still give the KV cache (the CPU: the system's available memory).
+  virtual int64_t free_memory() const;
   // Weights: the backend's copy of a weight (uploaded once; the CPU backend reads the mapping in place).
   virtual WeightView upload_weight(const WeightView& host) { return host; }
   virtual const float* upload_f32(const float* host, int64_t n) { return host; }

@@ -1,12 +1,15 @@
 // `headroom bench`: prompt processing (pp) and generation (tg) tokens/s by context depth, as a llama-bench
 // style markdown table. pp N @ dD: N prompt tokens processed in chunks on top of D tokens already cached
 // (logits of the last token only, as llama-bench). tg N @ dD: N tokens decoded one at a time after D.
+// --parallel P runs P sequences at once through the engine (each with its own D-token context): t/s is the
+// aggregate over all of them, and the last column what one sequence sees.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
 
 #include "cli/common.h"
+#include "engine/stack.h"
 #include "model/model.h"
 #include "util/error.h"
 
@@ -16,11 +19,68 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+// One pp or tg measurement at depth d with `parallel` sequences: every repetition prefills the depth into
+// each sequence (not timed), then times the phase for all of them together. Returns the aggregate tokens/s
+// of each counted repetition and the seconds each took.
+struct PhaseRun {
+  std::vector<double> rates, seconds;
+};
+
+PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps, std::mt19937& rng, int32_t n_vocab) {
+  std::uniform_int_distribution<int32_t> tok_dist(0, n_vocab - 1);
+  auto random_tokens = [&](int k) {
+    std::vector<int32_t> t(static_cast<size_t>(k), 0);
+    for (int32_t& x : t) x = tok_dist(rng);
+    return t;
+  };
+  Engine& engine = *st.engine;
+  PhaseRun out;
+  for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
+    std::vector<Sequence*> seqs;
+    for (int i = 0; i < parallel; ++i) {
+      Request q = st.request(random_tokens(d));
+      q.keep = true;
+      q.n_predict = 0;
+      seqs.push_back(&engine.add(std::move(q)));
+    }
+    engine.run();
+    for (Sequence* s : seqs) {
+      if (s->state != Sequence::State::Idle)
+        fail("bench: a sequence ended before the test ({}): {}", finish_reason_name(s->finish), s->finish_detail);
+      // pp: n more prompt tokens; tg: one token, then n-1 forced ones (no sampling, no early end): n rows each.
+      if (pp) engine.extend(*s, random_tokens(n), 0);
+      else engine.extend(*s, random_tokens(1), n, random_tokens(n));
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    engine.run();
+    const double s = seconds_since(t0);
+    for (Sequence* q : seqs) {
+      if (q->finish != FinishReason::Length)
+        fail("bench: a sequence ended early ({}): {}", finish_reason_name(q->finish), q->finish_detail);
+      engine.release(*q);
+    }
+    if (r > 0) {
+      out.rates.push_back(double(n) * parallel / s);
+      out.seconds.push_back(s);
+    }
+  }
+  return out;
+}
+
+std::pair<double, double> mean_sd(const std::vector<double>& xs) {
+  double mean = 0, var = 0;
+  for (double x : xs) mean += x;
+  mean /= double(xs.size());
+  for (double x : xs) var += (x - mean) * (x - mean);
+  return {mean, xs.size() > 1 ? std::sqrt(var / double(xs.size() - 1)) : 0.0};
+}
+
 }  // namespace
 
 void register_bench(CLI::App& app) {
   static std::string model_path;
-  static std::vector<int> ds = {0}, ts = {0};
+  static std::vector<int> ds = {0}, ts = {0}, ps = {1};
   static int n_prompt = 512, n_gen = 128, reps = 3;
   static KVOptions kvo;
   auto* cmd = app.add_subcommand("bench", "measure prompt and generation tokens/s by context depth (markdown table)");
@@ -35,6 +95,11 @@ void register_bench(CLI::App& app) {
       ->delimiter(',')
       ->check(list_in_range("-d", {0, double(kMaxContext)}))
       ->capture_default_str();
+  cmd->add_option("--parallel", ps,
+                  "sequences run at once, comma-separated (e.g. 1,4,16; -np works too): t/s is the aggregate of all")
+      ->delimiter(',')
+      ->check(list_in_range("--parallel", {1, 4096}))
+      ->capture_default_str();
   add_threads_flag(cmd, ts, "thread counts, comma-separated (0: one per physical core)");
   cmd->add_option("-r,--repetitions", reps, "repetitions per test")->check(in_range({1, 1000}))->capture_default_str();
   add_kv_flags(cmd, kvo);
@@ -42,51 +107,36 @@ void register_bench(CLI::App& app) {
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
     std::mt19937 rng(42);
-    std::uniform_int_distribution<int32_t> tok_dist(0, c.n_vocab - 1);
     std::string mname = fmt::format("{} {:.0f}M {}", c.arch, double(model->n_params()) / 1e6,
                                     gguf::type_name(model->layers[0].wq.type));
-    std::printf("| model | size | params | backend | threads | kv | test | t/s |\n");
-    std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |\n");
+    std::printf("| model | size | params | backend | threads | kv | parallel | test | t/s | latency per seq |\n");
+    std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
     for (int t : ts) {
       auto be = make_cpu_backend(t);
-      for (int d : ds) {
-        const int64_t n_ctx = int64_t(d) + std::max(n_prompt, n_gen) + 1;
-        if (n_ctx > kMaxContext)
-          fail("-d {} plus the larger of -p {} and -n {} is beyond the largest context ({} tokens)", d, n_prompt, n_gen,
-               kMaxContext);
-        KVSetup kvs = plan_kv(*model, kvo, n_ctx);
-        Runner runner(*model, *be, kvo.chunk);
-        for (int phase = 0; phase < 2; ++phase) {
-          const int n = phase == 0 ? n_prompt : n_gen;
-          if (n == 0) continue;
-          std::vector<double> rates;
-          for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
-            PagePool pool(*be, kvs.layout);
-            KVCache kv(c, pool, kvs.specs);
-            std::vector<int32_t> toks(size_t(d) + n);
-            for (int32_t& x : toks) x = tok_dist(rng);
-            if (d > 0) runner.forward(kv, std::span<const int32_t>(toks.data(), d), 0);
-            auto t0 = std::chrono::steady_clock::now();
-            if (phase == 0) {
-              runner.forward(kv, std::span<const int32_t>(toks.data() + d, n), d);
-            } else {
-              for (int i = 0; i < n; ++i) runner.forward(kv, std::span<const int32_t>(&toks[d + i], 1), d + i);
-            }
-            double s = seconds_since(t0);
-            if (r > 0) rates.push_back(n / s);
+      for (int d : ds)
+        for (int par : ps) {
+          const int64_t n_ctx = int64_t(d) + std::max(n_prompt, n_gen) + 1;
+          if (n_ctx > kMaxContext)
+            fail("-d {} plus the larger of -p {} and -n {} is beyond the largest context ({} tokens)", d, n_prompt,
+                 n_gen, kMaxContext);
+          EngineStack st(*model, *be, plan_kv(*model, kvo, n_ctx), par, kvo.chunk, kvo.kv_pool);
+          for (int phase = 0; phase < 2; ++phase) {
+            const int n = phase == 0 ? n_prompt : n_gen;
+            if (n == 0) continue;
+            PhaseRun pr = measure(st, phase == 0, d, n, par, reps, rng, c.n_vocab);
+            auto [mean, sd] = mean_sd(pr.rates);
+            const double sec = mean_sd(pr.seconds).first;
+            // Per sequence: the time its prompt took (pp), or the time per generated token (tg).
+            const std::string latency = phase == 0 ? fmt::format("{:.1f} ms/prompt", sec * 1e3)
+                                                   : fmt::format("{:.2f} ms/token", sec * 1e3 / n);
+            std::string test = fmt::format("{}{}{}", phase == 0 ? "pp" : "tg", n, d ? fmt::format(" @ d{}", d) : "");
+            std::printf("| %s | %.2f MiB | %.2f M | CPU | %d | %s | %d | %s | %.2f ± %.2f | %s |\n", mname.c_str(),
+                        double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, be->threads(),
+                        kvo.head_map.empty() ? kvo.policy.c_str() : "head-map", par, test.c_str(), mean, sd,
+                        latency.c_str());
+            std::fflush(stdout);
           }
-          double mean = 0, var = 0;
-          for (double x : rates) mean += x;
-          mean /= rates.size();
-          for (double x : rates) var += (x - mean) * (x - mean);
-          double sd = rates.size() > 1 ? std::sqrt(var / (rates.size() - 1)) : 0.0;
-          std::string test = fmt::format("{}{}{}", phase == 0 ? "pp" : "tg", n, d ? fmt::format(" @ d{}", d) : "");
-          std::printf("| %s | %.2f MiB | %.2f M | CPU | %d | %s | %s | %.2f ± %.2f |\n", mname.c_str(),
-                      double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, be->threads(),
-                      kvo.head_map.empty() ? kvo.policy.c_str() : "head-map", test.c_str(), mean, sd);
-          std::fflush(stdout);
         }
-      }
     }
   });
 }

@@ -45,6 +45,10 @@ void register_eval(CLI::App& app) {
   add_seed_flag(cmd, "--seed", o.seed, "episode seed");
   add_page_size_flag(cmd, o.page_size);
   add_chunk_flag(cmd, o.chunk);
+  cmd->add_option("--parallel", o.parallel,
+                  "episodes run at once (-np works too); each episode's output is the same as with 1")
+      ->check(in_range({1, 4096}))
+      ->capture_default_str();
   cmd->add_option("--kv-type", o.kv_type, "stored K/V type: f16 (default), bf16, f32, q8_0")->capture_default_str();
   cmd->add_option("--prefill", o.prefill,
                   "streaming heads during prefill, for every configuration: window, full (device peak = the prompt) "

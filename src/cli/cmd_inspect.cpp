@@ -91,15 +91,7 @@ void register_tokenize(CLI::App& app) {
     auto tok = Tokenizer::from_gguf(*f);
     auto ids = tok->encode(text, tok->add_bos() && !no_bos, !no_special);
     for (int32_t id : ids) {
-      std::string piece = tok->token_to_piece(id, true);
-      std::string shown;
-      for (unsigned char ch : piece) {
-        if (ch == '\n') shown += "\\n";
-        else if (ch == '\t') shown += "\\t";
-        else if (ch < 0x20) shown += fmt::format("\\x{:02x}", ch);
-        else shown += char(ch);
-      }
-      std::printf("%8d  '%s'\n", id, shown.c_str());
+      std::printf("%8d  '%s'\n", id, escape_control(tok->token_to_piece(id, true)).c_str());
     }
     std::printf("%zu tokens\n", ids.size());
   });

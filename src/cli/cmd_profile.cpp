@@ -5,6 +5,7 @@
 #include "cli/common.h"
 #include "eval/plot.h"
 #include "profile/profiler.h"
+#include "profile/summary.h"
 #include "util/error.h"
 
 namespace headroom::cli {
@@ -87,53 +88,21 @@ void register_profile(CLI::App& app) {
       // full attention may build its needle representations with heads that are streaming at decode).
       std::fprintf(stderr, "prefill: %d probes, every head full / the map with window prefill / with whole-prompt prefill ...\n",
                    o.prefill_probes);
-      std::vector<PolicySpec> specs;
-      for (const HeadEntry& e : map.heads) specs.push_back(e.spec);
       profile::AnswerProbes probes(*model, gen, o.prefill_probes, ctx, o.seed + 12000);
-      profile::PrefillChoice ch = profile::choose_prefill(probes, *be, specs, o);
+      profile::PrefillChoice ch = profile::choose_prefill(probes, *be, map.specs(), o);
       o.prefill = ch.mode;
-      prefill_note = fmt::format("; prefill {} (teacher-forced exact match on {} probes: every head full {}, the map "
-                                 "with window prefill {}, with whole-prompt prefill {})", prefill_mode_name(ch.mode),
-                                 ch.n, ch.full.exact, ch.window.exact, ch.offload.exact);
+      prefill_note = profile::prefill_note(ch);
     } else {
       o.prefill = parse_prefill_mode(prefill);
-      prefill_note = fmt::format("; prefill {} (set by --prefill)", prefill);
+      prefill_note = profile::prefill_note(prefill);
     }
     map = profile::assign(model->identity(), s, b.value / 100.0, ctx, o);
-    map.note = fmt::format("headroom profile: {} copy steps over {} probes; ", s.copy_steps, o.retrieval_prompts) +
-               map.note + prefill_note;
+    map.note = profile::map_note(s, o, map.note, prefill_note);
     map.save(out);
-    std::printf("%-6s %-8s %-10s %-10s %-10s %-10s %-10s %s\n", "layer", "kv_head", "retrieval", "ablation", "gain",
-                "stream_err", "query_err", "policy");
-    for (int l = 0; l < c.n_layer; ++l)
-      for (int h = 0; h < c.n_head_kv; ++h) {
-        const HeadEntry& e = map.at(l, h);
-        std::printf("%-6d %-8d %-10.3f %-10.3f %-10.3f %-10.4f %-10.4f %s\n", l, h, e.retrieval_score, e.ablation,
-                    e.gain, e.streaming_error, e.query_error, policy_name(e.spec.kind));
-      }
-    std::printf("%s\nwrote %s\n", map.note.c_str(), out.c_str());
-    for (int which = 0; which < 2; ++which) {
-      plot::Heatmap h;
-      h.title = which == 0 ? "Retrieval score per KV head" : "Streaming error per KV head (relative L2)";
-      h.x_label = "KV head";
-      h.y_label = "layer";
-      for (int k = 0; k < c.n_head_kv; ++k) h.x_ticks.push_back(std::to_string(k));
-      h.v_min = 0;
-      h.v_max = 0;
-      for (int l = 0; l < c.n_layer; ++l) {
-        h.y_ticks.push_back(std::to_string(l));
-        std::vector<double> row;
-        for (int k = 0; k < c.n_head_kv; ++k) {
-          const double v = which == 0 ? map.at(l, k).retrieval_score : map.at(l, k).streaming_error;
-          row.push_back(v);
-          h.v_max = std::max(h.v_max, v);
-        }
-        h.values.push_back(row);
-      }
-      if (h.v_max <= 0) h.v_max = 1;
-      h.colormap = plot::Colormap::Viridis;
-      const std::string& path = which == 0 ? png : png_streaming;
-      plot::heatmap(path, h);
+    std::printf("%s%s\nwrote %s\n", profile::head_table(map).c_str(), map.note.c_str(), out.c_str());
+    for (auto [which, path] : {std::pair{profile::HeadScore::Retrieval, png},
+                               std::pair{profile::HeadScore::StreamingError, png_streaming}}) {
+      plot::heatmap(path, profile::score_heatmap(map, which));
       std::printf("wrote %s\n", path.c_str());
     }
   });

@@ -124,6 +124,19 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o) {
                   "KV budget: tokens per KV head (1024), bytes (2GiB, 512MiB) or a share of the full cache (25%)")
       ->check(CLI::Validator([](std::string& s) { return (void)KVBudget::parse(s), std::string(); }, "BUDGET"));
   app->add_option("--head-map", o.head_map, "per-head policy map (JSON) from `headroom profile`");
+  app->add_option("--kv-pool", o.kv_pool,
+                  "KV memory all sequences share, in bytes (4GiB, 512MiB); default: each sequence's whole budget, "
+                  "at most half the free memory. Sequences that do not fit at once run in waves")
+      ->check(CLI::Validator(
+          [](std::string& s) {
+            bool bytes = false;
+            try {
+              bytes = KVBudget::parse(s, "--kv-pool").kind == KVBudget::Kind::Bytes;
+            } catch (const Error&) {
+            }
+            return bytes ? std::string() : fmt::format("{:?}: give bytes, like 4GiB or 512MiB", s);
+          },
+          "BYTES"));
   add_page_size_flag(app, o.page_size);
   add_chunk_flag(app, o.chunk);
   app->add_option("--prefill", o.prefill,

@@ -18,8 +18,8 @@ int main(int argc, char** argv) {
   headroom::cli::register_synth(app);
   headroom::cli::register_profile(app);
   headroom::cli::register_eval(app);
-  // llama.cpp's -ctk / -ctv: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as "-c tk"),
-  // so they are rewritten to the long names before parsing.
+  // llama.cpp's -ctk / -ctv / -np: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as
+  // "-c tk"), so they are rewritten to the long names before parsing.
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
     else if (a == "-ctv") a = "--cache-type-v";
     else if (a.rfind("-ctk=", 0) == 0) a = "--cache-type-k=" + a.substr(5);
     else if (a.rfind("-ctv=", 0) == 0) a = "--cache-type-v=" + a.substr(5);
+    else if (a == "-np") a = "--parallel";
+    else if (a.rfind("-np=", 0) == 0) a = "--parallel=" + a.substr(4);
     args.push_back(a);
   }
   std::reverse(args.begin(), args.end());  // CLI11 takes the arguments in reverse order

@@ -33,10 +33,7 @@ KVLayout layout_for(const Model& m, const KVOptions& o, const std::vector<Policy
   if (std::string why = kv_type_fits(l.type, c.head_dim); !why.empty()) fail("{} {}: {}", flag, type, why);
   l.page_size = o.page_size;
   l.head_dim = c.head_dim;
-  for (const PolicySpec& s : specs) {
-    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
-    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
-  }
+  set_policy_metadata(l, specs);
   return l;
 }
 
@@ -72,7 +69,7 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
       fail("--head-map chooses the policy of every head; drop --kv-policy {} (or use --kv-policy auto)", o.policy);
     ModelIdentity id = m.identity();
     HeadMap map = HeadMap::load(o.head_map, &id);
-    for (const HeadEntry& e : map.heads) s.specs.push_back(e.spec);
+    s.specs = map.specs();
     what = fmt::format("head map {} ({} full, {} streaming, {} topk, {} evict)", o.head_map, map.count(PolicyKind::Full),
                        map.count(PolicyKind::Streaming), map.count(PolicyKind::TopK), map.count(PolicyKind::Evict));
     s.layout = layout_for(m, o, s.specs);
@@ -125,6 +122,32 @@ KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOpt
   s.summary = fmt::format("KV: {}, {} cache, page {} tokens, device capacity {} pages", what,
                           kv_type_name(s.layout.type), o.page_size, s.capacity_pages);
   return s;
+}
+
+PoolPlan plan_pool(const KVSetup& s, int parallel, const std::string& kv_pool, int64_t free_memory) {
+  if (parallel < 1) fail("--parallel {} is out of range (at least 1)", parallel);
+  PoolPlan p;
+  p.layout = s.layout;
+  const int64_t page = s.layout.page_bytes();
+  int64_t device = s.capacity_pages * parallel;
+  if (!kv_pool.empty()) {
+    const KVBudget b = KVBudget::parse(kv_pool, "--kv-pool");
+    if (b.kind != KVBudget::Kind::Bytes) fail("--kv-pool {:?}: give bytes, like 4GiB or 512MiB", kv_pool);
+    device = int64_t(b.value / double(page));
+    if (device < 1) fail("--kv-pool {} is smaller than one KV page ({} bytes)", kv_pool, page);
+  } else if (const int64_t fit = free_memory / 2 / page; device > fit && parallel > 1) {
+    device = std::max<int64_t>(fit, s.capacity_pages);
+    p.capped = true;
+  }
+  const int64_t host = s.layout.host_pages * int64_t(parallel) + (parallel > 1 ? device : 0);
+  if (device > INT32_MAX / 2 || host > INT32_MAX / 2 || device + host > INT32_MAX / 2)
+    fail("KV pool of {} device + {} host pages is beyond what page ids address (lower --kv-pool, -c or --parallel)",
+         device, host);
+  p.layout.device_pages = int32_t(device);
+  p.layout.host_pages = int32_t(host);
+  p.summary = fmt::format("KV pool: {} pages ({}) for {} sequence{}{}", device, mib(double(device * page)), parallel,
+                          parallel == 1 ? "" : "s", p.capped ? ", cut to half the free memory" : "");
+  return p;
 }
 
 }  // namespace headroom

@@ -18,6 +18,7 @@ struct KVOptions {
   int chunk = 512;               // prefill chunk (tokens per forward call)
   std::string kv_type = "f16";   // stored K/V type: f16 | bf16 | f32 | q8_0 (KVType)
   std::string cache_type_k, cache_type_v;  // llama.cpp's names; when given they override kv_type (and must agree)
+  std::string kv_pool;           // --kv-pool: bytes all sequences share ("" = what memory allows)
   std::string prefill;           // streaming heads during prefill: window | full | offload (PrefillMode);
                                  // "" = what the head map says (window for a uniform policy)
 };
@@ -29,6 +30,17 @@ struct KVSetup {
   int64_t tokens_per_head = 0;    // what the budget allows per head
   std::string summary;            // one line for the log
 };
+
+// The pool that `parallel` sequences of one setup share.
+struct PoolPlan {
+  KVLayout layout;          // device pages: the pool; host pages: what the policies park, plus preemption room
+  bool capped = false;      // the default pool was cut to the memory there is
+  std::string summary;      // one line for the log
+};
+// Device pages: --kv-pool (bytes, "" = every sequence's whole capacity, at most half of `free_memory`).
+// Host pages: what the setup's policies park per sequence, and (parallel > 1) room to park every device page.
+// Throws Error with one line for a bad --kv-pool.
+PoolPlan plan_pool(const KVSetup& s, int parallel, const std::string& kv_pool, int64_t free_memory);
 
 // Throws Error with one line for bad flags, a head map for another model, or a budget too small.
 KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs = 1);

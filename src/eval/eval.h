@@ -32,6 +32,7 @@ struct Options {
   int answer_tokens = 12;
   int page_size = 32;
   int chunk = 512;
+  int parallel = 1;           // episodes run at once (each one's output is what it is alone)
   std::string kv_type = "f16";  // the stored K/V type (bytes are reported in it)
   std::string prefill;        // streaming heads' prefill: window | full | offload; "" = the head map's (else window)
   std::string head_map;       // for profile / random configs (needs scores)
@@ -60,6 +61,7 @@ using Progress = std::function<void(int done, int total, const EpisodeResult& r)
 std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, const Options& o, const Progress& p);
 
 // Writes results.json, results.csv, summary.md and the plots into o.out_dir; returns the summary table (markdown).
+// In eval/report.cpp, composed of the pieces eval/report.h declares.
 std::string report(const Model& m, const Options& o, const std::vector<EpisodeResult>& rs);
 
 }  // namespace headroom::eval

@@ -173,4 +173,11 @@ HeadMap HeadMap::parse(const std::string& text, const std::string& path, const M
   return m;
 }
 
+std::vector<PolicySpec> HeadMap::specs() const {
+  std::vector<PolicySpec> out;
+  out.reserve(heads.size());
+  for (const HeadEntry& e : heads) out.push_back(e.spec);
+  return out;
+}
+
 }  // namespace headroom

@@ -50,6 +50,7 @@ struct HeadMap {
   void save(const std::string& path) const;
   std::string to_json() const;
   int count(PolicyKind k) const;
+  std::vector<PolicySpec> specs() const;  // every head's spec, [layer * n_head_kv + kv_head]
 };
 
 }  // namespace headroom

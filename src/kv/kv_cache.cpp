@@ -44,8 +44,8 @@ void KVStep::begin(int layers, int kv_heads, int rows) {
   selects = false;
 }
 
-KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs)
-    : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool) {
+KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs, int64_t max_device_pages)
+    : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool), max_device_(max_device_pages) {
   if (specs.size() != size_t(n_layer_) * n_kv_)
     fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
   if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
@@ -57,6 +57,10 @@ KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<Polic
     policies_.push_back(make_policy(s));
   }
   first_job_.assign(size_t(n_layer_), 0);
+  // The metadata this sequence's policies keep (the pool's layout may keep more, for other sequences).
+  KVLayout own = pool.layout();
+  set_policy_metadata(own, specs);
+  meta_page_bytes_ = own.meta_page_bytes();
 }
 
 KVCache::~KVCache() { clear(); }
@@ -67,6 +71,77 @@ void KVCache::clear() {
     h = HeadCache{};
   }
   appended_ = 0;
+  parked_ = false;
+  parked_at_.clear();
+  prepared_ = false;
+}
+
+int64_t KVCache::device_pages_held() const {
+  int64_t n = 0;
+  for (const HeadCache& h : heads_)
+    for (int32_t id : h.pages) n += !pool_.on_host(id);
+  return n;
+}
+
+void KVCache::note_peaks() {
+  const int64_t dev = device_pages_held();
+  peak_device_ = std::max(peak_device_, dev);
+  peak_host_ = std::max(peak_host_, pages_held() - dev);
+}
+
+std::string KVCache::over_budget(int n_rows) const {
+  if (max_device_ < 0) return "";
+  const int64_t need = pages_for(n_rows), held = device_pages_held();
+  if (held + need <= max_device_) return "";
+  return fmt::format(
+      "KV budget exhausted after {} tokens: the next {} need {} more device pages, the sequence holds {} of its {} "
+      "({:.1f} MiB); raise --kv-budget or use a streaming/evict policy",
+      appended_, n_rows, need, held, max_device_, double(max_device_ * pool_.layout().page_bytes()) / (1024.0 * 1024));
+}
+
+int64_t KVCache::parked_pages() const {
+  int64_t n = 0;
+  for (const auto& v : parked_at_)
+    for (uint8_t b : v) n += b;
+  return n;
+}
+
+bool KVCache::park() {
+  if (parked_) return true;
+  const int64_t dev = device_pages_held();
+  if (dev > pool_.host_capacity() - pool_.host_pages()) return false;
+  parked_at_.assign(heads_.size(), {});
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    HeadCache& h = heads_[i];
+    parked_at_[i].assign(h.pages.size(), 0);
+    for (size_t j = 0; j < h.pages.size(); ++j)
+      if (!pool_.on_host(h.pages[j])) {
+        const int32_t nid = pool_.offload(h.pages[j]);
+        if (nid < 0) fail("KV cache: the host tier ran out while parking a sequence");  // counted above
+        h.pages[j] = nid;
+        parked_at_[i][j] = 1;
+      }
+  }
+  parked_ = true;
+  return true;
+}
+
+bool KVCache::unpark() {
+  if (!parked_) return true;
+  if (parked_pages() > pool_.device_free()) return false;
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    HeadCache& h = heads_[i];
+    for (size_t j = 0; j < h.pages.size() && j < parked_at_[i].size(); ++j)
+      if (parked_at_[i][j]) {
+        const int32_t nid = pool_.fetch(h.pages[j]);
+        if (nid < 0) fail("KV cache: the device tier ran out while resuming a sequence");  // counted above
+        h.pages[j] = nid;
+      }
+  }
+  parked_ = false;
+  parked_at_.clear();
+  note_peaks();
+  return true;
 }
 
 int64_t KVCache::pages_held() const {
@@ -90,16 +165,25 @@ int64_t KVCache::pages_for(int n_rows) const {
   return need;
 }
 
-void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
+void KVCache::prepare(const StepInfo& s) {
+  if (prepared_) return;
   const size_t n_heads = heads_.size();
-  // 1. What the last step decided: evict's scores (one read for all heads), then every head's before_step.
+  // What the last step decided: evict's scores (one read for all heads), then every head's before_step.
   std::vector<int32_t> score_ids;
   for (size_t i = 0; i < n_heads; ++i)
     if (policies_[i]->needs_scores(heads_[i])) score_ids.insert(score_ids.end(), heads_[i].pages.begin(), heads_[i].pages.end());
   pool_.read_scores(score_ids);
   for (size_t i = 0; i < n_heads; ++i) policies_[i]->before_step(heads_[i], pool_, s);
+  prepared_ = true;
+}
 
-  // 2. The new rows' slots, after checking that the device tier has every page they need.
+void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
+  if (parked_) fail("KV cache: a parked sequence was planned into a step");
+  prepare(s);
+  const size_t n_heads = heads_.size();
+  // The new rows' slots, after checking that this sequence's budget and the device tier have every page
+  // they need.
+  if (std::string why = over_budget(s.n_rows); !why.empty()) throw BudgetExhausted(why);
   const int64_t need = pages_for(s.n_rows);
   if (need > pool_.device_free())
     throw BudgetExhausted(fmt::format(
@@ -107,6 +191,7 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
         "in all); raise --kv-budget or use a streaming/evict policy",
         appended_, s.n_rows, need, pool_.device_free(), pool_.device_capacity(),
         double(pool_.device_capacity() * pool_.layout().page_bytes()) / (1024.0 * 1024)));
+  prepared_ = false;
   const int ps = pool_.page_size();
   for (int l = 0; l < n_layer_; ++l) {
     int32_t* slots = step.layer_slots(l);
@@ -141,6 +226,7 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
       jobs.push_back(j);
     }
   }
+  note_peaks();
 }
 
 void KVCache::finish_step(const KVStep& step, const StepInfo& s) {
@@ -151,6 +237,7 @@ void KVCache::finish_step(const KVStep& step, const StepInfo& s) {
       policies_[i]->after_step(heads_[i], pool_, s,
                                std::span<const int32_t>(step.page_ids.data() + j.page0, size_t(j.n_pages)));
     }
+  note_peaks();
 }
 
 }  // namespace headroom

@@ -54,35 +54,66 @@ struct KVStep {
 
 class KVCache {
  public:
-  KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs);
+  // max_device_pages: this sequence's own budget in device pages (-1: only the pool limits it).
+  KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs, int64_t max_device_pages = -1);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
 
-  // Plans this sequence's rows [row0, row0 + s.n_rows) of the step. Throws BudgetExhausted, before anything
-  // of the step is written, if the device tier cannot take the new rows.
+  // A step in three parts, so that a batch of sequences is checked before any of them is written:
+  //   prepare    every head's policy acts on the last step (evict's scores, moves, window cuts);
+  //   need/fits  the device pages the step's rows take (after prepare: exact);
+  //   plan_step  the rows' slots and the heads' jobs, appended to the step's tables at rows row0...
+  // plan_step prepares first if prepare was not called for this step, and throws BudgetExhausted, before
+  // anything of the step is written, if the rows break this sequence's budget or the pool's free pages.
+  void prepare(const StepInfo& s);
   void plan_step(KVStep& step, int row0, const StepInfo& s);
   // After the step ran; `step` holds the final page lists (read back if step.selects).
   void finish_step(const KVStep& step, const StepInfo& s);
   // Device pages the step's new rows would take (nano-vllm's can_append), with nothing changed.
   int64_t pages_for(int n_rows) const;
+  // "" if n_rows more rows stay within this sequence's own budget, else why not (one line).
+  std::string over_budget(int n_rows) const;
   void clear();  // give every page back
+
+  // Preemption: park moves every device page of the sequence to the host tier (queued copies; false, with
+  // nothing moved, if the host tier has no room); unpark brings the parked pages back (false if the device
+  // tier has no room for all of them).
+  bool park();
+  bool unpark();
+  bool parked() const { return parked_; }
+  int64_t parked_pages() const;
 
   int n_layer() const { return n_layer_; }
   int n_head_kv() const { return n_kv_; }
   const HeadCache& head(int layer, int h) const { return heads_[size_t(layer) * n_kv_ + h]; }
   const Policy& policy(int layer, int h) const { return *policies_[size_t(layer) * n_kv_ + h]; }
   PagePool& pool() { return pool_; }
-  int64_t pages_held() const;  // device + host pages of this sequence
+  int64_t pages_held() const;         // device + host pages of this sequence
+  int64_t device_pages_held() const;  // device pages of this sequence
+  int64_t peak_device_pages() const { return peak_device_; }
+  int64_t peak_host_pages() const { return peak_host_; }
+  int64_t max_device_pages() const { return max_device_; }
+  // Bytes in the stored type, of this sequence: K + V on the device and in the host tier, and the metadata
+  // its policies keep for its device pages.
+  int64_t device_bytes() const { return device_pages_held() * pool_.layout().kv_page_bytes(); }
+  int64_t host_bytes() const { return (pages_held() - device_pages_held()) * pool_.layout().kv_page_bytes(); }
+  int64_t device_meta_bytes() const { return device_pages_held() * meta_page_bytes_; }
   int64_t tokens_appended() const { return appended_; }
 
  private:
+  void note_peaks();
   int n_layer_, n_kv_, head_dim_;
   PagePool& pool_;
   std::vector<HeadCache> heads_;
   std::vector<std::unique_ptr<Policy>> policies_;
   std::vector<size_t> first_job_;  // [layer]: this sequence's first job in the step's tables
   int64_t appended_ = 0;
+  int64_t max_device_ = -1;
+  int64_t meta_page_bytes_ = 0;
+  int64_t peak_device_ = 0, peak_host_ = 0;
+  bool prepared_ = false, parked_ = false;
+  std::vector<std::vector<uint8_t>> parked_at_;  // [head][page index]: moved to the host tier by park()
 };
 
 }  // namespace headroom

@@ -91,4 +91,12 @@ void compact_pages(HeadCache& h, PagePool& pool) {
   h.tokens = live;
 }
 
+void set_policy_metadata(KVLayout& l, const std::vector<PolicySpec>& specs) {
+  l.page_minmax = l.slot_scores = false;
+  for (const PolicySpec& s : specs) {
+    l.page_minmax |= policy_descriptor(s.kind).page_minmax;
+    l.slot_scores |= policy_descriptor(s.kind).slot_scores;
+  }
+}
+
 }  // namespace headroom

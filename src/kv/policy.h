@@ -133,6 +133,9 @@ inline int64_t streaming_max_pages(int window, int page_size, int sinks = 1) {
   return sink_pages + 1 + (int64_t(window) - 1 + page_size - 1) / page_size;
 }
 
+// Sets the layout's metadata arrays to what the policies of `specs` need (Quest key bounds, slot scores).
+void set_policy_metadata(KVLayout& l, const std::vector<PolicySpec>& specs);
+
 // Shared pieces any policy may use.
 // Keeps the pages `keep(id)` says yes to, in order; the others go to `drop(id)` (or stay, if it returns true).
 template <typename Keep, typename Drop>

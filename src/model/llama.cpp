@@ -1,8 +1,8 @@
 // The Llama-family forward pass (llama, qwen2, mistral), written once against Backend&.
 //
-// For a chunk of n tokens of one sequence at positions pos0 .. pos0+n-1:
+// For a step of n rows: chunks of prompts and decode tokens of any number of sequences, each at its positions:
 //
-//   kv.plan_step: slots for the new rows, every head's pages and rule       (host metadata, then one upload)
+//   every kv.plan_step: slots for its new rows, every head's pages and rule (host metadata, then one upload)
 //   x = embed(tokens)                                    [n, n_embd]
 //   for each layer:
 //     xn = rmsnorm(x) * attn_norm
@@ -13,8 +13,8 @@
 //     x += att·Woᵀ
 //     xn = rmsnorm(x) * ffn_norm
 //     x += (silu(xn·Wgateᵀ) * (xn·Wupᵀ))·Wdownᵀ
-//   logits = rmsnorm(x) * output_norm · Woutᵀ            last row only, unless all rows are asked for
-//   download logits; kv.finish_step                      (the step's one synchronisation)
+//   logits = rmsnorm(x) * output_norm · Woutᵀ            the rows the sequences ask for (their last, or all)
+//   download logits; every kv.finish_step                (the step's one synchronisation)
 #include <algorithm>
 #include <cmath>
 
@@ -65,38 +65,73 @@ Runner::Runner(const Model& m, Backend& be, int max_batch) : m_(m), be_(be), max
   }
 }
 
-std::span<const float> Runner::forward(KVCache& kv, std::span<const int32_t> tokens, int32_t pos0, bool all_logits,
+std::span<const float> Runner::prefill(KVCache& kv, std::span<const int32_t> tokens, int32_t pos0, bool all_logits,
                                        AttentionObserver* obs) {
-  const int64_t V = m_.config().n_vocab;
-  const int64_t n = int64_t(tokens.size());
-  if (n == 0) fail("forward: no tokens");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= V) fail("token id {} out of range (vocab {})", t, V);
-  logits_.resize(size_t(all_logits ? n : 1) * V);
-  const bool prefill = n > 1;  // a prompt (or a part of one); single tokens are decode steps
+  const int64_t V = m_.config().n_vocab, n = int64_t(tokens.size());
+  if (n == 0) fail("prefill: no tokens");
+  prefill_logits_.resize(size_t(all_logits ? n : 1) * V);
   for (int64_t i = 0; i < n; i += max_batch_) {
     const int len = int(std::min<int64_t>(max_batch_, n - i));
     const bool last = i + len == n;
-    float* out = all_logits ? logits_.data() + i * V : (last ? logits_.data() : nullptr);
-    StepInfo s{pos0 + int32_t(i), len, prefill, prefill && last};
-    step(kv, tokens.data() + i, s, out, all_logits, obs);
+    SeqRows s{&kv, tokens.subspan(size_t(i), size_t(len)), pos0 + int32_t(i), true, last,
+              all_logits ? SeqRows::Logits::All : last ? SeqRows::Logits::Last : SeqRows::Logits::None};
+    std::span<const float> l = step(std::span<const SeqRows>(&s, 1), obs);
+    std::copy(l.begin(), l.end(), prefill_logits_.begin() + (all_logits ? i * V : 0));
   }
-  return logits_;
+  return prefill_logits_;
 }
 
-void Runner::step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* logits_out, bool all_logits,
-                  AttentionObserver* obs) {
+std::span<const float> Runner::decode(KVCache& kv, int32_t token, int32_t pos) {
+  SeqRows s{&kv, std::span<const int32_t>(&token, 1), pos, false, false, SeqRows::Logits::Last};
+  return step(std::span<const SeqRows>(&s, 1));
+}
+
+std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObserver* obs) {
   const ModelConfig& c = m_.config();
-  const int n = s.n_rows;
+  const int64_t V = c.n_vocab;
   const int64_t D = c.n_embd, HD = c.head_dim, QD = int64_t(c.n_head) * HD, KVD = c.kv_dim();
   const float scale = 1.0f / std::sqrt(float(HD));
+  if (seqs.empty()) fail("step: no sequences");
+  if (obs && seqs.size() != 1) fail("step: an attention observer needs a step of one sequence");
+
+  // The rows of all sequences, in order; each sequence's policies act on its last step first.
+  int n = 0, n_logits = 0;
+  tokens_.clear();
+  pos_.clear();
+  infos_.clear();
+  for (const SeqRows& s : seqs) {
+    if (s.tokens.empty()) fail("step: a sequence with no rows");
+    if (!s.prefill && s.tokens.size() != 1) fail("step: a decode step feeds one token, not {}", s.tokens.size());
+    for (size_t i = 0; i < s.tokens.size(); ++i) {
+      const int32_t t = s.tokens[i];
+      if (t < 0 || t >= V) fail("token id {} out of range (vocab {})", t, V);
+      tokens_.push_back(t);
+      pos_.push_back(s.pos0 + int32_t(i));
+    }
+    infos_.push_back(StepInfo{s.pos0, int(s.tokens.size()), s.prefill, s.prefill && s.last_chunk});
+    n += int(s.tokens.size());
+    n_logits += s.logit_rows();
+  }
+  if (n > max_batch_) fail("step: {} rows, more than the runner's {} (raise --chunk or lower --parallel)", n, max_batch_);
+  // Check every sequence before any is written (a batch is planned whole or not at all).
+  PagePool& pool = seqs[0].kv->pool();
+  int64_t need = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    KVCache& kv = *seqs[i].kv;
+    if (&kv.pool() != &pool) fail("step: the sequences of a step must share one page pool");
+    kv.prepare(infos_[i]);
+    if (std::string why = kv.over_budget(infos_[i].n_rows); !why.empty()) throw BudgetExhausted(why);
+    need += kv.pages_for(infos_[i].n_rows);
+  }
+  if (seqs.size() > 1 && need > pool.device_free())  // (one sequence: plan_step says it in its own words)
+    throw BudgetExhausted(fmt::format("KV pool exhausted: the step needs {} more device pages, {} of {} are free",
+                                      need, pool.device_free(), pool.device_capacity()));
 
   // The step's tables, on the host, then uploaded once.
   step_.begin(c.n_layer, c.n_head_kv, n);
-  kv.plan_step(step_, 0, s);
-  kv.pool().flush();
-  pos_.resize(size_t(n));
-  for (int i = 0; i < n; ++i) pos_[size_t(i)] = s.pos0 + i;
+  for (int i = 0, row0 = 0; i < int(seqs.size()); row0 += infos_[size_t(i)].n_rows, ++i)
+    seqs[size_t(i)].kv->plan_step(step_, row0, infos_[size_t(i)]);
+  pool.flush();
   jobs_host_.clear();
   layer_job0_.assign(size_t(c.n_layer) + 1, 0);
   for (int l = 0; l < c.n_layer; ++l) {
@@ -106,12 +141,13 @@ void Runner::step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* 
   layer_job0_[size_t(c.n_layer)] = jobs_host_.size();
   jobs_dev_.reserve(be_, jobs_host_.size());
   page_ids_dev_.reserve(be_, std::max<size_t>(1, step_.page_ids.size()));
-  tokens_dev_.upload(tokens, size_t(n));
+  tokens_dev_.upload(tokens_.data(), size_t(n));
   pos_dev_.upload(pos_.data(), size_t(n));
   slots_dev_.upload(step_.slots.data(), step_.slots.size());
   jobs_dev_.upload(jobs_host_.data(), jobs_host_.size());
   page_ids_dev_.upload(step_.page_ids.data(), step_.page_ids.size());
-  KVStore& store = kv.pool().store();
+  KVStore& store = pool.store();
+  KVCache& kv = *seqs[0].kv;  // for the observer
 
   float* x = x_.get();
   float* xn = xn_.get();
@@ -172,15 +208,21 @@ void Runner::step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* 
     be_.add(x, xn, int64_t(n) * D);
   }
 
-  if (logits_out) {
-    // Logits: every row, or only the last one.
-    const int first = all_logits ? 0 : n - 1;
-    const int rows = n - first;
-    logits_dev_.reserve(be_, size_t(rows) * size_t(c.n_vocab));
-    be_.rmsnorm(x + int64_t(first) * D, output_norm_, rows, D, c.rms_eps, xn);
-    be_.matmul(output_, xn, rows, logits_dev_.get());
-    be_.download(logits_out, logits_dev_.get(), size_t(rows) * size_t(c.n_vocab) * sizeof(float));
+  // Logits of the rows the sequences asked for: their final norms gathered into xn, then one matmul.
+  if (n_logits > 0) {
+    logits_dev_.reserve(be_, size_t(n_logits) * size_t(V));
+    int out_row = 0, row0 = 0;
+    for (const SeqRows& s : seqs) {
+      const int rows = s.logit_rows(), first = row0 + int(s.tokens.size()) - rows;
+      if (rows > 0) be_.rmsnorm(x + int64_t(first) * D, output_norm_, rows, D, c.rms_eps, xn + int64_t(out_row) * D);
+      out_row += rows;
+      row0 += int(s.tokens.size());
+    }
+    be_.matmul(output_, xn, n_logits, logits_dev_.get());
+    logits_.resize(size_t(n_logits) * size_t(V));
+    be_.download(logits_.data(), logits_dev_.get(), logits_.size() * sizeof(float));
   } else {
+    logits_.clear();
     be_.synchronize();
   }
   // What select_pages chose, for the policies that act on it next step.
@@ -191,7 +233,8 @@ void Runner::step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* 
       std::copy(jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l)]),
                 jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l) + 1]), step_.jobs[size_t(l)].begin());
   }
-  kv.finish_step(step_, s);
+  for (size_t i = 0; i < seqs.size(); ++i) seqs[i].kv->finish_step(step_, infos_[i]);
+  return logits_;
 }
 
 }  // namespace headroom

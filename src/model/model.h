@@ -62,22 +62,42 @@ class AttentionObserver {
   virtual void on_attention_out(int layer, int n, const float* out) {}
 };
 
+// One sequence's rows in a step: a chunk of its prompt, or one decode token.
+struct SeqRows {
+  KVCache* kv = nullptr;
+  std::span<const int32_t> tokens;
+  int32_t pos0 = 0;          // position of tokens[0]
+  bool prefill = false;      // rows of the prompt (false: one decode row)
+  bool last_chunk = false;   // the prompt ends with these rows (ends the prefill for the policies)
+  enum class Logits : uint8_t { None, Last, All } logits = Logits::Last;
+  int logit_rows() const { return logits == Logits::None ? 0 : logits == Logits::Last ? 1 : int(tokens.size()); }
+};
+
 // The forward pass for one model on one backend. Activations, the step's tables and the logits live in
 // backend memory; per step the runner uploads the token ids, positions, slot mapping, jobs and page ids
-// once, runs every layer, and downloads the logits (the step's one synchronisation).
+// once, runs every layer with the rows of all the step's sequences together (one matmul per weight, one
+// attention call per layer), and downloads the logits (the step's one synchronisation).
+//
+// Every reduction of a row (matmul, norm, attention over its sequence's pages) is done in an order that does
+// not depend on the other rows of the step, so a sequence's logits are bitwise the same alone or in a batch.
 class Runner {
  public:
+  // max_batch: the most rows a step may have (all sequences together).
   Runner(const Model& m, Backend& be, int max_batch = 512);
-  // Feeds tokens at positions pos0, pos0+1, ... of the sequence whose cache is kv (in chunks of max_batch).
-  // Returns the logits of the last token, or of every token if all_logits (n * n_vocab floats).
-  std::span<const float> forward(KVCache& kv, std::span<const int32_t> tokens, int32_t pos0, bool all_logits = false,
+  // One step. Returns the logits rows the sequences asked for, in order (n_vocab floats each). Throws
+  // BudgetExhausted, before anything is written, if a sequence's budget or the pool cannot take the rows.
+  // An observer sees the attention of a step with one sequence only.
+  std::span<const float> step(std::span<const SeqRows> seqs, AttentionObserver* obs = nullptr);
+  // Conveniences for one sequence: a whole prompt in chunks of max_batch (the last chunk ends the prefill;
+  // logits of its last token, or of every token if all_logits), and one decode token.
+  std::span<const float> prefill(KVCache& kv, std::span<const int32_t> tokens, int32_t pos0, bool all_logits = false,
                                  AttentionObserver* obs = nullptr);
+  std::span<const float> decode(KVCache& kv, int32_t token, int32_t pos);
   int max_batch() const { return max_batch_; }
   Backend& backend() { return be_; }
+  const Model& model() const { return m_; }
 
  private:
-  void step(KVCache& kv, const int32_t* tokens, const StepInfo& s, float* logits_out, bool all_logits,
-            AttentionObserver* obs);
   const Model& m_;
   Backend& be_;
   int max_batch_;
@@ -89,10 +109,11 @@ class Runner {
   DeviceArray<int32_t> tokens_dev_, pos_dev_, slots_dev_, page_ids_dev_;
   DeviceArray<AttnJob> jobs_dev_;
   KVStep step_;
+  std::vector<StepInfo> infos_;
   std::vector<AttnJob> jobs_host_;
   std::vector<size_t> layer_job0_;
-  std::vector<int32_t> pos_;
-  std::vector<float> logits_, q_host_, att_host_;
+  std::vector<int32_t> tokens_, pos_;
+  std::vector<float> logits_, prefill_logits_, q_host_, att_host_;
 };
 
 }  // namespace headroom

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "engine/kv_setup.h"
+#include "engine/stack.h"
 #include "engine/sampler.h"
 #include "util/error.h"
 
@@ -171,25 +172,40 @@ AnswerProbes::AnswerProbes(const Model& m, const eval::TaskGen& gen, int n, int 
 }
 
 AnswerProbes::Result AnswerProbes::run(Backend& be, const std::vector<PolicySpec>& specs, const Options& o) const {
-  const ModelConfig& c = m_.config();
   KVOptions kvo;
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
-  KVSetup ks = plan_kv_specs(m_, specs, kvo, ctx_ + 16, "probe");
-  Runner runner(m_, be, o.chunk);
+  // The probes run together (a sequence's logits do not depend on what runs beside it).
+  EngineStack st(m_, be, plan_kv_specs(m_, specs, kvo, ctx_ + 16, "probe"), int(std::min<size_t>(8, probes_.size())),
+                 o.chunk);
+  Engine& engine = *st.engine;
+  std::vector<double> logprob(probes_.size(), 0.0);
+  std::vector<uint8_t> exact(probes_.size(), 1);
+  // Logits k (k >= 1) come from feeding the forced token k-1 and predict ids[plen - 1 + k]; the prefill's
+  // (k = 0) are not scored.
+  engine.on_logits = [&](Sequence& s, std::span<const float> row) {
+    const size_t i = size_t(s.req.tag), k = size_t(s.n_generated);
+    if (k == 0) return;
+    const auto& [ids, plen] = probes_[i];
+    const int32_t want = ids[plen - 1 + k];
+    logprob[i] += Sampler::log_prob(row, want);
+    exact[i] &= Sampler::argmax(row) == want;
+  };
+  for (size_t i = 0; i < probes_.size(); ++i) {
+    const auto& [ids, plen] = probes_[i];
+    // The prompt but its last token is prefilled; the answer is teacher-forced one decode step at a time,
+    // starting from the prompt's last token, as generation would.
+    Request q = st.request(std::vector<int32_t>(ids.begin(), ids.begin() + ptrdiff_t(plen - 1)));
+    q.forced.assign(ids.begin() + ptrdiff_t(plen - 1), ids.end());
+    q.n_predict = int(q.forced.size());
+    q.tag = int64_t(i);
+    engine.add(std::move(q));
+  }
+  engine.run();
   Result res;
-  for (const auto& [ids, plen] : probes_) {
-    PagePool pool(be, ks.layout);
-    KVCache kv(c, pool, ks.specs);
-    runner.forward(kv, std::span<const int32_t>(ids.data(), plen - 1), 0);
-    // The answer is teacher-forced: its tokens are decoded one forward call at a time, as generation would.
-    bool exact = true;
-    for (size_t t = plen; t < ids.size(); ++t) {
-      auto row = runner.forward(kv, std::span<const int32_t>(&ids[t - 1], 1), int32_t(t - 1));
-      res.logprob += Sampler::log_prob(row, ids[t]);
-      exact = exact && Sampler::argmax(row) == ids[t];
-    }
-    res.exact += exact;
+  for (size_t i = 0; i < probes_.size(); ++i) {
+    res.logprob += logprob[i];
+    res.exact += exact[i];
   }
   res.logprob /= double(probes_.size());
   return res;
@@ -224,11 +240,17 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
   obs.err_n.assign(H, 0);
   obs.qerr_sum.assign(H, 0.0);
   obs.qerr_n.assign(H, 0);
-  Runner runner(m, be, o.chunk);
   KVOptions kvo;
   kvo.page_size = o.page_size;
   kvo.chunk = o.chunk;
-  KVSetup kvs = plan_kv(m, kvo, ctx + 16);
+  // One prompt at a time, with the observer watching every layer's attention.
+  EngineStack st(m, be, plan_kv(m, kvo, ctx + 16), 1, o.chunk, "", &obs);
+  auto observe = [&](const std::vector<int32_t>& ids) {
+    Request q = st.request(ids);
+    q.n_predict = 0;
+    st.engine->add(std::move(q));
+    st.engine->run();
+  };
   const int total = o.retrieval_prompts + o.natural_prompts;
   int copy_steps = 0;
 
@@ -254,9 +276,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     copy_steps += int(obs.copy_rows.size());
     obs.measure_streaming = true;
     obs.query_from = int32_t(tok.encode(e.prompt.substr(0, e.prompt.rfind('\n')), tok.add_bos()).size());
-    PagePool pool(be, kvs.layout);
-    KVCache kv(c, pool, kvs.specs);
-    runner.forward(kv, ids, 0, false, &obs);
+    observe(ids);
     if (progress) progress(i + 1, total, fmt::format("retrieval probe {} ({} tokens)", eval::task_name(e.task), ids.size()));
   }
   // Natural text: streaming error only.
@@ -271,9 +291,7 @@ Scores measure(const Model& m, Backend& be, const eval::TaskGen& gen, const Opti
     obs.query_from = INT32_MAX;
     obs.needle_spans.clear();
     obs.copy_rows.clear();
-    PagePool pool(be, kvs.layout);
-    KVCache kv(c, pool, kvs.specs);
-    runner.forward(kv, ids, 0, false, &obs);
+    observe(ids);
     if (progress) progress(o.retrieval_prompts + i + 1, total, fmt::format("natural text ({} tokens)", ids.size()));
   }
   // Per-head ablation: answer log-probability with only head h restricted, relative to all full.

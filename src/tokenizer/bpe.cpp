@@ -1,6 +1,6 @@
 #include "tokenizer/bpe.h"
 
-#include <queue>
+#include <functional>
 
 #include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
@@ -11,20 +11,8 @@ namespace headroom::tok {
 
 namespace {
 
-using Symbol = MergeSymbol;
-
-struct Bigram {
-  int32_t left, right;
-  int32_t rank;
-  size_t size;  // bytes of the merged text, to recognise a bigram made stale by another merge
-};
-
 // Lowest rank first; among equal ranks the leftmost pair (llama.cpp's llm_bigram_bpe::comparator).
-struct BigramOrder {
-  bool operator()(const Bigram& l, const Bigram& r) const {
-    return l.rank > r.rank || (l.rank == r.rank && l.left > r.left);
-  }
-};
+using BigramQueue = MergeQueue<int32_t, std::less<int32_t>>;
 
 }  // namespace
 
@@ -84,17 +72,9 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
     }
   }
 
-  std::vector<Symbol> syms;
-  syms.reserve(word.size() / 2 + 1);
-  for (size_t off = 0; off < word.size();) {
-    const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(word[off])), word.size() - off);
-    const auto idx = static_cast<int32_t>(syms.size());
-    syms.push_back({idx - 1, off + n == word.size() ? -1 : idx + 1, off, n});
-    off += n;
-  }
-
+  std::vector<MergeSymbol> syms = utf8_symbols(word);
   std::string key;
-  std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
+  BigramQueue queue;
   auto try_add = [&](int32_t left, int32_t right) {
     if (left < 0 || right < 0) return;
     const int32_t r =
@@ -120,35 +100,24 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& out)
   }
 }
 
-std::string BpeTokenizer::make_piece(int32_t id) const {
-  const uint32_t attr = vocab_.attrs[id];
-  const std::string& text = vocab_.pieces[id];
-  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
-  if (attr & kAttrNormal) {
-    // Undo the byte-to-character table; a character outside it is kept as it is.
-    std::string out;
-    out.reserve(text.size());
-    for (size_t i = 0; i < text.size();) {
-      const int r = utf8_check(text.data() + i, text.size() - i);
-      if (r <= 0) {
-        out += text[i++];
-        continue;
-      }
-      const uint32_t cp = utf8_decode(text.data() + i, static_cast<size_t>(r));
-      if (cp < char_to_byte_.size() && char_to_byte_[cp] >= 0)
-        out += static_cast<char>(char_to_byte_[cp]);
-      else
-        out.append(text, i, static_cast<size_t>(r));
-      i += static_cast<size_t>(r);
+// Undoes the byte-to-character table; a character outside it is kept as it is.
+std::string BpeTokenizer::decode_normal(const std::string& text) const {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    const int r = utf8_check(text.data() + i, text.size() - i);
+    if (r <= 0) {
+      out += text[i++];
+      continue;
     }
-    return out;
+    const uint32_t cp = utf8_decode(text.data() + i, static_cast<size_t>(r));
+    if (cp < char_to_byte_.size() && char_to_byte_[cp] >= 0)
+      out += static_cast<char>(char_to_byte_[cp]);
+    else
+      out.append(text, i, static_cast<size_t>(r));
+    i += static_cast<size_t>(r);
   }
-  if (attr & kAttrByte) {
-    uint8_t b;
-    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
-    return text;
-  }
-  return {};
+  return out;
 }
 
 }  // namespace headroom::tok

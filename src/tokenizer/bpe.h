@@ -17,7 +17,7 @@ class BpeTokenizer final : public TokenizerBase {
 
  protected:
   void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const override;
-  std::string make_piece(int32_t id) const override;
+  std::string decode_normal(const std::string& text) const override;
 
  private:
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;

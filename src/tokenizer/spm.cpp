@@ -1,6 +1,6 @@
 #include "tokenizer/spm.h"
 
-#include <queue>
+#include <functional>
 
 #include "tokenizer/merge.h"
 #include "tokenizer/utf8.h"
@@ -11,21 +11,9 @@ namespace {
 
 constexpr std::string_view kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's escaped space
 
-using Symbol = MergeSymbol;
-
-struct Bigram {
-  int32_t left, right;
-  float score;
-  size_t size;  // bytes of the merged text, to recognise a bigram made stale by another merge
-};
-
 // Highest score first; among equal scores the leftmost pair (llama.cpp's llm_bigram_spm::comparator). With
 // all scores equal (TinyStories-656K has -1000 everywhere) merging thus proceeds left to right.
-struct BigramOrder {
-  bool operator()(const Bigram& l, const Bigram& r) const {
-    return l.score < r.score || (l.score == r.score && l.left > r.left);
-  }
-};
+using BigramQueue = MergeQueue<float, std::greater<float>>;
 
 }  // namespace
 
@@ -67,17 +55,10 @@ void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::ve
   }
 
   // One symbol per UTF-8 character.
-  std::vector<Symbol> syms;
-  syms.reserve(text.size());
-  for (size_t off = 0; off < text.size();) {
-    const size_t n = std::min(utf8_lead_len(static_cast<uint8_t>(text[off])), text.size() - off);
-    const auto idx = static_cast<int32_t>(syms.size());
-    syms.push_back({idx - 1, off + n == text.size() ? -1 : idx + 1, off, n});
-    off += n;
-  }
+  std::vector<MergeSymbol> syms = utf8_symbols(text);
   if (syms.empty()) return;
 
-  std::priority_queue<Bigram, std::vector<Bigram>, BigramOrder> queue;
+  BigramQueue queue;
   auto try_add = [&](int32_t left, int32_t right) {
     if (left < 0 || right < 0) return;
     const size_t size = syms[left].n + syms[right].n;
@@ -99,29 +80,19 @@ void SpmTokenizer::encode_text(std::string_view raw, bool after_special, std::ve
   }
 }
 
-std::string SpmTokenizer::make_piece(int32_t id) const {
-  const uint32_t attr = vocab_.attrs[id];
-  const std::string& text = vocab_.pieces[id];
-  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
-  if (attr & kAttrNormal) {
-    std::string out;
-    out.reserve(text.size());
-    for (size_t i = 0; i < text.size();) {
-      if (text.compare(i, kSpace.size(), kSpace) == 0) {
-        out += ' ';
-        i += kSpace.size();
-      } else {
-        out += text[i++];
-      }
+// U+2581 stands for a space.
+std::string SpmTokenizer::decode_normal(const std::string& text) const {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    if (text.compare(i, kSpace.size(), kSpace) == 0) {
+      out += ' ';
+      i += kSpace.size();
+    } else {
+      out += text[i++];
     }
-    return out;
   }
-  if (attr & kAttrByte) {
-    uint8_t b;
-    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
-    return text;
-  }
-  return {};  // unused / undefined tokens print nothing (llama.cpp)
+  return out;
 }
 
 }  // namespace headroom::tok

@@ -16,7 +16,7 @@ class SpmTokenizer final : public TokenizerBase {
 
  protected:
   void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const override;
-  std::string make_piece(int32_t id) const override;
+  std::string decode_normal(const std::string& text) const override;
 
  private:
   void emit_bytes(std::string_view sym, std::vector<int32_t>& out) const;

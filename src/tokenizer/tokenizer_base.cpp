@@ -44,6 +44,19 @@ std::vector<int32_t> TokenizerBase::encode(std::string_view raw, bool add_bos, b
   return out;
 }
 
+std::string TokenizerBase::make_piece(int32_t id) const {
+  const uint32_t attr = vocab_.attrs[id];
+  const std::string& text = vocab_.pieces[id];
+  if (attr & (kAttrUnknown | kAttrControl | kAttrUserDefined)) return text;
+  if (attr & kAttrNormal) return decode_normal(text);
+  if (attr & kAttrByte) {
+    uint8_t b;
+    if (parse_byte_token(text, b)) return std::string(1, static_cast<char>(b));
+    return text;
+  }
+  return {};
+}
+
 void TokenizerBase::init_pieces() {
   const int32_t n = vocab_.n();
   piece_.resize(n);

@@ -41,14 +41,18 @@ class TokenizerBase : public Tokenizer {
   // Tokenizes one stretch of raw text with no special token in it (never empty, valid UTF-8). `after_special`
   // is true at the start of the input and right after a special token.
   virtual void encode_text(std::string_view text, bool after_special, std::vector<int32_t>& out) const = 0;
-  // The bytes token `id` prints as when special tokens are shown; called for every token by init_pieces().
-  virtual std::string make_piece(int32_t id) const = 0;
-  // Fills the piece table; subclass constructors call it once they are ready to answer make_piece().
+  // The bytes a normal token's vocabulary text stands for (each model has its own escaping of spaces/bytes).
+  virtual std::string decode_normal(const std::string& text) const = 0;
+  // Fills the piece table; subclass constructors call it once they are ready to answer decode_normal().
   void init_pieces();
 
   Vocab vocab_;
 
  private:
+  // The bytes token `id` prints as when special tokens are shown: unknown, control and user-defined tokens
+  // their text, normal tokens decode_normal(), byte tokens <0xHH> their byte; unused ones nothing (llama.cpp).
+  std::string make_piece(int32_t id) const;
+
   std::vector<std::string> piece_;  // printed bytes, special tokens included
   std::vector<uint8_t> hidden_;     // 1: printed only when `special` (control and unknown tokens)
 };

@@ -21,45 +21,42 @@ std::string shown(const json& v) {
   fail("{}: {} \"{}\": {}", at.file, at.where, key, why);
 }
 
-// obj[key], or nullptr when absent (obj itself must be an object).
-const json* field(const json& obj, const JsonPlace& at, const char* key) {
+// obj[key], or nullptr when absent and not `required` (obj itself must be an object).
+const json* field(const json& obj, const JsonPlace& at, const char* key, bool required) {
   if (!obj.is_object()) fail("{}: {} is not a JSON object", at.file, at.where);
   auto it = obj.find(key);
+  if (it == obj.end() && required) bad(at, key, "missing");
   return it == obj.end() ? nullptr : &*it;
+}
+
+// Fails unless d, v's value, is in r.
+void check_range(const JsonPlace& at, const char* key, const json& v, double d, NumRange r) {
+  if (!r.check(d).empty()) bad(at, key, fmt::format("{} is out of range ({})", shown(v), r.text()));
 }
 }  // namespace
 
 int64_t json_int(const json& obj, const JsonPlace& at, const char* key, NumRange r, std::optional<int64_t> def) {
-  const json* v = field(obj, at, key);
-  if (!v) {
-    if (!def) bad(at, key, "missing");
-    return *def;
-  }
+  const json* v = field(obj, at, key, !def);
+  if (!v) return *def;
   if (!v->is_number_integer()) bad(at, key, fmt::format("{} is not a whole number ({})", shown(*v), r.text()));
   // An unsigned above int64 would wrap in get<int64_t>(); anything that large is out of every range.
   const double d = v->is_number_unsigned() ? double(v->get<uint64_t>()) : double(v->get<int64_t>());
-  if (std::string e = r.check(d); !e.empty()) bad(at, key, fmt::format("{} is out of range ({})", shown(*v), r.text()));
+  check_range(at, key, *v, d, r);
   return v->get<int64_t>();
 }
 
 double json_real(const json& obj, const JsonPlace& at, const char* key, NumRange r, std::optional<double> def) {
-  const json* v = field(obj, at, key);
-  if (!v) {
-    if (!def) bad(at, key, "missing");
-    return *def;
-  }
+  const json* v = field(obj, at, key, !def);
+  if (!v) return *def;
   if (!v->is_number()) bad(at, key, fmt::format("{} is not a number ({})", shown(*v), r.text()));
   const double d = v->get<double>();
-  if (std::string e = r.check(d); !e.empty()) bad(at, key, fmt::format("{} is out of range ({})", shown(*v), r.text()));
+  check_range(at, key, *v, d, r);
   return d;
 }
 
 std::string json_string(const json& obj, const JsonPlace& at, const char* key, std::optional<std::string> def) {
-  const json* v = field(obj, at, key);
-  if (!v) {
-    if (!def) bad(at, key, "missing");
-    return *def;
-  }
+  const json* v = field(obj, at, key, !def);
+  if (!v) return *def;
   if (!v->is_string()) bad(at, key, fmt::format("{} is not a string", shown(*v)));
   const std::string& s = v->get_ref<const std::string&>();
   if (s.size() > 4096) bad(at, key, fmt::format("a string of {} bytes is longer than 4096", s.size()));
@@ -70,8 +67,7 @@ std::string json_string(const json& obj, const JsonPlace& at, const char* key, s
 }
 
 const json& json_child(const json& obj, const JsonPlace& at, const char* key, bool array) {
-  const json* v = field(obj, at, key);
-  if (!v) bad(at, key, "missing");
+  const json* v = field(obj, at, key, true);
   if (array ? !v->is_array() : !v->is_object()) bad(at, key, fmt::format("{} is not {}", shown(*v), array ? "an array" : "an object"));
   return *v;
 }

@@ -641,32 +641,27 @@ KVConv make_conv(KVType type, const KernelJob& job, const ChunkScratch& cs, bool
   return cv;
 }
 
-// The kernels instantiated for the type they read: the KV type itself when direct, else floats.
-template <typename... A>
-void run_rows_any(const KernelJob& job, const KVConv& cv, A&&... a) {
+// Calls f.template operator()<T>() for the type the kernels read: the KV type itself when direct, else floats.
+template <typename F>
+void with_read_type(const KVConv& cv, F&& f) {
   switch (cv.direct ? cv.type : KVType::F32) {
-    case KVType::F32: return run_rows<KVType::F32>(job, cv, a...);
+    case KVType::F32: return f.template operator()<KVType::F32>();
 #if defined(HR_AVX512)
-    case KVType::F16: return run_rows<KVType::F16>(job, cv, a...);
-    case KVType::BF16: return run_rows<KVType::BF16>(job, cv, a...);
-    case KVType::Q8_0: return run_rows<KVType::Q8_0>(job, cv, a...);
+    case KVType::F16: return f.template operator()<KVType::F16>();
+    case KVType::BF16: return f.template operator()<KVType::BF16>();
+    case KVType::Q8_0: return f.template operator()<KVType::Q8_0>();
 #else
     default: break;
 #endif
   }
 }
 template <typename... A>
+void run_rows_any(const KernelJob& job, const KVConv& cv, A&&... a) {
+  with_read_type(cv, [&]<KVType T>() { run_rows<T>(job, cv, a...); });
+}
+template <typename... A>
 void accumulate_scores_any(const KernelJob& job, const KVConv& cv, A&&... a) {
-  switch (cv.direct ? cv.type : KVType::F32) {
-    case KVType::F32: return accumulate_scores<KVType::F32>(job, cv, a...);
-#if defined(HR_AVX512)
-    case KVType::F16: return accumulate_scores<KVType::F16>(job, cv, a...);
-    case KVType::BF16: return accumulate_scores<KVType::BF16>(job, cv, a...);
-    case KVType::Q8_0: return accumulate_scores<KVType::Q8_0>(job, cv, a...);
-#else
-    default: break;
-#endif
-  }
+  with_read_type(cv, [&]<KVType T>() { accumulate_scores<T>(job, cv, a...); });
 }
 
 }  // namespace

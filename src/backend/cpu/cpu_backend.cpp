@@ -2,6 +2,7 @@
 //
 // A CpuBackend is used by one caller thread at a time (it owns scratch buffers and a thread pool); the
 // library prints nothing and reports bad arguments with headroom::Error.
+#include <cstdio>
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -349,6 +350,23 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend(int threads) {
   if (threads <= 0) threads = cpu::physical_core_count();
   return std::make_unique<CpuBackend>(threads);
+}
+
+}  // namespace headroom
+
+namespace headroom {
+
+int64_t Backend::free_memory() const {
+  // MemAvailable from /proc/meminfo (the kernel's estimate of what can be allocated without swapping).
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb > 0) return int64_t(kb) * 1024;
+  }
+  return int64_t(4) << 30;  // unknown: assume 4 GiB
 }
 
 }  // namespace headroom

@@ -158,6 +158,19 @@ void deq_q6_k(const BlockQ6_K* x, float* y, int64_t nb) {
   }
 }
 
+// F16 or BF16 to float, whole vectors then the rest: exact conversions, so both paths give the same bits.
+template <bool kBF16>
+void widen_half_row(const uint16_t* s, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(HR_AVX512) || defined(HR_AVX2)
+  for (; i + kVL <= n; i += kVL) {
+    if constexpr (kBF16) vstore(dst + i, vload_bf16(s + i));
+    else vstore(dst + i, vload_f16(s + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = kBF16 ? bf16_to_fp32(s[i]) : fp16_to_fp32(s[i]);
+}
+
 }  // namespace
 }  // namespace headroom::cpu
 
@@ -178,24 +191,8 @@ void dequantize_row(DType type, const void* src, float* dst, int64_t n) {
     case DType::F32:
       std::memcpy(dst, src, size_t(n) * 4);
       return;
-    case DType::F16: {  // exact conversions: the vector and scalar paths give the same bits
-      const auto* s = static_cast<const uint16_t*>(src);
-      int64_t i = 0;
-#if defined(HR_AVX512) || defined(HR_AVX2)
-      for (; i + kVL <= n; i += kVL) vstore(dst + i, vload_f16(s + i));
-#endif
-      for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
-      return;
-    }
-    case DType::BF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      int64_t i = 0;
-#if defined(HR_AVX512) || defined(HR_AVX2)
-      for (; i + kVL <= n; i += kVL) vstore(dst + i, vload_bf16(s + i));
-#endif
-      for (; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
-      return;
-    }
+    case DType::F16: widen_half_row<false>(static_cast<const uint16_t*>(src), dst, n); return;
+    case DType::BF16: widen_half_row<true>(static_cast<const uint16_t*>(src), dst, n); return;
     case DType::Q8_0: deq_q8_0(static_cast<const BlockQ8_0*>(src), dst, n / kQK8_0); return;
     case DType::Q4_0: deq_q4_0(static_cast<const BlockQ4_0*>(src), dst, n / kQK4_0); return;
     case DType::Q4_K: deq_q4_k(static_cast<const BlockQ4_K*>(src), dst, n / kQK_K); return;

@@ -343,6 +343,15 @@ class CudaBackend final : public Backend {
     wait("download");
   }
   void synchronize() override { wait("synchronize"); }
+  // Free device memory (what the KV pool's device tier can still take).
+  int64_t free_memory() const override {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return int64_t(free_b);
+  }
 
   WeightView upload_weight(const WeightView& host) override {
     if (!host.data || host.rows <= 0 || host.cols <= 0)
