@@ -272,7 +272,7 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
 }
 
 void bench_attention(bool quick) {
-  std::printf("\n== decode attention (flash-decoding over pages, %d splits), every layer's cache ==\n", 32);
+  std::printf("\n== decode attention (flash-decoding over pages, 64 splits), every layer's cache ==\n");
   std::printf("%-8s %-5s %7s %5s %10s %10s %10s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s");
   auto be = make_backend("cuda", 0);
   const AttnShape s8{"8B", 32, 8, 4, 128}, s1{"1B", 16, 8, 4, 64};

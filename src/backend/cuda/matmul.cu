@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
   } else {  // Q8_0, repacked: int8 [rows][cols], fp16 scales [rows][cols/32]; units of one block
     const int64_t U = cols / 32;
     const uint16_t* wsc = reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols));
-#pragma unroll(NR <= 2 ? 2 : 1)
+#pragma unroll 1
     for (int64_t u = threadIdx.x; u < U; u += kThreads) {
       int4 wv[kBR][2];
       float wd[kBR];
