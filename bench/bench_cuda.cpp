@@ -1,5 +1,6 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
-//   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only)]
+//   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
+//                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu)]
 //
 //   gemv       decode matmul (n = 1, 8, 32 activation rows) and the cuBLAS prefill path (n = 512) on the
 //              Llama-3 8B and 1B layer shapes, F16 / BF16 / Q8_0 weights: time per call and the weight bytes
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -305,6 +307,17 @@ void bench_copy() {
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
+  if (argc > 2 && std::strcmp(argv[1], "--attention-one") == 0) {  // one case, for a profiler: 8B F16 at DEPTH
+    try {
+      auto be = make_backend("cuda", 0);
+      bench_attention_case(*be, AttnShape{"8B", 32, 8, 4, 128}, std::strcmp(argc > 3 ? argv[3] : "f16", "q8_0") == 0 ? KVType::Q8_0 : KVType::F16,
+                           std::atoi(argv[2]), 1);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+      return 1;
+    }
+    return 0;
+  }
   const std::string why = cuda_unavailable();
   if (!why.empty()) {
     std::printf("bench_cuda: skipped: %s\n", why.c_str());
