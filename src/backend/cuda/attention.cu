@@ -157,7 +157,7 @@ __device__ __forceinline__ JobRange split_range(const AttnJob& j, int s) {
 }
 
 template <int T, int SUB, int W, int CH>
-__global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
+__global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
   constexpr int EPL = W * CH, GPW = 32 / SUB, NG = kWarps * GPW;
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0) return;
@@ -193,21 +193,26 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
   const float sc2 = b.scale * kLog2e;  // scores in log2 units: p = 2^(s - m)
 
   for (int pass = pass_lo; pass < n_passes; pass += pass_step) {
-    // Pair k of the pass: (row, head) = (row0 + p / G, kv_head * G + p % G), p = pass * kNP + k.
-    auto prow = [&](int k) { return job.row0 + (pass * kNP + k) / G; };
-    auto phead = [&](int k) { return job.kv_head * G + (pass * kNP + k) % G; };
+    int prow[kNP], phead[kNP];
     int32_t qp[kNP];
     bool pv[kNP];
 #pragma unroll
     for (int k = 0; k < kNP; ++k) {
-      pv[k] = pass * kNP + k < npairs;
-      qp[k] = pv[k] ? b.q_pos[prow(k)] : INT_MIN;
+      const int p = pass * kNP + k;
+      pv[k] = p < npairs;
+      prow[k] = job.row0 + (pv[k] ? p / G : 0);
+      phead[k] = job.kv_head * G + (pv[k] ? p % G : 0);
+      qp[k] = pv[k] ? b.q_pos[prow[k]] : INT_MIN;
     }
     __syncthreads();  // the previous pass is done with shared memory
     for (int i = threadIdx.x; i < kNP * D; i += kThreads) {
       const int k = i / D, d = i % D;
-      const bool ok = pass * kNP + k < npairs;
-      sQ[i] = ok ? b.q[int64_t(prow(k)) * b.q_stride + int64_t(phead(k)) * D + d] : 0.0f;
+      int row = 0, head = 0;
+      bool ok = false;
+#pragma unroll
+      for (int kk = 0; kk < kNP; ++kk)
+        if (kk == k) row = prow[kk], head = phead[kk], ok = pv[kk];
+      sQ[i] = ok ? b.q[int64_t(row) * b.q_stride + int64_t(head) * D + d] : 0.0f;
     }
     __syncthreads();
 
@@ -240,36 +245,6 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
       }
     };
     if constexpr (W == 8) {
-      static_assert(CH == 1, "the fast path holds 8 values per lane");
-      // The lane's 8 query values of each pair live in registers (the same values, and the same FMA order,
-      // as group_dot over sQ: the score pass recomputes these dots bit for bit).
-      float qreg[kNP][8];
-#pragma unroll
-      for (int k = 0; k < kNP; ++k)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) qreg[k][e] = sQ[k * D + tig * 8 + e];
-      auto step_r = [&](const float* kf, const float* vf, const bool* al) {
-#pragma unroll
-        for (int k = 0; k < kNP; ++k) {
-          float part = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) part = fmaf(qreg[k][e], kf[e], part);
-          const float dot = group_sum<SUB>(part, gmask);
-          if (!al[k]) continue;
-          const float s = __fmul_rn(dot, sc2);
-          if (s > m[k]) {
-            const float f = exp2f(m[k] - s);
-            l[k] *= f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[k][e] *= f;
-            m[k] = s;
-          }
-          const float p = exp2f(s - m[k]);
-          l[k] += p;
-#pragma unroll
-          for (int e = 0; e < EPL; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
-        }
-      };
       // Warps take the block's pages in turn; a page's positions are read once per 32 slots (one load per
       // lane, through shared memory), and each group takes every GPW-th slot of the chunk, two slots at a
       // time whose K/V rows are loaded (packed) before either is used.
@@ -337,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
                 float kf[8], vf[8];
                 unpack_raw8<T>(rk[u], kf);
                 unpack_raw8<T>(rv[u], vf);
-                step_r(kf, vf, al[u]);
+                step(kf, vf, al[u]);
               }
           }
         }
@@ -408,8 +383,12 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(KVDev kv, AttnBatch b, A
     __syncthreads();
     for (int i = threadIdx.x; i < kNP * D; i += kThreads) {
       const int k = i / D, d = i % D;
-      if (pass * kNP + k >= npairs) continue;
-      const int row = prow(k), head = phead(k);
+      int row = 0, head = 0;
+      bool ok = false;
+#pragma unroll
+      for (int kk = 0; kk < kNP; ++kk)
+        if (kk == k) row = prow[kk], head = phead[kk], ok = pv[kk];
+      if (!ok) continue;
       const float M = sMLk[2 * k], L = sMLk[2 * k + 1];
       float A = 0.0f;
       for (int g = 0; g < NG; ++g) {
