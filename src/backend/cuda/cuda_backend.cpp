@@ -27,6 +27,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <dlfcn.h>
+
 #include <cublas_v2.h>
 
 #include "backend/cpu/quant.h"
@@ -47,8 +49,45 @@ void check(cudaError_t e, const char* op) {
   }
 }
 
+// cuBLAS, opened when the first CUDA backend is made (dlopen): linking it would map ~200 MB into every
+// process of a CUDA build (the CLI and the tests too), whether or not it ever uses the GPU.
+struct Blas {
+  cublasStatus_t (*create)(cublasHandle_t*) = nullptr;
+  cublasStatus_t (*destroy)(cublasHandle_t) = nullptr;
+  cublasStatus_t (*set_stream)(cublasHandle_t, cudaStream_t) = nullptr;
+  cublasStatus_t (*sgemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const float*,
+                          const float*, int, const float*, int, const float*, float*, int) = nullptr;
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                            const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                            cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  const char* (*status_string)(cublasStatus_t) = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas b = [] {
+    Blas r;
+    const std::string versioned = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(versioned.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib) lib = dlopen("libcublas.so", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) fail("cuda backend: cannot load cuBLAS ({}): {}", versioned, dlerror());
+    auto sym = [&](const char* name) {
+      void* f = dlsym(lib, name);
+      if (!f) fail("cuda backend: {} has no {}", versioned, name);
+      return f;
+    };
+    r.create = reinterpret_cast<decltype(r.create)>(sym("cublasCreate_v2"));
+    r.destroy = reinterpret_cast<decltype(r.destroy)>(sym("cublasDestroy_v2"));
+    r.set_stream = reinterpret_cast<decltype(r.set_stream)>(sym("cublasSetStream_v2"));
+    r.sgemm = reinterpret_cast<decltype(r.sgemm)>(sym("cublasSgemm_v2"));
+    r.gemm_ex = reinterpret_cast<decltype(r.gemm_ex)>(sym("cublasGemmEx"));
+    r.status_string = reinterpret_cast<decltype(r.status_string)>(sym("cublasGetStatusString"));
+    return r;  // the library stays loaded for the process
+  }();
+  return b;
+}
+
 void check_blas(cublasStatus_t st, const char* op) {
-  if (st != CUBLAS_STATUS_SUCCESS) fail("cuda backend: {}: cuBLAS error {}", op, cublasGetStatusString(st));
+  if (st != CUBLAS_STATUS_SUCCESS) fail("cuda backend: {}: cuBLAS error {}", op, blas().status_string(st));
 }
 
 std::string mib(size_t bytes) { return fmt::format("{:.1f} MiB", double(bytes) / (1024.0 * 1024.0)); }
@@ -206,8 +245,8 @@ class CudaBackend final : public Backend {
     if (const std::string why = cuda_unavailable_reason(); !why.empty()) fail("cuda backend: {}", why);
     check(cudaSetDevice(0), "init");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "init");
-    check_blas(cublasCreate(&blas_), "init");
-    check_blas(cublasSetStream(blas_, stream_), "init");
+    check_blas(blas().create(&blas_), "init");
+    check_blas(blas().set_stream(blas_, stream_), "init");
     check(cudaMalloc(&err_dev_, 4), "init");
     check(cudaMemset(err_dev_, 0, 4), "init");
     check(cudaMallocHost(&err_host_, 4), "init");
@@ -220,7 +259,7 @@ class CudaBackend final : public Backend {
     for (auto& [p, w] : weights_) cudaFree(const_cast<void*>(p));
     for (void* p : owned_) cudaFree(p);
     for (auto& [p, n] : allocs_) cudaFree(reinterpret_cast<void*>(p));
-    if (blas_) cublasDestroy(blas_);
+    if (blas_) blas().destroy(blas_);
     if (err_dev_) cudaFree(err_dev_);
     if (err_host_) cudaFreeHost(err_host_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -249,7 +288,7 @@ class CudaBackend final : public Backend {
     }
     const float one = 1.0f, zero = 0.0f;
     if (W.type == WT::F32) {
-      check_blas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(n), int(cols), &one,
+      check_blas(blas().sgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(n), int(cols), &one,
                              static_cast<const float*>(W.dev), int(cols), x, int(cols), &zero, y, int(rows)),
                  "matmul (cublasSgemm)");
       after(cudaGetLastError(), "matmul");
@@ -261,7 +300,7 @@ class CudaBackend final : public Backend {
           "matmul");
     const cudaDataType_t ht = bf ? CUDA_R_16BF : CUDA_R_16F;
     if (W.type == WT::F16 || W.type == WT::BF16) {
-      check_blas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(n), int(cols), &one, W.dev, ht, int(cols),
+      check_blas(blas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(n), int(cols), &one, W.dev, ht, int(cols),
                               xh, ht, int(cols), &zero, y, CUDA_R_32F, int(rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "matmul (cublasGemmEx)");
       after(cudaGetLastError(), "matmul");
@@ -273,7 +312,7 @@ class CudaBackend final : public Backend {
     for (int64_t r0 = 0; r0 < rows; r0 += tile) {
       const int64_t nr = std::min(tile, rows - r0);
       after(cuda::launch_q8_to_f16(W.dev, rows, cols, r0, nr, wt, stream_), "matmul");
-      check_blas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(nr), int(n), int(cols), &one, wt, CUDA_R_16F, int(cols),
+      check_blas(blas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(nr), int(n), int(cols), &one, wt, CUDA_R_16F, int(cols),
                               xh, CUDA_R_16F, int(cols), &zero, y + r0, CUDA_R_32F, int(rows), CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT),
                  "matmul (cublasGemmEx, q8_0)");
