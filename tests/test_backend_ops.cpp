@@ -30,6 +30,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/thread_pool.h"
+#include "backend/registry.h"
 #include "util/error.h"
 
 namespace headroom {
@@ -1385,6 +1386,721 @@ TEST(BackendOps, ManySmallCallsStayDeterministic) {
   for (int it = 0; it < 3000; ++it) {
     be.two->matmul(w.view(), x.data(), 1, y.data());
     ASSERT_TRUE(bitwise_equal(ref, y)) << "iteration " << it;
+  }
+}
+
+
+// ==== The CUDA backend against the CPU backend =========================================================
+//
+// Every op of the CUDA backend (when this build has it and a GPU is present; otherwise these tests report
+// SKIPPED with the reason) on random inputs, against the CPU backend on the same inputs. Tolerances
+// (u = 2^-24; mag = sum |w*x| of the dot product; acc = (K/16 + 8) * 2u, the float accumulation bound of
+// one backend):
+//   * matmul, n <= 32 (the GPU's decode GEMV: float FMA for F32/F16/BF16, int8 dots on activations
+//     quantized exactly as the CPU does for Q8_0): 2 * acc * mag, both sides' accumulation error; for
+//     Q4_0/Q4_K/Q6_K also 2^-11 * mag, since the GPU holds those weights as F16 (converted at upload).
+//   * matmul, n > 32 (cuBLAS on half-precision inputs): the activations are rounded to F16 (2^-11) or, for
+//     BF16 weights, to BF16 (2^-8), and Q8_0 weights are dequantized to F16 (2^-11): 1.5 * that * mag, plus
+//     for Q8_0 the CPU's own activation-quantization bound (as in check_matmul).
+//   * embed: bitwise for F32/F16/BF16/Q8_0; 2^-11 relative for the types held as F16.
+//   * rmsnorm 16u relative, rope 16u * (|x0| + |x1|) (both use ggml's angle recurrence, bit for bit; the
+//     cos/sin differ by ulps), swiglu 2e-6 relative, add/add_bias exact.
+//   * KV store ops (kv_store, kv_copy_pages, kv_copy_slots, kv_reset): bitwise equal pages (K, V as read
+//     back, positions); scores from attention within 2e-5 relative.
+//   * attention: both sides are within 1e-5 * max|v| of the float64 result (the CPU tests above), so we
+//     allow 2e-5 * max|v|; scores 2e-5 * (1 + |score|); outputs nobody writes stay NaN.
+//   * select_pages: identical page lists (the test data keeps the candidates' Quest scores >= 0.1% apart
+//     at the cut, far above either side's float rounding), ties resolved towards the earlier page.
+// And on the GPU alone: decode matmul rows and decode attention rows are bitwise the same whatever else is
+// in the call (batch invariance), and repeated runs are bitwise equal.
+
+std::unique_ptr<Backend> cuda_backend_or_null() {
+  if (!cuda_unavailable().empty()) return nullptr;
+  return make_backend("cuda", 0);
+}
+#define REQUIRE_CUDA(var)                                                      \
+  std::unique_ptr<Backend> var = cuda_backend_or_null();                       \
+  if (!var) GTEST_SKIP() << "no CUDA backend here: " << cuda_unavailable();
+
+template <typename T>
+DeviceArray<T> to_device(Backend& be, const std::vector<T>& v) {
+  DeviceArray<T> d(be, std::max<size_t>(1, v.size()));
+  if (!v.empty()) d.upload(v.data(), v.size());
+  return d;
+}
+template <typename T>
+std::vector<T> from_device(Backend& be, const DeviceArray<T>& d, size_t n) {
+  std::vector<T> v(n);
+  if (n) be.download(v.data(), d.get(), n * sizeof(T));
+  return v;
+}
+
+TEST(BackendRegistry, PicksAndRefuses) {
+  EXPECT_STREQ(make_backend("cpu", 1)->name(), "cpu");
+  try {
+    make_backend("tpu", 1);
+    ADD_FAILURE() << "an unknown device must throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+  }
+  if (cuda_unavailable().empty()) {
+    EXPECT_STREQ(make_backend("auto", 1)->name(), "cuda");
+    EXPECT_STREQ(make_backend("cuda", 1)->name(), "cuda");
+    EXPECT_NE(describe_device_choice("auto").find("cuda"), std::string::npos);
+  } else {
+    EXPECT_STREQ(make_backend("auto", 1)->name(), "cpu");
+    try {
+      make_backend("cuda", 1);
+      ADD_FAILURE() << "--device cuda without a usable GPU must throw";
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+      EXPECT_NE(std::string(e.what()).find("cuda"), std::string::npos) << e.what();
+    }
+    EXPECT_NE(describe_device_choice("auto").find("cpu"), std::string::npos);
+  }
+}
+
+void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_t cols, int64_t n, std::mt19937& rng) {
+  SCOPED_TRACE(testing::Message() << "type " << gguf::type_name(t) << " rows " << rows << " cols " << cols << " n " << n);
+  const TestWeight w = make_weight(t, rows, cols, rng);
+  std::vector<float> x = random_vec(size_t(n * cols), rng);
+  for (int64_t j = 0; j < n; j += 3) x[size_t(j * cols)] *= 8.0f;
+  std::vector<float> yc(size_t(n * rows));
+  cpu.matmul(w.view(), x.data(), n, yc.data());
+  const WeightView gw = gpu.upload_weight(w.view());
+  DeviceArray<float> dx = to_device(gpu, x);
+  DeviceArray<float> dy = to_device(gpu, std::vector<float>(size_t(n * rows), NAN));
+  gpu.matmul(gw, dx.get(), n, dy.get());
+  const std::vector<float> yg = from_device(gpu, dy, size_t(n * rows));
+  const bool as_f16 = t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q6_K;
+  const bool gemv = n <= 32;
+  const double acc = (double(cols) / 16 + 8) * 2 * kU;
+  double worst = 0;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* xr = x.data() + j * cols;
+      const double* wr = w.ref.data() + i * cols;
+      double mag = 0, q8_bound = 0;
+      for (int64_t k = 0; k < cols; ++k) mag += std::fabs(wr[k] * xr[k]);
+      if (t == DType::Q8_0)
+        for (int64_t b = 0; b < cols / 32; ++b) {
+          double amax = 0, wabs = 0;
+          for (int k = 0; k < 32; ++k) {
+            amax = std::max(amax, double(std::fabs(xr[b * 32 + k])));
+            wabs += std::fabs(wr[b * 32 + k]);
+          }
+          q8_bound += amax / 254 * wabs;
+        }
+      double tol = 2 * acc * mag * (t == DType::Q8_0 ? 2 : 1) + 1e-30;
+      if (as_f16) tol += mag / 2048;
+      if (!gemv) {
+        if (t == DType::BF16) tol += 1.5 * mag / 256;
+        else if (t == DType::F16) tol += 1.5 * mag / 2048;
+        else if (t == DType::Q8_0) tol += 3 * mag / 2048 + q8_bound * 1.001;
+        else if (as_f16) tol += 1.5 * mag / 2048;
+      }
+      const double err = std::fabs(double(yg[size_t(j * rows + i)]) - double(yc[size_t(j * rows + i)]));
+      worst = std::max(worst, err / tol);
+      ASSERT_LE(err, tol) << "y[" << j << "][" << i << "] gpu " << yg[size_t(j * rows + i)] << " cpu "
+                          << yc[size_t(j * rows + i)];
+    }
+  if (std::getenv("HEADROOM_TEST_VERBOSE"))
+    std::printf("cuda matmul %s %lldx%lld n=%lld: worst error / tolerance = %.3g\n", gguf::type_name(t), (long long)rows,
+                (long long)cols, (long long)n, worst);
+  // Batch invariance of the decode path: each row equals the same row computed alone.
+  if (gemv)
+    for (int64_t j : {int64_t(0), n / 2, n - 1}) {
+      DeviceArray<float> d1 = to_device(gpu, std::vector<float>(size_t(rows), NAN));
+      gpu.matmul(gw, dx.get() + j * cols, 1, d1.get());
+      const std::vector<float> y1 = from_device(gpu, d1, size_t(rows));
+      ASSERT_EQ(0, std::memcmp(y1.data(), yg.data() + j * rows, size_t(rows) * 4)) << "row " << j << " alone differs";
+    }
+}
+
+TEST(CudaBackendOps, MatmulEveryTypeAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(2);
+  std::mt19937 rng(101);
+  const std::vector<int64_t> ns = {1, 2, 3, 5, 8, 9, 17, 32, 33, 100};
+  for (DType t : {DType::F32, DType::F16, DType::BF16})
+    for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{5, 37}, {37, 64}, {7, 17}, {33, 96}, {768, 256},
+                                                                             {1027, 520}, {256, 4096}})
+      for (int64_t n : ns) check_cuda_matmul(*gpu, *cpu, t, rows, cols, n, rng);
+  for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{5, 32}, {37, 64}, {61, 96}, {768, 256}, {13, 160},
+                                                                           {1027, 544}, {300, 4096}})
+    for (int64_t n : ns) check_cuda_matmul(*gpu, *cpu, DType::Q8_0, rows, cols, n, rng);
+  for (DType t : {DType::Q4_0, DType::Q4_K, DType::Q6_K})
+    for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{20, 256}, {37, 512}, {9, 768}})
+      for (int64_t n : {int64_t(1), int64_t(4), int64_t(32), int64_t(40)}) check_cuda_matmul(*gpu, *cpu, t, rows, cols, n, rng);
+}
+
+TEST(CudaBackendOps, EmbedAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(1);
+  std::mt19937 rng(102);
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
+    SCOPED_TRACE(gguf::type_name(t));
+    const int64_t rows = 50, cols = 256;
+    const TestWeight w = make_weight(t, rows, cols, rng);
+    std::vector<int32_t> ids(40);
+    for (auto& id : ids) id = int32_t(rng() % rows);
+    ids[0] = 0;
+    ids[1] = int32_t(rows - 1);
+    std::vector<float> oc(ids.size() * size_t(cols));
+    cpu->embed(w.view(), ids.data(), int64_t(ids.size()), oc.data());
+    const WeightView gw = gpu->upload_weight(w.view());
+    DeviceArray<int32_t> did = to_device(*gpu, ids);
+    DeviceArray<float> dout = to_device(*gpu, std::vector<float>(oc.size(), NAN));
+    gpu->embed(gw, did.get(), int64_t(ids.size()), dout.get());
+    const std::vector<float> og = from_device(*gpu, dout, oc.size());
+    const bool exact = t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::Q8_0;
+    for (size_t i = 0; i < oc.size(); ++i) {
+      if (exact) ASSERT_EQ(og[i], oc[i]) << i;
+      else ASSERT_NEAR(og[i], oc[i], std::fabs(oc[i]) / 2048 + 6e-8) << i;
+    }
+    // A bad id is reported at the next synchronisation, in one line.
+    std::vector<int32_t> bad = {0, int32_t(rows)};
+    DeviceArray<int32_t> dbad = to_device(*gpu, bad);
+    gpu->embed(gw, dbad.get(), 2, dout.get());
+    try {
+      gpu->synchronize();
+      ADD_FAILURE() << "a token id out of range must throw";
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+      EXPECT_NE(std::string(e.what()).find("embed"), std::string::npos) << e.what();
+    }
+    gpu->synchronize();  // the error is reported once
+  }
+}
+
+TEST(CudaBackendOps, RowOpsAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(2);
+  std::mt19937 rng(103);
+  for (const auto& [n, dim] : std::vector<std::pair<int64_t, int64_t>>{{1, 256}, {37, 256}, {512, 256}, {3, 37}, {2, 4096}}) {
+    const std::vector<float> x = random_vec(size_t(n * dim), rng, -3, 3), w = random_vec(size_t(dim), rng, 0.5, 1.5);
+    std::vector<float> oc(x.size());
+    cpu->rmsnorm(x.data(), w.data(), n, dim, 1e-5f, oc.data());
+    DeviceArray<float> dx = to_device(*gpu, x);
+    const float* dw = gpu->upload_f32(w.data(), dim);
+    gpu->rmsnorm(dx.get(), dw, n, dim, 1e-5f, dx.get());  // in place
+    const std::vector<float> og = from_device(*gpu, dx, x.size());
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(og[i], oc[i], 16 * kU * std::fabs(oc[i]) + 1e-12) << "rmsnorm " << i;
+  }
+  for (int64_t count : {int64_t(1), int64_t(37), int64_t(768), int64_t(512 * 768 + 5)}) {
+    std::vector<float> g = random_vec(size_t(count), rng, -12, 12), u = random_vec(size_t(count), rng, -2, 2);
+    if (count > 10) g[0] = -100.0f, g[1] = 100.0f, g[2] = 0.0f, g[3] = -87.0f;
+    std::vector<float> sc(g.size()), ac = g, bc = g;
+    cpu->swiglu(g.data(), u.data(), count, sc.data());
+    cpu->add(ac.data(), u.data(), count);
+    DeviceArray<float> dg = to_device(*gpu, g), du = to_device(*gpu, u), da = to_device(*gpu, g);
+    gpu->swiglu(dg.get(), du.get(), count, dg.get());  // out aliases gate
+    gpu->add(da.get(), du.get(), count);
+    const std::vector<float> sg = from_device(*gpu, dg, g.size()), ag = from_device(*gpu, da, g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+      ASSERT_NEAR(sg[i], sc[i], 2e-6 * std::fabs(sc[i]) + 1e-30) << "swiglu g " << g[i];
+      ASSERT_EQ(ag[i], ac[i]) << "add " << i;
+    }
+  }
+  {
+    const int64_t n = 37, dim = 96;
+    const std::vector<float> x = random_vec(size_t(n * dim), rng), b = random_vec(size_t(dim), rng);
+    std::vector<float> c = x;
+    cpu->add_bias(c.data(), b.data(), n, dim);
+    DeviceArray<float> dx = to_device(*gpu, x);
+    gpu->add_bias(dx.get(), gpu->upload_f32(b.data(), dim), n, dim);
+    EXPECT_TRUE(bitwise_equal(from_device(*gpu, dx, x.size()), c));
+  }
+  struct RopeCase {
+    bool neox;
+    int64_t n, heads, head_dim;
+    int n_rot;
+    float base, freq_scale;
+    bool ff;
+  };
+  for (const RopeCase& c : {RopeCase{false, 37, 4, 64, 64, 10000.0f, 1.0f, false}, RopeCase{true, 37, 4, 64, 64, 1e6f, 1.0f, false},
+                            RopeCase{false, 5, 2, 128, 128, 500000.0f, 0.25f, true}, RopeCase{true, 1, 3, 64, 32, 10000.0f, 0.5f, true},
+                            RopeCase{false, 512, 2, 64, 48, 10000.0f, 1.0f, false}}) {
+    SCOPED_TRACE(testing::Message() << "rope neox " << c.neox << " n " << c.n << " n_rot " << c.n_rot);
+    const int half = c.n_rot / 2;
+    std::vector<float> ff = random_vec(size_t(half), rng, 1.0f, 8.0f);
+    std::vector<int32_t> pos(static_cast<size_t>(c.n));
+    for (auto& p : pos) p = int32_t(rng() % 131072);
+    RopeParams p;
+    p.n_rot = c.n_rot;
+    p.neox = c.neox;
+    p.theta_base = c.base;
+    p.freq_scale = c.freq_scale;
+    p.freq_factors = c.ff ? ff.data() : nullptr;
+    const std::vector<float> x = random_vec(size_t(c.n * c.heads * c.head_dim), rng);
+    std::vector<float> xc = x;
+    cpu->rope(xc.data(), c.n, c.heads, c.head_dim, pos.data(), p);
+    DeviceArray<float> dx = to_device(*gpu, x);
+    DeviceArray<int32_t> dpos = to_device(*gpu, pos);
+    RopeParams pg = p;
+    pg.freq_factors = c.ff ? gpu->upload_f32(ff.data(), half) : nullptr;
+    gpu->rope(dx.get(), c.n, c.heads, c.head_dim, dpos.get(), pg);
+    const std::vector<float> xg = from_device(*gpu, dx, x.size());
+    for (int64_t r = 0; r < c.n; ++r)
+      for (int64_t h = 0; h < c.heads; ++h) {
+        const size_t o = size_t((r * c.heads + h) * c.head_dim);
+        for (int i = 0; i < half; ++i) {
+          const size_t i0 = c.neox ? o + size_t(i) : o + 2 * size_t(i);
+          const size_t i1 = c.neox ? o + size_t(i + half) : o + 2 * size_t(i) + 1;
+          const double tol = 16 * kU * (std::fabs(x[i0]) + std::fabs(x[i1]));
+          ASSERT_NEAR(xg[i0], xc[i0], tol) << "r " << r << " h " << h << " i " << i << " pos " << pos[size_t(r)];
+          ASSERT_NEAR(xg[i1], xc[i1], tol) << "r " << r << " h " << h << " i " << i;
+        }
+        for (int64_t d = c.n_rot; d < c.head_dim; ++d) ASSERT_EQ(xg[o + size_t(d)], x[o + size_t(d)]);
+      }
+  }
+}
+
+// Every page of two stores (one per backend) holds the same K, V (bitwise, as read back) and positions.
+void expect_same_pages(Backend& a, KVStore& ka, Backend& b, KVStore& kb) {
+  const KVLayout& l = ka.layout();
+  for (int32_t id = 0; id < l.total_pages(); ++id) {
+    const PageData pa = read_page(a, ka, id), pb = read_page(b, kb, id);
+    ASSERT_EQ(pa.pos, pb.pos) << "page " << id;
+    const size_t D = size_t(l.head_dim);
+    for (size_t s = 0; s < pa.pos.size(); ++s) {  // rows of empty slots hold whatever the memory held
+      if (pa.pos[s] < 0) continue;
+      ASSERT_EQ(0, std::memcmp(pa.k.data() + s * D, pb.k.data() + s * D, D * 4)) << "K of page " << id << " slot " << s;
+      ASSERT_EQ(0, std::memcmp(pa.v.data() + s * D, pb.v.data() + s * D, D * 4)) << "V of page " << id << " slot " << s;
+    }
+  }
+}
+void expect_close_scores(Backend& a, KVStore& ka, Backend& b, KVStore& kb) {
+  std::vector<int32_t> all(static_cast<size_t>(ka.layout().total_pages()));
+  std::iota(all.begin(), all.end(), 0);
+  const std::vector<float> sa = read_scores(a, ka, all), sb = read_scores(b, kb, all);
+  for (size_t i = 0; i < sa.size(); ++i) ASSERT_NEAR(sa[i], sb[i], 2e-5 * (1 + std::fabs(sb[i]))) << "slot " << i;
+}
+
+// One decode row attending `ids` with score accumulation, on one backend (device memory of that backend).
+void score_pass(Backend& be, KVStore& kv, const std::vector<int32_t>& ids, const std::vector<float>& q, int D) {
+  std::vector<int32_t> qpos = {1 << 20};
+  AttnJob job;
+  job.n_rows = 1;
+  job.n_pages = int32_t(ids.size());
+  job.score = 1;
+  DeviceArray<float> dq = to_device(be, q), dout(be, size_t(D));
+  DeviceArray<int32_t> dqp = to_device(be, qpos), dids = to_device(be, ids);
+  DeviceArray<AttnJob> dj = to_device(be, std::vector<AttnJob>{job});
+  AttnBatch b;
+  b.q = dq.get();
+  b.q_stride = D;
+  b.q_pos = dqp.get();
+  b.out = dout.get();
+  b.out_stride = D;
+  b.head_dim = D;
+  b.scale = 0.125f;
+  b.jobs = dj.get();
+  b.n_jobs = 1;
+  b.page_ids = dids.get();
+  be.attention(kv, b);
+  be.synchronize();
+}
+
+TEST(CudaBackendOps, KVStoreOpsAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(2);
+  std::mt19937 rng(104);
+  for (KVType t : kAllKVTypes)
+    for (int D : {64, 40, 128}) {
+      if (!kv_type_fits(t, D).empty()) continue;
+      SCOPED_TRACE(testing::Message() << "type " << kv_type_name(t) << " head_dim " << D);
+      const int P = 8;
+      const KVLayout l = make_layout(t, P, D, 3, 3, true, true);
+      auto kc = cpu->kv_create(l);
+      auto kg = gpu->kv_create(l);
+      expect_same_pages(*cpu, *kc, *gpu, *kg);  // fresh: empty
+      // kv_store: 2 KV heads per row, some slots -1, both tiers, rounding ties.
+      const int n_rows = 11, n_kv = 2;
+      std::vector<float> k = random_vec(size_t(n_rows * n_kv * D), rng, -3, 3), v = random_vec(k.size(), rng, -3, 3);
+      const float ties[] = {127.0f, 2.5f, -3.5f, 0.5f, 1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048, 1.0f + 1.0f / 256, 0.0f, -0.0f, 60000.0f};
+      for (size_t i = 0; i < std::size(ties); ++i) k[i] = ties[i];
+      std::vector<int32_t> all_slots(size_t(6 * P));
+      std::iota(all_slots.begin(), all_slots.end(), 0);
+      std::shuffle(all_slots.begin(), all_slots.end(), rng);
+      std::vector<int32_t> slots(size_t(n_rows * n_kv)), pos(static_cast<size_t>(n_rows));
+      for (size_t i = 0; i < slots.size(); ++i) slots[i] = i % 5 == 3 ? -1 : all_slots[i];
+      for (int r = 0; r < n_rows; ++r) pos[size_t(r)] = 100 + 7 * r;
+      cpu->kv_store(*kc, k.data(), v.data(), n_rows, n_kv, slots.data(), pos.data());
+      {
+        DeviceArray<float> dk = to_device(*gpu, k), dv = to_device(*gpu, v);
+        DeviceArray<int32_t> ds = to_device(*gpu, slots), dp = to_device(*gpu, pos);
+        gpu->kv_store(*kg, dk.get(), dv.get(), n_rows, n_kv, ds.get(), dp.get());
+      }
+      expect_same_pages(*cpu, *kc, *gpu, *kg);
+      // Scores, then page copies (across tiers, in order), slot copies, resets.
+      const std::vector<float> q = random_vec(size_t(D), rng);
+      const std::vector<int32_t> ids = {0, 1, 2, 3, 4, 5};
+      score_pass(*cpu, *kc, ids, q, D);
+      score_pass(*gpu, *kg, ids, q, D);
+      expect_close_scores(*cpu, *kc, *gpu, *kg);
+      const std::vector<PageCopy> pc = {{0, 4}, {4, 2}, {1, 0}, {3, 3}, {5, 1}};
+      cpu->kv_copy_pages(*kc, pc);
+      gpu->kv_copy_pages(*kg, pc);
+      expect_same_pages(*cpu, *kc, *gpu, *kg);
+      const std::vector<SlotCopy> sc = {{2 * P + 6, 2 * P + 5}, {2 * P + 7, 2 * P + 6}, {1 * P + 3, 5 * P},
+                                        {5 * P, 5 * P + 1}, {-1, 4 * P + 2},     {3 * P + 1, 0}};
+      cpu->kv_copy_slots(*kc, sc);
+      gpu->kv_copy_slots(*kg, sc);
+      expect_same_pages(*cpu, *kc, *gpu, *kg);
+      expect_close_scores(*cpu, *kc, *gpu, *kg);
+      const std::vector<int32_t> rs = {2, 5};
+      cpu->kv_reset(*kc, rs);
+      gpu->kv_reset(*kg, rs);
+      expect_same_pages(*cpu, *kc, *gpu, *kg);
+      expect_close_scores(*cpu, *kc, *gpu, *kg);
+    }
+}
+
+TEST(CudaBackendOps, KVRejects) {
+  REQUIRE_CUDA(gpu);
+  try {
+    gpu->kv_create(make_layout(KVType::F32, 1024, 256, 1 << 20, 0, false, false));  // 2 TiB of device tier
+    ADD_FAILURE() << "a device tier larger than the GPU must throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("free"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(gpu->kv_create(make_layout(KVType::Q8_0, 16, 72, 2, 0, false, false)), Error);
+  EXPECT_THROW(gpu->kv_create(make_layout(KVType::F16, 16, 512, 2, 0, false, false)), Error);  // head_dim > 256
+  auto kv = gpu->kv_create(make_layout(KVType::F32, 4, 32, 2, 1, false, false));
+  const std::vector<int32_t> bad = {3};
+  EXPECT_THROW(gpu->kv_reset(*kv, bad), Error);
+  EXPECT_THROW(read_scores(*gpu, *kv, {0}), Error);
+  const std::vector<PageCopy> pc = {{0, 3}};
+  EXPECT_THROW(gpu->kv_copy_pages(*kv, pc), Error);
+  // A bad page id inside a device job table: reported at the next synchronisation.
+  std::vector<float> q(32, 0.5f);
+  std::vector<int32_t> qpos = {3}, ids = {7};
+  AttnJob job;
+  job.n_rows = 1;
+  job.n_pages = 1;
+  DeviceArray<float> dq = to_device(*gpu, q), dout = to_device(*gpu, q);
+  DeviceArray<int32_t> dqp = to_device(*gpu, qpos), dids = to_device(*gpu, ids);
+  DeviceArray<AttnJob> dj = to_device(*gpu, std::vector<AttnJob>{job});
+  AttnBatch b;
+  b.q = dq.get();
+  b.q_stride = 32;
+  b.q_pos = dqp.get();
+  b.out = dout.get();
+  b.out_stride = 32;
+  b.head_dim = 32;
+  b.jobs = dj.get();
+  b.n_jobs = 1;
+  b.page_ids = dids.get();
+  gpu->attention(*kv, b);
+  EXPECT_THROW(gpu->synchronize(), Error);
+}
+
+// Attention of a case on the GPU against the CPU (and the GPU against itself, run twice).
+void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
+  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
+  c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
+  auto cpu = make_cpu_backend(2);
+  for (KVType t : types) {
+    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+    SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
+    AttnCase ct = c;
+    ct.layout.type = t;
+    if (t == KVType::Q8_0)
+      for (size_t i = 0; i < ct.writes.k.size(); ++i)
+        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
+    double vmax = 0;
+    const int D = ct.layout.head_dim;
+    for (size_t i = 0; i < ct.writes.pos.size(); ++i)
+      if (ct.writes.pos[i] >= 0)
+        for (int e = 0; e < D; ++e) vmax = std::max(vmax, double(std::fabs(ct.writes.v[i * size_t(D) + size_t(e)])));
+    const AttnResult rc = run_attention(*cpu, ct, 2);
+    const AttnResult rg = run_attention(gpu, ct, 2);
+    const AttnResult rg2 = run_attention(gpu, ct, 2);
+    for (size_t i = 0; i < rg.out.size(); ++i)
+      ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i << ": " << rg.out[i] << " vs "
+                                                             << rg2.out[i];
+    ASSERT_EQ(rc.out.size(), rg.out.size());
+    for (size_t i = 0; i < rc.out.size(); ++i) {
+      if (std::isnan(rc.out[i])) {
+        ASSERT_TRUE(std::isnan(rg.out[i])) << "the GPU wrote an output nobody owns, " << i;
+        continue;
+      }
+      ASSERT_NEAR(rg.out[i], rc.out[i], 2e-5 * vmax + 1e-30) << "out[" << i << "] (row*head " << i / size_t(D) << ")";
+    }
+    for (size_t ji = 0; ji < rc.scores.size(); ++ji) {
+      ASSERT_TRUE(bitwise_equal(rg.scores[ji], rg2.scores[ji])) << "two GPU runs differ (scores)";
+      for (size_t s = 0; s < rc.scores[ji].size(); ++s)
+        ASSERT_NEAR(rg.scores[ji][s], rc.scores[ji][s], 2e-5 * (1 + std::fabs(rc.scores[ji][s]))) << "job " << ji << " slot " << s;
+    }
+  }
+}
+
+TEST(CudaBackendOps, AttentionAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  std::mt19937 rng(105);
+  {  // decode, holes, device and host pages, uneven page lists
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 64, 6, 6, false, true);
+    c.n_rows = 1, c.n_kv = 2, c.group = 2;
+    c.q_pos = {150};
+    const std::vector<int32_t> p0 = {3, 7, 0, 10, 1, 6, 11}, p1 = {2, 9, 4, 8};
+    fill_pages(c, p0, iota_vec(180), 0.2, rng);
+    fill_pages(c, p1, iota_vec(120), 0.05, rng);
+    c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 0, 0, false}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // long decode over many splits, group 4, head_dim 128, scores, sinks/window
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 128, 300, 300, false, true);
+    c.n_rows = 2, c.n_kv = 2, c.group = 4;
+    c.scale = 1.0f / std::sqrt(128.0f);
+    c.q_pos = {9000, 9001};
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 283; ++i) p0.push_back(i < 150 ? i : 150 + i);  // device ids, then host ids
+    for (int i = 0; i < 211; ++i) p1.push_back(i < 150 ? 299 - i : 599 - (i - 150));  // disjoint from p0
+    fill_pages(c, p0, iota_vec(9002), 0.02, rng);
+    fill_pages(c, p1, iota_vec(6700), 0.05, rng);
+    c.jobs = {{0, 2, 0, p0, 0, 0, true}, {0, 2, 1, p1, 64, 1000, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // P = 256, 17 pages, decode with window on one head
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 256, 128, 20, 20, false, true);
+    c.n_rows = 1, c.n_kv = 2, c.group = 4;
+    c.q_pos = {4300};
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 17; ++i) {
+      p0.push_back(i < 9 ? i : 11 + i);
+      p1.push_back(i < 10 ? 19 - i : 49 - i);
+    }
+    fill_pages(c, p0, iota_vec(4300), 0.05, rng);
+    fill_pages(c, p1, iota_vec(4300), 0.05, rng);
+    c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 4, 1000, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  for (int32_t window : {0, 16}) {  // causal prefill
+    const int n_rows = 37, past = 70;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 64, 8, 2, false, true);
+    c.n_rows = n_rows, c.n_kv = 2, c.group = 2;
+    c.q_pos = iota_vec(n_rows, past);
+    const std::vector<int32_t> p0 = {0, 1, 2, 8}, p1 = {5, 9, 3, 4};
+    fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
+    fill_pages(c, p1, iota_vec(past + n_rows), 0.1, rng);
+    c.jobs = {{0, n_rows, 0, p0, window ? 4 : 0, window, false}, {0, n_rows, 1, p1, window ? 4 : 0, window, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // head_dim 72 (generic kernel), group 1, rows before every slot, pages of 20
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 20, 72, 70, 0, false, true);
+    c.n_rows = 3, c.n_kv = 2, c.group = 1;
+    c.q_pos = {600, -5, 2};
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 35; ++i) p0.push_back(i), p1.push_back(69 - i);
+    fill_pages(c, p0, iota_vec(650), 0.1, rng);
+    fill_pages(c, p1, iota_vec(700), 0.3, rng);
+    c.jobs = {{0, 3, 0, p0, 2, 50, true}, {0, 3, 1, p1, 0, 0, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // head_dim 96 (generic kernel, Q8_0 too), prefill rows, group 3
+    const int rows = 11;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 16, 96, 4, 0, false, true);
+    c.n_rows = rows, c.n_kv = 1, c.group = 3;
+    c.scale = 0.1f;
+    c.q_pos = iota_vec(rows, 40);
+    fill_pages(c, {2, 0, 3, 1}, iota_vec(40 + rows), 0.1, rng);
+    c.jobs = {{0, rows, 0, {2, 0, 3, 1}, 0, 0, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // no pages, and only empty slots
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 16, 64, 2, 1, false, true);
+    c.n_rows = 2, c.n_kv = 2, c.group = 1;
+    c.q_pos = {5, 9};
+    fill_pages(c, {2}, {}, 1.0, rng);
+    c.jobs = {{0, 2, 0, {}, 0, 0, false}, {0, 2, 1, {2, 0}, 0, 0, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // prefill, long context, GQA 4, head_dim 128, both tiers
+    const int n_rows = 64, past = 1200;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 128, 128, 12, 12, false, true);
+    c.n_rows = n_rows, c.n_kv = 2, c.group = 4;
+    c.q_pos = iota_vec(n_rows, past);
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 11; ++i) p0.push_back(i), p1.push_back(23 - i);
+    fill_pages(c, p0, iota_vec(past + n_rows), 0.02, rng);
+    fill_pages(c, p1, iota_vec(past + n_rows), 0.02, rng);
+    c.jobs = {{0, n_rows, 0, p0, 0, 0, true}, {0, n_rows, 1, p1, 0, 0, false}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // mixed batch: decode rows, a prefill block, tiny pages, shared pages read by two jobs, head_dim 256
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 5, 256, 400, 300, false, true);
+    c.n_rows = 1 + 9 + 3, c.n_kv = 2, c.group = 2;
+    c.q_pos = {1100};
+    for (int r = 0; r < 9; ++r) c.q_pos.push_back(300 + r);
+    for (int r = 0; r < 3; ++r) c.q_pos.push_back(20 + 2 * r);
+    std::vector<int32_t> ids(700);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    auto take = [&](size_t n) {
+      std::vector<int32_t> v(ids.end() - ptrdiff_t(n), ids.end());
+      ids.resize(ids.size() - n);
+      return v;
+    };
+    const std::vector<int32_t> a0 = take(240), a1 = take(240), b0 = take(65), b1 = take(62), shared = take(6);
+    fill_pages(c, a0, iota_vec(1101), 0.1, rng);
+    fill_pages(c, a1, iota_vec(1101), 0.1, rng);
+    fill_pages(c, b0, iota_vec(309), 0.05, rng);
+    fill_pages(c, b1, iota_vec(309), 0.05, rng);
+    fill_pages(c, shared, iota_vec(30), 0.0, rng);
+    c.jobs = {{0, 1, 0, a0, 3, 0, true},   {0, 1, 1, a1, 3, 300, false}, {1, 9, 0, b0, 0, 0, true},
+              {1, 9, 1, b1, 2, 64, false}, {10, 3, 0, shared, 0, 0, false}, {10, 3, 1, shared, 0, 4, false}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+}
+
+// A decode job's output and scores are bitwise the same alone and inside a batch of other jobs.
+TEST(CudaBackendOps, AttentionDecodeIsBatchInvariant) {
+  REQUIRE_CUDA(gpu);
+  std::mt19937 rng(106);
+  for (KVType t : {KVType::F16, KVType::Q8_0}) {
+    SCOPED_TRACE(kv_type_name(t));
+    AttnCase big;
+    big.layout = make_layout(t, 32, 128, 200, 100, false, true);
+    big.n_rows = 1 + 1 + 12, big.n_kv = 2, big.group = 4;
+    big.q_pos = {5000, 3000};
+    for (int r = 0; r < 12; ++r) big.q_pos.push_back(900 + r);
+    std::vector<int32_t> ids(300);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    const std::vector<int32_t> a(ids.begin(), ids.begin() + 160), b(ids.begin() + 160, ids.begin() + 260),
+        c(ids.begin() + 260, ids.begin() + 290);
+    fill_pages(big, a, iota_vec(5001), 0.05, rng);
+    fill_pages(big, b, iota_vec(3001), 0.05, rng);
+    fill_pages(big, c, iota_vec(912), 0.05, rng);
+    big.q = random_vec(size_t(big.n_rows) * 2 * 4 * 128, rng, -2, 2);
+    AttnCase alone = big;
+    big.jobs = {{1, 1, 1, b, 0, 0, false}, {0, 1, 0, a, 0, 0, true}, {2, 12, 0, c, 0, 0, false}, {0, 1, 1, a, 0, 0, false}};
+    alone.jobs = {{0, 1, 0, a, 0, 0, true}};
+    const AttnResult rb = run_attention(*gpu, big, 1), ra = run_attention(*gpu, alone, 1);
+    const size_t D = 128;
+    for (size_t h = 0; h < 4; ++h)  // row 0, heads 0..3 (KV head 0)
+      ASSERT_EQ(0, std::memcmp(ra.out.data() + h * D, rb.out.data() + h * D, D * 4)) << "head " << h;
+    ASSERT_TRUE(bitwise_equal(ra.scores[0], rb.scores[1]));
+  }
+}
+
+TEST(CudaBackendOps, SelectPagesAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(2);
+  std::mt19937 rng(107);
+  const int P = 4, D = 64, G = 2, n_kv = 2;
+  for (KVType t : kAllKVTypes) {
+    SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
+    // Jobs (pages, cand0, n_cand, k, score spacing). The keys of a candidate page are the same base keys
+    // times a factor from a shuffled ladder 1, 1 + step, 1 + 2 step, ..., so the Quest scores are ordered
+    // by the factor and far apart; job 1 selects over job 0's pages with k = 1 where page 4 has an exact
+    // copy at index 6 (a tie: the earlier wins); job 2 keeps all; job 4 has an empty candidate; job 5
+    // (F32 only) has 13000 candidates (more than the kernel keeps in shared memory).
+    struct Sel {
+      int n_pages, cand0, n_cand, k;
+      double step;
+      int row0, kv_head;
+    };
+    std::vector<Sel> sel = {{10, 1, 8, 3, 0.05, 0, 0}, {10, 1, 8, 1, 0.05, 0, 1}, {5, 0, 5, 5, 0.05, 3, 0},
+                            {330, 5, 320, 40, 0.01, 4, 1}, {6, 0, 6, 2, 0.05, 5, 0}};
+    if (t == KVType::F32) sel.push_back({13010, 3, 13000, 500, 0.0005, 6, 1});
+    int total = 0;
+    for (const Sel& s : sel) total += s.n_pages;
+    const KVLayout l = make_layout(t, P, D, total / 2, total - total / 2 + 20, true, false);
+    std::vector<int32_t> ids(static_cast<size_t>(l.total_pages()));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<std::vector<int32_t>> pages(sel.size());
+    size_t next = 0;
+    for (size_t j = 0; j < sel.size(); ++j) {
+      if (j == 1) {
+        pages[1] = pages[0];
+        continue;
+      }
+      pages[j].assign(ids.begin() + ptrdiff_t(next), ids.begin() + ptrdiff_t(next + size_t(sel[j].n_pages)));
+      next += size_t(sel[j].n_pages);
+    }
+    const std::vector<float> base = random_vec(size_t(P * D), rng, 0.2f, 1.0f);
+    KVWrites w;
+    for (size_t j = 0; j < sel.size(); ++j) {
+      if (j == 1) continue;
+      std::vector<double> ladder(static_cast<size_t>(sel[j].n_pages));
+      for (size_t i = 0; i < ladder.size(); ++i) ladder[i] = 1 + sel[j].step * double(i);
+      std::shuffle(ladder.begin(), ladder.end(), rng);
+      if (j == 0) std::swap(ladder[3], *std::max_element(ladder.begin(), ladder.end()));  // page 4 is the best
+      for (int pi = 0; pi < sel[j].n_pages; ++pi) {
+        const int32_t id = pages[j][size_t(pi)];
+        if ((j == 4 && pi == 2) || (j == 0 && pi == 6)) continue;  // empty page / filled by copy below
+        for (int s = 0; s < P; ++s) {
+          w.slots.push_back(id * P + s);
+          w.pos.push_back(s);
+          for (int d = 0; d < D; ++d) {
+            w.k.push_back(float(base[size_t(s * D + d)] * ladder[size_t(pi)]));
+            w.v.push_back(0.0f);
+          }
+        }
+      }
+    }
+    const std::vector<PageCopy> cp = {{pages[0][3], pages[0][6]}};
+    std::vector<float> q = random_vec(size_t(7) * n_kv * G * D, rng, 0.1f, 1.0f);
+    std::vector<AttnJob> jobs;
+    std::vector<int32_t> flat;
+    for (size_t j = 0; j < sel.size(); ++j) {
+      AttnJob a;
+      a.row0 = sel[j].row0;
+      a.n_rows = 1;
+      a.kv_head = sel[j].kv_head;
+      a.page0 = int32_t(flat.size());
+      a.n_pages = sel[j].n_pages;
+      a.cand0 = sel[j].cand0;
+      a.n_cand = sel[j].n_cand;
+      a.select_k = sel[j].k;
+      flat.insert(flat.end(), pages[j].begin(), pages[j].end());
+      jobs.push_back(a);
+    }
+    std::vector<int32_t> qpos(7, 1000);
+    auto run = [&](Backend& be, bool on_gpu) {
+      auto kv = be.kv_create(l);
+      store_writes(be, *kv, w);
+      be.kv_copy_pages(*kv, cp);
+      DeviceArray<float> dq = to_device(be, q), dout(be, q.size());
+      DeviceArray<int32_t> dqp = to_device(be, qpos), dflat = to_device(be, flat);
+      DeviceArray<AttnJob> dj = to_device(be, jobs);
+      AttnBatch b;
+      b.q = dq.get();
+      b.q_stride = int64_t(n_kv) * G * D;
+      b.q_pos = dqp.get();
+      b.out = dout.get();
+      b.out_stride = b.q_stride;
+      b.n_group = G;
+      b.head_dim = D;
+      b.jobs = dj.get();
+      b.n_jobs = int32_t(jobs.size());
+      b.page_ids = dflat.get();
+      be.select_pages(*kv, b);
+      const std::vector<AttnJob> oj = from_device(be, dj, jobs.size());
+      const std::vector<int32_t> of = from_device(be, dflat, flat.size());
+      std::vector<std::vector<int32_t>> res;
+      for (const AttnJob& a : oj) res.emplace_back(of.begin() + a.page0, of.begin() + a.page0 + a.n_pages);
+      (void)on_gpu;
+      return res;
+    };
+    const auto rc = run(*cpu, false), rg = run(*gpu, true);
+    ASSERT_EQ(rc.size(), rg.size());
+    for (size_t j = 0; j < rc.size(); ++j) EXPECT_EQ(rg[j], rc[j]) << "job " << j;
+    EXPECT_EQ(rg[1], (std::vector<int32_t>{pages[0][0], pages[0][3], pages[0][9]}));  // the tie
+    EXPECT_EQ(rg[3].size(), size_t(330 - 280));
   }
 }
 
