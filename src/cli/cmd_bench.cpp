@@ -86,6 +86,7 @@ void register_bench(CLI::App& app) {
   static std::string model_path;
   static std::vector<int> ds = {0}, ts = {0}, ps = {1};
   static int n_prompt = 512, n_gen = 128, reps = 3;
+  static std::string device = "auto";
   static KVOptions kvo;
   auto* cmd = app.add_subcommand("bench", "measure prompt and generation tokens/s by context depth (markdown table)");
   static std::string server_url, server_model, server_key;
@@ -121,6 +122,7 @@ void register_bench(CLI::App& app) {
   add_threads_flag(cmd, ts, "thread counts, comma-separated (0: one per physical core)");
   cmd->add_option("-r,--repetitions", reps, "repetitions per test")->check(in_range({1, 1000}))->capture_default_str();
   add_kv_flags(cmd, kvo);
+  add_device_flag(cmd, device);
   cmd->callback([] {
     if (!server_url.empty()) {
       if (!model_path.empty()) fail("give -m (bench the engine) or --server (bench a server), not both");
@@ -163,7 +165,8 @@ void register_bench(CLI::App& app) {
     std::printf("| model | size | params | backend | threads | kv | parallel | test | t/s | latency per seq |\n");
     std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
     for (int t : ts) {
-      auto be = make_cpu_backend(t);
+      auto be = make_backend(device, t);
+      if (t == ts.front()) std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
       for (int d : ds)
         for (int par : ps) {
           const int64_t n_ctx = int64_t(d) + std::max(n_prompt, n_gen) + 1;
@@ -181,8 +184,8 @@ void register_bench(CLI::App& app) {
             const std::string latency = phase == 0 ? fmt::format("{:.1f} ms/prompt", sec * 1e3)
                                                    : fmt::format("{:.2f} ms/token", sec * 1e3 / n);
             std::string test = fmt::format("{}{}{}", phase == 0 ? "pp" : "tg", n, d ? fmt::format(" @ d{}", d) : "");
-            std::printf("| %s | %.2f MiB | %.2f M | CPU | %d | %s | %d | %s | %.2f ± %.2f | %s |\n", mname.c_str(),
-                        double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, be->threads(),
+            std::printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %d | %s | %.2f ± %.2f | %s |\n", mname.c_str(),
+                        double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, be->name(), be->threads(),
                         kvo.head_map.empty() ? kvo.policy.c_str() : "head-map", par, test.c_str(), mean, sd,
                         latency.c_str());
             std::fflush(stdout);

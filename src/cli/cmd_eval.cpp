@@ -15,6 +15,7 @@ void register_eval(CLI::App& app) {
   static std::vector<std::string> tasks = {"niah", "multikey", "kv"}, policies = {"full"}, budgets = {"25%"};
   static std::vector<int> ctxs;
   static int threads = 0;
+  static std::string device = "auto";
   static eval::Options o;
   auto* cmd = app.add_subcommand("eval", "long-context accuracy (NIAH, multi-key, key-value, variable tracking) vs KV policy and budget");
   cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
@@ -58,6 +59,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("-o,--out", out_dir, "output folder for results.json, results.csv, summary.md and PNG plots")->capture_default_str();
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
   add_threads_flag(cmd, threads);
+  add_device_flag(cmd, device);
   cmd->callback([] {
     check_output_dir(out_dir, "-o");
     auto model = Model::load(model_path);
@@ -74,7 +76,7 @@ void register_eval(CLI::App& app) {
         for (const std::string& b : budgets) o.configs.push_back({p, b});
     }
     o.out_dir = out_dir;
-    auto be = make_cpu_backend(threads);
+    auto be = backend_for(device, threads);
     eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
     const bool tty = isatty(fileno(stderr));
     std::vector<eval::EpisodeResult> rs = eval::run(*model, *be, gen, o, [tty](int done, int total, const eval::EpisodeResult& r) {

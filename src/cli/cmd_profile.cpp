@@ -13,6 +13,7 @@ namespace headroom::cli {
 void register_profile(CLI::App& app) {
   static std::string model_path, out = "heads.json", target = "25%", shared = "../shared", png, prefill = "auto";
   static int threads = 0;
+  static std::string device = "auto";
   static profile::Options o;
   auto* cmd = app.add_subcommand("profile", "find each KV head's role (retrieval vs streaming) and write a head map");
   cmd->add_option("-m,--model", model_path, "GGUF model file")->required();
@@ -60,6 +61,7 @@ void register_profile(CLI::App& app) {
   cmd->add_option("--png", png, "heat map of the scores (default: OUTPUT with .png)");
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
   add_threads_flag(cmd, threads);
+  add_device_flag(cmd, device);
   cmd->callback([] {
     KVBudget b = KVBudget::parse(target, "--target-budget");
     if (o.ctx != 0 && o.ctx < 64) fail("--ctx {} is out of range (0 for the trained context, or 64..{})", o.ctx, kMaxContext);
@@ -71,7 +73,7 @@ void register_profile(CLI::App& app) {
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
     const int ctx = int(context_for(o.ctx, c));
-    auto be = make_cpu_backend(threads);
+    auto be = backend_for(device, threads);
     eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
     std::fprintf(stderr, "profile: %d layers x %d KV heads, %d + %d probes of %d tokens\n", c.n_layer, c.n_head_kv,
                  o.retrieval_prompts, o.natural_prompts, ctx);

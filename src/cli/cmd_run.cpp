@@ -15,7 +15,7 @@ namespace headroom::cli {
 
 namespace {
 struct RunArgs {
-  std::string model, prompt, prompt_file, prompts_file, system;
+  std::string model, prompt, prompt_file, prompts_file, system, device = "auto";
   int n_predict = 128, n_ctx = 0, threads = 0, parallel = 0;
   bool chat = false, escape = true;
   std::vector<std::string> stop;
@@ -87,7 +87,7 @@ void run(RunArgs& a) {
   auto model = Model::load(a.model);
   const ModelConfig& c = model->config();
   const int n_ctx = int(context_for(a.n_ctx, c));
-  auto backend = make_cpu_backend(a.threads);
+  auto backend = backend_for(a.device, a.threads);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (a.chat) {
     std::string tmpl = model->file().get_str("tokenizer.chat_template", "");
@@ -195,6 +195,7 @@ void register_run(CLI::App& app) {
   cmd->add_option("-c,--ctx", a.n_ctx, "context size in tokens, like 4096 or 4k (0: the model's trained context)")
       ->transform(tokens_in("-c", 0, kMaxContext));
   add_threads_flag(cmd, a.threads);
+  add_device_flag(cmd, a.device);
   add_sampling_flags(cmd, a.sp);
   cmd->add_flag("--chat", a.chat, "wrap the prompt in the model's chat template");
   cmd->add_option("--system", a.system, "system message (with --chat)");

@@ -42,7 +42,7 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--chat-template", o.chat_template, "chatml, llama3, llama2, mistral, phi3, or a template FILE "
                                                       "(default: the model's; ChatML if it has none)");
   cmd->add_option("--alias", o.model_name, "the model id clients send and /v1/models lists (default: the file name)");
-  cmd->add_option("--device", device, "auto | cpu | cuda")->check(CLI::IsMember({"auto", "cpu", "cuda"}))->capture_default_str();
+  add_device_flag(cmd, device);
   cmd->callback([] {
     for (const std::string& m : maps) {
       const size_t eq = m.find('=');
@@ -51,11 +51,10 @@ void register_serve(CLI::App& app) {
       if (name.empty() || path.empty()) fail("--head-map {:?}: give FILE or NAME=FILE", m);
       if (!o.head_maps.emplace(name, path).second) fail("--head-map: the name '{}' is given twice", name);
     }
-    if (device == "cuda") fail("--device cuda: this build has no CUDA backend yet (use --device cpu)");
     if (o.model_name.empty()) o.model_name = std::filesystem::path(model_path).filename().string();
     auto model = Model::load(model_path);
     o.n_ctx = int(context_for(o.n_ctx, model->config()));
-    auto be = make_cpu_backend(threads);
+    auto be = backend_for(device, threads);
     server::Server srv(*model, *be, o);
     std::signal(SIGTERM, on_signal);
     std::signal(SIGINT, on_signal);

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <string>
 
+#include "backend/registry.h"
 #include "engine/kv_setup.h"
 #include "engine/sampler.h"
 #include "util/error.h"
@@ -150,6 +151,19 @@ inline void add_kv_flags(CLI::App* app, KVOptions& o, bool head_map_flag = true)
       ->capture_default_str();
   app->add_option("--cache-type-k,--ctk", o.cache_type_k, "llama.cpp's name for the K type (-ctk works too); must equal V's");
   app->add_option("--cache-type-v,--ctv", o.cache_type_v, "llama.cpp's name for the V type (-ctv works too); must equal K's");
+}
+
+// --device auto|cpu|cuda (auto: CUDA when a usable GPU is there, else the CPU).
+inline void add_device_flag(CLI::App* app, std::string& device) {
+  app->add_option("--device", device, "auto | cpu | cuda (auto: CUDA when this build has it and a GPU is usable)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+}
+// The backend for --device, with one line on stderr saying which and why.
+inline std::unique_ptr<Backend> backend_for(const std::string& device, int threads) {
+  auto be = make_backend(device, threads);
+  std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
+  return be;
 }
 
 // The context to run at: `requested`, or the model's trained context for 0. Above the trained context is
