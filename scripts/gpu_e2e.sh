@@ -38,7 +38,7 @@ PY
   echo "== synth $(date +%T)"
   $B synth --shape llama3-8b --type f16 -o /tmp/l8b-f16.gguf > /dev/null 2>&1
   echo "== bench $(date +%T)"
-  $B bench -m /tmp/l8b-f16.gguf --device cuda -p 2048 -n 64 -d 0,8192 -r 2
+  $B bench -m /tmp/l8b-f16.gguf --device cuda -p 2048 -n 64 -d 0,8192 -r 1
   $B bench -m /tmp/l8b-f16.gguf --device cuda -p 0 -n 32 --parallel 1,16 -r 1
   echo "== done $(date +%T)"
 } > "$log" 2>&1

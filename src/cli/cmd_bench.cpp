@@ -9,11 +9,15 @@
 #include <random>
 
 #include "cli/common.h"
+#ifdef HEADROOM_HAVE_SERVER
 #include <httplib.h>
 #include <nlohmann/json.hpp>
+#endif
 
 #include "engine/stack.h"
+#ifdef HEADROOM_HAVE_SERVER
 #include "server/loadgen.h"
+#endif
 #include "model/model.h"
 #include "util/error.h"
 
@@ -125,6 +129,9 @@ void register_bench(CLI::App& app) {
   add_device_flag(cmd, device);
   cmd->callback([] {
     if (!server_url.empty()) {
+#ifndef HEADROOM_HAVE_SERVER
+      fail("--server: this build has no HTTP client (configure with cpp-httplib installed)");
+#else
       if (!model_path.empty()) fail("give -m (bench the engine) or --server (bench a server), not both");
       std::string id = server_model;
       if (id.empty()) {
@@ -155,6 +162,7 @@ void register_bench(CLI::App& app) {
         std::fflush(stdout);
       }
       return;
+#endif
     }
     if (model_path.empty()) fail("give -m MODEL (or --server URL)");
     auto model = Model::load(model_path);

@@ -18,7 +18,9 @@ int main(int argc, char** argv) {
   headroom::cli::register_synth(app);
   headroom::cli::register_profile(app);
   headroom::cli::register_eval(app);
+#ifdef HEADROOM_HAVE_SERVER
   headroom::cli::register_serve(app);
+#endif
   // llama.cpp's -ctk / -ctv / -np: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as
   // "-c tk"), so they are rewritten to the long names before parsing.
   std::vector<std::string> args;
