@@ -117,7 +117,8 @@ Tables aggregate(const ModelConfig& c, const Options& o, const std::vector<Episo
   for (auto& [kind, l] : lines) {
     std::vector<size_t> idx(l.kv_percent.size());
     std::iota(idx.begin(), idx.end(), 0);
-    std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) { return l.kv_percent[a] < l.kv_percent[b]; });
+    const std::vector<double>& kvp = l.kv_percent;  // (clang 14 cannot capture a structured binding)
+    std::sort(idx.begin(), idx.end(), [&kvp](size_t a, size_t b) { return kvp[a] < kvp[b]; });
     BudgetLine sorted{kind, {}, {}};
     for (size_t i : idx) {
       sorted.kv_percent.push_back(l.kv_percent[i]);
