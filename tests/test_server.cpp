@@ -15,6 +15,7 @@
 #include <regex>
 #include <thread>
 
+#include "server/api.h"
 #include "server_process.h"
 
 namespace headroom::test {
@@ -66,18 +67,12 @@ StreamResult stream(int port, const std::string& path, const json& body, int sto
   req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
-    buf.append(d, n);
-    size_t at;
-    while ((at = buf.find("\n\n")) != std::string::npos) {
-      std::string ev = buf.substr(0, at);
-      buf.erase(0, at + 2);
-      if (ev.rfind("data: ", 0) != 0) continue;
-      ev = ev.substr(6);
-      if (ev == "[DONE]") {
+    return server::read_sse(buf, d, n, [&](const std::string& data) {
+      if (data == "[DONE]") {
         r.done = true;
-        continue;
+        return true;
       }
-      json j = json::parse(ev);
+      json j = json::parse(data);
       if (j.contains("usage") && !j["usage"].is_null()) r.usage = j["usage"];
       if (!j["choices"].empty()) {
         const json& ch = j["choices"][0];
@@ -86,9 +81,8 @@ StreamResult stream(int port, const std::string& path, const json& body, int sto
         if (!ch["finish_reason"].is_null()) r.finish = ch["finish_reason"].get<std::string>();
       }
       ++r.chunks;
-      if (stop_after >= 0 && r.chunks >= stop_after) return false;
-    }
-    return true;
+      return stop_after < 0 || r.chunks < stop_after;
+    });
   };
   httplib::Response res;
   httplib::Error err;

@@ -174,7 +174,8 @@ void register_bench(CLI::App& app) {
     std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
     for (int t : ts) {
       auto be = make_backend(device, t);
-      if (t == ts.front()) std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
+      if (t == ts.front() && std::string_view(be->name()) != "cpu")
+        std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
       for (int d : ds)
         for (int par : ps) {
           const int64_t n_ctx = int64_t(d) + std::max(n_prompt, n_gen) + 1;

@@ -159,10 +159,10 @@ inline void add_device_flag(CLI::App* app, std::string& device) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
 }
-// The backend for --device, with one line on stderr saying which and why.
+// The backend for --device; when it is a GPU, one line on stderr says which.
 inline std::unique_ptr<Backend> backend_for(const std::string& device, int threads) {
   auto be = make_backend(device, threads);
-  std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
+  if (std::string_view(be->name()) != "cpu") std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
   return be;
 }
 

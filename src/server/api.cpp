@@ -254,4 +254,15 @@ std::string usage_sse(const ResponseHead& h, int prompt_tokens, int completion_t
   return "data: " + c.dump() + "\n\n";
 }
 
+bool read_sse(std::string& buf, const char* bytes, size_t n, const std::function<bool(const std::string&)>& on_data) {
+  buf.append(bytes, n);
+  size_t at;
+  while ((at = buf.find("\n\n")) != std::string::npos) {
+    const std::string ev = buf.substr(0, at);
+    buf.erase(0, at + 2);
+    if (ev.rfind("data: ", 0) == 0 && !on_data(ev.substr(6))) return false;
+  }
+  return true;
+}
+
 }  // namespace headroom::server

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -69,5 +70,10 @@ std::string response_json(const ResponseHead& h, const std::string& text, const 
 std::string chunk_sse(const ResponseHead& h, const std::string& text, const char* finish_reason, bool first,
                       const std::vector<TokenLogprob>* lps);
 std::string usage_sse(const ResponseHead& h, int prompt_tokens, int completion_tokens);
+
+// A client's side of SSE: appends bytes to `buf` and calls on_data(payload) for every complete "data: ..."
+// event in it (payload without the prefix, "[DONE]" included), keeping an incomplete tail. Returns false as
+// soon as on_data does.
+bool read_sse(std::string& buf, const char* bytes, size_t n, const std::function<bool(const std::string&)>& on_data);
 
 }  // namespace headroom::server

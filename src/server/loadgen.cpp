@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "server/api.h"
 #include "util/error.h"
 
 namespace headroom::server {
@@ -73,14 +74,10 @@ LoadResult run_load(const LoadOptions& o) {
         int64_t pt = 0, ct = 0, chunks = 0;
         std::string buf;
         req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
-          buf.append(d, n);
-          size_t at;
-          while ((at = buf.find("\n\n")) != std::string::npos) {
-            std::string ev = buf.substr(0, at);
-            buf.erase(0, at + 2);
-            if (ev.rfind("data: ", 0) != 0 || ev == "data: [DONE]") continue;
-            nlohmann::json j = nlohmann::json::parse(ev.substr(6), nullptr, false);
-            if (j.is_discarded()) continue;
+          return read_sse(buf, d, n, [&](const std::string& data) {
+            if (data == "[DONE]") return true;
+            nlohmann::json j = nlohmann::json::parse(data, nullptr, false);
+            if (j.is_discarded()) return true;
             if (j.contains("usage") && j["usage"].is_object()) {
               pt = j["usage"].value("prompt_tokens", int64_t(0));
               ct = j["usage"].value("completion_tokens", int64_t(0));
@@ -89,8 +86,8 @@ LoadResult run_load(const LoadOptions& o) {
               ++chunks;
               if (ttft < 0) ttft = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
             }
-          }
-          return true;
+            return true;
+          });
         };
         httplib::Response resp;
         httplib::Error err;
