@@ -22,7 +22,8 @@ namespace headroom::test {
 class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> args, const std::string& name = "server") {
-    log_ = scratch_dir("serve") + "/" + name + ".log";
+    // The test process's pid in the name: CTest runs test cases as parallel processes, each with its servers.
+    log_ = scratch_dir("serve") + "/" + name + "-" + std::to_string(getpid()) + ".log";
     std::ofstream(log_, std::ios::trunc).close();  // before the fork: never read a previous run's port
     pid_ = fork();
     if (pid_ == 0) {

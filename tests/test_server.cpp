@@ -362,7 +362,7 @@ TEST(ServerClients, OpenAINodeSdk) {
       << "the openai npm package is not installed in " << npm << " (scripts/setup.sh installs it)";
   ServerProcess s(base_args(), "sdk");
   ASSERT_GT(s.port(), 0) << s.log();
-  const std::string out = scratch_dir("serve") + "/sdk.out";
+  const std::string out = scratch_dir("serve") + "/sdk-" + std::to_string(getpid()) + ".out";
   const std::string cmd = fmt::format("NODE_PATH='{}/node_modules' node '{}/tests/clients/openai_sdk.cjs' "
                                       "'http://127.0.0.1:{}/v1' '{}' > '{}' 2>&1",
                                       npm, HEADROOM_SOURCE_DIR, s.port(), kModelId, out);
