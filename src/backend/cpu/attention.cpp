@@ -49,10 +49,19 @@ namespace {
 constexpr int kChunk = 16;         // slots per online-softmax step (one AVX-512 vector of scores)
 constexpr int kSeg = 512;          // slots per split-K segment
 constexpr int kSplitMaxRows = 8;   // jobs with fewer rows are split over slot segments
-constexpr int kRowBlock = 8;       // rows per task for the other jobs
+constexpr int kRowBlock = 8;       // rows per task for the other jobs (kBigRowBlock for long ones)
+constexpr int kBigRowBlock = 16;   // with >= kBigRowRows rows and at most 8 heads per KV head: the
+constexpr int kBigRowRows = 64;    //   transposed K chunk and each converted V row serve twice the pairs
 constexpr int kMaxTransposedDim = 256;
 constexpr int kMaxGroup = 64;      // query heads per KV head
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Rows per task of an unsplit job, and (row, head) pairs a task's scratch holds: functions of the job shape.
+// (Grouping rows into tasks never changes a row's arithmetic.)
+inline int row_block(int n_rows, int n_group) {
+  return n_rows >= kBigRowRows && n_group <= 8 ? kBigRowBlock : kRowBlock;
+}
+inline size_t task_pairs(int n_rows, int n_group) { return size_t(row_block(n_rows, n_group)) * size_t(n_group); }
 
 struct Piece {
   int page;
@@ -341,15 +350,23 @@ void scores_transposed(const float* const* q, const float* kt, int D, float* con
   __m512 acc[NP][2];
   for (auto& r : acc)
     for (auto& v : r) v = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 2) {
+  const float* qi[NP];  // local copies: the stores cannot alias them
+  float* oi[NP];
+  for (int i = 0; i < NP; ++i) {
+    qi[i] = q[i];
+    oi[i] = out[i];
+  }
+  int d = 0;
+  do {  // D >= 16: a loop that runs at least once keeps the accumulators in registers
     const __m512 k0 = _mm512_load_ps(kt + size_t(d) * 16);
     const __m512 k1 = _mm512_load_ps(kt + size_t(d + 1) * 16);
     for (int i = 0; i < NP; ++i) {
-      acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + 1]), k1, acc[i][1]);
+      acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(qi[i][d]), k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(qi[i][d + 1]), k1, acc[i][1]);
     }
-  }
-  for (int i = 0; i < NP; ++i) _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i][0], acc[i][1]));
+    d += 2;
+  } while (d < D);
+  for (int i = 0; i < NP; ++i) _mm512_storeu_ps(oi[i], _mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
 // Transposed scores for n pairs, four at a time.
@@ -462,20 +479,37 @@ inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask,
 // Register-blocked P·V for NP pairs over the slots in `mask`, head_dim = 16*NV: each V row is loaded once
 // for the NP pairs.
 template <int NV, int NP, KVType T>
-void accumulate_v_regs(float* const* acc, const float* alpha, const float* const* p, uint32_t mask,
+void accumulate_v_regs(float* const* acc_in, const float* alpha, const float* const* p_in, uint32_t mask,
                        const uint8_t* const* v) {
+  // Local copies of the pointers (the stores below cannot alias them) and a loop that runs at least once,
+  // so the accumulators stay in registers from the first load to the last store.
+  float* acc[NP];
+  const float* p[NP];
+  for (int h = 0; h < NP; ++h) {
+    acc[h] = acc_in[h];
+    p[h] = p_in[h];
+  }
   __m512 a[NP][NV];
   for (int h = 0; h < NP; ++h) {
     const __m512 al = _mm512_set1_ps(alpha[h]);
     for (int i = 0; i < NV; ++i) a[h][i] = _mm512_mul_ps(_mm512_load_ps(acc[h] + 16 * i), al);
   }
-  for (uint32_t b = mask; b; b &= b - 1) {
-    const int s = __builtin_ctz(b);
-    const uint8_t* vs = v[s];
-    for (int i = 0; i < NV; ++i) {
-      const __m512 vv = load16<T>(vs, 16 * i);
-      for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
-    }
+  if (!mask) {
+    for (int h = 0; h < NP; ++h)
+      for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
+    return;
+  }
+  {
+    uint32_t b = mask;
+    do {
+      const int s = __builtin_ctz(b);
+      const uint8_t* vs = v[s];
+      for (int i = 0; i < NV; ++i) {
+        const __m512 vv = load16<T>(vs, 16 * i);
+        for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
+      }
+      b &= b - 1;
+    } while (b);
   }
   for (int h = 0; h < NP; ++h)
     for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
@@ -507,7 +541,7 @@ void pv_regs_n(float* const* st, const float* alpha, const float* const* p, cons
 
 // ---- the passes -----------------------------------------------------------------------------------------
 
-// Online softmax of rows [r0, r1) (at most kRowBlock) of a job over the given pieces. State of (row r,
+// Online softmax of rows [r0, r1) (at most row_block) of a job over the given pieces. State of (row r,
 // head h): states + ((r - r0) * G + h) * state_stride(D), initialized by the caller.
 template <KVType T>
 void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, int r0, int r1,
@@ -518,7 +552,7 @@ void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_
   const bool transposed = use_transposed(job);
 #endif
   // Active pairs of the current chunk (rows with an allowed slot, row-major, all heads).
-  constexpr int kMaxPairs = kRowBlock * kMaxGroup;
+  constexpr int kMaxPairs = std::max(kRowBlock * kMaxGroup, kBigRowBlock * 8);
   int n_pairs = 0;
   float* st[kMaxPairs];
   const float* q[kMaxPairs];
@@ -552,6 +586,24 @@ void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_
     for (int i = 0; i < n_pairs; ++i) cs.alpha[i] = chunk_probs(sc[i], pmask[i], job.scale, st[i], true);
     // P·V.
 #if defined(HR_AVX512)
+    if constexpr (T != KVType::F32) {
+      // With more pairs than one register block, each V row would be converted once per block: convert the
+      // rows in use once into the (otherwise unused) V scratch instead. Exact, so the same values.
+      constexpr int PG = 4;  // pairs per register block of pv_regs_n at head_dim 64; 2 at 128
+      if (n_pairs > (D == 64 ? PG : PG / 2)) {
+        uint32_t used = 0;
+        for (int i = 0; i < n_pairs; ++i) used |= pmask[i];
+        const uint8_t* vf[kChunk] = {};
+        for (uint32_t b = used; b; b &= b - 1) {
+          const int s = __builtin_ctz(b);
+          float* dst = cs.vconv + size_t(s) * conv_ld(D);
+          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16<T>(c.v[s], d));
+          vf[s] = reinterpret_cast<const uint8_t*>(dst);
+        }
+        if (D == 64) return pv_regs_n<4, KVType::F32>(st, cs.alpha, sc, pmask, vf, n_pairs);
+        if (D == 128) return pv_regs_n<8, KVType::F32>(st, cs.alpha, sc, pmask, vf, n_pairs);
+      }
+    }
     if (D == 64) return pv_regs_n<4, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
     if (D == 128) return pv_regs_n<8, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
 #endif
@@ -715,16 +767,16 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     ml_total += 2 * n_states;
     any_scores |= plan.scores;
     if (!kv_type_fits(type, job.head_dim).empty()) fail("cpu backend: attention: {}", kv_type_fits(type, job.head_dim));
-    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim));
+    const size_t tp = task_pairs(job.n_rows, job.n_group);
+    thread_floats = std::max(thread_floats, chunk_scratch_floats(tp, job.head_dim));
     if (plan.split) {
       plan.partial_off = partial_total;
       partial_total += size_t(plan.n_seg) * n_states * sst;
       for (int g = 0; g < plan.n_seg; ++g) tasks.push_back({int(ji), g, 0});
     } else {
-      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim) +
-                                                  size_t(kRowBlock) * size_t(job.n_group) * sst);
-      for (int r = 0; r < job.n_rows; r += kRowBlock)
-        tasks.push_back({int(ji), r, std::min(job.n_rows, r + kRowBlock)});
+      thread_floats = std::max(thread_floats, chunk_scratch_floats(tp, job.head_dim) + tp * sst);
+      const int rb = row_block(job.n_rows, job.n_group);
+      for (int r = 0; r < job.n_rows; r += rb) tasks.push_back({int(ji), r, std::min(job.n_rows, r + rb)});
     }
   }
   if (tasks.empty()) return;
@@ -743,8 +795,8 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     const size_t sst = state_stride(D);
     const Piece* jp = pieces.data() + plan.piece0;
     float* tbuf = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
-    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(kRowBlock) * size_t(G), D);
-    const size_t cs_floats = chunk_scratch_floats(size_t(kRowBlock) * size_t(G), D);
+    const ChunkScratch cs = make_chunk_scratch(tbuf, task_pairs(job.n_rows, G), D);
+    const size_t cs_floats = chunk_scratch_floats(task_pairs(job.n_rows, G), D);
     const KVConv cv = make_conv(type, job, cs, true);
     if (plan.split) {
       const size_t n_states = size_t(job.n_rows) * size_t(G);
@@ -824,7 +876,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     const JobPlan& plan = plans[size_t(task.job)];
     const KernelJob& job = jobs[size_t(task.job)];
     const ChunkScratch cs = make_chunk_scratch(static_cast<float*>(scratch.thread[size_t(th)].ensure(0)),
-                                               size_t(kRowBlock) * size_t(job.n_group), job.head_dim);
+                                               task_pairs(job.n_rows, job.n_group), job.head_dim);
     const KVConv cv = make_conv(type, job, cs, false);
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
     accumulate_scores_any(job, cv, pieces.data() + plan.piece0 + pb, size_t(pe - pb),
