@@ -369,9 +369,12 @@ void scores_transposed(const float* const* q, const float* kt, int D, float* con
   for (int i = 0; i < NP; ++i) _mm512_storeu_ps(oi[i], _mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
-// Transposed scores for n pairs, four at a time.
+// Transposed scores for n pairs, eight at a time (16 accumulators; each Kt load serves 8 pairs), the rest
+// four at a time.
 void scores_transposed_n(const float* const* q, const float* kt, int D, float* const* out, int n) {
-  for (int i = 0; i < n; i += 4) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) scores_transposed<8>(q + i, kt, D, out + i);
+  for (; i < n; i += 4) {
     switch (std::min(4, n - i)) {
       case 1: scores_transposed<1>(q + i, kt, D, out + i); break;
       case 2: scores_transposed<2>(q + i, kt, D, out + i); break;
