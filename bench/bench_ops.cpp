@@ -164,7 +164,8 @@ BENCHMARK(BM_AttentionL8B)
     ->UseRealTime();
 
 // Llama-3.2-1B-like heads: 8 KV x 4, dim 64 (one layer); 4096 cached slots, decode (1 row) and a prefill
-// step of 128 rows at depth 4096 (4224 slots).
+// step of 128 rows at depth 4096 (4224 slots); decode over 65536 slots reads 128 MiB of F16 K/V, what
+// all 16 layers of the 1B shape read per token at depth 4096 (more than the last-level cache).
 void BM_AttentionL1B(benchmark::State& st) { run_attention(st, 64, 4, 8); }
 BENCHMARK(BM_AttentionL1B)
     ->ArgNames({"slots", "rows", "thr", "kv"})
@@ -172,6 +173,8 @@ BENCHMARK(BM_AttentionL1B)
     ->Args({4096, 1, 2, 1})
     ->Args({4224, 128, 1, 1})
     ->Args({4224, 128, 2, 1})
+    ->Args({65536, 1, 1, 1})
+    ->Args({65536, 1, 2, 1})
     ->UseRealTime();
 
 // One forward pass of a retrieval-14m-like model: args n (tokens), threads. Context = n tokens.

@@ -11,10 +11,11 @@
 // Kernels (AVX-512, head_dim % 16 == 0):
 //   * scores: when a job has >= 4 (row, head) pairs, the chunk's K rows are transposed once into
 //     Kt[head_dim][16] and each pair's 16 scores are accumulated with broadcast-q FMAs (no horizontal
-//     sums); four pairs share each Kt load. Otherwise (decode with few heads), each slot's dot over
+//     sums); eight pairs (then four) share each Kt load. Otherwise (decode with few heads), each slot's dot over
 //     head_dim accumulates in its own register and the 16 are reduced together (hsum16).
 //   * P·V: for head_dim 64 / 128 the accumulators of 4 / 2 pairs live in registers while the chunk's V
-//     rows stream past, so each V row is loaded once per group of pairs.
+//     rows stream past, so each V row is loaded once per group of pairs. With more pairs than one such
+//     group, a stored (F16/BF16/Q8_0) V row is converted to floats once per chunk, not once per group.
 // Other builds / head_dims use simple vector loops with the same structure.
 //
 // KV types: with AVX-512 and head_dim 64 / 128 the kernels read the stored rows of every type directly
@@ -25,9 +26,12 @@
 //
 // Parallel decomposition (a function of the job shapes only, never of the thread count, so results are
 // bit-identical for any number of threads):
-//   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots;
+//   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots
+//     (kBigRowBlock rows for jobs of >= kBigRowRows rows and groups <= 8: each transposed K chunk and
+//     converted V row then serves twice the pairs);
 //   * jobs with fewer rows (decode) and more than kSeg slots: split-K, one task per segment of kSeg
-//     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order.
+//     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order. These walks
+//     are bound by memory: the next chunk's K/V rows are prefetched while one is processed.
 // Score accumulation (pages with a score array, the `evict` policy) runs as a second pass once the final
 // (m, l) of every pair is known: p = e^(s - m) / l is recomputed with the same score kernel (the same
 // scores bit for bit) and summed over the job's rows and heads per slot, one task per (job, segment), so
@@ -131,10 +135,25 @@ inline void fill_chunk(Chunk& c, const KernelPage& page, int s, size_t rb) {
   c.scored = page.score ? 0xFFFFu : 0u;
 }
 
+// Prefetches the K and V rows of slots [s, s + n) of a page (no effect on results).
+inline void prefetch_rows(const KernelPage& page, int s, int n, size_t rb) {
+  if (n <= 0) return;
+  const size_t bytes = size_t(n) * rb;
+  const uint8_t* k = page.k + size_t(s) * rb;
+  const uint8_t* v = page.v + size_t(s) * rb;
+  for (size_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(k + off, 0, 3);
+    __builtin_prefetch(v + off, 0, 3);
+  }
+}
+
 // Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
+// For jobs of few rows (decode: each K/V row is used by few pairs, so the walk is bound by memory), the
+// rows of the next chunk are prefetched before a whole chunk is processed.
 template <typename F>
 void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, F&& f) {
   const size_t rb = cv.rb;
+  const bool prefetch = job.n_rows < kSplitMaxRows;
   const int D = job.head_dim;
   Chunk c;
   for (size_t pi = 0; pi < n_pieces; ++pi) {
@@ -142,6 +161,13 @@ void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces,
     for (int s = pieces[pi].s0; s < pieces[pi].s1; ++s) {
       if (c.cnt == 0 && s + kChunk <= pieces[pi].s1) {  // a whole chunk inside this page
         fill_chunk(c, page, s, rb);
+        if (prefetch) {
+          if (s + kChunk < pieces[pi].s1)
+            prefetch_rows(page, s + kChunk, std::min(kChunk, pieces[pi].s1 - s - kChunk), rb);
+          else if (pi + 1 < n_pieces)
+            prefetch_rows(job.pages[size_t(pieces[pi + 1].page)], pieces[pi + 1].s0,
+                          std::min(kChunk, pieces[pi + 1].s1 - pieces[pi + 1].s0), rb);
+        }
         convert_chunk(c, cv, D);
         f(c);
         c.cnt = 0;
