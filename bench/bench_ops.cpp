@@ -145,6 +145,9 @@ void run_attention(benchmark::State& st, int D, int G, int n_kv) {
   }
   st.SetLabel(kv_type_name(type));
   st.counters["GB/s"] = benchmark::Counter(a.kv_bytes(), benchmark::Counter::kIsIterationInvariantRate);
+  // QK and PV multiply-adds over all (row, head, slot) triples (the causal tail counted as full): 1e9 flops.
+  st.counters["GFLOP/s"] = benchmark::Counter(4e-9 * a.rows * a.n_kv * a.G * double(a.slots) * a.D,
+                                              benchmark::Counter::kIsIterationInvariantRate);
 }
 // args: slots, rows, threads, kv (0 f32, 1 f16, 2 bf16, 3 q8_0). retrieval-14m-like heads: 2 KV x 2, dim 64.
 void BM_Attention(benchmark::State& st) { run_attention(st, 64, 2, 2); }
@@ -158,6 +161,20 @@ void BM_AttentionL8B(benchmark::State& st) { run_attention(st, 128, 4, 8); }
 BENCHMARK(BM_AttentionL8B)
     ->ArgNames({"slots", "rows", "thr", "kv"})
     ->ArgsProduct({{4096, 32768}, {1}, {1, 2}, {0, 1, 3}})
+    ->UseRealTime();
+
+// Llama-3.2-1B-like heads: 8 KV x 4, dim 64 (one layer); 4096 cached slots, decode (1 row) and a prefill
+// step of 128 rows at depth 4096 (4224 slots); decode over 65536 slots reads 128 MiB of F16 K/V, what
+// all 16 layers of the 1B shape read per token at depth 4096 (more than the last-level cache).
+void BM_AttentionL1B(benchmark::State& st) { run_attention(st, 64, 4, 8); }
+BENCHMARK(BM_AttentionL1B)
+    ->ArgNames({"slots", "rows", "thr", "kv"})
+    ->Args({4096, 1, 1, 1})
+    ->Args({4096, 1, 2, 1})
+    ->Args({4224, 128, 1, 1})
+    ->Args({4224, 128, 2, 1})
+    ->Args({65536, 1, 1, 1})
+    ->Args({65536, 1, 2, 1})
     ->UseRealTime();
 
 // One forward pass of a retrieval-14m-like model: args n (tokens), threads. Context = n tokens.

@@ -11,10 +11,11 @@
 // Kernels (AVX-512, head_dim % 16 == 0):
 //   * scores: when a job has >= 4 (row, head) pairs, the chunk's K rows are transposed once into
 //     Kt[head_dim][16] and each pair's 16 scores are accumulated with broadcast-q FMAs (no horizontal
-//     sums); four pairs share each Kt load. Otherwise (decode with few heads), each slot's dot over
+//     sums); eight pairs (then four) share each Kt load. Otherwise (decode with few heads), each slot's dot over
 //     head_dim accumulates in its own register and the 16 are reduced together (hsum16).
 //   * P·V: for head_dim 64 / 128 the accumulators of 4 / 2 pairs live in registers while the chunk's V
-//     rows stream past, so each V row is loaded once per group of pairs.
+//     rows stream past, so each V row is loaded once per group of pairs. With more pairs than one such
+//     group, a stored (F16/BF16/Q8_0) V row is converted to floats once per chunk, not once per group.
 // Other builds / head_dims use simple vector loops with the same structure.
 //
 // KV types: with AVX-512 and head_dim 64 / 128 the kernels read the stored rows of every type directly
@@ -25,9 +26,12 @@
 //
 // Parallel decomposition (a function of the job shapes only, never of the thread count, so results are
 // bit-identical for any number of threads):
-//   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots;
+//   * jobs with >= kSplitMaxRows rows (prefill): one task per block of kRowBlock rows over all slots
+//     (kBigRowBlock rows for jobs of >= kBigRowRows rows and groups <= 8: each transposed K chunk and
+//     converted V row then serves twice the pairs);
 //   * jobs with fewer rows (decode) and more than kSeg slots: split-K, one task per segment of kSeg
-//     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order.
+//     slots producing a partial (m, l, acc) per pair, merged afterwards in segment order. These walks
+//     are bound by memory: the next chunk's K/V rows are prefetched while one is processed.
 // Score accumulation (pages with a score array, the `evict` policy) runs as a second pass once the final
 // (m, l) of every pair is known: p = e^(s - m) / l is recomputed with the same score kernel (the same
 // scores bit for bit) and summed over the job's rows and heads per slot, one task per (job, segment), so
@@ -49,10 +53,19 @@ namespace {
 constexpr int kChunk = 16;         // slots per online-softmax step (one AVX-512 vector of scores)
 constexpr int kSeg = 512;          // slots per split-K segment
 constexpr int kSplitMaxRows = 8;   // jobs with fewer rows are split over slot segments
-constexpr int kRowBlock = 8;       // rows per task for the other jobs
+constexpr int kRowBlock = 8;       // rows per task for the other jobs (kBigRowBlock for long ones)
+constexpr int kBigRowBlock = 16;   // with >= kBigRowRows rows and at most 8 heads per KV head: the
+constexpr int kBigRowRows = 64;    //   transposed K chunk and each converted V row serve twice the pairs
 constexpr int kMaxTransposedDim = 256;
 constexpr int kMaxGroup = 64;      // query heads per KV head
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Rows per task of an unsplit job, and (row, head) pairs a task's scratch holds: functions of the job shape.
+// (Grouping rows into tasks never changes a row's arithmetic.)
+inline int row_block(int n_rows, int n_group) {
+  return n_rows >= kBigRowRows && n_group <= 8 ? kBigRowBlock : kRowBlock;
+}
+inline size_t task_pairs(int n_rows, int n_group) { return size_t(row_block(n_rows, n_group)) * size_t(n_group); }
 
 struct Piece {
   int page;
@@ -122,10 +135,25 @@ inline void fill_chunk(Chunk& c, const KernelPage& page, int s, size_t rb) {
   c.scored = page.score ? 0xFFFFu : 0u;
 }
 
+// Prefetches the K and V rows of slots [s, s + n) of a page (no effect on results).
+inline void prefetch_rows(const KernelPage& page, int s, int n, size_t rb) {
+  if (n <= 0) return;
+  const size_t bytes = size_t(n) * rb;
+  const uint8_t* k = page.k + size_t(s) * rb;
+  const uint8_t* v = page.v + size_t(s) * rb;
+  for (size_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(k + off, 0, 3);
+    __builtin_prefetch(v + off, 0, 3);
+  }
+}
+
 // Calls f(chunk) for the slots of the pieces, in order, kChunk at a time (the last chunk may be short).
+// For jobs of few rows (decode: each K/V row is used by few pairs, so the walk is bound by memory), the
+// rows of the next chunk are prefetched before a whole chunk is processed.
 template <typename F>
 void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, F&& f) {
   const size_t rb = cv.rb;
+  const bool prefetch = job.n_rows < kSplitMaxRows;
   const int D = job.head_dim;
   Chunk c;
   for (size_t pi = 0; pi < n_pieces; ++pi) {
@@ -133,6 +161,13 @@ void for_each_chunk(const KernelJob& job, const KVConv& cv, const Piece* pieces,
     for (int s = pieces[pi].s0; s < pieces[pi].s1; ++s) {
       if (c.cnt == 0 && s + kChunk <= pieces[pi].s1) {  // a whole chunk inside this page
         fill_chunk(c, page, s, rb);
+        if (prefetch) {
+          if (s + kChunk < pieces[pi].s1)
+            prefetch_rows(page, s + kChunk, std::min(kChunk, pieces[pi].s1 - s - kChunk), rb);
+          else if (pi + 1 < n_pieces)
+            prefetch_rows(job.pages[size_t(pieces[pi + 1].page)], pieces[pi + 1].s0,
+                          std::min(kChunk, pieces[pi + 1].s1 - pieces[pi + 1].s0), rb);
+        }
         convert_chunk(c, cv, D);
         f(c);
         c.cnt = 0;
@@ -341,20 +376,31 @@ void scores_transposed(const float* const* q, const float* kt, int D, float* con
   __m512 acc[NP][2];
   for (auto& r : acc)
     for (auto& v : r) v = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 2) {
+  const float* qi[NP];  // local copies: the stores cannot alias them
+  float* oi[NP];
+  for (int i = 0; i < NP; ++i) {
+    qi[i] = q[i];
+    oi[i] = out[i];
+  }
+  int d = 0;
+  do {  // D >= 16: a loop that runs at least once keeps the accumulators in registers
     const __m512 k0 = _mm512_load_ps(kt + size_t(d) * 16);
     const __m512 k1 = _mm512_load_ps(kt + size_t(d + 1) * 16);
     for (int i = 0; i < NP; ++i) {
-      acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + 1]), k1, acc[i][1]);
+      acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(qi[i][d]), k0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(qi[i][d + 1]), k1, acc[i][1]);
     }
-  }
-  for (int i = 0; i < NP; ++i) _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i][0], acc[i][1]));
+    d += 2;
+  } while (d < D);
+  for (int i = 0; i < NP; ++i) _mm512_storeu_ps(oi[i], _mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
-// Transposed scores for n pairs, four at a time.
+// Transposed scores for n pairs, eight at a time (16 accumulators; each Kt load serves 8 pairs), the rest
+// four at a time.
 void scores_transposed_n(const float* const* q, const float* kt, int D, float* const* out, int n) {
-  for (int i = 0; i < n; i += 4) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) scores_transposed<8>(q + i, kt, D, out + i);
+  for (; i < n; i += 4) {
     switch (std::min(4, n - i)) {
       case 1: scores_transposed<1>(q + i, kt, D, out + i); break;
       case 2: scores_transposed<2>(q + i, kt, D, out + i); break;
@@ -462,20 +508,37 @@ inline void accumulate_v(float* acc, float alpha, const float* p, uint32_t mask,
 // Register-blocked P·V for NP pairs over the slots in `mask`, head_dim = 16*NV: each V row is loaded once
 // for the NP pairs.
 template <int NV, int NP, KVType T>
-void accumulate_v_regs(float* const* acc, const float* alpha, const float* const* p, uint32_t mask,
+void accumulate_v_regs(float* const* acc_in, const float* alpha, const float* const* p_in, uint32_t mask,
                        const uint8_t* const* v) {
+  // Local copies of the pointers (the stores below cannot alias them) and a loop that runs at least once,
+  // so the accumulators stay in registers from the first load to the last store.
+  float* acc[NP];
+  const float* p[NP];
+  for (int h = 0; h < NP; ++h) {
+    acc[h] = acc_in[h];
+    p[h] = p_in[h];
+  }
   __m512 a[NP][NV];
   for (int h = 0; h < NP; ++h) {
     const __m512 al = _mm512_set1_ps(alpha[h]);
     for (int i = 0; i < NV; ++i) a[h][i] = _mm512_mul_ps(_mm512_load_ps(acc[h] + 16 * i), al);
   }
-  for (uint32_t b = mask; b; b &= b - 1) {
-    const int s = __builtin_ctz(b);
-    const uint8_t* vs = v[s];
-    for (int i = 0; i < NV; ++i) {
-      const __m512 vv = load16<T>(vs, 16 * i);
-      for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
-    }
+  if (!mask) {
+    for (int h = 0; h < NP; ++h)
+      for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
+    return;
+  }
+  {
+    uint32_t b = mask;
+    do {
+      const int s = __builtin_ctz(b);
+      const uint8_t* vs = v[s];
+      for (int i = 0; i < NV; ++i) {
+        const __m512 vv = load16<T>(vs, 16 * i);
+        for (int h = 0; h < NP; ++h) a[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][s]), vv, a[h][i]);
+      }
+      b &= b - 1;
+    } while (b);
   }
   for (int h = 0; h < NP; ++h)
     for (int i = 0; i < NV; ++i) _mm512_store_ps(acc[h] + 16 * i, a[h][i]);
@@ -507,7 +570,7 @@ void pv_regs_n(float* const* st, const float* alpha, const float* const* p, cons
 
 // ---- the passes -----------------------------------------------------------------------------------------
 
-// Online softmax of rows [r0, r1) (at most kRowBlock) of a job over the given pieces. State of (row r,
+// Online softmax of rows [r0, r1) (at most row_block) of a job over the given pieces. State of (row r,
 // head h): states + ((r - r0) * G + h) * state_stride(D), initialized by the caller.
 template <KVType T>
 void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_t n_pieces, int r0, int r1,
@@ -518,7 +581,7 @@ void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_
   const bool transposed = use_transposed(job);
 #endif
   // Active pairs of the current chunk (rows with an allowed slot, row-major, all heads).
-  constexpr int kMaxPairs = kRowBlock * kMaxGroup;
+  constexpr int kMaxPairs = std::max(kRowBlock * kMaxGroup, kBigRowBlock * 8);
   int n_pairs = 0;
   float* st[kMaxPairs];
   const float* q[kMaxPairs];
@@ -552,6 +615,24 @@ void run_rows(const KernelJob& job, const KVConv& cv, const Piece* pieces, size_
     for (int i = 0; i < n_pairs; ++i) cs.alpha[i] = chunk_probs(sc[i], pmask[i], job.scale, st[i], true);
     // P·V.
 #if defined(HR_AVX512)
+    if constexpr (T != KVType::F32) {
+      // With more pairs than one register block, each V row would be converted once per block: convert the
+      // rows in use once into the (otherwise unused) V scratch instead. Exact, so the same values.
+      constexpr int PG = 4;  // pairs per register block of pv_regs_n at head_dim 64; 2 at 128
+      if (n_pairs > (D == 64 ? PG : PG / 2)) {
+        uint32_t used = 0;
+        for (int i = 0; i < n_pairs; ++i) used |= pmask[i];
+        const uint8_t* vf[kChunk] = {};
+        for (uint32_t b = used; b; b &= b - 1) {
+          const int s = __builtin_ctz(b);
+          float* dst = cs.vconv + size_t(s) * conv_ld(D);
+          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16<T>(c.v[s], d));
+          vf[s] = reinterpret_cast<const uint8_t*>(dst);
+        }
+        if (D == 64) return pv_regs_n<4, KVType::F32>(st, cs.alpha, sc, pmask, vf, n_pairs);
+        if (D == 128) return pv_regs_n<8, KVType::F32>(st, cs.alpha, sc, pmask, vf, n_pairs);
+      }
+    }
     if (D == 64) return pv_regs_n<4, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
     if (D == 128) return pv_regs_n<8, T>(st, cs.alpha, sc, pmask, c.v, n_pairs);
 #endif
@@ -715,16 +796,16 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     ml_total += 2 * n_states;
     any_scores |= plan.scores;
     if (!kv_type_fits(type, job.head_dim).empty()) fail("cpu backend: attention: {}", kv_type_fits(type, job.head_dim));
-    thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim));
+    const size_t tp = task_pairs(job.n_rows, job.n_group);
+    thread_floats = std::max(thread_floats, chunk_scratch_floats(tp, job.head_dim));
     if (plan.split) {
       plan.partial_off = partial_total;
       partial_total += size_t(plan.n_seg) * n_states * sst;
       for (int g = 0; g < plan.n_seg; ++g) tasks.push_back({int(ji), g, 0});
     } else {
-      thread_floats = std::max(thread_floats, chunk_scratch_floats(size_t(kRowBlock) * size_t(job.n_group), job.head_dim) +
-                                                  size_t(kRowBlock) * size_t(job.n_group) * sst);
-      for (int r = 0; r < job.n_rows; r += kRowBlock)
-        tasks.push_back({int(ji), r, std::min(job.n_rows, r + kRowBlock)});
+      thread_floats = std::max(thread_floats, chunk_scratch_floats(tp, job.head_dim) + tp * sst);
+      const int rb = row_block(job.n_rows, job.n_group);
+      for (int r = 0; r < job.n_rows; r += rb) tasks.push_back({int(ji), r, std::min(job.n_rows, r + rb)});
     }
   }
   if (tasks.empty()) return;
@@ -743,8 +824,8 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     const size_t sst = state_stride(D);
     const Piece* jp = pieces.data() + plan.piece0;
     float* tbuf = static_cast<float*>(scratch.thread[size_t(th)].ensure(0));
-    const ChunkScratch cs = make_chunk_scratch(tbuf, size_t(kRowBlock) * size_t(G), D);
-    const size_t cs_floats = chunk_scratch_floats(size_t(kRowBlock) * size_t(G), D);
+    const ChunkScratch cs = make_chunk_scratch(tbuf, task_pairs(job.n_rows, G), D);
+    const size_t cs_floats = chunk_scratch_floats(task_pairs(job.n_rows, G), D);
     const KVConv cv = make_conv(type, job, cs, true);
     if (plan.split) {
       const size_t n_states = size_t(job.n_rows) * size_t(G);
@@ -824,7 +905,7 @@ void attention(ThreadPool& pool, AttnScratch& scratch, KVType type, std::span<co
     const JobPlan& plan = plans[size_t(task.job)];
     const KernelJob& job = jobs[size_t(task.job)];
     const ChunkScratch cs = make_chunk_scratch(static_cast<float*>(scratch.thread[size_t(th)].ensure(0)),
-                                               size_t(kRowBlock) * size_t(job.n_group), job.head_dim);
+                                               task_pairs(job.n_rows, job.n_group), job.head_dim);
     const KVConv cv = make_conv(type, job, cs, false);
     const int pb = seg_begin[plan.seg0 + size_t(task.a)], pe = seg_begin[plan.seg0 + size_t(task.a) + 1];
     accumulate_scores_any(job, cv, pieces.data() + plan.piece0 + pb, size_t(pe - pb),
