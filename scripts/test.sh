@@ -8,7 +8,7 @@ ctest --test-dir build --output-on-failure -j "$(nproc)"
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
-  cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+  cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHEADROOM_CUDA=OFF -DCMAKE_C_COMPILER=clang \
         -DCMAKE_CXX_COMPILER=clang++ -DHEADROOM_FUZZ=ON -DHEADROOM_SANITIZE=ON >/dev/null
   ninja -C build-fuzz
   export HEADROOM_SHARED_DIR="${HEADROOM_SHARED_DIR:-$(cd .. && pwd)/shared}"
