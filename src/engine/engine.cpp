@@ -188,16 +188,14 @@ void Engine::next_token(Sequence& s, std::span<const float> logits) {
 bool Engine::step() {
   // The running sequences' policies act on their last step first, so that the page counts the scheduler
   // decides on are exact (a running sequence's next rows are known: a decode row or its next chunk).
-  const int chunk = sched_.options().chunk;
   for (Sequence* s : sched_.running()) {
-    const int rows = s->prefilling() ? std::min(chunk, s->prompt_left()) : 1;
+    const int rows = sched_.next_rows(*s);
     s->kv->prepare(StepInfo{s->n_cached, rows, s->prefilling(), s->prefilling() && rows == s->prompt_left()});
   }
   StepPlan plan = sched_.schedule(*counter_);
   for (auto& [s, why] : plan.reject) finish(*s, FinishReason::Pool, std::move(why));
   for (Sequence* s : plan.out_of_pool) {
-    const int rows = s->prefilling() ? std::min(chunk, s->prompt_left()) : 1;
-    if (std::string why = s->kv->over_budget(rows); !why.empty()) {
+    if (std::string why = s->kv->over_budget(sched_.next_rows(*s)); !why.empty()) {
       finish(*s, FinishReason::Budget, std::move(why));
       continue;
     }
@@ -245,10 +243,11 @@ bool Engine::step() {
     // Nothing could run and nothing is running: the first waiting sequence cannot start even alone.
     if (plan.rows.empty() && sched_.running().empty() && !sched_.waiting().empty() && plan.preempt.empty()) {
       Sequence& s = *sched_.waiting().front();
+      const int rows = sched_.next_rows(s);
       finish(s, FinishReason::Pool,
              fmt::format("KV pool exhausted: the sequence's next {} tokens need {} device pages, {} of the pool's {} "
                          "are free (raise --kv-pool, or lower --chunk)",
-                         std::min(o_.chunk, std::max(1, s.prompt_left())), s.kv->pages_for(std::min(o_.chunk, std::max(1, s.prompt_left()))) + s.kv->parked_pages(),
+                         rows, s.kv->pages_for(rows) + s.kv->parked_pages(),
                          pool_.device_free(), pool_.device_capacity()));
     }
     return !sched_.idle();

@@ -37,7 +37,7 @@ void Scheduler::remove(Sequence* s) {
   running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
 }
 
-int Scheduler::rows_of(const Sequence& s) const { return s.prefilling() ? std::min(o_.chunk, s.prompt_left()) : 1; }
+int Scheduler::next_rows(const Sequence& s) const { return s.prefilling() ? std::min(o_.chunk, s.prompt_left()) : 1; }
 
 StepPlan Scheduler::schedule(const PageCounter& pages) {
   StepPlan plan;
@@ -47,7 +47,7 @@ StepPlan Scheduler::schedule(const PageCounter& pages) {
   // 1. Running sequences, oldest first.
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence* s = running_[i];
-    const int rows = rows_of(*s);
+    const int rows = next_rows(*s);
     if (rows > tokens) continue;  // this chunk waits for a step with room: prompts are never cut shorter
     const int64_t need = pages.need(*s, rows);
     while (need > free && running_.back() != s && pages.can_park(*running_.back())) {
@@ -77,7 +77,7 @@ StepPlan Scheduler::schedule(const PageCounter& pages) {
       plan.reject.emplace_back(s, std::move(why));
       continue;
     }
-    const int rows = rows_of(*s);
+    const int rows = next_rows(*s);
     if (rows > tokens) break;
     const bool parked = s->state == Sequence::State::Parked;
     const int64_t need = pages.need(*s, rows) + (parked ? pages.parked(*s) : 0);

@@ -66,12 +66,14 @@ class Scheduler {
   void remove(Sequence* s);  // finished or aborted: out of both queues
   StepPlan schedule(const PageCounter& pages);
 
+  // The rows a sequence feeds when it next runs: a decode row, or its next prompt chunk.
+  int next_rows(const Sequence& s) const;
+
   const std::deque<Sequence*>& waiting() const { return waiting_; }
   const std::vector<Sequence*>& running() const { return running_; }
   bool idle() const { return waiting_.empty() && running_.empty(); }
 
  private:
-  int rows_of(const Sequence& s) const;
   SchedulerOptions o_;
   int step_tokens_;
   std::deque<Sequence*> waiting_;

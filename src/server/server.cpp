@@ -292,8 +292,8 @@ struct Server::Impl {
   EngineGauges gauges() {
     EngineGauges g;
     for (const char* tier : {"device", "host"})
-      for (const std::string& p : {std::string("full"), std::string("streaming"), std::string("topk"), std::string("evict")})
-        g.pages_used[{tier, p}] = 0;
+      for (PolicyKind k : {PolicyKind::Full, PolicyKind::Streaming, PolicyKind::TopK, PolicyKind::Evict})
+        g.pages_used[{tier, policy_name(k)}] = 0;
     on_engine([&] {
       g.running = int64_t(engine->running());
       g.waiting = int64_t(engine->waiting());
