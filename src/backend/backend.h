@@ -93,6 +93,10 @@ struct AttnBatch {
   float scale = 1.0f;
   AttnJob* jobs = nullptr;       // select_pages may rewrite n_pages and the candidates' page ids
   int32_t n_jobs = 0;
+  // Host-known shape of the step (lets a GPU backend size its grids without reading the job table): the most
+  // rows of any job, and the number of jobs with fewer than 4 rows (decode jobs). 0 / -1: unknown.
+  int32_t max_rows = 0;
+  int32_t n_decode_jobs = -1;
   int32_t* page_ids = nullptr;
 };
 
