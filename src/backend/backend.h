@@ -94,9 +94,12 @@ struct AttnBatch {
   AttnJob* jobs = nullptr;       // select_pages may rewrite n_pages and the candidates' page ids
   int32_t n_jobs = 0;
   // Host-known shape of the step (lets a GPU backend size its grids without reading the job table): the most
-  // rows of any job, and the number of jobs with fewer than 4 rows (decode jobs). 0 / -1: unknown.
+  // rows of any job, the number of jobs with fewer than 4 rows (decode jobs), and an upper bound on any job's
+  // n_pages (before select_pages, which only lowers it). 0 / -1: unknown. A backend that captures a graph
+  // should size from a rounded-up max_pages (e.g. the next power of two) so that growth rarely changes the grid.
   int32_t max_rows = 0;
   int32_t n_decode_jobs = -1;
+  int32_t max_pages = 0;
   int32_t* page_ids = nullptr;
 };
 

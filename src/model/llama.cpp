@@ -136,11 +136,13 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
   layer_job0_.assign(size_t(c.n_layer) + 1, 0);
   layer_max_rows_.assign(size_t(c.n_layer), 0);
   layer_decode_jobs_.assign(size_t(c.n_layer), 0);
+  layer_max_pages_.assign(size_t(c.n_layer), 0);
   for (int l = 0; l < c.n_layer; ++l) {
     layer_job0_[size_t(l)] = jobs_host_.size();
     for (const AttnJob& j : step_.jobs[size_t(l)]) {
       layer_max_rows_[size_t(l)] = std::max(layer_max_rows_[size_t(l)], j.n_rows);
       layer_decode_jobs_[size_t(l)] += j.n_rows < 4 ? 1 : 0;
+      layer_max_pages_[size_t(l)] = std::max(layer_max_pages_[size_t(l)], j.n_pages);
     }
     jobs_host_.insert(jobs_host_.end(), step_.jobs[size_t(l)].begin(), step_.jobs[size_t(l)].end());
   }
@@ -197,6 +199,7 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
     b.page_ids = page_ids_dev_.get();
     b.max_rows = layer_max_rows_[size_t(l)];
     b.n_decode_jobs = layer_decode_jobs_[size_t(l)];
+    b.max_pages = layer_max_pages_[size_t(l)];
     if (step_.selects) be_.select_pages(store, b);
     be_.attention(store, b);
     if (obs) {

@@ -112,7 +112,7 @@ class Runner {
   std::vector<StepInfo> infos_;
   std::vector<AttnJob> jobs_host_;
   std::vector<size_t> layer_job0_;
-  std::vector<int32_t> layer_max_rows_, layer_decode_jobs_;
+  std::vector<int32_t> layer_max_rows_, layer_decode_jobs_, layer_max_pages_;
   std::vector<int32_t> tokens_, pos_;
   std::vector<float> logits_, prefill_logits_, q_host_, att_host_;
 };
