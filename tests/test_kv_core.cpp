@@ -178,3 +178,46 @@ TEST(KVCore, BudgetExhaustionIsFoundBeforeTheStepWritesAnything) {
   r.prefill(kv, std::span<const int32_t>(ids.data() + 60, 4), 60);
   EXPECT_EQ(kv.tokens_appended(), 64);
 }
+
+TEST(KVCore, TruncateRollsBackExactlyWhereThePolicyKeptEverything) {
+  // Prefill 200 tokens, decode 20, truncate to 200, decode the same 20 again: full and topk give the same
+  // logits bits as the first time (nothing before the cut changed). Streaming and evict roll back to what
+  // they held, with every page past the cut given back.
+  const Model& m = retrieval_model();
+  const auto ids = test::haystack_ids(240);
+  for (const char* policy : {"full", "topk", "streaming", "evict"}) {
+    SCOPED_TRACE(policy);
+    Backend& be = test::cpu_backend();
+    KVOptions o;
+    o.policy = policy;
+    if (std::string(policy) != "full") o.budget = "160";
+    KVSetup s = plan_kv(m, o, 512);
+    PagePool pool(be, s.layout);
+    KVCache kv(m.config(), pool, s.specs);
+    Runner r(m, be, 64);
+    r.prefill(kv, std::span<const int32_t>(ids.data(), 200), 0);
+    const int64_t pages_at_cut = kv.pages_held();
+    auto decode20 = [&] {
+      std::vector<std::vector<float>> out;
+      for (int i = 200; i < 220; ++i) {
+        auto l = r.decode(kv, ids[size_t(i)], i);
+        out.emplace_back(l.begin(), l.end());
+      }
+      return out;
+    };
+    const auto first = decode20();
+    kv.truncate(200);
+    if (std::string(policy) == "full") EXPECT_EQ(kv.pages_held(), pages_at_cut) << "the pages past the cut went back";
+    for (int l = 0; l < kv.n_layer(); ++l)
+      for (int h = 0; h < kv.n_head_kv(); ++h)
+        for (int32_t id : kv.head(l, h).pages)
+          for (int sl = 0; sl < pool.used(id); ++sl) ASSERT_LT(pool.pos(id)[sl], 200) << "a slot past the cut";
+    const auto second = decode20();
+    if (std::string(policy) == "full" || std::string(policy) == "topk") {
+      ASSERT_EQ(first.size(), second.size());
+      for (size_t i = 0; i < first.size(); ++i) ASSERT_EQ(first[i], second[i]) << "decode step " << i;
+    }
+    kv.truncate(0);
+    EXPECT_EQ(kv.pages_held(), 0) << "truncating to 0 gives every page back";
+  }
+}

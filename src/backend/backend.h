@@ -103,6 +103,12 @@ struct AttnBatch {
   int32_t* page_ids = nullptr;
 };
 
+// A recorded sequence of ops (a CUDA graph): replayed with the arguments it was recorded with. Opaque.
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -166,6 +172,18 @@ class Backend {
   virtual void select_pages(KVStore& kv, const AttnBatch& b) = 0;
   // Runs every job of the batch (jobs write disjoint outputs; jobs with `score` own their pages).
   virtual void attention(KVStore& kv, const AttnBatch& b) = 0;
+
+  // ---- graphs (optional) -----------------------------------------------------------------------------------
+  // A backend that can record ops and replay them (CUDA graphs) says so here. Between graph_begin() and
+  // graph_end() the compute ops (matmul .. attention; not memory, KV copies or reads) are recorded, not run;
+  // graph_launch() runs them again with the same arguments, reading whatever the pointed-to memory holds then
+  // (the runner re-uploads the step's tables before each launch). Ops called for the first time with a shape
+  // may grow scratch memory: run a shape once eagerly before recording it. graph_launch returns false, running
+  // nothing, if the graph is stale (scratch it uses has moved since): run the ops again and re-record.
+  virtual bool graphs() const { return false; }
+  virtual void graph_begin();
+  virtual std::unique_ptr<StepGraph> graph_end();
+  virtual bool graph_launch(StepGraph& g);
 };
 
 // Owns n elements of T in a backend's memory.

@@ -28,9 +28,10 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// One pp or tg measurement at depth d with `parallel` sequences: every repetition prefills the depth into
-// each sequence (not timed), then times the phase for all of them together. Returns the aggregate tokens/s
-// of each counted repetition and the seconds each took.
+// One pp or tg measurement at depth d with `parallel` sequences: the depth is prefilled into each sequence
+// once (not timed); every repetition then times the phase for all of them together and rolls the caches back
+// to the depth (Engine::truncate), so a long depth is not prefilled again per repetition as llama-bench does.
+// Returns the aggregate tokens/s of each counted repetition and the seconds each took.
 struct PhaseRun {
   std::vector<double> rates, seconds;
 };
@@ -44,18 +45,22 @@ PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps,
   };
   Engine& engine = *st.engine;
   PhaseRun out;
+  std::vector<Sequence*> seqs;
+  for (int i = 0; i < parallel; ++i) {
+    Request q = st.request(random_tokens(std::max(d, 1)));  // (depth 0: one token, rolled back below)
+    q.keep = true;
+    q.n_predict = 0;
+    seqs.push_back(&engine.add(std::move(q)));
+  }
+  engine.run();
+  for (Sequence* s : seqs) {
+    if (s->state != Sequence::State::Idle || s->n_cached != std::max(d, 1))
+      fail("bench: depth {} does not fit ({}): {}", d, finish_reason_name(s->finish),
+           s->finish_detail.empty() ? "the sequence ended before the test" : s->finish_detail);
+    engine.truncate(*s, d);
+  }
   for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
-    std::vector<Sequence*> seqs;
-    for (int i = 0; i < parallel; ++i) {
-      Request q = st.request(random_tokens(d));
-      q.keep = true;
-      q.n_predict = 0;
-      seqs.push_back(&engine.add(std::move(q)));
-    }
-    engine.run();
     for (Sequence* s : seqs) {
-      if (s->state != Sequence::State::Idle)
-        fail("bench: a sequence ended before the test ({}): {}", finish_reason_name(s->finish), s->finish_detail);
       // pp: n more prompt tokens; tg: one token, then n-1 forced ones (no sampling, no early end): n rows each.
       if (pp) engine.extend(*s, random_tokens(n), 0);
       else engine.extend(*s, random_tokens(1), n, random_tokens(n));
@@ -66,13 +71,14 @@ PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps,
     for (Sequence* q : seqs) {
       if (q->finish != FinishReason::Length)
         fail("bench: a sequence ended early ({}): {}", finish_reason_name(q->finish), q->finish_detail);
-      engine.release(*q);
+      engine.truncate(*q, d);
     }
     if (r > 0) {
       out.rates.push_back(double(n) * parallel / s);
       out.seconds.push_back(s);
     }
   }
+  for (Sequence* q : seqs) engine.release(*q);
   return out;
 }
 

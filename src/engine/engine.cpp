@@ -111,6 +111,16 @@ void Engine::extend(Sequence& s, std::span<const int32_t> tokens, int n_predict,
   sched_.add(&s);
 }
 
+void Engine::truncate(Sequence& s, int n_tokens) {
+  if (s.state != Sequence::State::Idle) fail("engine: only an idle sequence can be truncated");
+  if (n_tokens < 0 || n_tokens > s.n_cached)
+    fail("engine: truncate to {} tokens of a sequence that holds {}", n_tokens, s.n_cached);
+  s.kv->truncate(n_tokens);
+  s.tokens.resize(size_t(n_tokens));
+  s.n_cached = n_tokens;
+  s.n_prompt = std::min(s.n_prompt, n_tokens);
+}
+
 void Engine::release(Sequence& s) {
   if (s.state != Sequence::State::Idle) fail("engine: only an idle sequence can be released");
   sched_.remove(&s);

@@ -38,6 +38,8 @@ class Engine {
   // generated (forced: teacher forcing, as in Request).
   void extend(Sequence& s, std::span<const int32_t> tokens, int n_predict, std::vector<int32_t> forced = {});
   void release(Sequence& s);  // an idle sequence: its pages go back, the sequence is gone
+  // An idle sequence back to its first n_tokens tokens (KVCache::truncate says what that keeps per policy).
+  void truncate(Sequence& s, int n_tokens);
   void abort(Sequence& s);    // ends it with finish reason abort at once (pages back, on_finish called)
 
   bool step();  // one step; false if there was nothing to run

@@ -76,6 +76,39 @@ void KVCache::clear() {
   prepared_ = false;
 }
 
+void KVCache::truncate(int32_t n_pos) {
+  if (parked_) fail("kv cache: truncate of a parked sequence");
+  for (HeadCache& h : heads_) {
+    std::vector<int32_t> pages;
+    std::vector<uint8_t> selected;
+    int64_t tokens = 0;
+    for (size_t i = 0; i < h.pages.size(); ++i) {
+      const int32_t id = h.pages[i];
+      const int32_t* pos = pool_.pos(id);
+      int keep = 0, held = 0;  // slots [0, keep) stay; held of them hold a token (evict leaves holes, pos -1)
+      for (int s = 0; s < pool_.used(id); ++s)
+        if (pos[s] >= 0 && pos[s] < n_pos) keep = s + 1;
+      for (int s = 0; s < keep; ++s) {
+        if (pos[s] >= n_pos) fail("kv cache: truncate: a page whose positions are out of order");
+        held += pos[s] >= 0;
+      }
+      if (keep == 0) {
+        pool_.release(id);
+        continue;
+      }
+      pool_.truncate(id, keep);
+      pages.push_back(id);
+      if (i < h.selected.size()) selected.push_back(h.selected[i]);
+      tokens += held;
+    }
+    h.pages = std::move(pages);
+    h.selected = std::move(selected);
+    h.tokens = tokens;
+  }
+  appended_ = std::min<int64_t>(appended_, n_pos);
+  prepared_ = false;
+}
+
 int64_t KVCache::device_pages_held() const {
   int64_t n = 0;
   for (const HeadCache& h : heads_)

@@ -75,6 +75,10 @@ class KVCache {
   // "" if n_rows more rows stay within this sequence's own budget, else why not (one line).
   std::string over_budget(int n_rows) const;
   void clear();  // give every page back
+  // Rolls the sequence back to its first n_pos positions: every slot at a position >= n_pos is emptied and
+  // pages left empty go back (bench's repetitions over one prefilled depth). Exact where the policies kept
+  // everything before the cut (full, topk); a streaming or evict head keeps what it held of [0, n_pos).
+  void truncate(int32_t n_pos);
 
   // Preemption: park moves every device page of the sequence to the host tier (queued copies; false, with
   // nothing moved, if the host tier has no room); unpark brings the parked pages back (false if the device

@@ -15,7 +15,11 @@
 //     x += (silu(xn·Wgateᵀ) * (xn·Wupᵀ))·Wdownᵀ
 //   logits = rmsnorm(x) * output_norm · Woutᵀ            the rows the sequences ask for (their last, or all)
 //   download logits; every kv.finish_step                (the step's one synchronisation)
+//
+// Everything from the embedding to the logits matmul is device work (device_step); a decode step whose shape
+// was seen before replays it as a recorded graph where the backend has graphs (CUDA).
 #include <algorithm>
+#include <bit>
 #include <cmath>
 
 #include "model/model.h"
@@ -89,8 +93,6 @@ std::span<const float> Runner::decode(KVCache& kv, int32_t token, int32_t pos) {
 std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObserver* obs) {
   const ModelConfig& c = m_.config();
   const int64_t V = c.n_vocab;
-  const int64_t D = c.n_embd, HD = c.head_dim, QD = int64_t(c.n_head) * HD, KVD = c.kv_dim();
-  const float scale = 1.0f / std::sqrt(float(HD));
   if (seqs.empty()) fail("step: no sequences");
   if (obs && seqs.size() != 1) fail("step: an attention observer needs a step of one sequence");
 
@@ -144,6 +146,9 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
       layer_decode_jobs_[size_t(l)] += j.n_rows < 4 ? 1 : 0;
       layer_max_pages_[size_t(l)] = std::max(layer_max_pages_[size_t(l)], j.n_pages);
     }
+    // An upper bound, rounded up to a power of two so that a growing sequence rarely changes it (a recorded
+    // graph's grids are sized from it).
+    layer_max_pages_[size_t(l)] = int32_t(std::bit_ceil(uint32_t(layer_max_pages_[size_t(l)])));
     jobs_host_.insert(jobs_host_.end(), step_.jobs[size_t(l)].begin(), step_.jobs[size_t(l)].end());
   }
   layer_job0_[size_t(c.n_layer)] = jobs_host_.size();
@@ -154,7 +159,83 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
   slots_dev_.upload(step_.slots.data(), step_.slots.size());
   jobs_dev_.upload(jobs_host_.data(), jobs_host_.size());
   page_ids_dev_.upload(step_.page_ids.data(), step_.page_ids.size());
-  KVStore& store = pool.store();
+  if (n_logits > 0) logits_dev_.reserve(be_, size_t(n_logits) * size_t(V));
+
+  // The device work, from the embedding to the logits matmul. A decode step of a shape seen before replays
+  // the graph recorded for it (backends with graphs: CUDA), which saves the per-op launch cost.
+  bool decode_only = !obs;
+  for (const StepInfo& i : infos_) decode_only = decode_only && !i.prefill;
+  if (decode_only && be_.graphs()) {
+    std::vector<int64_t> key = graph_key(seqs, n, n_logits);
+    auto hit = std::find_if(graphs_.begin(), graphs_.end(), [&](const RecordedStep& g) { return g.key == key; });
+    if (hit != graphs_.end() && hit->graph && be_.graph_launch(*hit->graph)) {
+      // replayed
+    } else if (hit != graphs_.end() && hit->graph) {  // stale: run it again, record it next time
+      hit->graph.reset();
+      device_step(seqs, n, n_logits, nullptr);
+    } else if (hit != graphs_.end()) {  // seen once (its scratch is sized): record it now
+      be_.graph_begin();
+      try {
+        device_step(seqs, n, n_logits, nullptr);
+      } catch (...) {
+        try {
+          be_.graph_end();  // ends the recording; the step's own error is the one to report
+        } catch (...) {
+        }
+        throw;
+      }
+      hit->graph = be_.graph_end();
+      if (!be_.graph_launch(*hit->graph)) fail("step: a graph went stale as it was recorded");
+    } else {
+      device_step(seqs, n, n_logits, nullptr);
+      if (graphs_.size() >= kMaxGraphs) graphs_.erase(graphs_.begin());
+      graphs_.push_back(RecordedStep{std::move(key), nullptr});
+    }
+  } else {
+    device_step(seqs, n, n_logits, obs);
+  }
+
+  if (n_logits > 0) {
+    logits_.resize(size_t(n_logits) * size_t(V));
+    be_.download(logits_.data(), logits_dev_.get(), logits_.size() * sizeof(float));
+  } else {
+    logits_.clear();
+    be_.synchronize();
+  }
+  // What select_pages chose, for the policies that act on it next step.
+  if (step_.selects) {
+    be_.download(jobs_host_.data(), jobs_dev_.get(), jobs_host_.size() * sizeof(AttnJob));
+    be_.download(step_.page_ids.data(), page_ids_dev_.get(), step_.page_ids.size() * sizeof(int32_t));
+    for (int l = 0; l < c.n_layer; ++l)
+      std::copy(jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l)]),
+                jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l) + 1]), step_.jobs[size_t(l)].begin());
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) seqs[i].kv->finish_step(step_, infos_[i]);
+  return logits_;
+}
+
+// What a recorded step depends on besides memory contents: its shape and every table's address.
+std::vector<int64_t> Runner::graph_key(std::span<const SeqRows> seqs, int n, int n_logits) const {
+  std::vector<int64_t> k = {n, n_logits, step_.selects ? 1 : 0,
+                            int64_t(reinterpret_cast<uintptr_t>(&seqs[0].kv->pool().store())),
+                            int64_t(reinterpret_cast<uintptr_t>(jobs_dev_.get())),
+                            int64_t(reinterpret_cast<uintptr_t>(page_ids_dev_.get())),
+                            int64_t(reinterpret_cast<uintptr_t>(logits_dev_.get()))};
+  for (const SeqRows& s : seqs) k.push_back(s.logit_rows());
+  for (size_t l = 0; l + 1 < layer_job0_.size(); ++l) {
+    k.push_back(int64_t(layer_job0_[l + 1] - layer_job0_[l]));
+    k.push_back(layer_max_rows_[l]);
+    k.push_back(layer_decode_jobs_[l]);
+    k.push_back(layer_max_pages_[l]);
+  }
+  return k;
+}
+
+void Runner::device_step(std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs) {
+  const ModelConfig& c = m_.config();
+  const int64_t D = c.n_embd, HD = c.head_dim, QD = int64_t(c.n_head) * HD, KVD = c.kv_dim();
+  const float scale = 1.0f / std::sqrt(float(HD));
+  KVStore& store = seqs[0].kv->pool().store();
   KVCache& kv = *seqs[0].kv;  // for the observer
 
   float* x = x_.get();
@@ -221,7 +302,6 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
 
   // Logits of the rows the sequences asked for: their final norms gathered into xn, then one matmul.
   if (n_logits > 0) {
-    logits_dev_.reserve(be_, size_t(n_logits) * size_t(V));
     int out_row = 0, row0 = 0;
     for (const SeqRows& s : seqs) {
       const int rows = s.logit_rows(), first = row0 + int(s.tokens.size()) - rows;
@@ -230,22 +310,7 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
       row0 += int(s.tokens.size());
     }
     be_.matmul(output_, xn, n_logits, logits_dev_.get());
-    logits_.resize(size_t(n_logits) * size_t(V));
-    be_.download(logits_.data(), logits_dev_.get(), logits_.size() * sizeof(float));
-  } else {
-    logits_.clear();
-    be_.synchronize();
   }
-  // What select_pages chose, for the policies that act on it next step.
-  if (step_.selects) {
-    be_.download(jobs_host_.data(), jobs_dev_.get(), jobs_host_.size() * sizeof(AttnJob));
-    be_.download(step_.page_ids.data(), page_ids_dev_.get(), step_.page_ids.size() * sizeof(int32_t));
-    for (int l = 0; l < c.n_layer; ++l)
-      std::copy(jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l)]),
-                jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l) + 1]), step_.jobs[size_t(l)].begin());
-  }
-  for (size_t i = 0; i < seqs.size(); ++i) seqs[i].kv->finish_step(step_, infos_[i]);
-  return logits_;
 }
 
 }  // namespace headroom

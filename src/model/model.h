@@ -2,6 +2,7 @@
 // forward pass over a Backend (implemented in llama.cpp, which reads top to bottom).
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <span>
 #include <string>
@@ -94,12 +95,26 @@ class Runner {
                                  AttentionObserver* obs = nullptr);
   std::span<const float> decode(KVCache& kv, int32_t token, int32_t pos);
   int max_batch() const { return max_batch_; }
+  // Decode steps whose shapes have been recorded as graphs (backends with graphs), for tests and reports.
+  int recorded_graphs() const {
+    return int(std::count_if(graphs_.begin(), graphs_.end(), [](const RecordedStep& g) { return g.graph != nullptr; }));
+  }
   Backend& backend() { return be_; }
   const Model& model() const { return m_; }
 
  private:
+  // The device part of a step (embedding to logits matmul), once the step's tables are uploaded.
+  void device_step(std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs);
+  std::vector<int64_t> graph_key(std::span<const SeqRows> seqs, int n, int n_logits) const;
+  struct RecordedStep {
+    std::vector<int64_t> key;
+    std::unique_ptr<StepGraph> graph;  // null: seen once, not recorded yet
+  };
+  static constexpr size_t kMaxGraphs = 16;
+
   const Model& m_;
   Backend& be_;
+  std::vector<RecordedStep> graphs_;  // oldest first
   int max_batch_;
   RopeParams rope_;
   std::vector<LayerWeights> w_;  // the backend's copies of the weights

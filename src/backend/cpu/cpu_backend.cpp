@@ -370,3 +370,11 @@ int64_t Backend::free_memory() const {
 }
 
 }  // namespace headroom
+
+namespace headroom {
+
+void Backend::graph_begin() { fail("backend {}: no graphs", name()); }
+std::unique_ptr<StepGraph> Backend::graph_end() { fail("backend {}: no graphs", name()); }
+bool Backend::graph_launch(StepGraph&) { fail("backend {}: no graphs", name()); }
+
+}  // namespace headroom

@@ -93,11 +93,15 @@ void check_blas(cublasStatus_t st, const char* op) {
 std::string mib(size_t bytes) { return fmt::format("{:.1f} MiB", double(bytes) / (1024.0 * 1024.0)); }
 
 // Device memory that only grows (scratch); contents are not kept across growth.
+// Bumped whenever scratch memory moves: graphs recorded before then are stale.
+uint64_t g_scratch_generation = 1;
+
 struct DevBuf {
   void* p = nullptr;
   size_t n = 0;
   void* ensure(size_t bytes, const char* op) {
     if (bytes <= n && p) return p;
+    ++g_scratch_generation;
     const size_t want = std::max<size_t>(std::max(bytes, size_t(256)), n * 2);
     if (p) cudaFree(p);  // synchronizes with the queued work that may still read it
     p = nullptr;
@@ -253,6 +257,8 @@ class CudaBackend final : public Backend {
     *err_host_ = 0;
     const char* e = std::getenv("HEADROOM_CUDA_SYNC");
     sync_each_ = e && *e && std::strcmp(e, "0") != 0;
+    const char* g = std::getenv("HEADROOM_CUDA_GRAPHS");
+    graphs_on_ = !sync_each_ && !(g && std::strcmp(g, "0") == 0);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -266,6 +272,39 @@ class CudaBackend final : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
+
+  // ---- graphs: the stream's work between graph_begin and graph_end, captured and instantiated ----------
+  struct CudaGraph final : StepGraph {
+    cudaGraphExec_t exec = nullptr;
+    uint64_t generation = 0;
+    ~CudaGraph() override {
+      if (exec) cudaGraphExecDestroy(exec);
+    }
+  };
+  bool graphs() const override { return graphs_on_; }
+  void graph_begin() override {
+    if (!graphs_on_) fail("cuda backend: graphs are off (HEADROOM_CUDA_GRAPHS=0 or HEADROOM_CUDA_SYNC=1)");
+    capture_generation_ = g_scratch_generation;
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
+  }
+  std::unique_ptr<StepGraph> graph_end() override {
+    cudaGraph_t g = nullptr;
+    check(cudaStreamEndCapture(stream_, &g), "graph capture");
+    auto r = std::make_unique<CudaGraph>();
+    const cudaError_t e = cudaGraphInstantiate(&r->exec, g, 0);
+    cudaGraphDestroy(g);
+    check(e, "graph instantiate");
+    // Scratch that moved during the capture (it should not: shapes are run once before) makes it stale.
+    r->generation = capture_generation_ == g_scratch_generation ? capture_generation_ : 0;
+    return r;
+  }
+  bool graph_launch(StepGraph& sg) override {
+    auto* g = dynamic_cast<CudaGraph*>(&sg);
+    if (!g) fail("cuda backend: a graph of another backend");
+    if (g->generation != g_scratch_generation) return false;
+    after(cudaGraphLaunch(g->exec, stream_), "graph launch");
+    return true;
+  }
   int threads() const override { return 1; }
   cudaStream_t stream() const { return stream_; }
 
@@ -664,6 +703,8 @@ class CudaBackend final : public Backend {
   uint32_t* err_dev_ = nullptr;
   uint32_t* err_host_ = nullptr;
   bool sync_each_ = false;
+  bool graphs_on_ = true;
+  uint64_t capture_generation_ = 0;
   std::map<uintptr_t, size_t> allocs_;
   std::unordered_map<const void*, Weight> weights_;
   std::vector<void*> owned_;
