@@ -270,11 +270,24 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return stream_; }
 
   // ---- matmul -------------------------------------------------------------------------------------------
+  static int64_t env_rows(const char* name, int64_t dflt) {
+    const char* v = std::getenv(name);
+    return v && *v ? std::strtoll(v, nullptr, 10) : dflt;
+  }
   void matmul(const WeightView& w, const float* x, int64_t n, float* y) override {
     const Weight& W = weight(w, "matmul");
     if (n < 0) fail("cuda backend: matmul: negative row count {}", n);
     if (n == 0) return;
     const int64_t rows = W.rows, cols = W.cols;
+    // The tensor-core kernel's row range; HEADROOM_CUDA_SKINNY_MIN/MAX move it (for measurements only: rows
+    // outside it take the GEMV or cuBLAS, which give other bits, so batch invariance then breaks at the edges).
+    static const int64_t sk_min = env_rows("HEADROOM_CUDA_SKINNY_MIN", 1);
+    static const int64_t sk_max = std::min<int64_t>(env_rows("HEADROOM_CUDA_SKINNY_MAX", cuda::kSkinnyMaxRows), cuda::kSkinnyMaxRows);
+    if (n >= sk_min && n <= sk_max && cuda::skinny_takes(W.type, cols, n, x)) {
+      void* scr = xq_.ensure(cuda::skinny_scratch_bytes(W.type, rows, cols, n), "matmul");
+      after(cuda::launch_skinny(W.type, W.dev, rows, cols, x, n, y, scr, stream_), "matmul");
+      return;
+    }
     if (n <= cuda::kGemvMaxRows) {
       int8_t* xq = nullptr;
       float* xd = nullptr;
