@@ -3,7 +3,7 @@
 //                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu) |
 //                          --gemv [--ns 1,8,...] [--types f16,bf16,q8_0] [--only 8B|1B] (matmul rows only)]
 //
-//   gemv       decode matmul (n = 1..64: the tensor-core skinny GEMM; n = 128, 512: cuBLAS) on the
+//   gemv       matmul at n = 1 (GEMV), 2..32 (tensor-core skinny GEMM; Q8_0 up to 64), larger n (cuBLAS) on the
 //              Llama-3 8B and 1B layer shapes, F16 / BF16 / Q8_0 weights: time per call and the weight bytes
 //              streamed per second (each shape is rotated over enough copies to be several times the L2).
 //   attention  the decode attention kernel (one query row, GQA 4) over every layer's cache at depth 8k, 32k
@@ -150,7 +150,7 @@ void bench_gemv(const GemvOpts& o) {
                       {"1B wk/wv 512x2048", 512, 2048},     {"1B gate/up 8192x2048", 8192, 2048},
                       {"1B down 2048x8192", 2048, 8192},    {"1B output 128256x2048", 128256, 2048}};
   const char* sk = std::getenv("HEADROOM_CUDA_SKINNY_MAX");
-  std::printf("\n== matmul: decode (n <= 64: tensor-core skinny GEMM%s; F32 and odd shapes: GEMV) and cuBLAS (larger n) ==\n",
+  std::printf("\n== matmul: n = 1 GEMV, n = 2..32 (Q8_0: 2..64) tensor-core skinny GEMM%s, larger n cuBLAS ==\n",
               sk ? (std::string(", HEADROOM_CUDA_SKINNY_MAX=") + sk).c_str() : "");
   std::printf("%-24s %-5s %4s %10s %10s %9s\n", "shape", "type", "n", "us/call", "GB/s", "TFLOP/s");
   for (DType t : o.types) {

@@ -1463,13 +1463,22 @@ TEST(BackendRegistry, PicksAndRefuses) {
 void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_t cols, int64_t n, std::mt19937& rng) {
   SCOPED_TRACE(testing::Message() << "type " << gguf::type_name(t) << " rows " << rows << " cols " << cols << " n " << n);
   const TestWeight w = make_weight(t, rows, cols, rng);
+  const bool as_f16 = t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q6_K;
+  // The decode paths: the tensor-core skinny GEMM (F16/BF16 and the types held as F16: n = 2..32; Q8_0:
+  // n = 2..64; cols % 32 == 0) and the GEMV (n <= 32 otherwise), each batch invariant; the rest is cuBLAS.
+  const bool skinny = (t == DType::F16 || t == DType::BF16 || t == DType::Q8_0 || as_f16) && cols % 32 == 0 && n >= 2 &&
+                      n <= (t == DType::Q8_0 ? 64 : 32);
+  const bool gemv = n <= 32 || skinny;
   std::vector<float> x = random_vec(size_t(n * cols), rng);
   for (int64_t j = 0; j < n; j += 3) x[size_t(j * cols)] *= 8.0f;
-  // Rows of other magnitudes (the F16 skinny path scales each row by a power of two before splitting it).
-  for (int64_t j = 1; j < n; j += 5)
-    for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 0x1p-20f;
-  for (int64_t j = 3; j < n; j += 5)
-    for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 3000.0f;
+  // Decode paths: rows of other magnitudes too (the F16 skinny path scales each row by a power of two before
+  // splitting it). Not for cuBLAS, whose F16 activations cannot hold rows of ~1e-6 (F16 subnormals).
+  if (gemv) {
+    for (int64_t j = 1; j < n; j += 5)
+      for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 0x1p-20f;
+    for (int64_t j = 3; j < n; j += 5)
+      for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 3000.0f;
+  }
   std::vector<float> yc(size_t(n * rows));
   cpu.matmul(w.view(), x.data(), n, yc.data());
   const WeightView gw = gpu.upload_weight(w.view());
@@ -1477,11 +1486,6 @@ void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_
   DeviceArray<float> dy = to_device(gpu, std::vector<float>(size_t(n * rows), NAN));
   gpu.matmul(gw, dx.get(), n, dy.get());
   const std::vector<float> yg = from_device(gpu, dy, size_t(n * rows));
-  const bool as_f16 = t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q6_K;
-  // The tensor-core skinny GEMM (F16/BF16/Q8_0, cols % 32 == 0, n <= 64) and the GEMV (n <= 32) are the
-  // batch-invariant decode paths; the rest is cuBLAS.
-  const bool skinny = (t == DType::F16 || t == DType::BF16 || t == DType::Q8_0 || as_f16) && cols % 32 == 0 && n <= 64;
-  const bool gemv = n <= 32 || skinny;
   const double acc = (double(cols) / 16 + 8) * 2 * kU;
   double worst = 0;
   for (int64_t j = 0; j < n; ++j)
@@ -1522,13 +1526,19 @@ void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_
   if (std::getenv("HEADROOM_TEST_VERBOSE"))
     std::printf("cuda matmul %s %lldx%lld n=%lld: worst error / tolerance = %.3g\n", gguf::type_name(t), (long long)rows,
                 (long long)cols, (long long)n, worst);
-  // Batch invariance of the decode path: each row equals the same row computed alone.
+  // Batch invariance of the decode paths: each row equals the same row computed alone (GEMV), or as the first
+  // row of a 2-row call with another row beside it (skinny GEMM, whose range starts at n = 2).
   if (gemv)
     for (int64_t j : {int64_t(0), n / 2, n - 1}) {
-      DeviceArray<float> d1 = to_device(gpu, std::vector<float>(size_t(rows), NAN));
-      gpu.matmul(gw, dx.get() + j * cols, 1, d1.get());
+      const int64_t m = skinny ? 2 : 1;
+      std::vector<float> xj(x.begin() + j * cols, x.begin() + (j + 1) * cols);
+      if (skinny) xj.insert(xj.end(), x.begin() + ((j + 1) % n) * cols, x.begin() + ((j + 1) % n + 1) * cols);
+      DeviceArray<float> dxj = to_device(gpu, xj);
+      DeviceArray<float> d1 = to_device(gpu, std::vector<float>(size_t(m * rows), NAN));
+      gpu.matmul(gw, dxj.get(), m, d1.get());
       const std::vector<float> y1 = from_device(gpu, d1, size_t(rows));
-      ASSERT_EQ(0, std::memcmp(y1.data(), yg.data() + j * rows, size_t(rows) * 4)) << "row " << j << " alone differs";
+      ASSERT_EQ(0, std::memcmp(y1.data(), yg.data() + j * rows, size_t(rows) * 4))
+          << "row " << j << (skinny ? " in a 2-row call" : " alone") << " differs";
     }
 }
 

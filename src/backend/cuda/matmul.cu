@@ -1,5 +1,5 @@
-// CUDA backend: decode GEMV / skinny GEMM kernels (1..32 activation rows) and the conversions that feed
-// cuBLAS for prefill.
+// CUDA backend: decode matmul kernels (the GEMV for n = 1 / F32 / odd shapes, the tensor-core skinny GEMM for
+// n = 2..32, Q8_0 2..64: see below and CudaBackend::matmul for the routing) and the conversions that feed cuBLAS.
 //
 // GEMV (batch invariant). A block of 256 threads computes kBR = 4 consecutive weight rows for up to NR = 8
 // activation rows. Thread t takes the 16-byte weight units t, t + 256, ... of each row (8 F16/BF16
