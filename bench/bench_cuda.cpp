@@ -1,8 +1,9 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
 //   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
-//                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu)]
+//                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu) |
+//                          --gemv [--ns 1,8,...] [--types f16,bf16,q8_0] [--only 8B|1B] (matmul rows only)]
 //
-//   gemv       decode matmul (n = 1, 8, 32 activation rows) and the cuBLAS prefill path (n = 512) on the
+//   gemv       matmul at n = 1 (GEMV), 2..32 (tensor-core skinny GEMM; Q8_0 up to 64), larger n (cuBLAS) on the
 //              Llama-3 8B and 1B layer shapes, F16 / BF16 / Q8_0 weights: time per call and the weight bytes
 //              streamed per second (each shape is rotated over enough copies to be several times the L2).
 //   attention  the decode attention kernel (one query row, GQA 4) over every layer's cache at depth 8k, 32k
@@ -135,35 +136,45 @@ struct Shape {
   int64_t rows, cols;
 };
 
-void bench_gemv(bool quick) {
+struct GemvOpts {
+  bool quick = false;
+  std::vector<int64_t> ns = {1, 2, 4, 8, 16, 32, 64, 128, 512};
+  std::vector<DType> types = {DType::F16, DType::BF16, DType::Q8_0};
+  std::string only;  // "8B" or "1B": that model's shapes only
+};
+
+void bench_gemv(const GemvOpts& o) {
   const Shape s8[] = {{"8B wq/wo 4096x4096", 4096, 4096},   {"8B wk/wv 1024x4096", 1024, 4096},
                       {"8B gate/up 14336x4096", 14336, 4096}, {"8B down 4096x14336", 4096, 14336},
                       {"8B output 128256x4096", 128256, 4096}, {"1B wq/wo 2048x2048", 2048, 2048},
                       {"1B wk/wv 512x2048", 512, 2048},     {"1B gate/up 8192x2048", 8192, 2048},
                       {"1B down 2048x8192", 2048, 8192},    {"1B output 128256x2048", 128256, 2048}};
-  std::printf("\n== matmul: decode GEMV (n <= 32, own kernels) and prefill (n = 512, cuBLAS) ==\n");
+  const char* sk = std::getenv("HEADROOM_CUDA_SKINNY_MAX");
+  std::printf("\n== matmul: n = 1 GEMV, n = 2..32 (Q8_0: 2..64) tensor-core skinny GEMM%s, larger n cuBLAS ==\n",
+              sk ? (std::string(", HEADROOM_CUDA_SKINNY_MAX=") + sk).c_str() : "");
   std::printf("%-24s %-5s %4s %10s %10s %9s\n", "shape", "type", "n", "us/call", "GB/s", "TFLOP/s");
-  for (DType t : {DType::F16, DType::BF16, DType::Q8_0}) {
+  for (DType t : o.types) {
     auto be = make_backend("cuda", 0);
     for (const Shape& sh : s8) {
-      if (quick && sh.rows == 128256) continue;
+      if (o.quick && sh.rows == 128256) continue;
+      if (!o.only.empty() && std::strncmp(sh.name, o.only.c_str(), o.only.size()) != 0) continue;
       const std::vector<uint8_t> host = random_weight(t, sh.rows, sh.cols);
       const size_t wbytes = host.size();
       const int copies = int(std::max<size_t>(1, (size_t(768) << 20) / wbytes));
       WeightView hv{t, host.data(), sh.rows, sh.cols, row_bytes(t, sh.cols)};
       std::vector<WeightView> dw;
       for (int c = 0; c < copies; ++c) dw.push_back(be->upload_weight(hv));
-      const int64_t nmax = 512;
+      const int64_t nmax = *std::max_element(o.ns.begin(), o.ns.end());
       std::vector<float> x(size_t(nmax * sh.cols));
       for (auto& v : x) v = float(int64_t(next_rand() % 2001) - 1000) / 1000.0f;
       DeviceArray<float> dx(*be, x.size()), dy(*be, size_t(nmax * sh.rows));
       dx.upload(x.data(), x.size());
-      for (int64_t n : {int64_t(1), int64_t(8), int64_t(32), int64_t(512)}) {
-        if (n == 512 && t == DType::BF16) continue;
+      for (int64_t n : o.ns) {
+        if (n >= 512 && t == DType::BF16) continue;
         const int calls = std::max(copies, 8);
         const double sec = time_graph(*be, calls, 7, [&] {
           for (int c = 0; c < calls; ++c) be->matmul(dw[size_t(c % copies)], dx.get(), n, dy.get());
-        }, n <= 32);
+        }, n <= 128);
         const double bytes = double(wbytes) + double(n) * double(sh.cols + sh.rows) * 4;
         std::printf("%-24s %-5s %4lld %10.2f %10.0f %9.1f\n", sh.name, gguf::type_name(t), (long long)n, sec * 1e6,
                     bytes / sec * 1e-9, 2.0 * double(n) * double(sh.rows) * double(sh.cols) / sec * 1e-12);
@@ -304,9 +315,41 @@ void bench_copy() {
 
 }  // namespace
 
+std::vector<std::string> split_list(const char* s) {
+  std::vector<std::string> r;
+  std::string cur;
+  for (const char* p = s;; ++p) {
+    if (*p == ',' || *p == 0) {
+      if (!cur.empty()) r.push_back(cur);
+      cur.clear();
+      if (*p == 0) break;
+    } else {
+      cur += *p;
+    }
+  }
+  return r;
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
+  // --gemv [--ns 1,2,...] [--types f16,bf16,q8_0] [--only 8B|1B]: the matmul rows only.
+  bool gemv_only = false;
+  GemvOpts go;
+  go.quick = quick;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--gemv") == 0) gemv_only = true;
+    else if (std::strcmp(argv[i], "--ns") == 0 && i + 1 < argc) {
+      go.ns.clear();
+      for (const auto& v : split_list(argv[++i])) go.ns.push_back(std::atoll(v.c_str()));
+    } else if (std::strcmp(argv[i], "--types") == 0 && i + 1 < argc) {
+      go.types.clear();
+      for (const auto& v : split_list(argv[++i]))
+        go.types.push_back(v == "bf16" ? DType::BF16 : v == "q8_0" ? DType::Q8_0 : DType::F16);
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      go.only = argv[++i];
+    }
+  }
   if (argc > 2 && std::strcmp(argv[1], "--attention-one") == 0) {  // one case, for a profiler: 8B F16 at DEPTH
     try {
       auto be = make_backend("cuda", 0);
@@ -326,8 +369,8 @@ int main(int argc, char** argv) {
   try {
     std::printf("%s\n", describe_device_choice("cuda").c_str());
     bench_copy();
-    if (!attn_only) bench_gemv(quick);
-    bench_attention(quick);
+    if (!attn_only) bench_gemv(go);
+    if (!gemv_only) bench_attention(quick);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;

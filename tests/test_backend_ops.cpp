@@ -1463,8 +1463,22 @@ TEST(BackendRegistry, PicksAndRefuses) {
 void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_t cols, int64_t n, std::mt19937& rng) {
   SCOPED_TRACE(testing::Message() << "type " << gguf::type_name(t) << " rows " << rows << " cols " << cols << " n " << n);
   const TestWeight w = make_weight(t, rows, cols, rng);
+  const bool as_f16 = t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q6_K;
+  // The decode paths: the tensor-core skinny GEMM (F16/BF16 and the types held as F16: n = 2..32; Q8_0:
+  // n = 2..64; cols % 32 == 0) and the GEMV (n <= 32 otherwise), each batch invariant; the rest is cuBLAS.
+  const bool skinny = (t == DType::F16 || t == DType::BF16 || t == DType::Q8_0 || as_f16) && cols % 32 == 0 && n >= 2 &&
+                      n <= (t == DType::Q8_0 ? 64 : 32);
+  const bool gemv = n <= 32 || skinny;
   std::vector<float> x = random_vec(size_t(n * cols), rng);
   for (int64_t j = 0; j < n; j += 3) x[size_t(j * cols)] *= 8.0f;
+  // Decode paths: rows of other magnitudes too (the F16 skinny path scales each row by a power of two before
+  // splitting it). Not for cuBLAS, whose F16 activations cannot hold rows of ~1e-6 (F16 subnormals).
+  if (gemv) {
+    for (int64_t j = 1; j < n; j += 5)
+      for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 0x1p-20f;
+    for (int64_t j = 3; j < n; j += 5)
+      for (int64_t k = 0; k < cols; ++k) x[size_t(j * cols + k)] *= 3000.0f;
+  }
   std::vector<float> yc(size_t(n * rows));
   cpu.matmul(w.view(), x.data(), n, yc.data());
   const WeightView gw = gpu.upload_weight(w.view());
@@ -1472,16 +1486,18 @@ void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_
   DeviceArray<float> dy = to_device(gpu, std::vector<float>(size_t(n * rows), NAN));
   gpu.matmul(gw, dx.get(), n, dy.get());
   const std::vector<float> yg = from_device(gpu, dy, size_t(n * rows));
-  const bool as_f16 = t == DType::Q4_0 || t == DType::Q4_K || t == DType::Q6_K;
-  const bool gemv = n <= 32;
   const double acc = (double(cols) / 16 + 8) * 2 * kU;
   double worst = 0;
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < rows; ++i) {
       const float* xr = x.data() + j * cols;
       const double* wr = w.ref.data() + i * cols;
-      double mag = 0, q8_bound = 0;
-      for (int64_t k = 0; k < cols; ++k) mag += std::fabs(wr[k] * xr[k]);
+      double mag = 0, q8_bound = 0, wsum = 0, xmax = 0;
+      for (int64_t k = 0; k < cols; ++k) {
+        mag += std::fabs(wr[k] * xr[k]);
+        wsum += std::fabs(wr[k]);
+        xmax = std::max(xmax, double(std::fabs(xr[k])));
+      }
       if (t == DType::Q8_0)
         for (int64_t b = 0; b < cols / 32; ++b) {
           double amax = 0, wabs = 0;
@@ -1493,6 +1509,9 @@ void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_
         }
       double tol = 2 * acc * mag * (t == DType::Q8_0 ? 2 : 1) + 1e-30;
       if (as_f16) tol += mag / 2048;
+      // Skinny F16/BF16: x kept to ~22 bits (F16 hi + lo of x * 2^s; BF16 hi + mid + lo): 2^-21 mag, plus the
+      // F16 lo term's subnormal floor (2^-25 in units where the row's amax is >= 2^14).
+      if (skinny && t != DType::Q8_0) tol += mag * 0x1p-21 + xmax * wsum * 0x1p-38;
       if (!gemv) {
         if (t == DType::BF16) tol += 1.5 * mag / 256;
         else if (t == DType::F16) tol += 1.5 * mag / 2048;
@@ -1507,13 +1526,19 @@ void check_cuda_matmul(Backend& gpu, Backend& cpu, DType t, int64_t rows, int64_
   if (std::getenv("HEADROOM_TEST_VERBOSE"))
     std::printf("cuda matmul %s %lldx%lld n=%lld: worst error / tolerance = %.3g\n", gguf::type_name(t), (long long)rows,
                 (long long)cols, (long long)n, worst);
-  // Batch invariance of the decode path: each row equals the same row computed alone.
+  // Batch invariance of the decode paths: each row equals the same row computed alone (GEMV), or as the first
+  // row of a 2-row call with another row beside it (skinny GEMM, whose range starts at n = 2).
   if (gemv)
     for (int64_t j : {int64_t(0), n / 2, n - 1}) {
-      DeviceArray<float> d1 = to_device(gpu, std::vector<float>(size_t(rows), NAN));
-      gpu.matmul(gw, dx.get() + j * cols, 1, d1.get());
+      const int64_t m = skinny ? 2 : 1;
+      std::vector<float> xj(x.begin() + j * cols, x.begin() + (j + 1) * cols);
+      if (skinny) xj.insert(xj.end(), x.begin() + ((j + 1) % n) * cols, x.begin() + ((j + 1) % n + 1) * cols);
+      DeviceArray<float> dxj = to_device(gpu, xj);
+      DeviceArray<float> d1 = to_device(gpu, std::vector<float>(size_t(m * rows), NAN));
+      gpu.matmul(gw, dxj.get(), m, d1.get());
       const std::vector<float> y1 = from_device(gpu, d1, size_t(rows));
-      ASSERT_EQ(0, std::memcmp(y1.data(), yg.data() + j * rows, size_t(rows) * 4)) << "row " << j << " alone differs";
+      ASSERT_EQ(0, std::memcmp(y1.data(), yg.data() + j * rows, size_t(rows) * 4))
+          << "row " << j << (skinny ? " in a 2-row call" : " alone") << " differs";
     }
 }
 
@@ -1521,10 +1546,10 @@ TEST(CudaBackendOps, MatmulEveryTypeAgainstCpu) {
   REQUIRE_CUDA(gpu);
   auto cpu = make_cpu_backend(2);
   std::mt19937 rng(101);
-  const std::vector<int64_t> ns = {1, 2, 3, 5, 8, 9, 17, 32, 33, 100};
+  const std::vector<int64_t> ns = {1, 2, 3, 5, 8, 9, 17, 32, 33, 48, 64, 65, 100};
   for (DType t : {DType::F32, DType::F16, DType::BF16})
     for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{5, 37}, {37, 64}, {7, 17}, {33, 96}, {768, 256},
-                                                                             {1027, 520}, {256, 4096}})
+                                                                             {1027, 520}, {256, 4096}, {1000, 2048}})
       for (int64_t n : ns) check_cuda_matmul(*gpu, *cpu, t, rows, cols, n, rng);
   for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{5, 32}, {37, 64}, {61, 96}, {768, 256}, {13, 160},
                                                                            {1027, 544}, {300, 4096}})

@@ -75,6 +75,15 @@ cudaError_t launch_select_pages(const KVDev& kv, const AttnBatch& b, uint32_t* e
 constexpr int kGemvMaxRows = 32;
 cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
                         int8_t* xq, float* xd, cudaStream_t s);
+// Tensor-core skinny GEMM (matmul.cu): y[n][rows] = x[n][cols] . W^T for F16/BF16/Q8_0 weights, n <= kSkinnyMaxRows,
+// cols % 32 == 0, x 16-byte aligned (skinny_takes). Batch invariant (results depend on the weight shape only).
+// scratch: skinny_scratch_bytes (split/quantized activations, split-K partials).
+constexpr int kSkinnyMaxRows = 64;
+int skinny_splits(int64_t rows, int64_t cols);  // split-K factor (a function of the shape only)
+bool skinny_takes(WT t, int64_t cols, int64_t n, const float* x);
+size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n);
+cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
+                          void* scratch, cudaStream_t s);
 // Conversions for the cuBLAS (prefill) path.
 cudaError_t launch_f32_to_f16(const float* x, void* out, int64_t count, cudaStream_t s);
 cudaError_t launch_f32_to_bf16(const float* x, void* out, int64_t count, cudaStream_t s);

@@ -1,5 +1,5 @@
-// CUDA backend: decode GEMV / skinny GEMM kernels (1..32 activation rows) and the conversions that feed
-// cuBLAS for prefill.
+// CUDA backend: decode matmul kernels (the GEMV for n = 1 / F32 / odd shapes, the tensor-core skinny GEMM for
+// n = 2..32, Q8_0 2..64: see below and CudaBackend::matmul for the routing) and the conversions that feed cuBLAS.
 //
 // GEMV (batch invariant). A block of 256 threads computes kBR = 4 consecutive weight rows for up to NR = 8
 // activation rows. Thread t takes the 16-byte weight units t, t + 256, ... of each row (8 F16/BF16
@@ -232,6 +232,291 @@ cudaError_t gemv_pass(const void* w, int64_t rows, int64_t cols, const float* x,
   return cudaGetLastError();
 }
 
+// ---- tensor-core skinny GEMM (1..kSkinnyMaxRows activation rows) ------------------------------------
+//
+// mma.sync with the weights as the A operand (16 weight rows x k16 / k32) and the activation rows as the
+// N = 8 operand (padded by repeating the last row; padded columns are never stored). K is cut into chunks of
+// 32 columns; thread (g = lane / 4, t = lane % 4) loads weight rows g and g + 8 at columns 8t .. 8t + 7 of a
+// chunk (one 16-byte load each for F16/BF16, 8 bytes for Q8_0) and the activation row g at the same
+// columns, and the k index inside the mma is a fixed permutation of those columns (the same for A and B), so
+// no shuffles or shared memory are needed to build the fragments.
+//
+// Activations: F16 weights multiply x split into two F16 terms, x * 2^s = hi + lo (s per activation row, a
+// power of two that puts the row's amax in [2^14, 2^15): no overflow, ~22 bits of x kept), two mma per tile,
+// the result scaled back by 2^-s (exact). BF16 weights multiply three BF16 terms hi + mid + lo (~24 bits; BF16
+// has float's range, no scale). Q8_0: x quantized to Q8_0 as on the CPU, int8 mma (m16n8k32 s8) gives each
+// 32-block's exact integer dot, scaled by d_w * d_x in float. A pre-pass writes the split / quantized
+// activations to scratch once per call.
+//
+// Batch invariance. A block is 8 warps: 2 along M (each MT x 16 weight rows) x 4 along K (warp wk takes
+// chunks wk, wk + 4, ... of the block's K range); the K range of the whole matrix is cut into kb ranges
+// (skinny_splits: a function of the weight shape only). Per output: an mma chain over the warp's chunks in
+// order, the 4 warp partials summed in warp order, then (kb > 1) the kb partials summed in order by a second
+// kernel. None of this depends on n, on the N tiling or on MT, so a row's result has the same bits
+// whatever the batch is (tested).
+constexpr int kSkWK = 4, kSkWM = 2, kSkThreads = 32 * kSkWK * kSkWM;
+constexpr int kSkModelSMs = 132;  // the split model's SM count (fixed, so results depend on the shape only)
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Streamed weights: read once, keep them out of L1 (the activations live there).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+  uint2 r;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint32_t u4get(const uint4& u, int i) { return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w; }
+
+// Pre-pass: one block per activation row. F16: xs = [hi plane][lo plane] of n x cols halves of x * 2^s, and
+// xscale[j] = 2^-s; BF16: [hi][mid][lo] planes. cols % 4 == 0, x 16-byte aligned.
+template <bool BF>
+__global__ void __launch_bounds__(1024) skinny_split_kernel(const float* __restrict__ x, int64_t cols, int64_t n,
+                                                            uint16_t* __restrict__ xs, float* __restrict__ xscale) {
+  const int64_t j = blockIdx.x;
+  const float4* xr = reinterpret_cast<const float4*>(x + j * cols);
+  const int64_t U = cols / 4, plane = n * cols;
+  int sh = 0;
+  if constexpr (!BF) {
+    float m = 0.0f;
+#pragma unroll 4
+    for (int64_t u = threadIdx.x; u < U; u += blockDim.x) {
+      const float4 v = __ldg(xr + u);
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    m = warp_max(m);
+    __shared__ float wm[32];
+    if ((threadIdx.x & 31) == 0) wm[threadIdx.x / 32] = m;
+    __syncthreads();
+    m = 0.0f;
+    for (int k = 0; k < int(blockDim.x / 32); ++k) m = fmaxf(m, wm[k]);
+    int e = 0;
+    if (m > 0.0f && m <= 3.4e38f) {
+      frexpf(m, &e);  // m < 2^e
+      sh = min(126, 15 - e);
+    }
+    if (threadIdx.x == 0) xscale[j] = ldexpf(1.0f, -sh);
+  }
+  for (int64_t u = threadIdx.x; u < U; u += blockDim.x) {
+    const float4 v4 = __ldg(xr + u);
+    const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+    uint16_t h[3][4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (BF) {
+        const float a = v[e];
+        h[0][e] = f2bf(a);
+        const float r1 = a - bf2f(h[0][e]);
+        h[1][e] = f2bf(r1);
+        h[2][e] = f2bf(r1 - bf2f(h[1][e]));
+      } else {
+        const float a = ldexpf(v[e], sh);
+        h[0][e] = f2h(a);
+        h[1][e] = f2h(a - h2f(h[0][e]));
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < (BF ? 3 : 2); ++q)
+      *reinterpret_cast<uint2*>(xs + q * plane + j * cols + u * 4) =
+          make_uint2(uint32_t(h[q][0]) | uint32_t(h[q][1]) << 16, uint32_t(h[q][2]) | uint32_t(h[q][3]) << 16);
+  }
+}
+
+template <int T, int MT, int NT>
+__global__ void __launch_bounds__(kSkThreads, 1)
+    skinny_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols, const uint16_t* __restrict__ xs,
+                  const float* __restrict__ xscale, const int8_t* __restrict__ xq, const float* __restrict__ xd, int n,
+                  float* __restrict__ out, int kb_count) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wk = warp % kSkWK, wm = warp / kSkWK;
+  const int64_t r0 = int64_t(blockIdx.x) * (kSkWM * MT * 16) + wm * (MT * 16);
+  const int64_t C = cols / 32;
+  const int64_t cb = C * blockIdx.y / kb_count, ce = C * (blockIdx.y + 1) / kb_count;
+  int64_t wrow[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wrow[mt][h] = min(r0 + mt * 16 + h * 8 + g, rows - 1);
+  int64_t xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = min(nt * 8 + g, n - 1);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+
+  if constexpr (T == int(WT::F16) || T == int(WT::BF16)) {
+    constexpr int TERMS = T == int(WT::BF16) ? 3 : 2;
+    const uint16_t* W = reinterpret_cast<const uint16_t*>(w);
+    const int64_t plane = int64_t(n) * cols;
+#pragma unroll(NT <= 2 ? 2 : 1)
+    for (int64_t c = cb + wk; c < ce; c += kSkWK) {
+      const int64_t k0 = c * 32 + 8 * t;
+      uint4 wv[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wv[mt][h] = ld_stream16(W + wrow[mt][h] * cols + k0);
+      uint4 xv[NT][TERMS];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < TERMS; ++q) xv[nt][q] = __ldg(reinterpret_cast<const uint4*>(xs + q * plane + xrow[nt] * cols + k0));
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t a0 = u4get(wv[mt][0], 2 * s), a1 = u4get(wv[mt][1], 2 * s), a2 = u4get(wv[mt][0], 2 * s + 1),
+                         a3 = u4get(wv[mt][1], 2 * s + 1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < TERMS; ++q) {
+              if constexpr (T == int(WT::BF16))
+                mma_bf16(acc[mt][nt], a0, a1, a2, a3, u4get(xv[nt][q], 2 * s), u4get(xv[nt][q], 2 * s + 1));
+              else
+                mma_f16(acc[mt][nt], a0, a1, a2, a3, u4get(xv[nt][q], 2 * s), u4get(xv[nt][q], 2 * s + 1));
+            }
+        }
+    }
+  } else {  // Q8_0, repacked: int8 [rows][cols], fp16 scales [rows][cols / 32]
+    const int8_t* W = reinterpret_cast<const int8_t*>(w);
+    const uint16_t* wsc = reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols));
+    int64_t drow[NT][2];  // the activation rows of this thread's accumulator columns (2t, 2t + 1)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) drow[nt][e] = min(nt * 8 + 2 * t + e, n - 1);
+#pragma unroll(NT <= 2 ? 2 : 1)
+    for (int64_t c = cb + wk; c < ce; c += kSkWK) {
+      const int64_t k0 = c * 32 + 8 * t;
+      uint2 wv[MT][2];
+      float wd[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wv[mt][h] = ld_stream8(W + wrow[mt][h] * cols + k0);
+          wd[mt][h] = h2f(__ldg(wsc + wrow[mt][h] * C + c));
+        }
+      uint2 xv[NT];
+      float dx[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        xv[nt] = __ldg(reinterpret_cast<const uint2*>(xq + xrow[nt] * cols + k0));
+#pragma unroll
+        for (int e = 0; e < 2; ++e) dx[nt][e] = __ldg(xd + drow[nt][e] * C + c);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          int ci[4] = {0, 0, 0, 0};
+          mma_s8(ci, wv[mt][0].x, wv[mt][1].x, wv[mt][0].y, wv[mt][1].y, xv[nt].x, xv[nt].y);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            acc[mt][nt][i] = fmaf(__fmul_rn(wd[mt][i >> 1], dx[nt][i & 1]), float(ci[i]), acc[mt][nt][i]);
+        }
+    }
+  }
+
+  // The 4 K-warps' partials, summed in warp order by warp wk = 0.
+  __shared__ float red[kSkWK - 1][kSkWM][MT * 16][NT * 8];
+  if (wk > 0)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[wk - 1][wm][mt * 16 + g + (i >> 1) * 8][nt * 8 + 2 * t + (i & 1)] = acc[mt][nt][i];
+  __syncthreads();
+  if (wk == 0)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int rl = mt * 16 + g + (i >> 1) * 8, cl = nt * 8 + 2 * t + (i & 1);
+          float v = acc[mt][nt][i];
+#pragma unroll
+          for (int k = 0; k < kSkWK - 1; ++k) v += red[k][wm][rl][cl];
+          const int64_t row = r0 + rl;
+          if (row < rows && cl < n) {
+            if constexpr (T == int(WT::F16)) v *= xscale[cl];
+            out[(int64_t(blockIdx.y) * n + cl) * rows + row] = v;
+          }
+        }
+}
+
+// y[i] = sum over k in order of part[k][i].
+__global__ void skinny_sum_kernel(const float* __restrict__ part, int kb, int64_t count, float* __restrict__ y) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    float s = part[i];
+    for (int k = 1; k < kb; ++k) s += part[int64_t(k) * count + i];
+    y[i] = s;
+  }
+}
+
+size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
+
+struct SkinnyLayout {
+  size_t xs = 0, xscale = 0, part = 0, total = 0;  // byte offsets into the scratch
+};
+SkinnyLayout skinny_layout(WT t, int64_t rows, int64_t cols, int64_t n) {
+  SkinnyLayout l;
+  const size_t nc = size_t(n) * size_t(cols);
+  size_t xbytes = t == WT::F16 ? 4 * nc : t == WT::BF16 ? 6 * nc : nc;
+  l.xscale = align256(xbytes);
+  const size_t sbytes = t == WT::F16 ? size_t(n) * 4 : t == WT::Q8_0 ? nc / 32 * 4 : 0;
+  l.part = l.xscale + align256(sbytes);
+  const int kb = skinny_splits(rows, cols);
+  l.total = l.part + (kb > 1 ? align256(size_t(kb) * size_t(n) * size_t(rows) * 4) : 0) + 256;
+  return l;
+}
+
+template <int T, int NT>
+cudaError_t skinny_main(const void* w, int64_t rows, int64_t cols, const uint16_t* xs, const float* xscale,
+                        const int8_t* xq, const float* xd, int n, float* out, int kb, cudaStream_t s) {
+  constexpr int MT = NT >= 8 ? 2 : 4;
+  const dim3 grid(unsigned((rows + kSkWM * MT * 16 - 1) / (kSkWM * MT * 16)), unsigned(kb));
+  skinny_kernel<T, MT, NT><<<grid, kSkThreads, 0, s>>>(static_cast<const uint8_t*>(w), rows, cols, xs, xscale, xq, xd,
+                                                       n, out, kb);
+  return cudaGetLastError();
+}
+
+template <int T>
+cudaError_t skinny_dispatch(const void* w, int64_t rows, int64_t cols, const uint16_t* xs, const float* xscale,
+                            const int8_t* xq, const float* xd, int n, float* out, int kb, cudaStream_t s) {
+  if (n <= 8) return skinny_main<T, 1>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
+  if (n <= 16) return skinny_main<T, 2>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
+  if (n <= 32) return skinny_main<T, 4>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
+  return skinny_main<T, 8>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
+}
+
 }  // namespace
 
 cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y, int8_t* xq,
@@ -264,6 +549,63 @@ cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const f
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+int skinny_splits(int64_t rows, int64_t cols) {
+  // Time model for one block per SM: waves / kb (each block does 1/kb of a row block's K), plus the
+  // partials' traffic (at n = 16) and a second launch when kb > 1. A function of the shape only.
+  const int64_t rb = (rows + 127) / 128, C = cols / 32;
+  int best = 1;
+  double best_cost = 1e300;
+  for (int kb = 1; kb <= 16; kb *= 2) {
+    if (kb > 1 && C / kb < 8) break;
+    const int64_t tiles = rb * kb;
+    const double waves = double((tiles + kSkModelSMs - 1) / kSkModelSMs);
+    const double cost = waves / kb * (1.0 + (kb > 1 ? 64.0 * kb / double(cols) : 0.0)) + (kb > 1 ? 0.02 : 0.0);
+    if (cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best = kb;
+    }
+  }
+  return best;
+}
+
+bool skinny_takes(WT t, int64_t cols, int64_t n, const float* x) {
+  return (t == WT::F16 || t == WT::BF16 || t == WT::Q8_0) && n >= 1 && n <= kSkinnyMaxRows && cols >= 32 &&
+         cols % 32 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+}
+
+size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n) { return skinny_layout(t, rows, cols, n).total; }
+
+cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
+                          void* scratch, cudaStream_t s) {
+  if (n <= 0 || rows <= 0) return cudaSuccess;
+  const SkinnyLayout l = skinny_layout(t, rows, cols, n);
+  auto* base = static_cast<uint8_t*>(scratch);
+  const int kb = skinny_splits(rows, cols);
+  float* out = kb > 1 ? reinterpret_cast<float*>(base + l.part) : y;
+  cudaError_t e = cudaSuccess;
+  if (t == WT::Q8_0) {
+    auto* xq = reinterpret_cast<int8_t*>(base + l.xs);
+    auto* xd = reinterpret_cast<float*>(base + l.xscale);
+    const int64_t nb = n * cols / 32;
+    quantize_q8_kernel<<<grid1d(nb, 128), 128, 0, s>>>(x, nb, xq, xd);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = skinny_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, nullptr, xq, xd, int(n), out, kb, s);
+  } else {
+    auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
+    auto* xscale = reinterpret_cast<float*>(base + l.xscale);
+    const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 4 + 31) / 32 * 32)));
+    if (t == WT::F16) skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
+    else skinny_split_kernel<true><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, nullptr);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = t == WT::F16 ? skinny_dispatch<int(WT::F16)>(w, rows, cols, xs, xscale, nullptr, nullptr, int(n), out, kb, s)
+                     : skinny_dispatch<int(WT::BF16)>(w, rows, cols, xs, nullptr, nullptr, nullptr, int(n), out, kb, s);
+  }
+  if (e != cudaSuccess || kb == 1) return e;
+  const int64_t count = n * rows;
+  skinny_sum_kernel<<<unsigned(std::min<int64_t>(4096, (count + 255) / 256)), 256, 0, s>>>(out, kb, count, y);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_f32_to_f16(const float* x, void* out, int64_t count, cudaStream_t s) {
