@@ -1,30 +1,91 @@
 #!/usr/bin/env bash
-# On the GPU machine, with .gpu sent along (../shared/gpu/stage.sh --no-peer): builds with CUDA, then checks the
-# model end to end against the CPU backend and measures. Runs detached; the log is $OUT/e2e.log.
-#   correctness: the README passkey prompt, and eval episodes (full, profiled head map, topk) on CPU and CUDA;
-#   speed:       headroom bench on synth llama3-8b F16 (tg64, pp2048, at depth 0 and 8192).
+# On the GPU machine, from the project root, with .gpu (../shared/gpu/stage.sh --no-peer) and .gpu-srv
+# (scripts/gpu_stage_server.sh) sent along: builds with CUDA and the server, then checks the model end to end
+# against the CPU backend and measures, most important first. Meant to run detached:
+#   setsid nohup bash scripts/gpu_e2e.sh > /tmp/e2e.out 2>&1 &     then poll $OUT/e2e.log (or /tmp/e2e/e2e.log)
+# Stages (E2E_STAGES, default all): build parity bench8 map8 par8 serve bench1 kvq8 eval
 set -uo pipefail
-out=${OUT:-/tmp}
+out=${OUT:-/tmp/e2e}; mkdir -p "$out"
 log=$out/e2e.log
+stages=" ${E2E_STAGES:-build parity bench8 map8 par8 serve bench1 kvq8 eval} "
+on() { [[ "$stages" == *" $1 "* ]]; }
+stamp() { echo "== $1 $(date +%T)"; }
 {
-  echo "== build $(date +%T)"
-  bash .gpu/build.sh > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  stamp build
+  cp .gpu-srv/*.deb .gpu/debs/ 2>/dev/null || true
+  export CPATH=/opt/deps/usr/include/x86_64-linux-gnu
+  bash .gpu/build.sh > "$out/build.log" 2>&1 || { cat /tmp/headroom-cmake.log | tail -20; grep -m5 -B2 -A8 "error" /tmp/headroom-build.log; exit 1; }
   source .gpu/env.sh
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
+  export CPATH=/opt/deps/usr/include/x86_64-linux-gnu
+  grep -E "HEADROOM_SERVER|HEADROOM_CUDA" build-cuda/CMakeCache.txt | grep BOOL
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
   B=build-cuda/headroom
   M=../shared/models/retrieval-14m-q8_0.gguf
-  P="The pass key is 4821930. Remember it. 4821930 is the pass key.\nWhat is the pass key? The pass key is"
-  echo "== passkey $(date +%T)"
-  for d in cpu cuda; do $B run -m $M -n 16 --temp 0 --device $d -p "$P" > "$out/passkey_$d.txt" 2> "$out/passkey_$d.err"; tail -1 "$out/passkey_$d.err"; done
-  cmp "$out/passkey_cpu.txt" "$out/passkey_cuda.txt" && echo "passkey: identical"
-  for m in ../shared/models/stories260K.gguf ../shared/models/tinystories-656k-q8_0.gguf ../shared/models/arch/*.gguf; do
-    for d in cpu cuda; do $B run -m $m -n 24 --temp 0 --device $d -p "Once upon a time" > "$out/greedy_$d.txt" 2>/dev/null; done
-    cmp -s "$out/greedy_cpu.txt" "$out/greedy_cuda.txt" && echo "greedy identical: $m" || { echo "greedy DIFFERS: $m"; cat "$out/greedy_cpu.txt" "$out/greedy_cuda.txt"; }
-  done
-  echo "== eval $(date +%T)"
-  EV="--tasks niah,multikey,kv --ctx 4096 --depths 0:100:25 --samples 2 --policy full,profile,topk --budget 25% --head-map docs/retrieval-14m-heads.json"
-  for d in cpu cuda; do /usr/bin/time -f "eval $d: %e s" $B eval -m $M $EV --device $d --parallel 8 -o "$out/eval_$d" > "$out/eval_$d.md" 2> "$out/eval_$d.err"; tail -1 "$out/eval_$d.err"; done
-  python3 - "$out" <<'PY'
+  S=/tmp/l8b-f16.gguf
+  ( $B synth --shape llama3-8b --type f16 -o $S --head-map /tmp/l8b-map.json > "$out/synth8.log" 2>&1
+    $B synth --shape llama3-1b --type f16 -o /tmp/l1b-f16.gguf --head-map /tmp/l1b-map.json > "$out/synth1.log" 2>&1 ) &
+  synth=$!
+
+  if on parity; then
+    stamp parity
+    ( cd build-cuda && ./headroom_backend_tests --gtest_filter='Cuda*' > "$out/tests.log" 2>&1; echo "backend tests rc $?" )
+    grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$out/tests.log" | head -20
+    P="The pass key is 4821930. Remember it. 4821930 is the pass key.\nWhat is the pass key? The pass key is"
+    for d in cpu cuda; do $B run -m $M -n 16 --temp 0 --device $d -p "$P" > "$out/passkey_$d.txt" 2> "$out/passkey_$d.err"; tail -1 "$out/passkey_$d.err"; done
+    cmp "$out/passkey_cpu.txt" "$out/passkey_cuda.txt" && echo "passkey: identical: $(cat $out/passkey_cuda.txt | tail -c 40)"
+    for m in ../shared/models/stories260K.gguf ../shared/models/tinystories-656k-q8_0.gguf $M ../shared/models/arch/*.gguf; do
+      for d in cpu cuda; do $B run -m $m -n 24 --temp 0 --device $d -p "Once upon a time" > "$out/greedy_$d.txt" 2>/dev/null; done
+      cmp -s "$out/greedy_cpu.txt" "$out/greedy_cuda.txt" && echo "greedy identical: $m" || { echo "greedy DIFFERS: $m"; cat "$out/greedy_cpu.txt" "$out/greedy_cuda.txt"; }
+    done
+    # parallel decode on CUDA: the same greedy text alone and in a batch of 4 (batch invariance end to end)
+    printf '"Once upon a time"\n"The little dog"\n"Once upon a time"\n"In the park"\n' > /tmp/prompts.jsonl
+    $B run -m ../shared/models/tinystories-656k-q8_0.gguf -n 32 --temp 0 --device cuda --parallel 4 --prompts /tmp/prompts.jsonl > "$out/par4.txt" 2>/dev/null
+    $B run -m ../shared/models/tinystories-656k-q8_0.gguf -n 32 --temp 0 --device cuda --parallel 1 --prompts /tmp/prompts.jsonl > "$out/par1.txt" 2>/dev/null
+    cmp -s "$out/par1.txt" "$out/par4.txt" && echo "parallel 4 == parallel 1 (CUDA)" || echo "parallel 4 DIFFERS from parallel 1 (CUDA)"
+  fi
+  wait $synth; tail -1 "$out/synth8.log"
+  if on bench8; then
+    stamp bench8
+    $B bench -m $S --device cuda -p 2048 -n 64 -d 0,8192,32768,131072 -r 2
+    HEADROOM_CUDA_GRAPHS=0 $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (graphs off)/'
+  fi
+  if on map8; then
+    stamp map8
+    $B bench -m $S --device cuda -p 2048 -n 64 -d 131072 -r 2 --head-map /tmp/l8b-map.json
+    $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 1 --head-map /tmp/l8b-map.json -v 2>&1 | grep -iE "kv|pool" | head -5
+  fi
+  if on par8; then
+    stamp par8
+    $B bench -m $S --device cuda -p 0 -n 32 -d 8192 --parallel 1,8,32 -r 1
+  fi
+  if on serve; then
+    stamp serve
+    $B serve -m $S --device cuda --port 8090 -c 4096 --parallel 32 --head-map /tmp/l8b-map.json > "$out/serve.log" 2>&1 &
+    srv=$!
+    for i in $(seq 60); do curl -sf http://127.0.0.1:8090/health >/dev/null && break; sleep 1; done
+    $B bench --server http://127.0.0.1:8090 --clients 1,4,16,32 --requests 2 --prompt-words 1500 -n 128
+    curl -s http://127.0.0.1:8090/metrics | grep -E "^headroom_kv_pages|^headroom_requests" | head -12
+    kill -TERM $srv; wait $srv; echo "serve exit $?"
+    $B serve -m $S --device cuda --port 8091 -c 4096 --parallel 32 > "$out/serve_full.log" 2>&1 &
+    srv=$!
+    for i in $(seq 60); do curl -sf http://127.0.0.1:8091/health >/dev/null && break; sleep 1; done
+    $B bench --server http://127.0.0.1:8091 --clients 16,32 --requests 2 --prompt-words 1500 -n 128 | sed 's/$/  (full KV)/'
+    kill -TERM $srv; wait $srv
+  fi
+  if on bench1; then
+    stamp bench1
+    $B bench -m /tmp/l1b-f16.gguf --device cuda -p 2048 -n 64 -d 0,32768,131072 -r 2
+    $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 131072 -r 2 --head-map /tmp/l1b-map.json
+  fi
+  if on kvq8; then
+    stamp kvq8
+    $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 2 --kv-type q8_0
+  fi
+  if on eval; then
+    stamp eval
+    EV="--tasks niah,multikey,kv --ctx 4096 --depths 0:100:25 --samples 2 --policy full,profile,topk --budget 25% --head-map docs/retrieval-14m-heads.json"
+    for d in cpu cuda; do /usr/bin/time -f "eval $d: %e s" $B eval -m $M $EV --device $d --parallel 8 -o "$out/eval_$d" > "$out/eval_$d.md" 2> "$out/eval_$d.err"; tail -1 "$out/eval_$d.err"; done
+    python3 - "$out" <<'PY'
 import json, sys
 o = sys.argv[1]
 a = json.load(open(f"{o}/eval_cpu/results.json")); b = json.load(open(f"{o}/eval_cuda/results.json"))
@@ -34,11 +95,6 @@ print(f"eval: {same}/{len(ea)} answers identical CPU vs CUDA")
 for x, y in zip(ea, eb):
     if x["answer"] != y["answer"]: print("  differs:", x["config"], x["task"], x["depth"], repr(x["answer"]), repr(y["answer"]))
 PY
-  grep -A8 "trained-task" "$out/eval_cuda.md" | head -6
-  echo "== synth $(date +%T)"
-  $B synth --shape llama3-8b --type f16 -o /tmp/l8b-f16.gguf > /dev/null 2>&1
-  echo "== bench $(date +%T)"
-  $B bench -m /tmp/l8b-f16.gguf --device cuda -p 2048 -n 64 -d 0,8192 -r 1
-  $B bench -m /tmp/l8b-f16.gguf --device cuda -p 0 -n 32 --parallel 1,16 -r 1
-  echo "== done $(date +%T)"
+  fi
+  stamp done
 } > "$log" 2>&1

@@ -59,6 +59,16 @@ PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps,
            s->finish_detail.empty() ? "the sequence ended before the test" : s->finish_detail);
     engine.truncate(*s, d);
   }
+  if (d > 0) {  // what one sequence holds at this depth, against a full cache of the same type
+    const KVCache& kv = *seqs[0]->kv;
+    const int64_t full = st.runner->model().config().kv_bytes_per_token(st.setup.layout.type) * d;
+    std::fprintf(stderr, "bench: %s at depth %d: KV %.1f MiB on the device + %.1f MiB host + %.1f MiB metadata per "
+                 "sequence, %.1f%% of a full %s cache (%.1f MiB)\n", pp ? "pp" : "tg", d,
+                 double(kv.device_bytes()) / 1048576.0, double(kv.host_bytes()) / 1048576.0,
+                 double(kv.device_meta_bytes()) / 1048576.0,
+                 100.0 * double(kv.device_bytes() + kv.host_bytes() + kv.device_meta_bytes()) / double(full),
+                 kv_type_name(st.setup.layout.type), double(full) / 1048576.0);
+  }
   for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
     for (Sequence* s : seqs) {
       // pp: n more prompt tokens; tg: one token, then n-1 forced ones (no sampling, no early end): n rows each.

@@ -6,6 +6,8 @@
 
 #include "cli/common.h"
 #include "gguf/gguf.h"
+#include "kv/head_map.h"
+#include "model/model.h"
 #include "util/error.h"
 
 namespace headroom::cli {
@@ -81,6 +83,9 @@ void register_synth(CLI::App& app) {
   static std::string shape = "llama3-1b", type = "f16", out, vocab, shared = "../shared";
   static int layers = 0, ctx = 0;
   static uint64_t seed = 1;
+  static std::string map_out;
+  static double map_full = 0.25;
+  static int map_sinks = 64, map_window = 1024;
   auto* cmd = app.add_subcommand("synth", "write a random-weight model of a real shape (for speed tests only)");
   cmd->add_option("--shape", shape, "llama3-8b | llama3-1b | qwen2-0.5b | tiny")->capture_default_str();
   cmd->add_option("--type", type, "weight type: f32 | f16 | bf16 | q8_0")->capture_default_str();
@@ -90,6 +95,12 @@ void register_synth(CLI::App& app) {
   cmd->add_option("--layers", layers, "override the layer count");
   cmd->add_option("--ctx", ctx, "override the context length");
   cmd->add_option("--seed", seed, "random seed")->capture_default_str();
+  cmd->add_option("--head-map", map_out,
+                  "also write a head map FILE for the model: --map-full of the KV heads full (spread over the heads "
+                  "of each layer), the rest streaming (--map-sinks, --map-window, prefill window)");
+  cmd->add_option("--map-full", map_full, "--head-map: share of KV heads kept full")->check(CLI::Range(0.0, 1.0))->capture_default_str();
+  cmd->add_option("--map-sinks", map_sinks, "--head-map: streaming heads' sink tokens")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  cmd->add_option("--map-window", map_window, "--head-map: streaming heads' window")->check(CLI::Range(1, 1 << 24))->capture_default_str();
   cmd->callback([] {
     const Shape* s = nullptr;
     for (const Shape& k : kShapes)
@@ -152,6 +163,26 @@ void register_synth(CLI::App& app) {
                  type.c_str(), (long long)n_vocab, vpath.c_str());
     w.write(out);
     std::fprintf(stderr, "synth: done\n");
+    if (!map_out.empty()) {
+      auto m = Model::load(out);
+      PolicySpec st;
+      st.kind = PolicyKind::Streaming;
+      st.sinks = map_sinks;
+      st.window = map_window;
+      st.prefill = PrefillMode::Window;
+      HeadMap map = HeadMap::uniform(m->identity(), st);
+      const int nkv = m->config().n_head_kv, total = L * nkv;
+      const int n_full = int(std::lround(map_full * total));
+      // Full heads spread evenly over the (layer, head) grid, shifted per layer so no head index is favoured.
+      for (int i = 0; i < n_full; ++i) {
+        const int k = int(int64_t(i) * total / std::max(1, n_full));
+        map.at(k / nkv, (k % nkv + k / nkv) % nkv).spec = PolicySpec{};  // full
+      }
+      map.note = fmt::format("headroom synth: {} of {} KV heads full, the rest streaming (sinks {}, window {}, prefill window)",
+                             map.count(PolicyKind::Full), total, map_sinks, map_window);
+      map.save(map_out);
+      std::fprintf(stderr, "synth: %s\n", map.note.c_str());
+    }
   });
 }
 

@@ -3,6 +3,7 @@
 // and `max_tokens` output tokens; it reports throughput and time to first token.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace headroom::server {
