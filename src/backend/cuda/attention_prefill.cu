@@ -23,6 +23,7 @@
 // A row with no allowed slot gets zeros. No atomics: the result is deterministic (fixed order per job).
 // Heavy blocks first: block x = tile_rev * n_jobs + job, and a job's tile_rev 0 is its last (longest causal) tile.
 #include <climits>
+#include <cstdlib>
 
 #include "backend/cuda/common.cuh"
 
@@ -30,10 +31,9 @@ namespace headroom::cuda {
 
 namespace {
 
-constexpr int kPfThreads = 256;
-constexpr int kPfWarps = kPfThreads / 32;
-constexpr int kBM = 16 * kPfWarps;  // M rows (row, head pairs) per block
+// NW warps a block (8, or 4 with HEADROOM_PREFILL_WARPS=4: a tuning switch read once), 16 M rows a warp.
 constexpr int kBN = 64;             // slots per KV tile
+constexpr int kMaxBM = 128;         // M rows (row, head pairs) of the largest block
 constexpr float kPfLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -114,9 +114,10 @@ constexpr size_t pf_smem() {
          + size_t(2) * 2 * kBN * 8;    // K, V row pointers (low bit: host tier)
 }
 
-template <int T, int D>
-__global__ void __launch_bounds__(kPfThreads, D == 64 ? 2 : 1)
+template <int T, int D, int NW>
+__global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
     attn_prefill_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, int n_tiles, uint32_t* err) {
+  constexpr int kPfThreads = NW * 32, kBM = 16 * NW;
   constexpr bool BF = T == kKVBF16;
   constexpr int CH = D / 8;  // 16-byte chunks per tile row
   constexpr int KS = D / 16; // k-steps of Q K^T
@@ -393,34 +394,42 @@ __global__ void __launch_bounds__(kPfThreads, D == 64 ? 2 : 1)
   }
 }
 
-template <int T, int D>
+template <int T, int D, int NW>
 cudaError_t run_prefill(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err,
                         cudaStream_t s) {
   constexpr size_t smem = pf_smem<D>();
   static bool attr = false;
   if (!attr) {
-    cudaError_t e = cudaFuncSetAttribute(attn_prefill_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaError_t e = cudaFuncSetAttribute(attn_prefill_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
     attr = true;
   }
-  const int RB = kBM / b.n_group;
+  const int RB = 16 * NW / b.n_group;
   const int n_tiles = (b.max_rows + RB - 1) / RB;
   const int64_t blocks = int64_t(n_tiles) * b.n_jobs;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  attn_prefill_kernel<T, D><<<unsigned(blocks), kPfThreads, smem, s>>>(kv, b, scr, hq, n_tiles, err);
+  attn_prefill_kernel<T, D, NW><<<unsigned(blocks), NW * 32, smem, s>>>(kv, b, scr, hq, n_tiles, err);
   return cudaGetLastError();
 }
 
-template <int D>
+template <int D, int NW>
 cudaError_t run_prefill_d(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err,
                           cudaStream_t s) {
   switch (kv.type) {
-    case kKVF32: return run_prefill<kKVF32, D>(kv, b, scr, hq, err, s);
-    case kKVF16: return run_prefill<kKVF16, D>(kv, b, scr, hq, err, s);
-    case kKVBF16: return run_prefill<kKVBF16, D>(kv, b, scr, hq, err, s);
-    default: return run_prefill<kKVQ8, D>(kv, b, scr, hq, err, s);
+    case kKVF32: return run_prefill<kKVF32, D, NW>(kv, b, scr, hq, err, s);
+    case kKVF16: return run_prefill<kKVF16, D, NW>(kv, b, scr, hq, err, s);
+    case kKVBF16: return run_prefill<kKVBF16, D, NW>(kv, b, scr, hq, err, s);
+    default: return run_prefill<kKVQ8, D, NW>(kv, b, scr, hq, err, s);
   }
+}
+
+int prefill_warps() {
+  static const int w = [] {
+    const char* e = std::getenv("HEADROOM_PREFILL_WARPS");
+    return e && std::atoi(e) == 4 ? 4 : 8;
+  }();
+  return w;
 }
 
 }  // namespace
@@ -428,13 +437,15 @@ cudaError_t run_prefill_d(const KVDev& kv, const AttnBatch& b, const AttnScratch
 bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b) {
   (void)kv;
   return b.max_rows >= kAttnSplitMaxRows && (b.head_dim == 64 || b.head_dim == 128) && b.n_group >= 1 &&
-         b.n_group <= kBM && b.n_jobs > 0;
+         b.n_group <= 16 * prefill_warps() && b.n_jobs > 0;
 }
 
 cudaError_t launch_prefill_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
                                      cudaStream_t s) {
   const int hq = int(b.out_stride / b.head_dim);
-  return b.head_dim == 64 ? run_prefill_d<64>(kv, b, scr, hq, err, s) : run_prefill_d<128>(kv, b, scr, hq, err, s);
+  if (prefill_warps() == 4)
+    return b.head_dim == 64 ? run_prefill_d<64, 4>(kv, b, scr, hq, err, s) : run_prefill_d<128, 4>(kv, b, scr, hq, err, s);
+  return b.head_dim == 64 ? run_prefill_d<64, 8>(kv, b, scr, hq, err, s) : run_prefill_d<128, 8>(kv, b, scr, hq, err, s);
 }
 
 }  // namespace headroom::cuda
