@@ -23,7 +23,6 @@
 // A row with no allowed slot gets zeros. No atomics: the result is deterministic (fixed order per job).
 // Heavy blocks first: block x = tile_rev * n_jobs + job, and a job's tile_rev 0 is its last (longest causal) tile.
 #include <climits>
-#include <cstdlib>
 
 #include "backend/cuda/common.cuh"
 
@@ -31,7 +30,9 @@ namespace headroom::cuda {
 
 namespace {
 
-// NW warps a block (8, or 4 with HEADROOM_PREFILL_WARPS=4: a tuning switch read once), 16 M rows a warp.
+// NW warps a block, 16 M rows a warp: 8 (one block an SM for head_dim 128). 4 warps (2 blocks an SM) measured
+// 4-37% slower on the H200 (docs/cuda.md).
+constexpr int kPfWarps = 8;
 constexpr int kBN = 64;             // slots per KV tile
 constexpr int kMaxBM = 128;         // M rows (row, head pairs) of the largest block
 constexpr float kPfLog2e = 1.4426950408889634f;
@@ -424,28 +425,20 @@ cudaError_t run_prefill_d(const KVDev& kv, const AttnBatch& b, const AttnScratch
   }
 }
 
-int prefill_warps() {
-  static const int w = [] {
-    const char* e = std::getenv("HEADROOM_PREFILL_WARPS");
-    return e && std::atoi(e) == 4 ? 4 : 8;
-  }();
-  return w;
-}
 
 }  // namespace
 
 bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b) {
   (void)kv;
   return b.max_rows >= kAttnSplitMaxRows && (b.head_dim == 64 || b.head_dim == 128) && b.n_group >= 1 &&
-         b.n_group <= 16 * prefill_warps() && b.n_jobs > 0;
+         b.n_group <= 16 * kPfWarps && b.n_jobs > 0;
 }
 
 cudaError_t launch_prefill_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
                                      cudaStream_t s) {
   const int hq = int(b.out_stride / b.head_dim);
-  if (prefill_warps() == 4)
-    return b.head_dim == 64 ? run_prefill_d<64, 4>(kv, b, scr, hq, err, s) : run_prefill_d<128, 4>(kv, b, scr, hq, err, s);
-  return b.head_dim == 64 ? run_prefill_d<64, 8>(kv, b, scr, hq, err, s) : run_prefill_d<128, 8>(kv, b, scr, hq, err, s);
+  return b.head_dim == 64 ? run_prefill_d<64, kPfWarps>(kv, b, scr, hq, err, s)
+                           : run_prefill_d<128, kPfWarps>(kv, b, scr, hq, err, s);
 }
 
 }  // namespace headroom::cuda
