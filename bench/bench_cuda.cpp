@@ -1,5 +1,6 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
 //   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
+//                          --prefill [--quick] (the prefill attention rows only) |
 //                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu) |
 //                          --gemv [--ns 1,8,...] [--types f16,bf16,q8_0] [--only 8B|1B] (matmul rows only)]
 //
@@ -190,7 +191,10 @@ struct AttnShape {
 };
 
 // Decode attention over `layers` layers' caches, `seqs` sequences each at `depth` tokens.
-void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int q_rows = 1) {
+// Prefill (q_rows > 1): the q_rows are the last rows of the depth tokens (positions depth - q_rows ...), causal;
+// host_shape false leaves AttnBatch's host-known shape unknown (max_rows 0: the CUDA-core path).
+void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int q_rows = 1,
+                          bool host_shape = true) {
   const int P = 32, D = sh.head_dim, G = sh.group, H = sh.n_kv * G;
   const int pages_per = (depth + P - 1) / P;  // per (layer, sequence, KV head)
   const int64_t n_pages = int64_t(sh.layers) * seqs * sh.n_kv * pages_per;
@@ -265,6 +269,11 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
   b.scale = 1.0f / std::sqrt(float(D));
   b.n_jobs = jobs_per_layer;
   b.page_ids = dids.get();
+  if (q_rows > 1 && host_shape) {
+    b.max_rows = q_rows;
+    b.n_decode_jobs = q_rows < 4 ? jobs_per_layer : 0;
+    b.max_pages = pages_per;
+  }
   const double sec = time_graph(be, sh.layers, 5, [&] {
     for (int ly = 0; ly < sh.layers; ++ly) {
       AttnBatch bl = b;
@@ -274,14 +283,32 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
   });
   const double kv_bytes = double(jobs_per_layer) * depth * 2.0 * double(kv_row_bytes(t, D));
   const double meta = double(jobs_per_layer) * pages_per * P * 4.0;
-  if (q_rows > 1) {  // prefill: causal rows over the cache (the bytes figure means little here)
-    std::printf("%-8s %-5s %7d %5d rows %4d: %10.1f us/layer, attention alone %8.0f tokens/s over %d layers\n", sh.name,
-                kv_type_name(t), depth, seqs, q_rows, sec * 1e6, double(q_rows) * seqs / (sec * sh.layers), sh.layers);
+  if (q_rows > 1) {  // prefill: causal rows over the cache; FLOPs 4 * head_dim * heads * allowed slots per row
+    double allowed = 0;
+    for (int i = 0; i < q_rows; ++i) allowed += double(depth - q_rows + i + 1);
+    const double flop = 4.0 * D * H * allowed * seqs;
+    std::printf("%-4s %-5s past %6d rows %4d %-10s %9.1f us/layer %8.1f TFLOP/s  attention alone %8.0f tok/s (%d layers)\n",
+                sh.name, kv_type_name(t), depth - q_rows, q_rows, host_shape ? "tensor" : "cuda-core", sec * 1e6,
+                flop / sec * 1e-12, double(q_rows) * seqs / (sec * sh.layers), sh.layers);
   } else {
     std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f\n", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
                 sec * sh.layers * 1e3, (kv_bytes + meta) / sec * 1e-9);
   }
   std::fflush(stdout);
+}
+
+// Prefill attention: one sequence's chunk of `rows` causal rows after `past` tokens, every layer (8B: 32 x 8 KV
+// heads x 4 x 128; 1B: 16 x 8 x 4 x 64). TFLOP/s counts 4 * head_dim * heads * allowed slots (causal).
+void bench_prefill(Backend& be, bool quick) {
+  std::printf("\n== prefill attention (tensor-core kernel; one CUDA-core row for comparison) ==\n");
+  const AttnShape s8{"8B", 32, 8, 4, 128}, s1{"1B", 16, 8, 4, 64};
+  for (const AttnShape& sh : {s8, s1})
+    for (int past : {0, 32768}) bench_attention_case(be, sh, KVType::F16, past + 2048, 1, 2048);
+  bench_attention_case(be, s8, KVType::F16, 4096 + 512, 1, 512);
+  if (quick) return;
+  for (KVType t : {KVType::BF16, KVType::Q8_0, KVType::F32}) bench_attention_case(be, s8, t, 2048, 1, 2048);
+  bench_attention_case(be, s8, KVType::F16, 131072 + 2048, 1, 2048);
+  bench_attention_case(be, s8, KVType::F16, 4096 + 512, 1, 512, false);
 }
 
 void bench_attention(bool quick) {
@@ -296,9 +323,7 @@ void bench_attention(bool quick) {
         bench_attention_case(*be, sh, t, depth, 1);
       }
   for (int seqs : {8, 32}) bench_attention_case(*be, s8, KVType::F16, 8192, seqs);
-  std::printf("\n== prefill attention (CUDA-core path, no tensor cores) ==\n");
-  bench_attention_case(*be, s8, KVType::F16, 4096, 1, 512);
-  if (!quick) bench_attention_case(*be, s8, KVType::F16, 32768, 1, 512);
+  bench_prefill(*be, quick);
 }
 
 void bench_copy() {
@@ -333,6 +358,17 @@ std::vector<std::string> split_list(const char* s) {
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
+  if (argc > 1 && std::strcmp(argv[1], "--prefill") == 0) {  // the prefill attention rows only
+    try {
+      std::printf("%s\n", describe_device_choice("cuda").c_str());
+      auto be = make_backend("cuda", 0);
+      bench_prefill(*be, argc > 2 && std::strcmp(argv[2], "--quick") == 0);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+      return 1;
+    }
+    return 0;
+  }
   // --gemv [--ns 1,2,...] [--types f16,bf16,q8_0] [--only 8B|1B]: the matmul rows only.
   bool gemv_only = false;
   GemvOpts go;

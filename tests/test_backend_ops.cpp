@@ -847,14 +847,15 @@ struct AttnCase {
   std::vector<float> q;
   KVWrites writes;
   std::vector<TestJob> jobs;
+  bool host_shape = false;  // fill AttnBatch's host-known shape (max_rows, n_decode_jobs, max_pages)
 };
 
 // Writes positions (shuffled, a share of them dropped as holes) into the slots of `ids` in order, random K/V;
 // some holes get garbage rows with position -1 (NaN for float types) that must never reach a result.
 void fill_pages(AttnCase& c, const std::vector<int32_t>& ids, std::vector<int32_t> positions, double hole_rate,
-                std::mt19937& rng) {
+                std::mt19937& rng, bool shuffle = true) {
   const int P = c.layout.page_size, D = c.layout.head_dim;
-  std::shuffle(positions.begin(), positions.end(), rng);
+  if (shuffle) std::shuffle(positions.begin(), positions.end(), rng);
   std::uniform_real_distribution<double> u01(0, 1);
   const float garbage = c.layout.type == KVType::Q8_0 ? 1e4f : NAN;
   size_t next = 0;
@@ -919,6 +920,14 @@ AttnResult run_attention(Backend& be, const AttnCase& c, int runs = 1) {
   b.jobs = djobs.get();
   b.n_jobs = int32_t(jobs.size());
   b.page_ids = dids.get();
+  if (c.host_shape) {
+    b.n_decode_jobs = 0;
+    for (const AttnJob& j : jobs) {
+      b.max_rows = std::max(b.max_rows, j.n_rows);
+      b.max_pages = std::max(b.max_pages, j.n_pages);
+      b.n_decode_jobs += j.n_rows < 4 ? 1 : 0;
+    }
+  }
   for (int i = 0; i < runs; ++i) be.attention(*kv, b);
   be.download(res.out.data(), out.get(), res.out.size() * 4);
   for (const TestJob& tj : c.jobs)
@@ -2018,6 +2027,181 @@ TEST(CudaBackendOps, AttentionDecodeIsBatchInvariant) {
       ASSERT_EQ(0, std::memcmp(ra.out.data() + h * D, rb.out.data() + h * D, D * 4)) << "head " << h;
     ASSERT_TRUE(bitwise_equal(ra.scores[0], rb.scores[1]));
   }
+}
+
+// Tensor-core prefill attention (jobs >= 4 rows, head_dim 64/128, the batch's host shape known): F16 operands
+// (BF16 for BF16 KV), F32 accumulation. Bound against the CPU, per output element d of (row, head), with
+// p_j the exact probabilities over the allowed slots, mag_d = sum p_j |v_jd| / sum p_j and
+// A = max_j sum_e |q_e k_je| * scale * log2(e) (the score magnitude in log2 units):
+//   |gpu - cpu| <= 2 * (2 ln2 (u_q + u_k) A + 2 u_p + u_k) * mag_d + 2e-5 max|v|,
+// u_q = u_p = 2^-11 (F16) or 2^-8 (BF16 KV: Q and P in BF16), u_k = 2^-11 for F32 / Q8_0 KV (rounded to F16
+// on the way), 0 for F16 / BF16 KV (used as stored). The 2e-5 max|v| covers the CPU's own float error.
+void check_cuda_prefill(Backend& gpu, AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
+  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
+  c.host_shape = true;
+  c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
+  auto cpu = make_cpu_backend(2);
+  for (KVType t : types) {
+    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+    SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
+    AttnCase ct = c;
+    ct.layout.type = t;
+    if (t == KVType::Q8_0)
+      for (size_t i = 0; i < ct.writes.k.size(); ++i)
+        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
+    const int D = ct.layout.head_dim, H = ct.n_kv * ct.group, P = ct.layout.page_size;
+    const AttnResult rc = run_attention(*cpu, ct, 2);
+    const AttnResult rg = run_attention(gpu, ct, 2);
+    const AttnResult rg2 = run_attention(gpu, ct, 2);
+    ASSERT_EQ(rc.out.size(), rg.out.size());
+    for (size_t i = 0; i < rg.out.size(); ++i)
+      ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i;
+    // The stored K/V (read back from a CPU store) for the bound.
+    auto kv = cpu->kv_create(ct.layout);
+    store_writes(*cpu, *kv, ct.writes);
+    const double u16 = 1.0 / 2048, ubf = 1.0 / 256;
+    const double uq = t == KVType::BF16 ? ubf : u16, up = uq;
+    const double uk = (t == KVType::F32 || t == KVType::Q8_0) ? u16 : 0.0;
+    const double log2e = 1.4426950408889634;
+    double worst = 0;
+    std::vector<bool> owned(rg.out.size() / size_t(D), false);
+    for (size_t ji = 0; ji < ct.jobs.size(); ++ji) {
+      const TestJob& job = ct.jobs[ji];
+      std::vector<PageData> pages;
+      double vmax = 0;
+      for (int32_t id : job.pages) {
+        pages.push_back(read_page(*cpu, *kv, id));
+        for (int s = 0; s < P; ++s)
+          if (pages.back().pos[size_t(s)] >= 0)
+            for (int e = 0; e < D; ++e) vmax = std::max(vmax, double(std::fabs(pages.back().v[size_t(s * D + e)])));
+      }
+      for (int r = job.row0; r < job.row0 + job.n_rows; ++r)
+        for (int h = job.kv_head * ct.group; h < (job.kv_head + 1) * ct.group; ++h) {
+          const size_t oi = size_t(r * H + h);
+          owned[oi] = true;
+          const float* qv = ct.q.data() + oi * size_t(D);
+          std::vector<double> sc;
+          std::vector<const float*> vs;
+          double amax = 0;
+          for (const PageData& pg : pages)
+            for (int s = 0; s < P; ++s)
+              if (allowed(pg.pos[size_t(s)], ct.q_pos[size_t(r)], job.sinks, job.window)) {
+                double d = 0, a = 0;
+                for (int e = 0; e < D; ++e) {
+                  d += double(qv[e]) * pg.k[size_t(s * D + e)];
+                  a += std::fabs(double(qv[e]) * pg.k[size_t(s * D + e)]);
+                }
+                sc.push_back(d * ct.scale);
+                vs.push_back(pg.v.data() + size_t(s * D));
+                amax = std::max(amax, a * ct.scale * log2e);
+              }
+          const float* og = rg.out.data() + oi * size_t(D);
+          const float* oc = rc.out.data() + oi * size_t(D);
+          if (sc.empty()) {
+            for (int e = 0; e < D; ++e) ASSERT_EQ(og[e], 0.0f) << "row " << r << " head " << h << ": no allowed slot";
+            continue;
+          }
+          double mx = -INFINITY, sum = 0;
+          for (double x : sc) mx = std::max(mx, x);
+          for (double x : sc) sum += std::exp(x - mx);
+          const double rel = 2 * (2 * std::log(2.0) * (uq + uk) * amax + 2 * up + uk);
+          for (int e = 0; e < D; ++e) {
+            double mag = 0;
+            for (size_t j = 0; j < sc.size(); ++j) mag += std::exp(sc[j] - mx) * std::fabs(vs[j][e]);
+            mag /= sum;
+            const double tol = rel * mag + 2e-5 * vmax + 1e-30;
+            const double err = std::fabs(double(og[e]) - double(oc[e]));
+            worst = std::max(worst, err / tol);
+            ASSERT_LE(err, tol) << "job " << ji << " row " << r << " head " << h << " dim " << e << ": gpu " << og[e]
+                                << " cpu " << oc[e] << " (A " << amax << ", mag " << mag << ")";
+          }
+        }
+    }
+    for (size_t i = 0; i < owned.size(); ++i) {
+      if (owned[i]) continue;
+      for (int e = 0; e < D; ++e) ASSERT_TRUE(std::isnan(rg.out[i * size_t(D) + size_t(e)])) << "row*head " << i;
+    }
+    for (size_t ji = 0; ji < rc.scores.size(); ++ji) {  // score jobs stay on the exact path
+      ASSERT_TRUE(bitwise_equal(rg.scores[ji], rg2.scores[ji])) << "two GPU runs differ (scores)";
+      for (size_t s = 0; s < rc.scores[ji].size(); ++s)
+        ASSERT_NEAR(rg.scores[ji][s], rc.scores[ji][s], 2e-5 * (1 + std::fabs(rc.scores[ji][s]))) << "job " << ji << " slot " << s;
+    }
+    if (std::getenv("HEADROOM_TEST_VERBOSE"))
+      std::printf("cuda prefill attention %s D=%d G=%d rows=%d: worst error / tolerance = %.3g\n", kv_type_name(t), D,
+                  ct.group, ct.n_rows, worst);
+  }
+}
+
+void prefill_cases(Backend* gpu) {
+  std::mt19937 rng(107);
+  {  // GQA 4, head_dim 128, a causal chunk over past context, uneven page lists over both tiers, holes,
+     // sinks/window on one job
+    const int n_rows = 203, past = 300;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 16, 128, 40, 20, false, false);
+    c.n_rows = n_rows, c.n_kv = 2, c.group = 4;
+    c.scale = 1.0f / std::sqrt(128.0f);
+    c.q_pos = iota_vec(n_rows, past);
+    std::vector<int32_t> p0, p1;
+    for (int i = 0; i < 34; ++i) p0.push_back(i < 20 ? 2 * i : 40 + (i - 20));        // device, then host pages
+    for (int i = 0; i < 19; ++i) p1.push_back(2 * i + 1);
+    for (int i = 54; i < 60; ++i) p1.push_back(i);
+    std::shuffle(p1.begin(), p1.end(), rng);
+    fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
+    fill_pages(c, p1, iota_vec(past + n_rows), 0.05, rng, false);  // in order: whole tiles skipped / unmasked
+    c.jobs = {{0, n_rows, 0, p0, 0, 0, false}, {0, n_rows, 1, p1, 4, 100, false}};
+    check_cuda_prefill(*gpu, c, rng);
+  }
+  for (int group : {1, 2, 3}) {  // head_dim 64, pages of 5 / 20, rows before every slot, unsorted positions
+    const int n_rows = 131;
+    AttnCase c;
+    const int P = group == 2 ? 5 : 20;
+    c.layout = make_layout(KVType::F32, P, 64, 120, 0, false, false);
+    c.n_rows = n_rows, c.n_kv = 1, c.group = group;
+    for (int r = 0; r < n_rows; ++r) c.q_pos.push_back(r % 17 == 3 ? -5 : int32_t((r * 37) % 400));
+    std::vector<int32_t> p0;
+    for (int i = 0; i < 400 / P + 3; ++i) p0.push_back(119 - i);
+    fill_pages(c, p0, iota_vec(400), 0.1, rng);
+    c.jobs = {{0, n_rows, 0, p0, group == 3 ? 3 : 0, group == 3 ? 50 : 0, false}};
+    check_cuda_prefill(*gpu, c, rng);
+  }
+  {  // mixed batch: decode jobs, prefill jobs, a score job (exact path) on a store with slot scores, P = 256,
+     // a job without pages
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 256, 128, 12, 6, false, true);
+    c.n_rows = 1 + 70 + 9, c.n_kv = 2, c.group = 2;
+    c.scale = 0.1f;
+    c.q_pos = {1500};
+    for (int r = 0; r < 70; ++r) c.q_pos.push_back(600 + r);
+    for (int r = 0; r < 9; ++r) c.q_pos.push_back(40 + 3 * r);
+    const std::vector<int32_t> a0 = {0, 13, 2, 15, 4, 5}, a1 = {6, 7, 16, 9, 17, 11}, b0 = {1, 3, 12}, b1 = {8, 10, 14};
+    fill_pages(c, a0, iota_vec(1501), 0.05, rng);
+    fill_pages(c, a1, iota_vec(1501), 0.05, rng);
+    fill_pages(c, b0, iota_vec(670), 0.1, rng);
+    fill_pages(c, b1, iota_vec(670), 0.1, rng);
+    c.jobs = {{0, 1, 0, a0, 0, 0, true},  {0, 1, 1, a1, 2, 500, false}, {1, 70, 0, b0, 0, 0, false},
+              {1, 70, 1, b1, 0, 0, true}, {71, 9, 0, {}, 0, 0, false},  {71, 9, 1, b0, 1, 8, false}};
+    check_cuda_prefill(*gpu, c, rng);
+  }
+  {  // a long chunk (three row tiles of 32 rows per KV head and more), GQA 4, pages of 128, F16 and Q8_0
+    const int n_rows = 517, past = 1500;
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 128, 128, 18, 0, false, false);
+    c.n_rows = n_rows, c.n_kv = 1, c.group = 4;
+    c.scale = 1.0f / std::sqrt(128.0f);
+    c.q_pos = iota_vec(n_rows, past);
+    std::vector<int32_t> p0(17);
+    std::iota(p0.begin(), p0.end(), 1);
+    std::shuffle(p0.begin(), p0.end(), rng);
+    fill_pages(c, p0, iota_vec(past + n_rows), 0.02, rng, false);
+    c.jobs = {{0, n_rows, 0, p0, 0, 0, false}};
+    check_cuda_prefill(*gpu, c, rng, {KVType::F16, KVType::Q8_0});
+  }
+}
+
+TEST(CudaBackendOps, PrefillAttentionAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  prefill_cases(gpu.get());
 }
 
 TEST(CudaBackendOps, SelectPagesAgainstCpu) {

@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
   constexpr int EPL = W * CH, GPW = 32 / SUB, NG = kWarps * GPW;
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0) return;
+  if (scr.prefill_taken && prefill_takes(job, kv.sc[0] || kv.sc[1])) return;  // attention_prefill.cu ran it
   const int G = b.n_group, D = b.head_dim, P = kv.page_size;
   if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0 || G <= 0) {
     if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
@@ -549,11 +550,17 @@ size_t attn_partial_floats(int n_jobs, int n_group, int head_dim) {
 cudaError_t launch_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err, cudaStream_t s) {
   if (b.n_jobs <= 0) return cudaSuccess;
   const int hq = int(b.out_stride / b.head_dim);
+  AttnScratch sc = scr;
+  if (prefill_attention_fits(kv, b)) {  // tensor-core prefill (attention_prefill.cu) takes the long jobs
+    if (cudaError_t e = launch_prefill_attention(kv, b, scr, err, s); e != cudaSuccess) return e;
+    sc.prefill_taken = 1;
+    if (b.n_decode_jobs == 0 && !kv.sc[0] && !kv.sc[1]) return cudaSuccess;  // nothing left for the split kernel
+  }
   switch (kv.type) {
-    case kKVF32: return run_type<kKVF32>(kv, b, scr, hq, err, s);
-    case kKVF16: return run_type<kKVF16>(kv, b, scr, hq, err, s);
-    case kKVBF16: return run_type<kKVBF16>(kv, b, scr, hq, err, s);
-    default: return run_type<kKVQ8>(kv, b, scr, hq, err, s);
+    case kKVF32: return run_type<kKVF32>(kv, b, sc, hq, err, s);
+    case kKVF16: return run_type<kKVF16>(kv, b, sc, hq, err, s);
+    case kKVBF16: return run_type<kKVBF16>(kv, b, sc, hq, err, s);
+    default: return run_type<kKVQ8>(kv, b, sc, hq, err, s);
   }
 }
 

@@ -99,11 +99,25 @@ struct AttnScratch {
   float* partial = nullptr;
   float* ml = nullptr;
   int64_t ml_pairs = 0;  // capacity of ml in (row, head) pairs
+  int prefill_taken = 0; // 1: the tensor-core prefill kernel ran the jobs prefill_takes() names; attn_kernel skips them
 };
+// The jobs the tensor-core prefill kernel (attention_prefill.cu) takes when it runs: >= kAttnSplitMaxRows rows,
+// and not a score job on a store with slot scores (those need the exact path's bit-for-bit score recomputation).
+HR_HD inline bool prefill_takes(const AttnJob& j, bool store_has_scores) {
+  return j.n_rows >= kAttnSplitMaxRows && !(j.score && store_has_scores);
+}
 size_t attn_partial_floats(int n_jobs, int n_group, int head_dim);
 // Runs every job: pass 1 (split partials or whole rows), merge, and (if the store keeps slot scores) the
 // score pass. head_dim <= 256 and n_group <= 64 (checked by the caller).
 cudaError_t launch_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
                              cudaStream_t s);
+
+// ---- tensor-core prefill attention (attention_prefill.cu) ---------------------------------------------
+// Whether the batch's host-known shape lets the prefill kernel run (max_rows >= 4, head_dim 64 or 128).
+bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b);
+// Runs the jobs prefill_takes() names (F16/BF16 operands, F32 accumulation); writes their outputs only (not
+// the (max, sum) scratch: score jobs are not taken where the store keeps scores).
+cudaError_t launch_prefill_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
+                                     cudaStream_t s);
 
 }  // namespace headroom::cuda
