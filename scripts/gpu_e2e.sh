@@ -52,7 +52,6 @@ stamp() { echo "== $1 $(date +%T)"; }
   if on map8; then
     stamp map8
     $B bench -m $S --device cuda -p 2048 -n 64 -d 131072 -r 2 --head-map /tmp/l8b-map.json
-    $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 1 --head-map /tmp/l8b-map.json -v 2>&1 | grep -iE "kv|pool" | head -5
   fi
   if on par8; then
     stamp par8
@@ -80,6 +79,7 @@ stamp() { echo "== $1 $(date +%T)"; }
   if on kvq8; then
     stamp kvq8
     $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 2 --kv-type q8_0
+    $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 1 --head-map /tmp/l8b-map.json --kv-policy topk --kv-budget 4096 2>&1 | tail -3
   fi
   if on eval; then
     stamp eval
