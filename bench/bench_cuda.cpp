@@ -1,5 +1,6 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
 //   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
+//                          --attention-ab (attention only, each decode row also through the legacy kernel) |
 //                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu)]
 //
 //   gemv       decode matmul (n = 1, 8, 32 activation rows) and the cuBLAS prefill path (n = 512) on the
@@ -7,7 +8,7 @@
 //              streamed per second (each shape is rotated over enough copies to be several times the L2).
 //   attention  the decode attention kernel (one query row, GQA 4) over every layer's cache at depth 8k, 32k
 //              and 128k (8B: 32 layers x 8 KV heads x head_dim 128; 1B: 16 layers x 8 x 64), F16 and Q8_0
-//              KV: K+V bytes read per second; and batched decode (32 sequences at 8k, 8B shape).
+//              KV: K+V bytes read per second; and batched decode (8 and 32 sequences at 8k, both shapes, F16/Q8_0).
 //
 // Timing: the calls are captured into a CUDA graph on the backend's stream and the graph is replayed;
 // CUDA events around each replay; the median of the replays, divided by the calls in the graph.
@@ -179,6 +180,8 @@ struct AttnShape {
 };
 
 // Decode attention over `layers` layers' caches, `seqs` sequences each at `depth` tokens.
+bool legacy_ab = false;  // --attention-ab: time the legacy decode kernel beside every decode row
+
 void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int q_rows = 1) {
   const int P = 32, D = sh.head_dim, G = sh.group, H = sh.n_kv * G;
   const int pages_per = (depth + P - 1) / P;  // per (layer, sequence, KV head)
@@ -254,28 +257,43 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
   b.scale = 1.0f / std::sqrt(float(D));
   b.n_jobs = jobs_per_layer;
   b.page_ids = dids.get();
-  const double sec = time_graph(be, sh.layers, 5, [&] {
+  b.max_rows = q_rows;  // the step's host-known shape, as the model passes it
+  b.n_decode_jobs = q_rows < 4 ? jobs_per_layer : 0;
+  b.max_pages = pages_per;
+  auto run_layers = [&] {
     for (int ly = 0; ly < sh.layers; ++ly) {
       AttnBatch bl = b;
       bl.jobs = djobs.get() + size_t(ly) * jobs_per_layer;
       be.attention(*kv, bl);
     }
-  });
+  };
+  const double sec = time_graph(be, sh.layers, 5, run_layers);
   const double kv_bytes = double(jobs_per_layer) * depth * 2.0 * double(kv_row_bytes(t, D));
   const double meta = double(jobs_per_layer) * pages_per * P * 4.0;
   if (q_rows > 1) {  // prefill: causal rows over the cache (the bytes figure means little here)
     std::printf("%-8s %-5s %7d %5d rows %4d: %10.1f us/layer, attention alone %8.0f tokens/s over %d layers\n", sh.name,
                 kv_type_name(t), depth, seqs, q_rows, sec * 1e6, double(q_rows) * seqs / (sec * sh.layers), sh.layers);
   } else {
-    std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f\n", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
-                sec * sh.layers * 1e3, (kv_bytes + meta) / sec * 1e-9);
+    const double gbs = (kv_bytes + meta) / sec * 1e-9;
+    std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f %6.1f%%", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
+                sec * sh.layers * 1e3, gbs, 100.0 * gbs / 4252.0);
+    if (legacy_ab) {  // the same cache through the legacy kernel (HEADROOM_CUDA_ATTN_LEGACY), same graph method
+      setenv("HEADROOM_CUDA_ATTN_LEGACY", "1", 1);
+      const double old = time_graph(be, sh.layers, 5, run_layers);
+      unsetenv("HEADROOM_CUDA_ATTN_LEGACY");
+      std::printf(" %10.1f %8.0f %6.2fx", old * 1e6, (kv_bytes + meta) / old * 1e-9, old / sec);
+    }
+    std::printf("\n");
   }
   std::fflush(stdout);
 }
 
 void bench_attention(bool quick) {
-  std::printf("\n== decode attention (flash-decoding over pages, 64 splits), every layer's cache ==\n");
-  std::printf("%-8s %-5s %7s %5s %10s %10s %10s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s");
+  std::printf("\n== decode attention (paged flash-decoding, bulk-copy pipeline), every layer's cache ==\n");
+  std::printf("GB/s: K+V+positions read per second; %% of the 4252 GB/s device copy%s\n",
+              legacy_ab ? "; then the legacy kernel's us/layer, GB/s and the speedup" : "");
+  std::printf("%-8s %-5s %7s %5s %10s %10s %10s %7s%s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s",
+              "of copy", legacy_ab ? "  old us/ly old GB/s speedup" : "");
   auto be = make_backend("cuda", 0);
   const AttnShape s8{"8B", 32, 8, 4, 128}, s1{"1B", 16, 8, 4, 64};
   for (const AttnShape& sh : {s8, s1})
@@ -284,7 +302,9 @@ void bench_attention(bool quick) {
         if (quick && depth > 8192) continue;
         bench_attention_case(*be, sh, t, depth, 1);
       }
-  for (int seqs : {8, 32}) bench_attention_case(*be, s8, KVType::F16, 8192, seqs);
+  for (const AttnShape& sh : {s8, s1})
+    for (KVType t : {KVType::F16, KVType::Q8_0})
+      for (int seqs : {8, 32}) bench_attention_case(*be, sh, t, 8192, seqs);
   std::printf("\n== prefill attention (CUDA-core path, no tensor cores) ==\n");
   bench_attention_case(*be, s8, KVType::F16, 4096, 1, 512);
   if (!quick) bench_attention_case(*be, s8, KVType::F16, 32768, 1, 512);
@@ -306,7 +326,8 @@ void bench_copy() {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
-  const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
+  legacy_ab = argc > 1 && std::strcmp(argv[1], "--attention-ab") == 0;
+  const bool attn_only = legacy_ab || (argc > 1 && std::strcmp(argv[1], "--attention") == 0);
   if (argc > 2 && std::strcmp(argv[1], "--attention-one") == 0) {  // one case, for a profiler: 8B F16 at DEPTH
     try {
       auto be = make_backend("cuda", 0);

@@ -91,7 +91,8 @@ struct AttnScratch {
   float* ml = nullptr;
   int64_t ml_pairs = 0;  // capacity of ml in (row, head) pairs
 };
-size_t attn_partial_floats(int n_jobs, int n_group, int head_dim);
+// Floats of `partial` that launch_attention needs for this batch (host-known: the batch's shape hints, the store).
+size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b);
 // Runs every job: pass 1 (split partials or whole rows), merge, and (if the store keeps slot scores) the
 // score pass. head_dim <= 256 and n_group <= 64 (checked by the caller).
 cudaError_t launch_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
