@@ -305,6 +305,7 @@ void bench_attention(bool quick) {
   for (const AttnShape& sh : {s8, s1})
     for (KVType t : {KVType::F16, KVType::Q8_0})
       for (int seqs : {8, 32}) bench_attention_case(*be, sh, t, 8192, seqs);
+  if (legacy_ab) return;  // the A/B run is about decode
   std::printf("\n== prefill attention (CUDA-core path, no tensor cores) ==\n");
   bench_attention_case(*be, s8, KVType::F16, 4096, 1, 512);
   if (!quick) bench_attention_case(*be, s8, KVType::F16, 32768, 1, 512);
