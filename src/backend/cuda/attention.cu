@@ -184,6 +184,10 @@ __host__ __device__ inline int fast_splits(int n_pages, int P) {
   const int pps = fast_pps(n_pages, P);
   return (n_pages + pps - 1) / pps;
 }
+// slot_allowed in 32-bit arithmetic: for 0 <= ps <= qp, ps > qp - window is qp - ps < window (no overflow).
+__device__ __forceinline__ bool fast_allowed(int32_t ps, int32_t qp, int32_t sinks, int32_t window) {
+  return ps >= 0 && ps <= qp && (window == 0 || ps < sinks || qp - ps < window);
+}
 __device__ __forceinline__ bool fast_job(const AttnJob& j, int G) {
   return j.n_rows > 0 && j.n_rows < kAttnSplitMaxRows && j.n_rows * G <= kFastNP;
 }
@@ -273,7 +277,10 @@ __device__ __forceinline__ void fast_row8(const uint8_t* row, int tig, float* o)
 
 // Pass 1 of the fast path: block (job, split s) writes the split's partial (max, sum, acc) per pair to
 // part: ml [n_jobs][Sg][kFastNP][2], then acc [n_jobs][Sg][kFastNP][D].
-template <int T, int D>
+// MODE 0: the U slots of a stage are scored together (independent dot/butterfly chains), then one softmax
+// update per pair; MODE 1: slot by slot (the first version, kept for A/B runs); MODE 2: a bandwidth probe
+// that streams the stages and computes nothing (wrong results; benchmarks only).
+template <int T, int D, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBatch b, float* part, int Sg, uint32_t* err) {
   using C = FastCfg<T, D>;
   constexpr int SUB = C::SUB, GPW = C::GPW, NG = C::NG, U = C::U, CH = C::CH, RB = C::RB, NS = C::NS;
@@ -398,6 +405,66 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     const uint8_t* sV = sK + CH * RB;
     const int32_t* sP = reinterpret_cast<const int32_t*>(sV + CH * RB);
     mbar_wait(&bar[st], uint32_t(t / NS) & 1u);
+    if constexpr (MODE == 0) {
+      // Scores of the group's U slots for the pairs, as U * kFastNP independent chains (slots past the stage or
+      // not allowed are computed on whatever the buffer holds and masked out; never used).
+      unsigned alm[U];  // bit k: pair k may see slot u
+      float sc[U][kFastNP];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = grp + u * NG;
+        const int32_t ps = j < cnt ? sP[j] : -1;
+        alm[u] = 0;
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k)
+          if (pv[k] && fast_allowed(ps, qp[k], job.sinks, job.window)) alm[u] |= 1u << k;
+        float kf[8];
+        fast_row8<T>(sK + j * RB, tig, kf);
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k) {
+          float part = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) part = fmaf(q[k][e], kf[e], part);
+          sc[u][k] = part;
+        }
+      }
+#pragma unroll
+      for (int o = SUB / 2; o > 0; o >>= 1)  // the group butterfly of every chain (group_sum's order)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int k = 0; k < kFastNP; ++k) sc[u][k] += __shfl_xor_sync(gmask, sc[u][k], o);
+#pragma unroll
+      for (int k = 0; k < kFastNP; ++k) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          sc[u][k] = (alm[u] >> k & 1u) ? __fmul_rn(sc[u][k], sc2) : -INFINITY;  // legacy/score-pass bits
+          mx = fmaxf(mx, sc[u][k]);
+        }
+        if (mx > m[k]) {
+          const float f = exp2f(m[k] - mx);
+          l[k] *= f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[k][e] *= f;
+          m[k] = mx;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!alm[u]) continue;  // uniform in the group
+        float vf[8];
+        fast_row8<T>(sV + (grp + u * NG) * RB, tig, vf);
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k)
+          if (alm[u] >> k & 1u) {
+            const float p = exp2f(sc[u][k] - m[k]);
+            l[k] += p;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
+          }
+      }
+    } else if constexpr (MODE == 1) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = grp + u * NG;
@@ -435,6 +502,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
         }
+    }
     }
     __syncthreads();  // stage st is free
     if (t + NS < nst) issue(t + NS);
@@ -963,22 +1031,57 @@ size_t legacy_partial_floats(int n_jobs, int n_group, int head_dim) {
   return (n + 3) & ~size_t(3);  // the fast partials start 16-byte aligned behind these
 }
 
-template <int T, int D>
-cudaError_t run_fast(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
-                     cudaStream_t s) {
+template <int T, int D, int MODE>
+cudaError_t run_fast_mode(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq,
+                          uint32_t* err, cudaStream_t s) {
   using C = FastCfg<T, D>;
   static bool attr = false;
   if (!attr) {
-    cudaError_t e = cudaFuncSetAttribute(attn_fast_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::SMEM));
+    cudaError_t e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(C::SMEM));
+    if (e == cudaSuccess)  // two blocks per SM need the largest shared-memory carveout
+      e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared));
     if (e != cudaSuccess) return e;
     attr = true;
   }
   float* part = scr.partial + legacy_partial_floats(b.n_jobs, b.n_group, b.head_dim);
-  attn_fast_kernel<T, D><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, err);
+  attn_fast_kernel<T, D, MODE><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, err);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   attn_fast_merge_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.fast_pairs * (D / 32))), kThreads, 0, s>>>(
       b, part, pl.Sg, kv.page_size, scr, hq, err);
   return cudaGetLastError();
+}
+
+// HEADROOM_CUDA_ATTN_FAST_MODE=1|2 (A/B runs; F16/Q8_0 with head_dim 64/128 only): the kernel's MODE.
+int fast_mode() {
+  const char* v = std::getenv("HEADROOM_CUDA_ATTN_FAST_MODE");
+  return v ? std::atoi(v) : 0;
+}
+
+template <int T, int D>
+cudaError_t run_fast(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
+                     cudaStream_t s) {
+  if constexpr ((T == kKVF16 || T == kKVQ8) && D <= 128) {
+    const int mode = fast_mode();
+    if (mode == 1) return run_fast_mode<T, D, 1>(kv, b, pl, scr, hq, err, s);
+    if (mode == 2) return run_fast_mode<T, D, 2>(kv, b, pl, scr, hq, err, s);
+  }
+  return run_fast_mode<T, D, 0>(kv, b, pl, scr, hq, err, s);
+}
+
+template <int T, int D, int MODE>
+int fast_occupancy() {
+  int n = 0;
+  if (cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(FastCfg<T, D>::SMEM)) != cudaSuccess)
+    return -1;
+  cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       int(cudaSharedmemCarveoutMaxShared));
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_fast_kernel<T, D, MODE>, kThreads, FastCfg<T, D>::SMEM) !=
+      cudaSuccess)
+    return -1;
+  return n;
 }
 
 template <int T, int SUB, int W, int CH>
@@ -1030,6 +1133,11 @@ cudaError_t run_type(const KVDev& kv, const AttnBatch& b, const Plan& pl, const 
 }
 
 }  // namespace
+
+int attn_fast_blocks_per_sm(int kv_type, int head_dim) {
+  if (head_dim == 64) return kv_type == kKVQ8 ? fast_occupancy<kKVQ8, 64, 0>() : fast_occupancy<kKVF16, 64, 0>();
+  return kv_type == kKVQ8 ? fast_occupancy<kKVQ8, 128, 0>() : fast_occupancy<kKVF16, 128, 0>();
+}
 
 size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b) {
   const Plan pl = plan_for(kv, b);

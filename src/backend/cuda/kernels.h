@@ -91,6 +91,8 @@ struct AttnScratch {
   float* ml = nullptr;
   int64_t ml_pairs = 0;  // capacity of ml in (row, head) pairs
 };
+// Resident blocks per SM of the fast decode kernel (F16 or Q8_0, head_dim 64 or 128; for the benchmarks).
+int attn_fast_blocks_per_sm(int kv_type, int head_dim);
 // Floats of `partial` that launch_attention needs for this batch (host-known: the batch's shape hints, the store).
 size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b);
 // Runs every job: pass 1 (split partials or whole rows), merge, and (if the store keeps slot scores) the
