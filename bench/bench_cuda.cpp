@@ -284,13 +284,14 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
       unsetenv("HEADROOM_CUDA_ATTN_LEGACY");
       std::printf(" %10.1f %8.0f %6.2fx", old * 1e6, (kv_bytes + meta) / old * 1e-9, old / sec);
       // The fast kernel slot by slot (mode 1), and streaming its stages without computing (mode 2: a probe).
-      double mode_sec[2];
-      for (int mode : {1, 2}) {
-        setenv("HEADROOM_CUDA_ATTN_FAST_MODE", mode == 1 ? "1" : "2", 1);
+      double mode_sec[3];
+      for (int mode : {1, 2, 3}) {
+        const char* v[] = {"1", "2", "3"};
+        setenv("HEADROOM_CUDA_ATTN_FAST_MODE", v[mode - 1], 1);
         mode_sec[mode - 1] = time_graph(be, sh.layers, 5, run_layers);
         unsetenv("HEADROOM_CUDA_ATTN_FAST_MODE");
       }
-      std::printf(" %9.1f %9.0f", mode_sec[0] * 1e6, (kv_bytes + meta) / mode_sec[1] * 1e-9);
+      std::printf(" %9.1f %9.1f %9.0f", mode_sec[0] * 1e6, mode_sec[2] * 1e6, (kv_bytes + meta) / mode_sec[1] * 1e-9);
     }
     std::printf("\n");
   }
@@ -302,9 +303,10 @@ void bench_attention(bool quick) {
   std::printf("GB/s: K+V+positions read per second; %% of the 4252 GB/s device copy%s\n",
               legacy_ab ? "; then the legacy kernel's us/layer, GB/s and the speedup" : "");
   std::printf("%-8s %-5s %7s %5s %10s %10s %10s %7s%s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s",
-              "of copy", legacy_ab ? "  old us/ly old GB/s speedup  m1 us/ly probeGB/s" : "");
+              "of copy", legacy_ab ? "  old us/ly old GB/s speedup  m1 us/ly  m3 us/ly probeGB/s" : "");
   if (legacy_ab) {
-    std::printf("m1: the fast kernel slot by slot; probe: its stages streamed with no compute (results unused)\n");
+    std::printf("m1: the fast kernel slot by slot; m3: 4 slots per group batch (default 2); probe: its stages streamed"
+                " with no compute (results unused)\n");
     std::printf("fast kernel blocks/SM: f16 d128 %d, q8_0 d128 %d, f16 d64 %d, q8_0 d64 %d\n",
                 cuda::attn_fast_blocks_per_sm(int(KVType::F16), 128), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 128),
                 cuda::attn_fast_blocks_per_sm(int(KVType::F16), 64), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 64));

@@ -277,9 +277,9 @@ __device__ __forceinline__ void fast_row8(const uint8_t* row, int tig, float* o)
 
 // Pass 1 of the fast path: block (job, split s) writes the split's partial (max, sum, acc) per pair to
 // part: ml [n_jobs][Sg][kFastNP][2], then acc [n_jobs][Sg][kFastNP][D].
-// MODE 0: the U slots of a stage are scored together (independent dot/butterfly chains), then one softmax
-// update per pair; MODE 1: slot by slot (the first version, kept for A/B runs); MODE 2: a bandwidth probe
-// that streams the stages and computes nothing (wrong results; benchmarks only).
+// MODE 0: a group scores 2 of its U slots of a stage together (independent dot/butterfly chains), then one
+// softmax update per pair; MODE 3: all U together; MODE 1: slot by slot (the first version). MODE 2: a
+// bandwidth probe that streams the stages and computes nothing (wrong results; benchmarks only).
 template <int T, int D, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBatch b, float* part, int Sg, uint32_t* err) {
   using C = FastCfg<T, D>;
@@ -331,8 +331,19 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     fence_mbar_init();
   }
   int win0 = 0;  // first page (relative to pg_lo) whose id is in sIds
-  for (int i = tid; i < min(kFastIdWin, npg); i += kThreads) sIds[i] = b.page_ids[job.page0 + pg_lo + i];
-  __syncthreads();
+  // Loads the window's ids; all_dev: every one is a device-tier page (then thread 0 alone fills the stages).
+#define HR_FAST_LOAD_WINDOW()                                                    \
+  do {                                                                           \
+    bool odd = false;                                                            \
+    for (int i = tid; i < min(kFastIdWin, npg - win0); i += kThreads) {          \
+      const int32_t id = b.page_ids[job.page0 + pg_lo + win0 + i];               \
+      sIds[i] = id;                                                              \
+      odd |= id < 0 || id >= kv.dev_pages;                                       \
+    }                                                                            \
+    all_dev = __syncthreads_or(odd) == 0;                                        \
+  } while (0)
+  bool all_dev = false;
+  HR_FAST_LOAD_WINDOW();
 
   // Fills stage t % NS with the split's slots [t * CH, min(nslots, (t + 1) * CH)). Called by every thread.
   auto issue = [&](int t) {
@@ -344,8 +355,22 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     if (pr0 < win0 || pr1 >= win0 + kFastIdWin) {  // uniform: every thread sees the same window
       __syncthreads();
       win0 = pr0;
-      for (int i = tid; i < min(kFastIdWin, npg - win0); i += kThreads) sIds[i] = b.page_ids[job.page0 + pg_lo + win0 + i];
-      __syncthreads();
+      HR_FAST_LOAD_WINDOW();
+    }
+    if (all_dev) {  // the common case: bulk copies only, issued by thread 0
+      if (tid == 0) {
+        mbar_arrive_tx(&bar[st], uint32_t(i1 - i0) * uint32_t(2 * RB + 4));
+        for (int i = i0; i < i1;) {
+          const int pr = i / P, a = i - pr * P, n = min(P - a, i1 - i), off = i - i0;
+          const int32_t id = sIds[pr - win0];
+          const int64_t sl = int64_t(id) * P + a;  // device tier (tier 0 named directly: no indexed kernel params)
+          bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
+          i += n;
+        }
+      }
+      return;
     }
     uint32_t dev_bytes = 0;
     bool generic = false;
@@ -357,13 +382,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
         if (tid == 0) atomicOr(err, kErrAttnPage);
         generic = true;
       } else if (id >= kv.dev_pages) {  // host tier: ordinary loads from mapped memory
-        const uint4* k4 = reinterpret_cast<const uint4*>(kv_krow(kv, id, a));
-        const uint4* v4 = reinterpret_cast<const uint4*>(kv_vrow(kv, id, a));
+        const int64_t sl = int64_t(id - kv.dev_pages) * P + a;  // host tier
+        const uint4* k4 = reinterpret_cast<const uint4*>(kv.k[1] + sl * RB);
+        const uint4* v4 = reinterpret_cast<const uint4*>(kv.v[1] + sl * RB);
         uint4* dk = reinterpret_cast<uint4*>(sK + off * RB);
         uint4* dv = reinterpret_cast<uint4*>(sV + off * RB);
         const int nw = n * RB / 16;
         for (int j = tid; j < nw; j += kThreads) dk[j] = k4[j], dv[j] = v4[j];
-        const int32_t* ps = kv_pos(kv, id) + a;
+        const int32_t* ps = kv.pos[1] + sl;
         for (int j = tid; j < n; j += kThreads) sP[off + j] = ps[j];
         generic = true;
       } else {
@@ -379,15 +405,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
           const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
           const int32_t id = sIds[pr - win0];
           if (id >= 0 && id < kv.dev_pages) {
-            bulk_load(sK + off * RB, kv_krow(kv, id, a), uint32_t(n * RB), &bar[st]);
-            bulk_load(sV + off * RB, kv_vrow(kv, id, a), uint32_t(n * RB), &bar[st]);
-            bulk_load(sP + off, kv_pos(kv, id) + a, uint32_t(n * 4), &bar[st]);
+            const int64_t sl = int64_t(id) * P + a;
+            bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
           }
           i += n;
         }
     }
   };
 
+#undef HR_FAST_LOAD_WINDOW
   for (int t = 0; t < min(NS, nst); ++t) issue(t);
   __syncthreads();  // generic fills of the first stages are visible
 
@@ -405,14 +433,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     const uint8_t* sV = sK + CH * RB;
     const int32_t* sP = reinterpret_cast<const int32_t*>(sV + CH * RB);
     mbar_wait(&bar[st], uint32_t(t / NS) & 1u);
-    if constexpr (MODE == 0) {
-      // Scores of the group's U slots for the pairs, as U * kFastNP independent chains (slots past the stage or
-      // not allowed are computed on whatever the buffer holds and masked out; never used).
-      unsigned alm[U];  // bit k: pair k may see slot u
-      float sc[U][kFastNP];
+    if constexpr (MODE == 0 || MODE == 3) {
+      // Scores of UB of the group's slots at a time for the pairs, as UB * kFastNP independent chains (slots past
+      // the stage or not allowed are computed on whatever the buffer holds and masked out; never used).
+      constexpr int UB = MODE == 3 ? U : 2;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = grp + u * NG;
+      for (int h = 0; h < U; h += UB) {
+      unsigned alm[UB];  // bit k: pair k may see slot u
+      float sc[UB][kFastNP];
+#pragma unroll
+      for (int u = 0; u < UB; ++u) {
+        const int j = grp + (h + u) * NG;
         const int32_t ps = j < cnt ? sP[j] : -1;
         alm[u] = 0;
 #pragma unroll
@@ -431,14 +462,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
 #pragma unroll
       for (int o = SUB / 2; o > 0; o >>= 1)  // the group butterfly of every chain (group_sum's order)
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+        for (int u = 0; u < UB; ++u)
 #pragma unroll
           for (int k = 0; k < kFastNP; ++k) sc[u][k] += __shfl_xor_sync(gmask, sc[u][k], o);
 #pragma unroll
       for (int k = 0; k < kFastNP; ++k) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < UB; ++u) {
           sc[u][k] = (alm[u] >> k & 1u) ? __fmul_rn(sc[u][k], sc2) : -INFINITY;  // legacy/score-pass bits
           mx = fmaxf(mx, sc[u][k]);
         }
@@ -451,10 +482,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
         }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < UB; ++u) {
         if (!alm[u]) continue;  // uniform in the group
         float vf[8];
-        fast_row8<T>(sV + (grp + u * NG) * RB, tig, vf);
+        fast_row8<T>(sV + (grp + (h + u) * NG) * RB, tig, vf);
 #pragma unroll
         for (int k = 0; k < kFastNP; ++k)
           if (alm[u] >> k & 1u) {
@@ -464,6 +495,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
             for (int e = 0; e < 8; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
           }
       }
+      }  // h
     } else if constexpr (MODE == 1) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -1053,7 +1085,7 @@ cudaError_t run_fast_mode(const KVDev& kv, const AttnBatch& b, const Plan& pl, c
   return cudaGetLastError();
 }
 
-// HEADROOM_CUDA_ATTN_FAST_MODE=1|2 (A/B runs; F16/Q8_0 with head_dim 64/128 only): the kernel's MODE.
+// HEADROOM_CUDA_ATTN_FAST_MODE=1|2|3 (A/B runs; F16/Q8_0 with head_dim 64/128 only): the kernel's MODE.
 int fast_mode() {
   const char* v = std::getenv("HEADROOM_CUDA_ATTN_FAST_MODE");
   return v ? std::atoi(v) : 0;
@@ -1066,6 +1098,7 @@ cudaError_t run_fast(const KVDev& kv, const AttnBatch& b, const Plan& pl, const 
     const int mode = fast_mode();
     if (mode == 1) return run_fast_mode<T, D, 1>(kv, b, pl, scr, hq, err, s);
     if (mode == 2) return run_fast_mode<T, D, 2>(kv, b, pl, scr, hq, err, s);
+    if (mode == 3) return run_fast_mode<T, D, 3>(kv, b, pl, scr, hq, err, s);
   }
   return run_fast_mode<T, D, 0>(kv, b, pl, scr, hq, err, s);
 }
