@@ -305,7 +305,7 @@ void bench_attention(bool quick) {
   std::printf("%-8s %-5s %7s %5s %10s %10s %10s %7s%s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s",
               "of copy", legacy_ab ? "  old us/ly old GB/s speedup  m1 us/ly  m3 us/ly probeGB/s" : "");
   if (legacy_ab) {
-    std::printf("m1: the fast kernel slot by slot; m3: 4 slots per group batch (default 2); probe: its stages streamed"
+    std::printf("m1: the fast kernel slot by slot; m3: 2 slots per group batch (default: all 4); probe: its stages streamed"
                 " with no compute (results unused)\n");
     std::printf("fast kernel blocks/SM: f16 d128 %d, q8_0 d128 %d, f16 d64 %d, q8_0 d64 %d\n",
                 cuda::attn_fast_blocks_per_sm(int(KVType::F16), 128), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 128),
