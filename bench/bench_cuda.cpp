@@ -1,5 +1,6 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
 //   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
+//                          --attention-ab (attention only, each decode row also through the legacy kernel) |
 //                          --prefill [--quick] (the prefill attention rows only) |
 //                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu) |
 //                          --gemv [--ns 1,8,...] [--types f16,bf16,q8_0] [--only 8B|1B] (matmul rows only)]
@@ -9,7 +10,7 @@
 //              streamed per second (each shape is rotated over enough copies to be several times the L2).
 //   attention  the decode attention kernel (one query row, GQA 4) over every layer's cache at depth 8k, 32k
 //              and 128k (8B: 32 layers x 8 KV heads x head_dim 128; 1B: 16 layers x 8 x 64), F16 and Q8_0
-//              KV: K+V bytes read per second; and batched decode (32 sequences at 8k, 8B shape).
+//              KV: K+V bytes read per second; and batched decode (8 and 32 sequences at 8k, both shapes, F16/Q8_0).
 //
 // Timing: the calls are captured into a CUDA graph on the backend's stream and the graph is replayed;
 // CUDA events around each replay; the median of the replays, divided by the calls in the graph.
@@ -28,6 +29,7 @@
 #include "backend/backend.h"
 #include "backend/cpu/quant.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/kernels.h"
 #include "backend/registry.h"
 #include "util/error.h"
 
@@ -191,6 +193,8 @@ struct AttnShape {
 };
 
 // Decode attention over `layers` layers' caches, `seqs` sequences each at `depth` tokens.
+bool legacy_ab = false;  // --attention-ab: time the legacy decode kernel beside every decode row
+
 // Prefill (q_rows > 1): the q_rows are the last rows of the depth tokens (positions depth - q_rows ...), causal;
 // host_shape false leaves AttnBatch's host-known shape unknown (max_rows 0: the CUDA-core path).
 void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth, int seqs, int q_rows = 1,
@@ -269,18 +273,19 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
   b.scale = 1.0f / std::sqrt(float(D));
   b.n_jobs = jobs_per_layer;
   b.page_ids = dids.get();
-  if (q_rows > 1 && host_shape) {
+  if (host_shape) {  // the step's host-known shape, as the model passes it
     b.max_rows = q_rows;
     b.n_decode_jobs = q_rows < 4 ? jobs_per_layer : 0;
     b.max_pages = pages_per;
   }
-  const double sec = time_graph(be, sh.layers, 5, [&] {
+  auto run_layers = [&] {
     for (int ly = 0; ly < sh.layers; ++ly) {
       AttnBatch bl = b;
       bl.jobs = djobs.get() + size_t(ly) * jobs_per_layer;
       be.attention(*kv, bl);
     }
-  });
+  };
+  const double sec = time_graph(be, sh.layers, 5, run_layers);
   const double kv_bytes = double(jobs_per_layer) * depth * 2.0 * double(kv_row_bytes(t, D));
   const double meta = double(jobs_per_layer) * pages_per * P * 4.0;
   if (q_rows > 1) {  // prefill: causal rows over the cache; FLOPs 4 * head_dim * heads * allowed slots per row
@@ -291,8 +296,25 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
                 sh.name, kv_type_name(t), depth - q_rows, q_rows, host_shape ? "tensor" : "cuda-core", sec * 1e6,
                 flop / sec * 1e-12, double(q_rows) * seqs / (sec * sh.layers), sh.layers);
   } else {
-    std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f\n", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
-                sec * sh.layers * 1e3, (kv_bytes + meta) / sec * 1e-9);
+    const double gbs = (kv_bytes + meta) / sec * 1e-9;
+    std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f %6.1f%%", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
+                sec * sh.layers * 1e3, gbs, 100.0 * gbs / 4252.0);
+    if (legacy_ab) {  // the same cache through the legacy kernel (HEADROOM_CUDA_ATTN_LEGACY), same graph method
+      setenv("HEADROOM_CUDA_ATTN_LEGACY", "1", 1);
+      const double old = time_graph(be, sh.layers, 5, run_layers);
+      unsetenv("HEADROOM_CUDA_ATTN_LEGACY");
+      std::printf(" %10.1f %8.0f %6.2fx", old * 1e6, (kv_bytes + meta) / old * 1e-9, old / sec);
+      // The fast kernel slot by slot (mode 1), and streaming its stages without computing (mode 2: a probe).
+      double mode_sec[3];
+      for (int mode : {1, 2, 3}) {
+        const char* v[] = {"1", "2", "3"};
+        setenv("HEADROOM_CUDA_ATTN_FAST_MODE", v[mode - 1], 1);
+        mode_sec[mode - 1] = time_graph(be, sh.layers, 5, run_layers);
+        unsetenv("HEADROOM_CUDA_ATTN_FAST_MODE");
+      }
+      std::printf(" %9.1f %9.1f %9.0f", mode_sec[0] * 1e6, mode_sec[2] * 1e6, (kv_bytes + meta) / mode_sec[1] * 1e-9);
+    }
+    std::printf("\n");
   }
   std::fflush(stdout);
 }
@@ -312,8 +334,18 @@ void bench_prefill(Backend& be, bool quick) {
 }
 
 void bench_attention(bool quick) {
-  std::printf("\n== decode attention (flash-decoding over pages, 64 splits), every layer's cache ==\n");
-  std::printf("%-8s %-5s %7s %5s %10s %10s %10s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s");
+  std::printf("\n== decode attention (paged flash-decoding, bulk-copy pipeline), every layer's cache ==\n");
+  std::printf("GB/s: K+V+positions read per second; %% of the 4252 GB/s device copy%s\n",
+              legacy_ab ? "; then the legacy kernel's us/layer, GB/s and the speedup" : "");
+  std::printf("%-8s %-5s %7s %5s %10s %10s %10s %7s%s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s",
+              "of copy", legacy_ab ? "  old us/ly old GB/s speedup  m1 us/ly  m3 us/ly probeGB/s" : "");
+  if (legacy_ab) {
+    std::printf("m1: the fast kernel slot by slot; m3: 2 slots per group batch (default: all 4); probe: its stages streamed"
+                " with no compute (results unused)\n");
+    std::printf("fast kernel blocks/SM: f16 d128 %d, q8_0 d128 %d, f16 d64 %d, q8_0 d64 %d\n",
+                cuda::attn_fast_blocks_per_sm(int(KVType::F16), 128), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 128),
+                cuda::attn_fast_blocks_per_sm(int(KVType::F16), 64), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 64));
+  }
   auto be = make_backend("cuda", 0);
   const AttnShape s8{"8B", 32, 8, 4, 128}, s1{"1B", 16, 8, 4, 64};
   for (const AttnShape& sh : {s8, s1})
@@ -322,7 +354,10 @@ void bench_attention(bool quick) {
         if (quick && depth > 8192) continue;
         bench_attention_case(*be, sh, t, depth, 1);
       }
-  for (int seqs : {8, 32}) bench_attention_case(*be, s8, KVType::F16, 8192, seqs);
+  for (const AttnShape& sh : {s8, s1})
+    for (KVType t : {KVType::F16, KVType::Q8_0})
+      for (int seqs : {8, 32}) bench_attention_case(*be, sh, t, 8192, seqs);
+  if (legacy_ab) return;  // the A/B run is about decode
   bench_prefill(*be, quick);
 }
 
@@ -357,7 +392,6 @@ std::vector<std::string> split_list(const char* s) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
-  const bool attn_only = argc > 1 && std::strcmp(argv[1], "--attention") == 0;
   if (argc > 1 && std::strcmp(argv[1], "--prefill") == 0) {  // the prefill attention rows only
     try {
       std::printf("%s\n", describe_device_choice("cuda").c_str());
@@ -386,6 +420,8 @@ int main(int argc, char** argv) {
       go.only = argv[++i];
     }
   }
+  legacy_ab = argc > 1 && std::strcmp(argv[1], "--attention-ab") == 0;
+  const bool attn_only = legacy_ab || (argc > 1 && std::strcmp(argv[1], "--attention") == 0);
   if (argc > 2 && std::strcmp(argv[1], "--attention-one") == 0) {  // one case, for a profiler: 8B F16 at DEPTH
     try {
       auto be = make_backend("cuda", 0);

@@ -878,8 +878,11 @@ struct AttnResult {
   std::vector<std::vector<float>> scores;  // per job: its pages' scores after the run
 };
 
-// Runs the case on a backend (a fresh store; attention runs `runs` times, so scores accumulate).
-AttnResult run_attention(Backend& be, const AttnCase& c, int runs = 1) {
+// Runs the case on a backend (a fresh store; attention runs `runs` times, so scores accumulate). hints: the
+// batch carries its host-known shape (max_rows, n_decode_jobs, max_pages), as the model's batches do;
+// otherwise they are left unknown. Results must not depend on it.
+// (A case with host_shape always carries them.)
+AttnResult run_attention(Backend& be, const AttnCase& c, int runs = 1, bool hints = false) {
   auto kv = be.kv_create(c.layout);
   store_writes(be, *kv, c.writes);
   const int D = c.layout.head_dim, H = c.n_kv * c.group;
@@ -920,7 +923,7 @@ AttnResult run_attention(Backend& be, const AttnCase& c, int runs = 1) {
   b.jobs = djobs.get();
   b.n_jobs = int32_t(jobs.size());
   b.page_ids = dids.get();
-  if (c.host_shape) {
+  if (c.host_shape || hints) {
     b.n_decode_jobs = 0;
     for (const AttnJob& j : jobs) {
       b.max_rows = std::max(b.max_rows, j.n_rows);
@@ -1850,11 +1853,23 @@ void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vect
       if (ct.writes.pos[i] >= 0)
         for (int e = 0; e < D; ++e) vmax = std::max(vmax, double(std::fabs(ct.writes.v[i * size_t(D) + size_t(e)])));
     const AttnResult rc = run_attention(*cpu, ct, 2);
+    // The second run carries the batch's shape hints (other grids): the results must be the same bits, except
+    // the outputs of the jobs the tensor-core prefill kernel takes with hints (its own test checks them).
     const AttnResult rg = run_attention(gpu, ct, 2);
-    const AttnResult rg2 = run_attention(gpu, ct, 2);
+    const AttnResult rg2 = run_attention(gpu, ct, 2, true);
+    const int H = ct.n_kv * ct.group;
+    std::vector<uint8_t> tensor_core(rg.out.size(), 0);
+    const bool slot_scores = ct.layout.slot_scores;
+    if (D == 64 || D == 128)
+      for (const TestJob& j : ct.jobs)
+        if (j.n_rows >= 4 && !(j.score && slot_scores))
+          for (int r = j.row0; r < j.row0 + j.n_rows; ++r)
+            for (int h = j.kv_head * ct.group; h < (j.kv_head + 1) * ct.group; ++h)
+              for (int e = 0; e < D; ++e) tensor_core[(size_t(r) * H + size_t(h)) * size_t(D) + size_t(e)] = 1;
     for (size_t i = 0; i < rg.out.size(); ++i)
-      ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i << ": " << rg.out[i] << " vs "
-                                                             << rg2.out[i];
+      if (!tensor_core[i])
+        ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i << ": " << rg.out[i]
+                                                               << " vs " << rg2.out[i];
     ASSERT_EQ(rc.out.size(), rg.out.size());
     for (size_t i = 0; i < rc.out.size(); ++i) {
       if (std::isnan(rc.out[i])) {
@@ -1998,6 +2013,78 @@ TEST(CudaBackendOps, AttentionAgainstCpu) {
   }
 }
 
+// The fast decode path (decode jobs with n_rows * group <= 4, head_dim 64/128/256, pages of a multiple of 4
+// slots): many splits (more pages per split than the minimum), both tiers, holes with NaN garbage,
+// sinks/window, scores, tiny pages (many copies per stage, page ids staged in windows), empty jobs, and fast
+// jobs beside legacy decode and prefill jobs in one batch.
+TEST(CudaBackendOps, AttentionFastDecodeAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  std::mt19937 rng(107);
+  {  // 8B-like: head_dim 128, GQA 4, 1100 pages of 32 per job (9 pages per split), a legacy 2-row decode job
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 128, 1400, 1000, false, true);
+    c.n_rows = 3, c.n_kv = 2, c.group = 4;
+    c.scale = 1.0f / std::sqrt(128.0f);
+    c.q_pos = {35100, 2000, 2001};
+    std::vector<int32_t> ids(2400);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    const std::vector<int32_t> a(ids.begin(), ids.begin() + 1100), bb(ids.begin() + 1100, ids.begin() + 2200),
+        cc(ids.begin() + 2200, ids.begin() + 2270);
+    fill_pages(c, a, iota_vec(35101), 0.01, rng);
+    fill_pages(c, bb, iota_vec(35101), 0.02, rng);
+    fill_pages(c, cc, iota_vec(2002), 0.05, rng);
+    c.jobs = {{0, 1, 0, a, 0, 0, true}, {0, 1, 1, bb, 16, 4000, true}, {1, 2, 0, cc, 0, 0, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // 1B-like: head_dim 64, pages of 16 and 20 (pieces across stage boundaries), an empty job, only holes
+    for (int P : {16, 20}) {
+      AttnCase c;
+      c.layout = make_layout(KVType::F32, P, 64, 500, 200, false, true);
+      c.n_rows = 2, c.n_kv = 4, c.group = 4;
+      c.q_pos = {5500, 700};
+      std::vector<int32_t> ids(700);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      const std::vector<int32_t> a(ids.begin(), ids.begin() + 300), bb(ids.begin() + 300, ids.begin() + 345),
+          holes(ids.begin() + 345, ids.begin() + 350);
+      fill_pages(c, a, iota_vec(5501), 0.03, rng);
+      fill_pages(c, bb, iota_vec(701), 0.03, rng);
+      fill_pages(c, holes, {}, 1.0, rng);
+      c.jobs = {{0, 1, 0, a, 0, 0, true}, {0, 1, 1, {}, 0, 0, false}, {1, 1, 2, bb, 4, 100, true},
+                {1, 1, 3, holes, 0, 0, true}};
+      check_cuda_attention(*gpu, c, rng);
+    }
+  }
+  {  // head_dim 256, pages of 4 slots (16 copies per stage), 8300 pages (65 per split: a second id window),
+     // 2 rows x group 2, a prefill job beside it
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 4, 256, 8000, 400, false, true);
+    c.n_rows = 2 + 6, c.n_kv = 2, c.group = 2;
+    c.q_pos = {33250, 33251};
+    for (int r = 0; r < 6; ++r) c.q_pos.push_back(90 + r);
+    std::vector<int32_t> a;
+    for (int i = 0; i < 8300; ++i) a.push_back(i < 7990 ? i : 8000 + (i - 7990));
+    std::vector<int32_t> pf = {7990, 7991, 7992, 7993, 7994, 7995, 7996, 7997, 7998, 7999, 8310, 8311,
+                               8312, 8313, 8314, 8315, 8316, 8317, 8318, 8319, 8320, 8321, 8322, 8323, 8324};
+    fill_pages(c, a, iota_vec(33252), 0.02, rng);
+    fill_pages(c, pf, iota_vec(96), 0.02, rng);
+    c.jobs = {{0, 2, 1, a, 0, 0, true}, {2, 6, 0, pf, 0, 0, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+  {  // group 1 (3 rows = 3 pairs), head_dim 128, window only
+    AttnCase c;
+    c.layout = make_layout(KVType::F32, 32, 128, 120, 0, false, true);
+    c.n_rows = 3, c.n_kv = 1, c.group = 1;
+    c.q_pos = {3700, 3699, 100};
+    std::vector<int32_t> a = iota_vec(118);
+    std::shuffle(a.begin(), a.end(), rng);
+    fill_pages(c, a, iota_vec(3701), 0.05, rng);
+    c.jobs = {{0, 3, 0, a, 0, 512, true}};
+    check_cuda_attention(*gpu, c, rng);
+  }
+}
+
 // A decode job's output and scores are bitwise the same alone and inside a batch of other jobs.
 TEST(CudaBackendOps, AttentionDecodeIsBatchInvariant) {
   REQUIRE_CUDA(gpu);
@@ -2021,7 +2108,7 @@ TEST(CudaBackendOps, AttentionDecodeIsBatchInvariant) {
     AttnCase alone = big;
     big.jobs = {{1, 1, 1, b, 0, 0, false}, {0, 1, 0, a, 0, 0, true}, {2, 12, 0, c, 0, 0, false}, {0, 1, 1, a, 0, 0, false}};
     alone.jobs = {{0, 1, 0, a, 0, 0, true}};
-    const AttnResult rb = run_attention(*gpu, big, 1), ra = run_attention(*gpu, alone, 1);
+    const AttnResult rb = run_attention(*gpu, big, 1), ra = run_attention(*gpu, alone, 1, true);
     const size_t D = 128;
     for (size_t h = 0; h < 4; ++h)  // row 0, heads 0..3 (KV head 0)
       ASSERT_EQ(0, std::memcmp(ra.out.data() + h * D, rb.out.data() + h * D, D * 4)) << "head " << h;

@@ -1,5 +1,10 @@
 // CUDA backend: paged attention (flash-decoding for decode jobs) over the KV store, and evict's score pass.
 //
+// Decode jobs with n_rows * n_group <= 4 (head_dim 64/128/256, pages of a multiple of 4 slots, 16-byte aligned
+// arrays) take the fast path (attn_fast_kernel + attn_fast_merge_kernel, below): pages streamed into shared
+// memory with bulk asynchronous copies, up to 128 splits per job. Every other job takes the legacy kernel
+// described here (HEADROOM_CUDA_ATTN_LEGACY=1 sends the decode jobs there too, for A/B runs).
+//
 // Grid (n_jobs, kAttnSplits = 64), 256 threads (8 warps). A block reads the job from the device job table (so
 // select_pages may have rewritten it; the host never reads it back).
 //   * Decode jobs (n_rows < kAttnSplitMaxRows): block (job, s) takes the job's pages
@@ -31,7 +36,9 @@
 // sum over pairs of 2^(s - M) / L (scores in log2 units, s = q.k * scale * log2(e); M, L: the pair's final
 // max and sum, written by pass 1 or the merge) to
 // the slot's score; one group owns a slot, so the sum has a fixed order and needs no atomics.
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "backend/cuda/common.cuh"
 
@@ -156,12 +163,509 @@ __device__ __forceinline__ JobRange split_range(const AttnJob& j, int s) {
   return {lo, min(j.n_pages, lo + pps)};
 }
 
+// ---- Fast decode path (decode jobs with n_rows * n_group <= 4, head_dim 64/128/256, page_size % 4 == 0) ------
+//
+// Block (job, split) streams the split's slots through shared memory: NS stages of CH slots (K rows, V rows,
+// positions), filled by bulk asynchronous copies (cp.async.bulk, completing on one mbarrier per stage; one
+// copy per page piece and array) that thread 0 issues NS - 1 stages ahead, so many bytes are in flight
+// without registers held per load. Host-tier pages (mapped pinned memory) and bad page ids are filled by
+// ordinary loads/stores of the whole block instead. The compute matches the legacy kernel's per-slot
+// arithmetic bit for bit (lane slice of 8 dims, fmaf in element order, the group butterfly, the score
+// rounding), so evict's score pass recomputes the same scores; the query of the (up to 4) pairs lives in
+// registers, and a group updates its online softmax once per stage for its U slots.
+// Splits: a fixed number of pages per split that depends only on the job's n_pages and the page size
+// (fast_pps), so a job's result does not depend on the grid (gridDim.y >= its split count; blocks past it exit).
+constexpr int kFastNP = 4;             // (row, head) pairs per job held in registers
+constexpr int kFastMaxSplits = 128;    // most splits per job
+constexpr int kFastMinSplitSlots = 256;  // fewest slots per split
+constexpr int kFastIdWin = 64;         // page ids staged in shared memory at a time
+
+__host__ __device__ inline int fast_pps(int n_pages, int P) {
+  const int a = (kFastMinSplitSlots + P - 1) / P, b = (n_pages + kFastMaxSplits - 1) / kFastMaxSplits;
+  return a > b ? a : b;
+}
+__host__ __device__ inline int fast_splits(int n_pages, int P) {
+  if (n_pages <= 0) return 0;
+  const int pps = fast_pps(n_pages, P);
+  return (n_pages + pps - 1) / pps;
+}
+// slot_allowed in 32-bit arithmetic: for 0 <= ps <= qp, ps > qp - window is qp - ps < window (no overflow).
+__device__ __forceinline__ bool fast_allowed(int32_t ps, int32_t qp, int32_t sinks, int32_t window) {
+  return ps >= 0 && ps <= qp && (window == 0 || ps < sinks || qp - ps < window);
+}
+__device__ __forceinline__ bool fast_job(const AttnJob& j, int G) {
+  return j.n_rows > 0 && j.n_rows < kAttnSplitMaxRows && j.n_rows * G <= kFastNP;
+}
+
+template <int T, int D>
+struct FastCfg {
+  static constexpr int SUB = D / 8, GPW = 32 / SUB, NG = kWarps * GPW;
+  static constexpr int U = T == kKVF32 ? 2 : 4;  // slots per group per stage
+  static constexpr int CH = NG * U;              // slots per stage
+  static constexpr int RB = T == kKVF32 ? 4 * D : (T == kKVQ8 ? 34 * D / 32 : 2 * D);
+  static constexpr int NS = T == kKVQ8 ? 4 : 3;  // stages
+  static constexpr int STAGE = CH * (2 * RB + 4);
+  static constexpr int AREA = NS * STAGE;
+  static constexpr size_t SMEM = size_t(AREA) + kFastIdWin * 4 + NS * 8;
+  static_assert(NG * kFastNP * D * 4 <= AREA, "the group merge reuses the stage area");
+  static_assert(CH % 4 == 0 && RB % 4 == 0 && STAGE % 16 == 0, "bulk copies need 16-byte pieces");
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_tx(uint64_t* bar, uint32_t tx) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(tx) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+// The lane's 8 elements (dims 8 tig .. 8 tig + 7) of a stored row in shared memory, converted exactly (the same
+// values as kv_load8 / unpack_raw8).
+template <int T>
+__device__ __forceinline__ void fast_row8(const uint8_t* row, int tig, float* o) {
+  if constexpr (T == kKVF32) {
+    const float4 a = *reinterpret_cast<const float4*>(row + 32 * tig);
+    const float4 c = *reinterpret_cast<const float4*>(row + 32 * tig + 16);
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = c.x, o[5] = c.y, o[6] = c.z, o[7] = c.w;
+  } else if constexpr (T == kKVF16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + 16 * tig);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      o[2 * i] = f.x, o[2 * i + 1] = f.y;
+    }
+  } else if constexpr (T == kKVBF16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + 16 * tig);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = __uint_as_float(w[i] << 16);
+      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  } else {
+    // Block tig / 4 (scale, 32 int8), bytes 8 (tig % 4) .. + 8 of its values; rows are 4-byte aligned, so the
+    // values are read as three aligned words and shifted into place.
+    const uint8_t* blk = row + (tig >> 2) * 34;
+    const float sc = h2f(ld_u16(blk));
+    const uint8_t* qs = blk + 2 + 8 * (tig & 3);
+    const uint32_t sh = uint32_t(reinterpret_cast<uintptr_t>(qs) & 3u) * 8u;
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(qs) & ~uintptr_t(3));
+    const uint32_t w0 = a[0], w1 = a[1], w2 = a[2];
+    const uint32_t x[2] = {__funnelshift_r(w0, w1, sh) ^ 0x80808080u, __funnelshift_r(w1, w2, sh) ^ 0x80808080u};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        // 2^23 + (q + 128), exactly, minus 2^23 + 128: the int8 value q as a float, then scaled (one rounding).
+        const float qf = __int_as_float(int(__byte_perm(x[i], 0x4B000000u, 0x7540u | unsigned(k)))) - 8388736.0f;
+        o[4 * i + k] = __fmul_rn(sc, qf);
+      }
+  }
+}
+
+// Pass 1 of the fast path: block (job, split s) writes the split's partial (max, sum, acc) per pair to
+// part: ml [n_jobs][Sg][kFastNP][2], then acc [n_jobs][Sg][kFastNP][D].
+// MODE 0 (default): a group scores all U of its slots of a stage together (U * 4 independent dot/butterfly
+// chains), then one softmax update per pair; MODE 3: 2 slots at a time; MODE 1: slot by slot (the first
+// version). MODE 2: a bandwidth probe that streams the stages and computes nothing (wrong results; benchmarks
+// only). Measured (2026-12-01, 8B F16 128k): MODE 0 251.7 us/layer, MODE 3 261.0, MODE 1 295.5, probe 4034 GB/s.
+template <int T, int D, int MODE>
+__global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBatch b, float* part, int Sg, uint32_t* err) {
+  using C = FastCfg<T, D>;
+  constexpr int SUB = C::SUB, GPW = C::GPW, NG = C::NG, U = C::U, CH = C::CH, RB = C::RB, NS = C::NS;
+  const AttnJob job = b.jobs[blockIdx.x];
+  const int G = b.n_group, P = kv.page_size;
+  if (!fast_job(job, G)) return;
+  if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) {
+    if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
+    return;
+  }
+  const int S = fast_splits(job.n_pages, P), s = blockIdx.y;
+  if (s >= S) return;
+  const int pps = fast_pps(job.n_pages, P);
+  const int pg_lo = s * pps, npg = min(job.n_pages, pg_lo + pps) - pg_lo;
+  const int nslots = npg * P, nst = (nslots + CH - 1) / CH;
+
+  extern __shared__ __align__(128) uint8_t fsm[];
+  int32_t* sIds = reinterpret_cast<int32_t*>(fsm + C::AREA);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(fsm + C::AREA + kFastIdWin * 4);
+  __shared__ float sM[NG * kFastNP], sL[NG * kFastNP], sF[NG * kFastNP], sMLk[2 * kFastNP];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+  const int tig = lane % SUB, grp = warp * GPW + lane / SUB;
+  const unsigned gmask = group_mask<SUB>();
+  const float sc2 = b.scale * kLog2e;
+
+  // The pairs: query slice in registers.
+  const int npairs = job.n_rows * G;
+  float q[kFastNP][8];
+  int32_t qp[kFastNP];
+  bool pv[kFastNP];
+#pragma unroll
+  for (int k = 0; k < kFastNP; ++k) {
+    pv[k] = k < npairs;
+    const int row = job.row0 + (pv[k] ? k / G : 0), head = job.kv_head * G + (pv[k] ? k % G : 0);
+    qp[k] = pv[k] ? b.q_pos[row] : INT_MIN;
+    if (pv[k]) {
+      const float4* qq = reinterpret_cast<const float4*>(b.q + int64_t(row) * b.q_stride + int64_t(head) * D + 8 * tig);
+      const float4 a = qq[0], c = qq[1];
+      q[k][0] = a.x, q[k][1] = a.y, q[k][2] = a.z, q[k][3] = a.w, q[k][4] = c.x, q[k][5] = c.y, q[k][6] = c.z, q[k][7] = c.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[k][e] = 0.0f;
+    }
+  }
+
+  if (tid == 0) {
+    for (int i = 0; i < NS; ++i) mbar_init(&bar[i], 1);
+    fence_mbar_init();
+  }
+  int win0 = 0;  // first page (relative to pg_lo) whose id is in sIds
+  // Loads the window's ids; all_dev: every one is a device-tier page (then thread 0 alone fills the stages).
+#define HR_FAST_LOAD_WINDOW()                                                    \
+  do {                                                                           \
+    bool odd = false;                                                            \
+    for (int i = tid; i < min(kFastIdWin, npg - win0); i += kThreads) {          \
+      const int32_t id = b.page_ids[job.page0 + pg_lo + win0 + i];               \
+      sIds[i] = id;                                                              \
+      odd |= id < 0 || id >= kv.dev_pages;                                       \
+    }                                                                            \
+    all_dev = __syncthreads_or(odd) == 0;                                        \
+  } while (0)
+  bool all_dev = false;
+  HR_FAST_LOAD_WINDOW();
+
+  // Fills stage t % NS with the split's slots [t * CH, min(nslots, (t + 1) * CH)). Called by every thread.
+  auto issue = [&](int t) {
+    const int st = t % NS, i0 = t * CH, i1 = min(nslots, i0 + CH);
+    uint8_t* sK = fsm + st * C::STAGE;
+    uint8_t* sV = sK + CH * RB;
+    int32_t* sP = reinterpret_cast<int32_t*>(sV + CH * RB);
+    const int pr0 = i0 / P, pr1 = (i1 - 1) / P;
+    if (pr0 < win0 || pr1 >= win0 + kFastIdWin) {  // uniform: every thread sees the same window
+      __syncthreads();
+      win0 = pr0;
+      HR_FAST_LOAD_WINDOW();
+    }
+    if (all_dev) {  // the common case: bulk copies only, issued by thread 0
+      if (tid == 0) {
+        mbar_arrive_tx(&bar[st], uint32_t(i1 - i0) * uint32_t(2 * RB + 4));
+        for (int i = i0; i < i1;) {
+          const int pr = i / P, a = i - pr * P, n = min(P - a, i1 - i), off = i - i0;
+          const int32_t id = sIds[pr - win0];
+          const int64_t sl = int64_t(id) * P + a;  // device tier (tier 0 named directly: no indexed kernel params)
+          bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
+          i += n;
+        }
+      }
+      return;
+    }
+    uint32_t dev_bytes = 0;
+    bool generic = false;
+    for (int i = i0; i < i1;) {
+      const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
+      const int32_t id = sIds[pr - win0];
+      if (id < 0 || id >= kv.total_pages) {
+        for (int j = tid; j < n; j += kThreads) sP[off + j] = -1;
+        if (tid == 0) atomicOr(err, kErrAttnPage);
+        generic = true;
+      } else if (id >= kv.dev_pages) {  // host tier: ordinary loads from mapped memory
+        const int64_t sl = int64_t(id - kv.dev_pages) * P + a;  // host tier
+        const uint4* k4 = reinterpret_cast<const uint4*>(kv.k[1] + sl * RB);
+        const uint4* v4 = reinterpret_cast<const uint4*>(kv.v[1] + sl * RB);
+        uint4* dk = reinterpret_cast<uint4*>(sK + off * RB);
+        uint4* dv = reinterpret_cast<uint4*>(sV + off * RB);
+        const int nw = n * RB / 16;
+        for (int j = tid; j < nw; j += kThreads) dk[j] = k4[j], dv[j] = v4[j];
+        const int32_t* ps = kv.pos[1] + sl;
+        for (int j = tid; j < n; j += kThreads) sP[off + j] = ps[j];
+        generic = true;
+      } else {
+        dev_bytes += uint32_t(n) * uint32_t(2 * RB + 4);
+      }
+      i += n;
+    }
+    if (generic) fence_proxy_async();
+    if (tid == 0) {
+      mbar_arrive_tx(&bar[st], dev_bytes);
+      if (dev_bytes)
+        for (int i = i0; i < i1;) {
+          const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
+          const int32_t id = sIds[pr - win0];
+          if (id >= 0 && id < kv.dev_pages) {
+            const int64_t sl = int64_t(id) * P + a;
+            bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
+          }
+          i += n;
+        }
+    }
+  };
+
+#undef HR_FAST_LOAD_WINDOW
+  for (int t = 0; t < min(NS, nst); ++t) issue(t);
+  __syncthreads();  // generic fills of the first stages are visible
+
+  float m[kFastNP], l[kFastNP], acc[kFastNP][8];
+#pragma unroll
+  for (int k = 0; k < kFastNP; ++k) {
+    m[k] = -INFINITY;
+    l[k] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[k][e] = 0.0f;
+  }
+  for (int t = 0; t < nst; ++t) {
+    const int st = t % NS, cnt = min(CH, nslots - t * CH);
+    const uint8_t* sK = fsm + st * C::STAGE;
+    const uint8_t* sV = sK + CH * RB;
+    const int32_t* sP = reinterpret_cast<const int32_t*>(sV + CH * RB);
+    mbar_wait(&bar[st], uint32_t(t / NS) & 1u);
+    if constexpr (MODE == 0 || MODE == 3) {
+      // Scores of UB of the group's slots at a time for the pairs, as UB * kFastNP independent chains (slots past
+      // the stage or not allowed are computed on whatever the buffer holds and masked out; never used).
+      constexpr int UB = MODE == 3 ? 2 : U;
+#pragma unroll
+      for (int h = 0; h < U; h += UB) {
+      unsigned alm[UB];  // bit k: pair k may see slot u
+      float sc[UB][kFastNP];
+#pragma unroll
+      for (int u = 0; u < UB; ++u) {
+        const int j = grp + (h + u) * NG;
+        const int32_t ps = j < cnt ? sP[j] : -1;
+        alm[u] = 0;
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k)
+          if (pv[k] && fast_allowed(ps, qp[k], job.sinks, job.window)) alm[u] |= 1u << k;
+        float kf[8];
+        fast_row8<T>(sK + j * RB, tig, kf);
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k) {
+          float part = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) part = fmaf(q[k][e], kf[e], part);
+          sc[u][k] = part;
+        }
+      }
+#pragma unroll
+      for (int o = SUB / 2; o > 0; o >>= 1)  // the group butterfly of every chain (group_sum's order)
+#pragma unroll
+        for (int u = 0; u < UB; ++u)
+#pragma unroll
+          for (int k = 0; k < kFastNP; ++k) sc[u][k] += __shfl_xor_sync(gmask, sc[u][k], o);
+#pragma unroll
+      for (int k = 0; k < kFastNP; ++k) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < UB; ++u) {
+          sc[u][k] = (alm[u] >> k & 1u) ? __fmul_rn(sc[u][k], sc2) : -INFINITY;  // legacy/score-pass bits
+          mx = fmaxf(mx, sc[u][k]);
+        }
+        if (mx > m[k]) {
+          const float f = exp2f(m[k] - mx);
+          l[k] *= f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[k][e] *= f;
+          m[k] = mx;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UB; ++u) {
+        if (!alm[u]) continue;  // uniform in the group
+        float vf[8];
+        fast_row8<T>(sV + (grp + (h + u) * NG) * RB, tig, vf);
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k)
+          if (alm[u] >> k & 1u) {
+            const float p = exp2f(sc[u][k] - m[k]);
+            l[k] += p;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
+          }
+      }
+      }  // h
+    } else if constexpr (MODE == 1) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = grp + u * NG;
+      const int32_t ps = j < cnt ? sP[j] : -1;
+      unsigned alm = 0;  // bit k: pair k may see the slot
+#pragma unroll
+      for (int k = 0; k < kFastNP; ++k)
+        if (pv[k] && slot_allowed(ps, qp[k], job.sinks, job.window)) alm |= 1u << k;
+      if (!alm) continue;  // uniform in the group
+      float kf[8];
+      fast_row8<T>(sK + j * RB, tig, kf);
+      float sc[kFastNP];
+#pragma unroll
+      for (int k = 0; k < kFastNP; ++k) {
+        float part = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part = fmaf(q[k][e], kf[e], part);
+        const float dot = group_sum<SUB>(part, gmask);
+        sc[k] = __fmul_rn(dot, sc2);  // the same bits as the legacy kernel and the score pass
+        if ((alm >> k & 1u) && sc[k] > m[k]) {
+          const float f = exp2f(m[k] - sc[k]);
+          l[k] *= f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[k][e] *= f;
+          m[k] = sc[k];
+        }
+      }
+      float vf[8];
+      fast_row8<T>(sV + j * RB, tig, vf);
+#pragma unroll
+      for (int k = 0; k < kFastNP; ++k)
+        if (alm >> k & 1u) {
+          const float p = exp2f(sc[k] - m[k]);
+          l[k] += p;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[k][e] = fmaf(p, vf[e], acc[k][e]);
+        }
+    }
+    }
+    __syncthreads();  // stage st is free
+    if (t + NS < nst) issue(t + NS);
+  }
+
+  // Merge the NG group states in group order (the stage area is free: every stage was consumed).
+  float* sA = reinterpret_cast<float*>(fsm);  // [NG][kFastNP][D]
+#pragma unroll
+  for (int k = 0; k < kFastNP; ++k) {
+    if (tig == 0) {
+      sM[grp * kFastNP + k] = m[k];
+      sL[grp * kFastNP + k] = l[k];
+    }
+    float4* a4 = reinterpret_cast<float4*>(sA + (grp * kFastNP + k) * D + 8 * tig);
+    a4[0] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+    a4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
+  }
+  __syncthreads();
+  if (tid < kFastNP) {
+    const int k = tid;
+    float M = -INFINITY;
+    for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * kFastNP + k]);
+    float L = 0.0f;
+    for (int g = 0; g < NG; ++g) {
+      const float mg = sM[g * kFastNP + k];
+      const float f = (M == -INFINITY || mg == -INFINITY) ? 0.0f : exp2f(mg - M);
+      sF[g * kFastNP + k] = f;
+      if (f != 0.0f) L = fmaf(sL[g * kFastNP + k], f, L);
+    }
+    sMLk[2 * k] = M;
+    sMLk[2 * k + 1] = L;
+  }
+  __syncthreads();
+  const int64_t slot_base = (int64_t(blockIdx.x) * Sg + s) * kFastNP;
+  float* pml = part + slot_base * 2;
+  float* pacc = part + int64_t(gridDim.x) * Sg * kFastNP * 2 + slot_base * D;
+  for (int i = tid; i < kFastNP * D; i += kThreads) {
+    const int k = i / D, d = i % D;
+    if (k >= npairs) break;
+    float A = 0.0f;
+    for (int g = 0; g < NG; ++g) {
+      const float f = sF[g * kFastNP + k];
+      if (f != 0.0f) A = fmaf(sA[(g * kFastNP + k) * D + d], f, A);
+    }
+    pacc[k * D + d] = A;
+    if (d == 0) pml[2 * k] = sMLk[2 * k], pml[2 * k + 1] = sMLk[2 * k + 1];
+  }
+}
+
+// Combines a fast job's splits: block (job, pair k * (D / 32) + dim chunk), 256 threads. The (max, sum) of the
+// splits: thread t takes split t; the sum is a fixed tree (warp butterflies, then warps in order). The acc: thread
+// (quad, lane) sums splits lane, lane + 32, ... for 4 dims, then the 32 partial sums in order.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attn_fast_merge_kernel(AttnBatch b, const float* part, int Sg, int page_size,
+                                                                   AttnScratch scr, int hq, uint32_t* err) {
+  static_assert(kFastMaxSplits <= kThreads, "one split per thread");
+  constexpr int NC = D / 32;
+  const AttnJob job = b.jobs[blockIdx.x];
+  const int G = b.n_group;
+  if (!fast_job(job, G)) return;
+  if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) return;  // pass 1 reported it
+  const int k = blockIdx.y / NC, dc = blockIdx.y % NC;
+  if (k >= job.n_rows * G) return;
+  int S = fast_splits(job.n_pages, page_size);
+  if (S > Sg) {  // more pages than the batch's max_pages promised
+    if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
+    S = Sg;
+  }
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+  const float* pml = part + int64_t(blockIdx.x) * Sg * kFastNP * 2;
+  const float* pacc = part + int64_t(gridDim.x) * Sg * kFastNP * 2 + int64_t(blockIdx.x) * Sg * kFastNP * D;
+  __shared__ float sf[kThreads], swm[kWarps], swl[kWarps], sred[32][33];
+  __shared__ float sML[2];
+  const float mt = tid < S ? pml[(tid * kFastNP + k) * 2] : -INFINITY;
+  const float lt = tid < S ? pml[(tid * kFastNP + k) * 2 + 1] : 0.0f;
+  const float wm = warp_max(mt);
+  if (lane == 0) swm[warp] = wm;
+  __syncthreads();
+  float M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) M = fmaxf(M, swm[w]);
+  const float f = (M == -INFINITY || mt == -INFINITY) ? 0.0f : exp2f(mt - M);
+  sf[tid] = f;
+  const float wl = warp_sum(f != 0.0f ? lt * f : 0.0f);
+  if (lane == 0) swl[warp] = wl;
+  __syncthreads();
+  if (tid == 0) {
+    float L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) L += swl[w];
+    sML[0] = M;
+    sML[1] = L;
+  }
+  const int quad = tid % 8, sl = tid / 8, d = dc * 32 + 4 * quad;
+  float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int sp = sl; sp < S; sp += 32) {
+    const float fs = sf[sp];
+    if (fs == 0.0f) continue;
+    const float4 v = *reinterpret_cast<const float4*>(pacc + (int64_t(sp) * kFastNP + k) * D + d);
+    A.x = fmaf(v.x, fs, A.x), A.y = fmaf(v.y, fs, A.y), A.z = fmaf(v.z, fs, A.z), A.w = fmaf(v.w, fs, A.w);
+  }
+  sred[sl][4 * quad] = A.x, sred[sl][4 * quad + 1] = A.y, sred[sl][4 * quad + 2] = A.z, sred[sl][4 * quad + 3] = A.w;
+  __syncthreads();
+  const int row = job.row0 + k / G, head = job.kv_head * G + k % G;
+  if (tid < 32) {
+    float a = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < 32; ++i) a += sred[i][tid];
+    const float L = sML[1];
+    b.out[int64_t(row) * b.out_stride + int64_t(head) * D + dc * 32 + tid] = L > 0.0f ? a / L : 0.0f;
+    if (dc == 0 && tid == 0) {
+      const int64_t mi = int64_t(row) * hq + head;
+      if (mi < scr.ml_pairs) scr.ml[2 * mi] = sML[0], scr.ml[2 * mi + 1] = L;
+      else atomicOr(err, kErrAttnScratch);
+    }
+  }
+}
+
 template <int T, int SUB, int W, int CH>
-__global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
+__global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, int fast, uint32_t* err) {
   constexpr int EPL = W * CH, GPW = 32 / SUB, NG = kWarps * GPW;
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0) return;
   if (scr.prefill_taken && prefill_takes(job, kv.sc[0] || kv.sc[1])) return;  // attention_prefill.cu ran it
+  if (fast && fast_job(job, b.n_group)) return;  // attn_fast_kernel's job
   const int G = b.n_group, D = b.head_dim, P = kv.page_size;
   if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0 || G <= 0) {
     if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
@@ -414,9 +918,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
 }
 
 // Combines the kAttnSplits partials of each pair of the decode jobs, in split order: block (job, pair).
-__global__ void __launch_bounds__(128) attn_merge_kernel(AttnBatch b, AttnScratch scr, int hq, uint32_t* err) {
+__global__ void __launch_bounds__(128) attn_merge_kernel(AttnBatch b, AttnScratch scr, int hq, int fast, uint32_t* err) {
   const AttnJob job = b.jobs[blockIdx.x];
   if (job.n_rows <= 0 || job.n_rows >= kAttnSplitMaxRows) return;
+  if (fast && fast_job(job, b.n_group)) return;
   if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) return;  // pass 1 reported it
   const int G = b.n_group, D = b.head_dim;
   const int p = blockIdx.y;
@@ -509,21 +1014,146 @@ size_t attn_smem(int D) {
   return size_t(kNP * D + 2 * NG * kNP + NG * kNP * D) * sizeof(float);
 }
 
-template <int T, int SUB, int W, int CH>
-cudaError_t run(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err, cudaStream_t s) {
-  const size_t smem = attn_smem<SUB, W, CH>(b.head_dim);
+// What one call launches (all host-known: the batch's shape hints, the store, the pointers).
+struct Plan {
+  bool fast = false;       // attn_fast_kernel + its merge, for the jobs fast_job() takes
+  bool legacy = false;     // attn_kernel (prefill jobs, and decode jobs the fast path does not take)
+  bool legacy_merge = false;
+  int Sg = 0;              // grid.y of the fast kernel (>= every fast job's split count)
+  int fast_pairs = 0;      // pairs per fast job the merge grid covers
+};
+
+int next_pow2(int n) {
+  int p = 1;
+  while (p < n && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+bool fast_possible(const KVDev& kv, const AttnBatch& b) {
+  if (std::getenv("HEADROOM_CUDA_ATTN_LEGACY")) return false;  // A/B runs of the legacy kernel (read per call)
+  const int D = b.head_dim;
+  if (D != 64 && D != 128 && D != 256) return false;
+  if (kv.page_size <= 0 || kv.page_size % 4 != 0 || b.n_group > kFastNP) return false;
+  auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+  for (int t = 0; t < 2; ++t)
+    if (!al16(kv.k[t]) || !al16(kv.v[t]) || !al16(kv.pos[t])) return false;
+  return al16(b.q) && b.q_stride % 4 == 0;
+}
+
+Plan plan_for(const KVDev& kv, const AttnBatch& b) {
+  Plan pl;
+  const int G = b.n_group;
+  const bool may_decode = b.n_decode_jobs != 0;
+  const bool may_prefill = !(b.max_rows > 0 && b.max_rows < kAttnSplitMaxRows) && b.n_decode_jobs != b.n_jobs;
+  const int decode_rows = b.max_rows > 0 ? std::min(b.max_rows, kAttnSplitMaxRows - 1) : kAttnSplitMaxRows - 1;
+  const bool ok = fast_possible(kv, b);
+  pl.fast = may_decode && ok;
+  const bool covers = ok && decode_rows * G <= kFastNP;  // every decode job is a fast one
+  pl.legacy_merge = may_decode && !covers;
+  pl.legacy = may_prefill || pl.legacy_merge;
+  if (pl.fast) {
+    const int a = (kFastMinSplitSlots + kv.page_size - 1) / kv.page_size;  // fast_pps's floor
+    if (b.max_pages > 0) {
+      const int n = next_pow2(b.max_pages);
+      pl.Sg = n <= kFastMaxSplits * a ? (n + a - 1) / a : kFastMaxSplits;  // the most splits of any n_pages <= n
+    } else {
+      pl.Sg = kFastMaxSplits;
+    }
+    pl.Sg = std::max(pl.Sg, 1);
+    pl.fast_pairs = std::min(kFastNP, decode_rows * G);
+  }
+  return pl;
+}
+
+size_t legacy_partial_floats(int n_jobs, int n_group, int head_dim) {
+  const size_t n = size_t(n_jobs) * kAttnSplits * size_t(kAttnSplitMaxRows) * size_t(n_group) * size_t(head_dim + 2);
+  return (n + 3) & ~size_t(3);  // the fast partials start 16-byte aligned behind these
+}
+
+template <int T, int D, int MODE>
+cudaError_t run_fast_mode(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq,
+                          uint32_t* err, cudaStream_t s) {
+  using C = FastCfg<T, D>;
   static bool attr = false;
   if (!attr) {
-    cudaError_t e = cudaFuncSetAttribute(attn_kernel<T, SUB, W, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(attn_smem<SUB, W, CH>(256)));
+    cudaError_t e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(C::SMEM));
+    if (e == cudaSuccess)  // two blocks per SM need the largest shared-memory carveout
+      e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared));
     if (e != cudaSuccess) return e;
     attr = true;
   }
+  float* part = scr.partial + legacy_partial_floats(b.n_jobs, b.n_group, b.head_dim);
+  attn_fast_kernel<T, D, MODE><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, err);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  attn_fast_merge_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.fast_pairs * (D / 32))), kThreads, 0, s>>>(
+      b, part, pl.Sg, kv.page_size, scr, hq, err);
+  return cudaGetLastError();
+}
+
+// HEADROOM_CUDA_ATTN_FAST_MODE=1|2|3 (A/B runs; F16/Q8_0 with head_dim 64/128 only): the kernel's MODE.
+int fast_mode() {
+  const char* v = std::getenv("HEADROOM_CUDA_ATTN_FAST_MODE");
+  return v ? std::atoi(v) : 0;
+}
+
+template <int T, int D>
+cudaError_t run_fast(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
+                     cudaStream_t s) {
+  if constexpr ((T == kKVF16 || T == kKVQ8) && D <= 128) {
+    const int mode = fast_mode();
+    if (mode == 1) return run_fast_mode<T, D, 1>(kv, b, pl, scr, hq, err, s);
+    if (mode == 2) return run_fast_mode<T, D, 2>(kv, b, pl, scr, hq, err, s);
+    if (mode == 3) return run_fast_mode<T, D, 3>(kv, b, pl, scr, hq, err, s);
+  }
+  return run_fast_mode<T, D, 0>(kv, b, pl, scr, hq, err, s);
+}
+
+template <int T, int D, int MODE>
+int fast_occupancy() {
+  int n = 0;
+  if (cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(FastCfg<T, D>::SMEM)) != cudaSuccess)
+    return -1;
+  cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                       int(cudaSharedmemCarveoutMaxShared));
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attn_fast_kernel<T, D, MODE>, kThreads, FastCfg<T, D>::SMEM) !=
+      cudaSuccess)
+    return -1;
+  return n;
+}
+
+template <int T, int SUB, int W, int CH>
+cudaError_t run(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
+                cudaStream_t s) {
+  if (pl.fast) {
+    cudaError_t e = cudaSuccess;
+    switch (b.head_dim) {
+      case 64: e = run_fast<T, 64>(kv, b, pl, scr, hq, err, s); break;
+      case 128: e = run_fast<T, 128>(kv, b, pl, scr, hq, err, s); break;
+      default: e = run_fast<T, 256>(kv, b, pl, scr, hq, err, s); break;
+    }
+    if (e != cudaSuccess) return e;
+  }
   const dim3 grid(unsigned(b.n_jobs), kAttnSplits);
-  attn_kernel<T, SUB, W, CH><<<grid, kThreads, smem, s>>>(kv, b, scr, hq, err);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  attn_merge_kernel<<<dim3(unsigned(b.n_jobs), unsigned(kAttnSplitMaxRows * b.n_group)), 128, 0, s>>>(b, scr, hq, err);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  const int fast = pl.fast ? 1 : 0;
+  if (pl.legacy) {
+    const size_t smem = attn_smem<SUB, W, CH>(b.head_dim);
+    static bool attr = false;
+    if (!attr) {
+      cudaError_t e = cudaFuncSetAttribute(attn_kernel<T, SUB, W, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(attn_smem<SUB, W, CH>(256)));
+      if (e != cudaSuccess) return e;
+      attr = true;
+    }
+    attn_kernel<T, SUB, W, CH><<<grid, kThreads, smem, s>>>(kv, b, scr, hq, fast, err);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  if (pl.legacy_merge) {
+    attn_merge_kernel<<<dim3(unsigned(b.n_jobs), unsigned(kAttnSplitMaxRows * b.n_group)), 128, 0, s>>>(b, scr, hq, fast, err);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
   if (kv.sc[0] || kv.sc[1]) {
     attn_score_kernel<T, SUB, W, CH><<<grid, kThreads, 0, s>>>(kv, b, scr, hq);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
@@ -532,35 +1162,45 @@ cudaError_t run(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int
 }
 
 template <int T>
-cudaError_t run_type(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err, cudaStream_t s) {
+cudaError_t run_type(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
+                     cudaStream_t s) {
   switch (b.head_dim) {
-    case 64: return run<T, 8, 8, 1>(kv, b, scr, hq, err, s);
-    case 128: return run<T, 16, 8, 1>(kv, b, scr, hq, err, s);
-    case 256: return run<T, 32, 8, 1>(kv, b, scr, hq, err, s);
-    default: return run<T, 32, 1, 8>(kv, b, scr, hq, err, s);
+    case 64: return run<T, 8, 8, 1>(kv, b, pl, scr, hq, err, s);
+    case 128: return run<T, 16, 8, 1>(kv, b, pl, scr, hq, err, s);
+    case 256: return run<T, 32, 8, 1>(kv, b, pl, scr, hq, err, s);
+    default: return run<T, 32, 1, 8>(kv, b, pl, scr, hq, err, s);
   }
 }
 
 }  // namespace
 
-size_t attn_partial_floats(int n_jobs, int n_group, int head_dim) {
-  return size_t(n_jobs) * kAttnSplits * size_t(kAttnSplitMaxRows) * size_t(n_group) * size_t(head_dim + 2);
+int attn_fast_blocks_per_sm(int kv_type, int head_dim) {
+  if (head_dim == 64) return kv_type == kKVQ8 ? fast_occupancy<kKVQ8, 64, 0>() : fast_occupancy<kKVF16, 64, 0>();
+  return kv_type == kKVQ8 ? fast_occupancy<kKVQ8, 128, 0>() : fast_occupancy<kKVF16, 128, 0>();
+}
+
+size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b) {
+  const Plan pl = plan_for(kv, b);
+  return legacy_partial_floats(b.n_jobs, b.n_group, b.head_dim) +
+         (pl.fast ? size_t(b.n_jobs) * size_t(pl.Sg) * kFastNP * size_t(b.head_dim + 2) : 0);
 }
 
 cudaError_t launch_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err, cudaStream_t s) {
   if (b.n_jobs <= 0) return cudaSuccess;
   const int hq = int(b.out_stride / b.head_dim);
   AttnScratch sc = scr;
+  Plan pl = plan_for(kv, b);
   if (prefill_attention_fits(kv, b)) {  // tensor-core prefill (attention_prefill.cu) takes the long jobs
     if (cudaError_t e = launch_prefill_attention(kv, b, scr, err, s); e != cudaSuccess) return e;
     sc.prefill_taken = 1;
-    if (b.n_decode_jobs == 0 && !kv.sc[0] && !kv.sc[1]) return cudaSuccess;  // nothing left for the split kernel
+    // The split kernel is still needed for decode jobs the fast path leaves, and for score jobs (slot scores).
+    if (!kv.sc[0] && !kv.sc[1]) pl.legacy = pl.legacy_merge;
   }
   switch (kv.type) {
-    case kKVF32: return run_type<kKVF32>(kv, b, sc, hq, err, s);
-    case kKVF16: return run_type<kKVF16>(kv, b, sc, hq, err, s);
-    case kKVBF16: return run_type<kKVBF16>(kv, b, sc, hq, err, s);
-    default: return run_type<kKVQ8>(kv, b, sc, hq, err, s);
+    case kKVF32: return run_type<kKVF32>(kv, b, pl, sc, hq, err, s);
+    case kKVF16: return run_type<kKVF16>(kv, b, pl, sc, hq, err, s);
+    case kKVBF16: return run_type<kKVBF16>(kv, b, pl, sc, hq, err, s);
+    default: return run_type<kKVQ8>(kv, b, pl, sc, hq, err, s);
   }
 }
 

@@ -644,7 +644,7 @@ class CudaBackend final : public Backend {
     const int64_t hq = b.out_stride / b.head_dim;
     cuda::AttnScratch scr;
     scr.partial = static_cast<float*>(
-        partial_.ensure(cuda::attn_partial_floats(b.n_jobs, b.n_group, b.head_dim) * 4, "attention"));
+        partial_.ensure(cuda::attn_partial_floats(st.dev, b) * 4, "attention"));
     scr.ml_pairs = rows_cap * hq;
     scr.ml = static_cast<float*>(ml_.ensure(size_t(scr.ml_pairs) * 8, "attention"));
     after(cuda::launch_attention(st.dev, b, scr, err_dev_, stream_), "attention");

@@ -106,7 +106,10 @@ struct AttnScratch {
 HR_HD inline bool prefill_takes(const AttnJob& j, bool store_has_scores) {
   return j.n_rows >= kAttnSplitMaxRows && !(j.score && store_has_scores);
 }
-size_t attn_partial_floats(int n_jobs, int n_group, int head_dim);
+// Resident blocks per SM of the fast decode kernel (F16 or Q8_0, head_dim 64 or 128; for the benchmarks).
+int attn_fast_blocks_per_sm(int kv_type, int head_dim);
+// Floats of `partial` that launch_attention needs for this batch (host-known: the batch's shape hints, the store).
+size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b);
 // Runs every job: pass 1 (split partials or whole rows), merge, and (if the store keeps slot scores) the
 // score pass. head_dim <= 256 and n_group <= 64 (checked by the caller).
 cudaError_t launch_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
