@@ -998,19 +998,30 @@ void check_against_reference(Backend& be, const AttnCase& c, const AttnResult& r
   }
 }
 
+// The case once per KV type the head_dim allows (all of them if types is empty), each with its store type set;
+// for Q8_0 the NaN garbage in empty slots becomes 1e4, which it can hold.
+std::vector<AttnCase> per_kv_type(const AttnCase& c, std::vector<KVType> types) {
+  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
+  std::vector<AttnCase> out;
+  for (KVType t : types) {
+    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+    AttnCase ct = c;
+    ct.layout.type = t;
+    if (t == KVType::Q8_0)
+      for (size_t i = 0; i < ct.writes.k.size(); ++i)
+        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
+    out.push_back(std::move(ct));
+  }
+  return out;
+}
+
 // Every KV type the head_dim allows: the backend with 1, 2, 3 threads bitwise equal, and against the
 // float64 reference.
 void check_attention(AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
-  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
   c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
-  for (KVType t : types) {
-    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+  for (const AttnCase& ct : per_kv_type(c, types)) {
+    const KVType t = ct.layout.type;
     SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
-    AttnCase ct = c;
-    ct.layout.type = t;
-    if (t == KVType::Q8_0)  // garbage that Q8_0 can hold
-      for (size_t i = 0; i < ct.writes.k.size(); ++i)
-        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
     const int runs = 2;
     auto one = make_cpu_backend(1), two = make_cpu_backend(2), three = make_cpu_backend(3);
     const AttnResult r1 = run_attention(*one, ct, runs);
@@ -1836,17 +1847,11 @@ TEST(CudaBackendOps, KVRejects) {
 
 // Attention of a case on the GPU against the CPU (and the GPU against itself, run twice).
 void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
-  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
   c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
   auto cpu = make_cpu_backend(2);
-  for (KVType t : types) {
-    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+  for (const AttnCase& ct : per_kv_type(c, types)) {
+    const KVType t = ct.layout.type;
     SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
-    AttnCase ct = c;
-    ct.layout.type = t;
-    if (t == KVType::Q8_0)
-      for (size_t i = 0; i < ct.writes.k.size(); ++i)
-        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
     double vmax = 0;
     const int D = ct.layout.head_dim;
     for (size_t i = 0; i < ct.writes.pos.size(); ++i)
@@ -1866,10 +1871,11 @@ void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vect
           for (int r = j.row0; r < j.row0 + j.n_rows; ++r)
             for (int h = j.kv_head * ct.group; h < (j.kv_head + 1) * ct.group; ++h)
               for (int e = 0; e < D; ++e) tensor_core[(size_t(r) * H + size_t(h)) * size_t(D) + size_t(e)] = 1;
-    for (size_t i = 0; i < rg.out.size(); ++i)
-      if (!tensor_core[i])
-        ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i << ": " << rg.out[i]
-                                                               << " vs " << rg2.out[i];
+    for (size_t i = 0; i < rg.out.size(); ++i) {
+      if (tensor_core[i]) continue;
+      ASSERT_EQ(0, std::memcmp(&rg.out[i], &rg2.out[i], 4)) << "two GPU runs differ at " << i << ": " << rg.out[i]
+                                                             << " vs " << rg2.out[i];
+    }
     ASSERT_EQ(rc.out.size(), rg.out.size());
     for (size_t i = 0; i < rc.out.size(); ++i) {
       if (std::isnan(rc.out[i])) {
@@ -2124,18 +2130,12 @@ TEST(CudaBackendOps, AttentionDecodeIsBatchInvariant) {
 // u_q = u_p = 2^-11 (F16) or 2^-8 (BF16 KV: Q and P in BF16), u_k = 2^-11 for F32 / Q8_0 KV (rounded to F16
 // on the way), 0 for F16 / BF16 KV (used as stored). The 2e-5 max|v| covers the CPU's own float error.
 void check_cuda_prefill(Backend& gpu, AttnCase c, std::mt19937& rng, std::vector<KVType> types = {}) {
-  if (types.empty()) types.assign(std::begin(kAllKVTypes), std::end(kAllKVTypes));
   c.host_shape = true;
   c.q = random_vec(size_t(c.n_rows) * c.n_kv * c.group * c.layout.head_dim, rng, -2, 2);
   auto cpu = make_cpu_backend(2);
-  for (KVType t : types) {
-    if (!kv_type_fits(t, c.layout.head_dim).empty()) continue;
+  for (const AttnCase& ct : per_kv_type(c, types)) {
+    const KVType t = ct.layout.type;
     SCOPED_TRACE(testing::Message() << "kv type " << kv_type_name(t));
-    AttnCase ct = c;
-    ct.layout.type = t;
-    if (t == KVType::Q8_0)
-      for (size_t i = 0; i < ct.writes.k.size(); ++i)
-        if (std::isnan(ct.writes.k[i])) ct.writes.k[i] = ct.writes.v[i] = 1e4f;
     const int D = ct.layout.head_dim, H = ct.n_kv * ct.group, P = ct.layout.page_size;
     const AttnResult rc = run_attention(*cpu, ct, 2);
     const AttnResult rg = run_attention(gpu, ct, 2);
