@@ -67,6 +67,23 @@ class LoggingBackend final : public Backend {
   Backend& in_;
 };
 
+// One sequence of the long-context model under a uniform policy (a budget for every policy but full).
+struct OneSequence {
+  OneSequence(Backend& be, const std::string& policy, const std::string& budget)
+      : setup(plan(policy, budget)), pool(be, setup.layout), kv(retrieval_model().config(), pool, setup.specs),
+        runner(retrieval_model(), be, 64) {}
+  static KVSetup plan(const std::string& policy, const std::string& budget) {
+    KVOptions o;
+    o.policy = policy;
+    if (policy != "full") o.budget = budget;
+    return plan_kv(retrieval_model(), o, 512);
+  }
+  KVSetup setup;
+  PagePool pool;
+  KVCache kv;
+  Runner runner;
+};
+
 }  // namespace
 
 TEST(KVCore, BytesPerTokenEqualLlamaCpps) {
@@ -121,13 +138,9 @@ TEST(KVCore, NoHostSynchronisationBetweenTheLayersOfADecodeStep) {
   for (const char* policy : {"full", "streaming", "topk", "evict"}) {
     SCOPED_TRACE(policy);
     LoggingBackend be(test::cpu_backend());
-    KVOptions o;
-    o.policy = policy;
-    if (std::string(policy) != "full") o.budget = "128";
-    KVSetup s = plan_kv(m, o, 512);
-    PagePool pool(be, s.layout);
-    KVCache kv(m.config(), pool, s.specs);
-    Runner r(m, be, 64);
+    OneSequence q(be, policy, "128");
+    KVCache& kv = q.kv;
+    Runner& r = q.runner;
     auto ids = test::haystack_ids(300);
     r.prefill(kv, std::span<const int32_t>(ids.data(), 290), 0);
     for (size_t i = 290; i < 300; ++i) {
@@ -183,18 +196,13 @@ TEST(KVCore, TruncateRollsBackExactlyWhereThePolicyKeptEverything) {
   // Prefill 200 tokens, decode 20, truncate to 200, decode the same 20 again: full and topk give the same
   // logits bits as the first time (nothing before the cut changed). Streaming and evict roll back to what
   // they held, with every page past the cut given back.
-  const Model& m = retrieval_model();
   const auto ids = test::haystack_ids(240);
   for (const char* policy : {"full", "topk", "streaming", "evict"}) {
     SCOPED_TRACE(policy);
-    Backend& be = test::cpu_backend();
-    KVOptions o;
-    o.policy = policy;
-    if (std::string(policy) != "full") o.budget = "160";
-    KVSetup s = plan_kv(m, o, 512);
-    PagePool pool(be, s.layout);
-    KVCache kv(m.config(), pool, s.specs);
-    Runner r(m, be, 64);
+    OneSequence q(test::cpu_backend(), policy, "160");
+    KVCache& kv = q.kv;
+    PagePool& pool = q.pool;
+    Runner& r = q.runner;
     r.prefill(kv, std::span<const int32_t>(ids.data(), 200), 0);
     const int64_t pages_at_cut = kv.pages_held();
     auto decode20 = [&] {
@@ -207,7 +215,9 @@ TEST(KVCore, TruncateRollsBackExactlyWhereThePolicyKeptEverything) {
     };
     const auto first = decode20();
     kv.truncate(200);
-    if (std::string(policy) == "full") EXPECT_EQ(kv.pages_held(), pages_at_cut) << "the pages past the cut went back";
+    if (std::string(policy) == "full") {
+      EXPECT_EQ(kv.pages_held(), pages_at_cut) << "the pages past the cut went back";
+    }
     for (int l = 0; l < kv.n_layer(); ++l)
       for (int h = 0; h < kv.n_head_kv(); ++h)
         for (int32_t id : kv.head(l, h).pages)
