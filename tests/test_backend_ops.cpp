@@ -1041,10 +1041,11 @@ std::vector<int32_t> iota_vec(int n, int start = 0) {
   return v;
 }
 
-TEST(BackendOps, AttentionDecodeWithHolesAndHostPages) {
-  std::mt19937 rng(11);
-  // 2 KV heads x group 2; positions 0..179 scattered over uneven page lists (device and host ids), ~20%
-  // holes; q at 150, so some slots hold "future" positions that causality must skip.
+// ---- Attention cases, shared by the CPU tests and the CUDA-against-CPU tests ------------------------------
+
+// 2 KV heads x group 2; positions 0..179 scattered over uneven page lists (device and host ids), ~20% holes;
+// q at 150, so some slots hold "future" positions that causality must skip.
+AttnCase case_decode_holes_host_pages(std::mt19937& rng) {
   AttnCase c;
   c.layout = make_layout(KVType::F32, 32, 64, 6, 6, false, true);
   c.n_rows = 1, c.n_kv = 2, c.group = 2;
@@ -1053,12 +1054,11 @@ TEST(BackendOps, AttentionDecodeWithHolesAndHostPages) {
   fill_pages(c, p0, iota_vec(180), 0.2, rng);
   fill_pages(c, p1, iota_vec(120), 0.05, rng);
   c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 0, 0, false}};
-  check_attention(c, rng);
+  return c;
 }
 
-TEST(BackendOps, AttentionLongDecodeSplitWithScores) {
-  std::mt19937 rng(12);
-  // 17 pages of 256 per KV head (split-K path), group 4, scores, and sinks/window on the second head.
+// 17 pages of 256 per KV head (split-K path), group 4, scores, and sinks/window on the second head.
+AttnCase case_long_decode_pages_of_256(std::mt19937& rng) {
   AttnCase c;
   c.layout = make_layout(KVType::F32, 256, 128, 20, 20, false, true);
   c.n_rows = 1, c.n_kv = 2, c.group = 4;
@@ -1072,96 +1072,87 @@ TEST(BackendOps, AttentionLongDecodeSplitWithScores) {
   fill_pages(c, p0, iota_vec(4300), 0.05, rng);
   fill_pages(c, p1, iota_vec(4300), 0.05, rng);
   c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 4, 1000, true}};
-  check_attention(c, rng);
+  return c;
 }
 
-TEST(BackendOps, AttentionCausalPrefill) {
-  std::mt19937 rng(13);
+// Rows at positions 70..106; the cache holds positions 0..106 (the new rows included) in pages of 32 with a
+// few holes. Group 2; window 16 adds sinks 4.
+AttnCase case_causal_prefill(std::mt19937& rng, int32_t window) {
   const int n_rows = 37, past = 70;
-  // Rows at positions past..past+36; the cache holds positions 0..past+36 (the new rows included) in
-  // pages of 32 with a few holes. Group 2, and a second pass with sinks 4 / window 16.
-  for (int32_t window : {0, 16}) {
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 32, 64, 8, 2, false, true);
-    c.n_rows = n_rows, c.n_kv = 2, c.group = 2;
-    c.q_pos = iota_vec(n_rows, past);
-    const std::vector<int32_t> p0 = {0, 1, 2, 8}, p1 = {5, 9, 3, 4};
-    fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
-    fill_pages(c, p1, iota_vec(past + n_rows), 0.1, rng);
-    c.jobs = {{0, n_rows, 0, p0, window ? 4 : 0, window, false}, {0, n_rows, 1, p1, window ? 4 : 0, window, true}};
-    check_attention(c, rng);
-  }
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 32, 64, 8, 2, false, true);
+  c.n_rows = n_rows, c.n_kv = 2, c.group = 2;
+  c.q_pos = iota_vec(n_rows, past);
+  const std::vector<int32_t> p0 = {0, 1, 2, 8}, p1 = {5, 9, 3, 4};
+  fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
+  fill_pages(c, p1, iota_vec(past + n_rows), 0.1, rng);
+  c.jobs = {{0, n_rows, 0, p0, window ? 4 : 0, window, false}, {0, n_rows, 1, p1, window ? 4 : 0, window, true}};
+  return c;
 }
 
-TEST(BackendOps, AttentionOddHeadDimsAndEmptyRows) {
-  std::mt19937 rng(14);
-  {
-    // head_dim 72 (not a multiple of 16, so no Q8_0); group 1; row 1's position (-5) is before every slot
-    // (zeros), row 2 sees only slots < 3; pages of 20 (chunks span pages).
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 20, 72, 70, 0, false, true);
-    c.n_rows = 3, c.n_kv = 2, c.group = 1;
-    c.q_pos = {600, -5, 2};
-    std::vector<int32_t> p0, p1;
-    for (int i = 0; i < 35; ++i) {
-      p0.push_back(i);
-      p1.push_back(69 - i);
-    }
-    fill_pages(c, p0, iota_vec(650), 0.1, rng);
-    fill_pages(c, p1, iota_vec(700), 0.3, rng);
-    c.jobs = {{0, 3, 0, p0, 2, 50, true}, {0, 3, 1, p1, 0, 0, true}};
-    check_attention(c, rng);
+// head_dim 72 (not a multiple of 16, so no Q8_0); group 1; row 1's position (-5) is before every slot (zeros),
+// row 2 sees only slots < 3; pages of 20 (chunks span pages).
+AttnCase case_head_dim_72(std::mt19937& rng) {
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 20, 72, 70, 0, false, true);
+  c.n_rows = 3, c.n_kv = 2, c.group = 1;
+  c.q_pos = {600, -5, 2};
+  std::vector<int32_t> p0, p1;
+  for (int i = 0; i < 35; ++i) {
+    p0.push_back(i);
+    p1.push_back(69 - i);
   }
-  {
-    // head_dim 96 (a multiple of 32 other than 64/128), prefill rows, group 3.
-    const int rows = 11;
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 16, 96, 4, 0, false, true);
-    c.n_rows = rows, c.n_kv = 1, c.group = 3;
-    c.scale = 0.1f;
-    c.q_pos = iota_vec(rows, 40);
-    fill_pages(c, {2, 0, 3, 1}, iota_vec(40 + rows), 0.1, rng);
-    c.jobs = {{0, rows, 0, {2, 0, 3, 1}, 0, 0, true}};
-    check_attention(c, rng);
-  }
+  fill_pages(c, p0, iota_vec(650), 0.1, rng);
+  fill_pages(c, p1, iota_vec(700), 0.3, rng);
+  c.jobs = {{0, 3, 0, p0, 2, 50, true}, {0, 3, 1, p1, 0, 0, true}};
+  return c;
 }
 
-TEST(BackendOps, AttentionNoPagesAndAllHoles) {
-  std::mt19937 rng(15);
+// head_dim 96 (a multiple of 32 other than 64/128), prefill rows, group 3.
+AttnCase case_head_dim_96(std::mt19937& rng) {
+  const int rows = 11;
+  AttnCase c;
+  c.layout = make_layout(KVType::F32, 16, 96, 4, 0, false, true);
+  c.n_rows = rows, c.n_kv = 1, c.group = 3;
+  c.scale = 0.1f;
+  c.q_pos = iota_vec(rows, 40);
+  fill_pages(c, {2, 0, 3, 1}, iota_vec(40 + rows), 0.1, rng);
+  c.jobs = {{0, rows, 0, {2, 0, 3, 1}, 0, 0, true}};
+  return c;
+}
+
+// A job without pages, and a job over only empty slots (garbage rows with position -1).
+AttnCase case_no_pages_and_all_holes(std::mt19937& rng) {
   AttnCase c;
   c.layout = make_layout(KVType::F32, 16, 64, 2, 1, false, true);
   c.n_rows = 2, c.n_kv = 2, c.group = 1;
   c.q_pos = {5, 9};
-  fill_pages(c, {2}, {}, 1.0, rng);  // only garbage rows with position -1
+  fill_pages(c, {2}, {}, 1.0, rng);
   c.jobs = {{0, 2, 0, {}, 0, 0, false}, {0, 2, 1, {2, 0}, 0, 0, true}};
-  check_attention(c, rng);
+  return c;
 }
 
-TEST(BackendOps, AttentionPrefillLongContextGqa4) {
-  std::mt19937 rng(16);
+// 64 prefill rows after 1200 tokens, GQA 4, pages of 128 over both tiers (the second list backwards).
+AttnCase case_prefill_long_context_gqa4(std::mt19937& rng, int head_dim) {
   const int n_rows = 64, past = 1200;
   AttnCase c;
-  c.layout = make_layout(KVType::F32, 128, 64, 12, 12, false, true);
+  c.layout = make_layout(KVType::F32, 128, head_dim, 12, 12, false, true);
   c.n_rows = n_rows, c.n_kv = 2, c.group = 4;
   c.q_pos = iota_vec(n_rows, past);
   std::vector<int32_t> p0, p1;
-  for (int i = 0; i < 11; ++i) {
-    p0.push_back(i);
-    p1.push_back(12 + i);
-  }
+  for (int i = 0; i < 11; ++i) p0.push_back(i), p1.push_back(23 - i);
   fill_pages(c, p0, iota_vec(past + n_rows), 0.02, rng);
   fill_pages(c, p1, iota_vec(past + n_rows), 0.02, rng);
   c.jobs = {{0, n_rows, 0, p0, 0, 0, true}, {0, n_rows, 1, p1, 0, 0, false}};
-  check_attention(c, rng, {KVType::F32, KVType::F16, KVType::Q8_0});
+  return c;
 }
 
 // Several sequences in one batch (jobs over different row ranges): a decode row and a prefill block, tiny
-// pages (chunks span pages and pages end mid-chunk), scores on some jobs only, shared pages read by
-// two jobs without scores.
-TEST(BackendOps, AttentionMixedBatchTinyPages) {
-  std::mt19937 rng(18);
+// pages (chunks span pages and pages end mid-chunk), scores on some jobs only, shared pages read by two jobs
+// without scores.
+AttnCase case_mixed_batch_tiny_pages(std::mt19937& rng, int head_dim) {
   AttnCase c;
-  c.layout = make_layout(KVType::F32, 5, 64, 400, 300, false, true);
+  c.layout = make_layout(KVType::F32, 5, head_dim, 400, 300, false, true);
   c.n_rows = 1 + 9 + 3, c.n_kv = 2, c.group = 2;
   c.q_pos = {1100};
   for (int r = 0; r < 9; ++r) c.q_pos.push_back(300 + r);
@@ -1182,7 +1173,43 @@ TEST(BackendOps, AttentionMixedBatchTinyPages) {
   fill_pages(c, shared, iota_vec(30), 0.0, rng);
   c.jobs = {{0, 1, 0, a0, 3, 0, true},   {0, 1, 1, a1, 3, 300, false}, {1, 9, 0, b0, 0, 0, true},
             {1, 9, 1, b1, 2, 64, false}, {10, 3, 0, shared, 0, 0, false}, {10, 3, 1, shared, 0, 4, false}};
-  check_attention(c, rng);
+  return c;
+}
+
+TEST(BackendOps, AttentionDecodeWithHolesAndHostPages) {
+  std::mt19937 rng(11);
+  check_attention(case_decode_holes_host_pages(rng), rng);
+}
+
+TEST(BackendOps, AttentionLongDecodeSplitWithScores) {
+  std::mt19937 rng(12);
+  check_attention(case_long_decode_pages_of_256(rng), rng);
+}
+
+TEST(BackendOps, AttentionCausalPrefill) {
+  std::mt19937 rng(13);
+  for (int32_t window : {0, 16}) check_attention(case_causal_prefill(rng, window), rng);
+}
+
+TEST(BackendOps, AttentionOddHeadDimsAndEmptyRows) {
+  std::mt19937 rng(14);
+  check_attention(case_head_dim_72(rng), rng);
+  check_attention(case_head_dim_96(rng), rng);
+}
+
+TEST(BackendOps, AttentionNoPagesAndAllHoles) {
+  std::mt19937 rng(15);
+  check_attention(case_no_pages_and_all_holes(rng), rng);
+}
+
+TEST(BackendOps, AttentionPrefillLongContextGqa4) {
+  std::mt19937 rng(16);
+  check_attention(case_prefill_long_context_gqa4(rng, 64), rng, {KVType::F32, KVType::F16, KVType::Q8_0});
+}
+
+TEST(BackendOps, AttentionMixedBatchTinyPages) {
+  std::mt19937 rng(18);
+  check_attention(case_mixed_batch_tiny_pages(rng, 64), rng);
 }
 
 TEST(BackendOps, AttentionRejectsBadJobs) {
@@ -1895,17 +1922,7 @@ void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vect
 TEST(CudaBackendOps, AttentionAgainstCpu) {
   REQUIRE_CUDA(gpu);
   std::mt19937 rng(105);
-  {  // decode, holes, device and host pages, uneven page lists
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 32, 64, 6, 6, false, true);
-    c.n_rows = 1, c.n_kv = 2, c.group = 2;
-    c.q_pos = {150};
-    const std::vector<int32_t> p0 = {3, 7, 0, 10, 1, 6, 11}, p1 = {2, 9, 4, 8};
-    fill_pages(c, p0, iota_vec(180), 0.2, rng);
-    fill_pages(c, p1, iota_vec(120), 0.05, rng);
-    c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 0, 0, false}};
-    check_cuda_attention(*gpu, c, rng);
-  }
+  check_cuda_attention(*gpu, case_decode_holes_host_pages(rng), rng);
   {  // long decode over many splits, group 4, head_dim 128, scores, sinks/window
     AttnCase c;
     c.layout = make_layout(KVType::F32, 32, 128, 300, 300, false, true);
@@ -1920,103 +1937,13 @@ TEST(CudaBackendOps, AttentionAgainstCpu) {
     c.jobs = {{0, 2, 0, p0, 0, 0, true}, {0, 2, 1, p1, 64, 1000, true}};
     check_cuda_attention(*gpu, c, rng);
   }
-  {  // P = 256, 17 pages, decode with window on one head
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 256, 128, 20, 20, false, true);
-    c.n_rows = 1, c.n_kv = 2, c.group = 4;
-    c.q_pos = {4300};
-    std::vector<int32_t> p0, p1;
-    for (int i = 0; i < 17; ++i) {
-      p0.push_back(i < 9 ? i : 11 + i);
-      p1.push_back(i < 10 ? 19 - i : 49 - i);
-    }
-    fill_pages(c, p0, iota_vec(4300), 0.05, rng);
-    fill_pages(c, p1, iota_vec(4300), 0.05, rng);
-    c.jobs = {{0, 1, 0, p0, 0, 0, true}, {0, 1, 1, p1, 4, 1000, true}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  for (int32_t window : {0, 16}) {  // causal prefill
-    const int n_rows = 37, past = 70;
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 32, 64, 8, 2, false, true);
-    c.n_rows = n_rows, c.n_kv = 2, c.group = 2;
-    c.q_pos = iota_vec(n_rows, past);
-    const std::vector<int32_t> p0 = {0, 1, 2, 8}, p1 = {5, 9, 3, 4};
-    fill_pages(c, p0, iota_vec(past + n_rows), 0.1, rng);
-    fill_pages(c, p1, iota_vec(past + n_rows), 0.1, rng);
-    c.jobs = {{0, n_rows, 0, p0, window ? 4 : 0, window, false}, {0, n_rows, 1, p1, window ? 4 : 0, window, true}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  {  // head_dim 72 (generic kernel), group 1, rows before every slot, pages of 20
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 20, 72, 70, 0, false, true);
-    c.n_rows = 3, c.n_kv = 2, c.group = 1;
-    c.q_pos = {600, -5, 2};
-    std::vector<int32_t> p0, p1;
-    for (int i = 0; i < 35; ++i) p0.push_back(i), p1.push_back(69 - i);
-    fill_pages(c, p0, iota_vec(650), 0.1, rng);
-    fill_pages(c, p1, iota_vec(700), 0.3, rng);
-    c.jobs = {{0, 3, 0, p0, 2, 50, true}, {0, 3, 1, p1, 0, 0, true}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  {  // head_dim 96 (generic kernel, Q8_0 too), prefill rows, group 3
-    const int rows = 11;
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 16, 96, 4, 0, false, true);
-    c.n_rows = rows, c.n_kv = 1, c.group = 3;
-    c.scale = 0.1f;
-    c.q_pos = iota_vec(rows, 40);
-    fill_pages(c, {2, 0, 3, 1}, iota_vec(40 + rows), 0.1, rng);
-    c.jobs = {{0, rows, 0, {2, 0, 3, 1}, 0, 0, true}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  {  // no pages, and only empty slots
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 16, 64, 2, 1, false, true);
-    c.n_rows = 2, c.n_kv = 2, c.group = 1;
-    c.q_pos = {5, 9};
-    fill_pages(c, {2}, {}, 1.0, rng);
-    c.jobs = {{0, 2, 0, {}, 0, 0, false}, {0, 2, 1, {2, 0}, 0, 0, true}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  {  // prefill, long context, GQA 4, head_dim 128, both tiers
-    const int n_rows = 64, past = 1200;
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 128, 128, 12, 12, false, true);
-    c.n_rows = n_rows, c.n_kv = 2, c.group = 4;
-    c.q_pos = iota_vec(n_rows, past);
-    std::vector<int32_t> p0, p1;
-    for (int i = 0; i < 11; ++i) p0.push_back(i), p1.push_back(23 - i);
-    fill_pages(c, p0, iota_vec(past + n_rows), 0.02, rng);
-    fill_pages(c, p1, iota_vec(past + n_rows), 0.02, rng);
-    c.jobs = {{0, n_rows, 0, p0, 0, 0, true}, {0, n_rows, 1, p1, 0, 0, false}};
-    check_cuda_attention(*gpu, c, rng);
-  }
-  {  // mixed batch: decode rows, a prefill block, tiny pages, shared pages read by two jobs, head_dim 256
-    AttnCase c;
-    c.layout = make_layout(KVType::F32, 5, 256, 400, 300, false, true);
-    c.n_rows = 1 + 9 + 3, c.n_kv = 2, c.group = 2;
-    c.q_pos = {1100};
-    for (int r = 0; r < 9; ++r) c.q_pos.push_back(300 + r);
-    for (int r = 0; r < 3; ++r) c.q_pos.push_back(20 + 2 * r);
-    std::vector<int32_t> ids(700);
-    std::iota(ids.begin(), ids.end(), 0);
-    std::shuffle(ids.begin(), ids.end(), rng);
-    auto take = [&](size_t n) {
-      std::vector<int32_t> v(ids.end() - ptrdiff_t(n), ids.end());
-      ids.resize(ids.size() - n);
-      return v;
-    };
-    const std::vector<int32_t> a0 = take(240), a1 = take(240), b0 = take(65), b1 = take(62), shared = take(6);
-    fill_pages(c, a0, iota_vec(1101), 0.1, rng);
-    fill_pages(c, a1, iota_vec(1101), 0.1, rng);
-    fill_pages(c, b0, iota_vec(309), 0.05, rng);
-    fill_pages(c, b1, iota_vec(309), 0.05, rng);
-    fill_pages(c, shared, iota_vec(30), 0.0, rng);
-    c.jobs = {{0, 1, 0, a0, 3, 0, true},   {0, 1, 1, a1, 3, 300, false}, {1, 9, 0, b0, 0, 0, true},
-              {1, 9, 1, b1, 2, 64, false}, {10, 3, 0, shared, 0, 0, false}, {10, 3, 1, shared, 0, 4, false}};
-    check_cuda_attention(*gpu, c, rng);
-  }
+  check_cuda_attention(*gpu, case_long_decode_pages_of_256(rng), rng);
+  for (int32_t window : {0, 16}) check_cuda_attention(*gpu, case_causal_prefill(rng, window), rng);
+  check_cuda_attention(*gpu, case_head_dim_72(rng), rng);  // generic kernel, rows before every slot
+  check_cuda_attention(*gpu, case_head_dim_96(rng), rng);  // generic kernel, Q8_0 too
+  check_cuda_attention(*gpu, case_no_pages_and_all_holes(rng), rng);
+  check_cuda_attention(*gpu, case_prefill_long_context_gqa4(rng, 128), rng);
+  check_cuda_attention(*gpu, case_mixed_batch_tiny_pages(rng, 256), rng);  // head_dim 256
 }
 
 // The fast decode path (decode jobs with n_rows * group <= 4, head_dim 64/128/256, pages of a multiple of 4
