@@ -470,31 +470,39 @@ TEST(BackendOps, AddAndBias) {
 
 // ---- rope ---------------------------------------------------------------------------------------------
 
+// RoPE cases (the CPU test and the CUDA-against-CPU test): both pair layouts, partial rotation, scaling and
+// Llama-3.1 frequency factors.
+struct RopeCase {
+  bool neox;
+  int64_t n, heads, head_dim;
+  int n_rot;
+  float base, freq_scale;
+  bool ff;
+};
+constexpr RopeCase kRopeCases[] = {{false, 37, 4, 64, 64, 10000.0f, 1.0f, false}, {true, 37, 4, 64, 64, 1e6f, 1.0f, false},
+                                   {false, 5, 2, 128, 128, 500000.0f, 0.25f, true}, {true, 1, 3, 64, 32, 10000.0f, 0.5f, true},
+                                   {false, 512, 2, 64, 48, 10000.0f, 1.0f, false}};
+RopeParams rope_params(const RopeCase& c, const float* freq_factors) {
+  RopeParams p;
+  p.n_rot = c.n_rot;
+  p.neox = c.neox;
+  p.theta_base = c.base;
+  p.freq_scale = c.freq_scale;
+  p.freq_factors = c.ff ? freq_factors : nullptr;
+  return p;
+}
+
 TEST(BackendOps, Rope) {
   Backends be;
   std::mt19937 rng(10);
-  struct Case {
-    bool neox;
-    int64_t n, heads, head_dim;
-    int n_rot;
-    float base, freq_scale;
-    bool ff;
-  };
-  for (const Case& c : {Case{false, 37, 4, 64, 64, 10000.0f, 1.0f, false}, Case{true, 37, 4, 64, 64, 1e6f, 1.0f, false},
-                        Case{false, 5, 2, 128, 128, 500000.0f, 0.25f, true}, Case{true, 1, 3, 64, 32, 10000.0f, 0.5f, true},
-                        Case{false, 512, 2, 64, 48, 10000.0f, 1.0f, false}}) {
+  for (const RopeCase& c : kRopeCases) {
     SCOPED_TRACE(testing::Message() << "neox " << c.neox << " n " << c.n << " n_rot " << c.n_rot);
     const int half = c.n_rot / 2;
     std::vector<float> ff = random_vec(size_t(half), rng, 1.0f, 8.0f);
     std::vector<int32_t> pos(static_cast<size_t>(c.n));
     for (auto& p : pos) p = int32_t(rng() % 4096);
     pos[0] = 0;
-    RopeParams p;
-    p.n_rot = c.n_rot;
-    p.neox = c.neox;
-    p.theta_base = c.base;
-    p.freq_scale = c.freq_scale;
-    p.freq_factors = c.ff ? ff.data() : nullptr;
+    const RopeParams p = rope_params(c, ff.data());
     const std::vector<float> x = random_vec(size_t(c.n * c.heads * c.head_dim), rng);
     std::vector<float> x1 = x, x2 = x;
     be.one->rope(x1.data(), c.n, c.heads, c.head_dim, pos.data(), p);
@@ -1686,27 +1694,13 @@ TEST(CudaBackendOps, RowOpsAgainstCpu) {
     gpu->add_bias(dx.get(), gpu->upload_f32(b.data(), dim), n, dim);
     EXPECT_TRUE(bitwise_equal(from_device(*gpu, dx, x.size()), c));
   }
-  struct RopeCase {
-    bool neox;
-    int64_t n, heads, head_dim;
-    int n_rot;
-    float base, freq_scale;
-    bool ff;
-  };
-  for (const RopeCase& c : {RopeCase{false, 37, 4, 64, 64, 10000.0f, 1.0f, false}, RopeCase{true, 37, 4, 64, 64, 1e6f, 1.0f, false},
-                            RopeCase{false, 5, 2, 128, 128, 500000.0f, 0.25f, true}, RopeCase{true, 1, 3, 64, 32, 10000.0f, 0.5f, true},
-                            RopeCase{false, 512, 2, 64, 48, 10000.0f, 1.0f, false}}) {
+  for (const RopeCase& c : kRopeCases) {
     SCOPED_TRACE(testing::Message() << "rope neox " << c.neox << " n " << c.n << " n_rot " << c.n_rot);
     const int half = c.n_rot / 2;
     std::vector<float> ff = random_vec(size_t(half), rng, 1.0f, 8.0f);
     std::vector<int32_t> pos(static_cast<size_t>(c.n));
     for (auto& p : pos) p = int32_t(rng() % 131072);
-    RopeParams p;
-    p.n_rot = c.n_rot;
-    p.neox = c.neox;
-    p.theta_base = c.base;
-    p.freq_scale = c.freq_scale;
-    p.freq_factors = c.ff ? ff.data() : nullptr;
+    const RopeParams p = rope_params(c, ff.data());
     const std::vector<float> x = random_vec(size_t(c.n * c.heads * c.head_dim), rng);
     std::vector<float> xc = x;
     cpu->rope(xc.data(), c.n, c.heads, c.head_dim, pos.data(), p);
