@@ -16,7 +16,7 @@ namespace headroom::cli {
 namespace {
 struct RunArgs {
   std::string model, prompt, prompt_file, prompts_file, system, device = "auto";
-  int n_predict = 128, n_ctx = 0, threads = 0, parallel = 0;
+  int n_predict = 128, n_ctx = 0, threads = 0, parallel = 0, tp = 1;
   bool chat = false, escape = true;
   std::vector<std::string> stop;
   SamplerParams sp;
@@ -87,7 +87,7 @@ void run(RunArgs& a) {
   auto model = Model::load(a.model);
   const ModelConfig& c = model->config();
   const int n_ctx = int(context_for(a.n_ctx, c));
-  auto backend = backend_for(a.device, a.threads);
+  RankBackends backends = backends_for(a.device, a.threads, a.tp);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (a.chat) {
     std::string tmpl = model->file().get_str("tokenizer.chat_template", "");
@@ -103,8 +103,9 @@ void run(RunArgs& a) {
            prompts.size() > 1 ? fmt::format("{} ", ids.size()) : "", ids.back().size(), n_ctx);
   }
 
-  EngineStack st(*model, *backend, plan_kv(*model, a.kv, n_ctx), parallel, a.kv.chunk, a.kv.kv_pool);
+  EngineStack st(*model, backends.ranks, plan_kv(*model, a.kv, n_ctx), parallel, a.kv.chunk, a.kv.kv_pool);
   std::fprintf(stderr, "%s\n", st.setup.summary.c_str());
+  print_placement(st.tp);
   if (prompts.size() > 1) std::fprintf(stderr, "%s\n", st.pool_plan.summary.c_str());
   Engine& engine = *st.engine;
   struct Result {
@@ -169,7 +170,7 @@ void run(RunArgs& a) {
                  stream ? "" : fmt::format("[{}] ", i + 1).c_str(), load_s * 1e3, r.n_prompt,
                  r.prompt_s > 0 ? r.n_prompt / r.prompt_s : 0.0, r.n_gen,
                  r.gen_s > 0 && r.n_gen > 1 ? (r.n_gen - 1) / r.gen_s : 0.0, r.finish.c_str(), r.held / 1048576.0,
-                 r.peak / 1048576.0, r.host / 1048576.0, backend->threads());
+                 r.peak / 1048576.0, r.host / 1048576.0, backends.threads());
   }
   if (!stream)
     std::fprintf(stderr, "%zu prompts, %d at once: %d tokens generated in %.2f s (%.1f tokens/s in all)\n",
@@ -196,6 +197,7 @@ void register_run(CLI::App& app) {
       ->transform(tokens_in("-c", 0, kMaxContext));
   add_threads_flag(cmd, a.threads);
   add_device_flag(cmd, a.device);
+  add_tp_flag(cmd, a.tp);
   add_sampling_flags(cmd, a.sp);
   cmd->add_flag("--chat", a.chat, "wrap the prompt in the model's chat template");
   cmd->add_option("--system", a.system, "system message (with --chat)");
