@@ -184,12 +184,12 @@ void register_bench(CLI::App& app) {
     if (model_path.empty()) fail("give -m MODEL (or --server URL)");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
+    check_tensor_parallel(c, tp, !kvo.head_map.empty());  // one line, before the table
     std::mt19937 rng(42);
     std::string mname = fmt::format("{} {:.0f}M {}", c.arch, double(model->n_params()) / 1e6,
                                     gguf::type_name(model->layers[0].wq.type));
     std::printf("| model | size | params | backend | threads | kv | parallel | test | t/s | latency per seq |\n");
     std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
-    check_tensor_parallel(c, tp, !kvo.head_map.empty());  // before any compute
     for (int t : ts) {
       RankBackends rb = backends_for(device, t, tp, /*quiet=*/true);
       Backend* be = &rb.first();

@@ -87,6 +87,7 @@ void run(RunArgs& a) {
   auto model = Model::load(a.model);
   const ModelConfig& c = model->config();
   const int n_ctx = int(context_for(a.n_ctx, c));
+  check_tensor_parallel(c, a.tp, !a.kv.head_map.empty());  // one line before any backend starts
   RankBackends backends = backends_for(a.device, a.threads, a.tp);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (a.chat) {
