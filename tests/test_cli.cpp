@@ -224,3 +224,18 @@ TEST(Cli, TensorParallelRunPrintsThePlacementAndTheSameText) {
   };
   EXPECT_EQ(text(one.out), text(two.out));
 }
+
+TEST(Cli, TensorParallelEvalGivesTheSameAccuracy) {
+  const std::string dir = headroom::test::scratch_dir("cli-tp-eval");
+  const std::string args = "eval -m " + model() + " --tasks niah,kv --ctx 512 --depths 25,75 --device cpu -t 2 --shared " +
+                           headroom::test::shared_dir();
+  Result one = run(args + " -o " + dir + "/one"), two = run(args + " -tp 2 -o " + dir + "/two");
+  ASSERT_EQ(one.code, 0) << one.out;
+  ASSERT_EQ(two.code, 0) << two.out;
+  auto table = [](const std::string& out) {
+    const size_t b = out.find("| full |");
+    return b == std::string::npos ? std::string("(none)") : out.substr(b, out.find('\n', b) - b);
+  };
+  EXPECT_NE(table(one.out), "(none)") << one.out;
+  EXPECT_EQ(table(one.out), table(two.out));
+}

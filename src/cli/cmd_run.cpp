@@ -114,6 +114,7 @@ void run(RunArgs& a) {
     int n_prompt = 0, n_gen = 0;
     double prompt_s = 0, gen_s = 0;
     int64_t held = 0, peak = 0, host = 0;
+    std::string per_rank;  // tensor parallel: the KV each rank holds
   };
   std::vector<Result> results(prompts.size());
   const bool stream = prompts.size() == 1;
@@ -136,6 +137,12 @@ void run(RunArgs& a) {
     r.held = s.kv->device_bytes();
     r.peak = s.kv->peak_device_pages() * st.pool->page_bytes();
     r.host = s.kv->host_bytes();
+    if (st.pool->n_parts() > 1) {
+      r.per_rank = " (ranks";
+      for (int p = 0; p < st.pool->n_parts(); ++p)
+        r.per_rank += fmt::format(" {:.2f}", double(s.kv->device_pages_held(p) * st.pool->layout().kv_page_bytes()) / 1048576.0);
+      r.per_rank += ")";
+    }
   };
   for (size_t i = 0; i < prompts.size(); ++i) {
     Request r = st.request(ids[i]);
@@ -167,10 +174,10 @@ void run(RunArgs& a) {
     if (!r.detail.empty()) std::fprintf(stderr, "%sstopped: %s\n", stream ? "" : fmt::format("[{}] ", i + 1).c_str(), r.detail.c_str());
     std::fprintf(stderr,
                  "%sload %.0f ms | prompt %d tokens, %.1f tokens/s | generated %d tokens, %.1f tokens/s | stop: %s | "
-                 "KV held %.2f MiB (peak %.2f MiB), host tier %.2f MiB | %d threads\n",
+                 "KV held %.2f MiB%s (peak %.2f MiB), host tier %.2f MiB | %d threads\n",
                  stream ? "" : fmt::format("[{}] ", i + 1).c_str(), load_s * 1e3, r.n_prompt,
                  r.prompt_s > 0 ? r.n_prompt / r.prompt_s : 0.0, r.n_gen,
-                 r.gen_s > 0 && r.n_gen > 1 ? (r.n_gen - 1) / r.gen_s : 0.0, r.finish.c_str(), r.held / 1048576.0,
+                 r.gen_s > 0 && r.n_gen > 1 ? (r.n_gen - 1) / r.gen_s : 0.0, r.finish.c_str(), r.held / 1048576.0, r.per_rank.c_str(),
                  r.peak / 1048576.0, r.host / 1048576.0, backends.threads());
   }
   if (!stream)

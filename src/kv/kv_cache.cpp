@@ -116,6 +116,14 @@ int64_t KVCache::device_pages_held() const {
   return n;
 }
 
+int64_t KVCache::device_pages_held(int part) const {
+  int64_t n = 0;
+  for (size_t i = 0; i < heads_.size(); ++i)
+    if (pool_.head_part(i) == part)
+      for (int32_t id : heads_[i].pages) n += !pool_.on_host(id);
+  return n;
+}
+
 void KVCache::note_peaks() {
   const int64_t dev = device_pages_held();
   peak_device_ = std::max(peak_device_, dev);

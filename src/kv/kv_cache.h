@@ -97,6 +97,7 @@ class KVCache {
   PagePool& pool() { return pool_; }
   int64_t pages_held() const;         // device + host pages of this sequence
   int64_t device_pages_held() const;  // device pages of this sequence
+  int64_t device_pages_held(int part) const;  // ... of the heads on one part of the pool (a tensor-parallel rank)
   int64_t peak_device_pages() const { return peak_device_; }
   int64_t peak_host_pages() const { return peak_host_; }
   int64_t max_device_pages() const { return max_device_; }
