@@ -34,6 +34,7 @@
 #include "engine/stack.h"
 #include "kv/placement.h"
 #include "model/model.h"
+#include "model/slice.h"
 #include "test_util.h"
 
 using namespace headroom;
@@ -236,6 +237,47 @@ TEST(TensorParallel, SplitPoolKeepsEveryHeadsPagesInItsPart) {
   EXPECT_EQ(pos[0], 9);
   EXPECT_EQ(kk[0], 0.5f);
   EXPECT_EQ(vv[7], -0.25f);
+}
+
+// ---- weight slices ---------------------------------------------------------------------------------------------
+
+// Every element of a slice equals the dequantized original, for row slices (a view, or gathered), column slices
+// on block boundaries (blocks copied, the type kept) and off them (F32).
+TEST(TensorParallel, WeightSlicesHoldExactlyTheirRowsAndColumns) {
+  auto m = Model::load(test::shared("models/tinystories-656k-q8_0.gguf"));
+  const WeightView w = m->layers[0].wo;  // Q8_0, 128 x 128
+  ASSERT_EQ(w.type, DType::Q8_0);
+  auto dense = [](const WeightView& v) {
+    std::vector<float> out(size_t(v.rows * v.cols));
+    for (int64_t r = 0; r < v.rows; ++r)
+      dequantize_row(v.type, static_cast<const uint8_t*>(v.data) + size_t(r) * v.row_bytes, out.data() + r * v.cols, v.cols);
+    return out;
+  };
+  const std::vector<float> full = dense(w);
+  Owned owned;
+  const WeightView one = slice_rows(w, {{16, 48}}, owned);
+  EXPECT_EQ(one.data, static_cast<const uint8_t*>(w.data) + 16 * w.row_bytes) << "one range of rows is a view";
+  EXPECT_TRUE(owned.empty());
+  const Ranges rows = {{0, 16}, {64, 80}};
+  const WeightView rs = slice_rows(w, rows, owned);
+  const std::vector<float> got_rows = dense(rs);
+  ASSERT_EQ(rs.rows, 32);
+  for (int64_t i = 0; i < 32; ++i)
+    for (int64_t j = 0; j < w.cols; ++j)
+      ASSERT_EQ(got_rows[size_t(i * w.cols + j)], full[size_t((i < 16 ? i : 64 + i - 16) * w.cols + j)]);
+  for (const Ranges& cols : {Ranges{{32, 64}, {96, 128}}, Ranges{{16, 40}, {100, 110}}}) {
+    const WeightView cs = slice_cols(w, cols, owned);
+    const bool aligned = cols[0].first % 32 == 0;
+    EXPECT_EQ(cs.type, aligned ? DType::Q8_0 : DType::F32);
+    EXPECT_EQ(cs.cols, total(cols));
+    const std::vector<float> got = dense(cs);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      int64_t k = 0;
+      for (auto [b, e] : cols)
+        for (int64_t c = b; c < e; ++c, ++k) ASSERT_EQ(got[size_t(r * cs.cols + k)], full[size_t(r * w.cols + c)]) << r << "," << c;
+    }
+  }
+  EXPECT_EQ(slice_cols(w, {{0, w.cols}}, owned).data, w.data) << "all columns: the weight itself";
 }
 
 // ---- the sharded forward pass ----------------------------------------------------------------------------------
