@@ -24,6 +24,8 @@
 #include <cmath>
 #include <fstream>
 #include <random>
+#include <atomic>
+#include <chrono>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -92,6 +94,27 @@ TEST(TensorParallel, AllReduceWithDifferentCountsFailsOnEveryRank) {
   }
   t.join();
   EXPECT_EQ(failed, 2);
+}
+
+// A rank that fails leaves the group: the others' all-reduces throw GroupLeft instead of waiting forever.
+TEST(TensorParallel, AnAbandonedRankDoesNotBlockTheOthers) {
+  auto be = make_cpu_backend(1);
+  auto group = make_in_process_group(3);
+  std::vector<std::vector<float>> bufs(3, std::vector<float>(16, 1.0f));
+  std::atomic<int> left{0};
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      try {
+        for (int i = 0; i < 3; ++i) group[size_t(r)]->all_reduce_sum(*be, bufs[size_t(r)].data(), 16);
+      } catch (const GroupLeft&) {
+        ++left;
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  group[2]->abandon();  // rank 2 fails before its first all-reduce
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(left.load(), 2);
 }
 
 // ---- placement -------------------------------------------------------------------------------------------------
@@ -434,7 +457,7 @@ void check_sharded(const std::string& golden, bool widen) {
   Bound bound;
   bound.q8 = has_q8(*m);
   if (widen) {
-    if (!bound.q8) GTEST_SKIP() << "no Q8_0 weights to widen";
+    EXPECT_TRUE(bound.q8) << golden << " has no Q8_0 weights to widen";
     widen_to_f32(*m, keep);
     bound.q8 = false;
   }
@@ -478,13 +501,23 @@ void check_sharded(const std::string& golden, bool widen) {
 }
 
 TEST_P(ShardedModel, MatchesTheUnshardedRun) { check_sharded(GetParam(), false); }
-TEST_P(ShardedModel, WidenedToF32MatchesWithinTheFloatBound) { check_sharded(GetParam(), true); }
+class ShardedQ8Model : public ::testing::TestWithParam<std::string> {};
+TEST_P(ShardedQ8Model, WidenedToF32MatchesWithinTheFloatBound) { check_sharded(GetParam(), true); }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, ShardedModel,
                          ::testing::Values("stories260K.json", "tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
                                            "rand-llama-f16.json", "rand-llama-linear-f16.json",
                                            "rand-llama-tied-f32.json", "rand-llama3-ropefreqs-q8_0.json",
                                            "rand-qwen2-bias-bf16.json"),
+                         [](const auto& info) {
+                           std::string n = info.param.substr(0, info.param.size() - 5);
+                           for (char& ch : n)
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
+INSTANTIATE_TEST_SUITE_P(Q8Models, ShardedQ8Model,
+                         ::testing::Values("tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
+                                           "rand-llama3-ropefreqs-q8_0.json"),
                          [](const auto& info) {
                            std::string n = info.param.substr(0, info.param.size() - 5);
                            for (char& ch : n)
@@ -541,6 +574,69 @@ TEST(TensorParallel, MixedPoliciesFourRanks) { check_mixed("models/tinystories-6
 TEST(TensorParallel, MixedPoliciesWidenedToF32) {
   check_mixed("models/retrieval-14m-q8_0.gguf", 2, true);
   check_mixed("models/tinystories-656k-q8_0.gguf", 4, true);
+}
+
+// A CPU backend whose matmul fails from call `fail_at` on (a rank failing mid-step).
+class FailingBackend final : public Backend {
+ public:
+  explicit FailingBackend(int fail_at) : in_(make_cpu_backend(1)), fail_at_(fail_at) {}
+  const char* name() const override { return "cpu"; }
+  int threads() const override { return 1; }
+  void matmul(const WeightView& w, const float* x, int64_t n, float* y) override {
+    if (++calls_ >= fail_at_) fail("injected matmul failure");
+    in_->matmul(w, x, n, y);
+  }
+  void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) override { in_->embed(w, ids, n, out); }
+  void rmsnorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) override { in_->rmsnorm(x, w, n, d, eps, out); }
+  void rope(float* x, int64_t n, int64_t h, int64_t hd, const int32_t* pos, const RopeParams& p) override { in_->rope(x, n, h, hd, pos, p); }
+  void swiglu(const float* g, const float* u, int64_t c, float* out) override { in_->swiglu(g, u, c, out); }
+  void add(float* x, const float* y, int64_t c) override { in_->add(x, y, c); }
+  void add_bias(float* x, const float* b, int64_t n, int64_t d) override { in_->add_bias(x, b, n, d); }
+  void* alloc(size_t b) override { return in_->alloc(b); }
+  void free(void* p) override { in_->free(p); }
+  void upload(void* d, const void* s, size_t b) override { in_->upload(d, s, b); }
+  void download(void* d, const void* s, size_t b) override { in_->download(d, s, b); }
+  void synchronize() override { in_->synchronize(); }
+  std::unique_ptr<KVStore> kv_create(const KVLayout& l) override { return in_->kv_create(l); }
+  void kv_reset(KVStore& kv, std::span<const int32_t> ids) override { in_->kv_reset(kv, ids); }
+  void kv_copy_pages(KVStore& kv, std::span<const PageCopy> c) override { in_->kv_copy_pages(kv, c); }
+  void kv_copy_slots(KVStore& kv, std::span<const SlotCopy> c) override { in_->kv_copy_slots(kv, c); }
+  void kv_store(KVStore& kv, const float* k, const float* v, int64_t n, int h, const int32_t* s, const int32_t* p) override {
+    in_->kv_store(kv, k, v, n, h, s, p);
+  }
+  void kv_read_scores(KVStore& kv, std::span<const int32_t> ids, float* out) override { in_->kv_read_scores(kv, ids, out); }
+  void kv_read_page(KVStore& kv, int32_t id, float* k, float* v, int32_t* pos) override { in_->kv_read_page(kv, id, k, v, pos); }
+  void select_pages(KVStore& kv, const AttnBatch& b) override { in_->select_pages(kv, b); }
+  void attention(KVStore& kv, const AttnBatch& b) override { in_->attention(kv, b); }
+
+ private:
+  std::unique_ptr<Backend> in_;
+  int fail_at_, calls_ = 0;
+};
+
+// A rank failing in the middle of a step: the step reports its error (not the others' GroupLeft), nothing
+// hangs, and the runner refuses further steps.
+TEST(TensorParallel, ARankFailingMidStepReportsItsErrorWithoutHanging) {
+  auto m = Model::load(test::shared("models/stories260K.gguf"));
+  KVOptions o;
+  o.page_size = 8;
+  KVSetup s = plan_kv(*m, o, 64);
+  auto b0 = make_cpu_backend(1);
+  FailingBackend b1(9);  // rank 1 fails in layer 1's attention block, after two all-reduces
+  std::vector<Backend*> ranks = {b0.get(), &b1};
+  TPPlan plan = place_heads(m->config(), s.specs, 2, false, s.n_ctx, o.page_size, 16, kv_row_bytes(s.layout.type, s.layout.head_dim));
+  std::vector<int32_t> dev, host;
+  split_pool_pages(plan, s.specs, s.n_ctx, o.page_size, 16, s.layout.device_pages, s.layout.host_pages, dev, host);
+  KVLayout l = s.layout;
+  l.device_pages = dev[0] + dev[1];
+  l.host_pages = host[0] + host[1];
+  PagePool pool(ranks, l, plan.rank_of, dev, host);
+  Runner r(*m, ranks, plan, 16);
+  KVCache kv(m->config(), pool, s.specs);
+  const std::vector<int32_t> prompt = {1, 20, 30};
+  EXPECT_EQ(error_of([&] { r.prefill(kv, prompt, 0); }), "injected matmul failure");
+  KVCache kv2(m->config(), pool, s.specs);
+  EXPECT_NE(error_of([&] { r.prefill(kv2, prompt, 0); }).find("cannot step again"), std::string::npos);
 }
 
 // The engine stack with several ranks, batching three requests two at a time: the same logits as one rank.

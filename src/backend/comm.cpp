@@ -1,5 +1,6 @@
 #include "backend/comm.h"
 
+#include <atomic>
 #include <barrier>
 
 #include "util/error.h"
@@ -11,6 +12,7 @@ namespace {
 struct Shared {
   explicit Shared(int world) : sync(world), bufs(size_t(world)), counts(size_t(world)) {}
   std::barrier<> sync;
+  std::atomic<bool> broken{false};  // a rank abandoned the group
   std::vector<float*> bufs;
   std::vector<int64_t> counts;
 };
@@ -25,9 +27,11 @@ class InProcessComm final : public Communicator {
     const int R = world();
     if (R == 1) return;
     be.synchronize();  // the ops that wrote buf are done
+    if (s_->broken) throw GroupLeft("all_reduce: another tensor-parallel rank failed and left the group");
     s_->bufs[size_t(rank_)] = buf;
     s_->counts[size_t(rank_)] = count;
     s_->sync.arrive_and_wait();
+    if (s_->broken) throw GroupLeft("all_reduce: another tensor-parallel rank failed and left the group");
     for (int r = 1; r < R; ++r)
       if (s_->counts[size_t(r)] != s_->counts[0]) {
         const int64_t c0 = s_->counts[0], cr = s_->counts[size_t(r)];
@@ -45,7 +49,15 @@ class InProcessComm final : public Communicator {
     s_->sync.arrive_and_wait();
   }
 
+  void abandon() override {
+    if (left_) return;
+    left_ = true;
+    s_->broken = true;  // before the drop that may complete the phase the others wait in
+    s_->sync.arrive_and_drop();
+  }
+
  private:
+  bool left_ = false;
   std::shared_ptr<Shared> s_;
   int rank_;
 };

@@ -10,8 +10,15 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "util/error.h"
 
 namespace headroom {
+
+// Thrown by a collective on the ranks that remain after another rank abandoned the group.
+class GroupLeft : public Error {
+ public:
+  using Error::Error;
+};
 
 class Communicator {
  public:
@@ -21,6 +28,9 @@ class Communicator {
   // In place: buf (count floats of this rank's backend memory, written by ops of `be` before the call)
   // becomes the element-wise sum over the ranks, the same on every rank.
   virtual void all_reduce_sum(Backend& be, float* buf, int64_t count) = 0;
+  // After an error on this rank: it leaves the group, so that the other ranks' collectives stop waiting for
+  // it and throw GroupLeft instead (the group cannot be used again).
+  virtual void abandon() {}
 };
 
 // `world` communicators joined in this process, one per rank thread. The sum of every element is taken in

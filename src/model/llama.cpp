@@ -232,6 +232,7 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
   if (seqs.empty()) fail("step: no sequences");
   if (obs && seqs.size() != 1) fail("step: an attention observer needs a step of one sequence");
   if (obs && R > 1) fail("step: an attention observer needs one rank (no --tensor-parallel)");
+  if (broken_) fail("step: a tensor-parallel rank failed in an earlier step; this runner cannot step again");
 
   // The rows of all sequences, in order; each sequence's policies act on its last step first.
   int n = 0, n_logits = 0;
@@ -287,14 +288,29 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
         rank_step(rk, seqs, n, n_logits, nullptr, rk.logits_host.data());
       } catch (...) {
         errors[size_t(r)] = std::current_exception();
+        ranks_[size_t(r)]->comm->abandon();  // the other ranks must not wait for it at the next all-reduce
       }
     };
     std::vector<std::thread> threads;
     for (int r = 1; r < R; ++r) threads.emplace_back(run, r);
     run(0);
     for (std::thread& t : threads) t.join();
-    for (const std::exception_ptr& e : errors)
-      if (e) std::rethrow_exception(e);
+    // The error to report: the first rank's own, not one of the others' GroupLeft that it caused.
+    std::exception_ptr first, own;
+    for (const std::exception_ptr& e : errors) {
+      if (!e) continue;
+      if (!first) first = e;
+      try {
+        std::rethrow_exception(e);
+      } catch (const GroupLeft&) {
+      } catch (...) {
+        if (!own) own = e;
+      }
+    }
+    if (first) {
+      broken_ = true;  // a rank left the group: the runner cannot step again
+      std::rethrow_exception(own ? own : first);
+    }
     for (const auto& rk : ranks_) {  // the logits' columns, gathered
       const size_t w = size_t(rk->v1 - rk->v0);
       for (int i = 0; i < n_logits; ++i)

@@ -131,6 +131,7 @@ class Runner {
   int max_batch_;
   std::vector<std::unique_ptr<Communicator>> comms_;
   std::vector<std::unique_ptr<Rank>> ranks_;
+  bool broken_ = false;  // a rank failed mid-step (its communicator left the group)
   KVStep step_;
   std::vector<StepInfo> infos_;
   std::vector<int32_t> tokens_, pos_;
