@@ -220,6 +220,25 @@ TEST(TensorParallel, UnevenPlacementGivesEveryRankAHeadOfEveryLayer) {
   EXPECT_EQ(heads, c.n_layer * c.n_head_kv);
 }
 
+// The pool's tiers split by need: device by device need, host by the larger of host and device need.
+TEST(TensorParallel, PoolSplitFollowsTheHeadsNeeds) {
+  const ModelConfig c = four_kv_heads(2);
+  PolicySpec full, topk;
+  topk.kind = PolicyKind::TopK;
+  topk.offload = true;  // parks unchosen pages in the host tier
+  std::vector<PolicySpec> specs;
+  for (int l = 0; l < c.n_layer; ++l)
+    for (int h = 0; h < c.n_head_kv; ++h) specs.push_back(h < 2 ? full : topk);
+  const TPPlan p = place_heads(c, specs, 2, false, 1024, 32, 64, 128);  // contiguous: the topk heads on rank 1
+  std::vector<int32_t> dev, host;
+  split_pool_pages(p, specs, 1024, 32, 64, 1000, 600, dev, host);
+  ASSERT_EQ(dev.size(), 2u);
+  EXPECT_GE(dev[0] + dev[1], 1000);
+  EXPECT_GT(dev[0], dev[1]) << "full heads need more device pages";
+  EXPECT_EQ(host[1], 600) << "all of the parked pages are rank 1's";
+  EXPECT_GE(host[0], 600 * dev[0] / (dev[0] + dev[1])) << "rank 0 keeps room to park its device pages";
+}
+
 // ---- the split pool -----------------------------------------------------------------------------------------
 
 TEST(TensorParallel, SplitPoolKeepsEveryHeadsPagesInItsPart) {

@@ -1,6 +1,7 @@
 #include "kv/placement.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include <fmt/ranges.h>
@@ -127,18 +128,19 @@ void split_pool_pages(const TPPlan& p, const std::vector<PolicySpec>& specs, int
     dneed[size_t(p.rank_of[i])] += pages_needed({specs[i]}, n_ctx, page_size, chunk);
     hneed[size_t(p.rank_of[i])] += host_pages_needed({specs[i]}, n_ctx, page_size);
   }
-  auto split = [&](int64_t total, std::vector<int64_t> need, std::vector<int32_t>& out) {
-    int64_t sum = std::accumulate(need.begin(), need.end(), int64_t(0));
-    if (sum == 0) {  // nothing asks for this tier per head (e.g. preemption room only): by device need
-      need = dneed;
-      sum = std::accumulate(need.begin(), need.end(), int64_t(0));
-    }
-    out.assign(size_t(p.world), 0);
-    for (int r = 0; r < p.world; ++r)
-      out[size_t(r)] = int32_t(sum > 0 ? (total * need[size_t(r)] + sum - 1) / sum : (total + p.world - 1) / p.world);
-  };
-  split(device_pages, dneed, device);
-  split(host_pages, hneed, host);
+  const int64_t dsum = std::accumulate(dneed.begin(), dneed.end(), int64_t(0));
+  const int64_t hsum = std::accumulate(hneed.begin(), hneed.end(), int64_t(0));
+  device.assign(size_t(p.world), 0);
+  host.assign(size_t(p.world), 0);
+  for (int r = 0; r < p.world; ++r) {
+    const size_t i = size_t(r);
+    const double d = dsum > 0 ? double(dneed[i]) / double(dsum) : 1.0 / p.world;
+    // The host tier holds what the policies park (by their need) and, with several sequences, room to park a
+    // sequence's device pages (by the device need): each part gets the larger share.
+    const double h = std::max(d, hsum > 0 ? double(hneed[i]) / double(hsum) : 0.0);
+    device[i] = int32_t(std::ceil(double(device_pages) * d - 1e-9));
+    host[i] = int32_t(std::ceil(double(host_pages) * h - 1e-9));
+  }
 }
 
 }  // namespace headroom

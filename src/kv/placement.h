@@ -44,7 +44,8 @@ TPPlan place_heads(const ModelConfig& c, const std::vector<PolicySpec>& specs, i
                    int page_size, int chunk, int64_t kv_row_bytes);
 
 // Splits a pool's tiers over the ranks in proportion to the pages their heads need (rounded up, so every part
-// holds at least its share). Returns [rank] device pages and host pages.
+// holds at least its share): the device tier by the device need; the host tier by the larger of the host need
+// (what policies park) and the device need (room to park a preempted sequence). Returns [rank] pages.
 void split_pool_pages(const TPPlan& p, const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size, int chunk,
                       int64_t device_pages, int64_t host_pages, std::vector<int32_t>& device,
                       std::vector<int32_t>& host);
