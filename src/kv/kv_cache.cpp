@@ -49,6 +49,8 @@ KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<Polic
   if (specs.size() != size_t(n_layer_) * n_kv_)
     fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
   if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
+  if (pool.n_parts() > 1 && pool.placed_heads() != specs.size())
+    fail("KV cache: the pool is split for {} heads, the model has {}", pool.placed_heads(), specs.size());
   heads_.resize(specs.size());
   for (const PolicySpec& s : specs) {
     const PolicyDescriptor& d = policy_descriptor(s.kind);

@@ -45,6 +45,7 @@ class PagePool {
   KVStore& store(int part) { return *parts_[size_t(part)].store; }
   // The part of a head (index layer * n_kv + kv_head), and of a page id.
   int head_part(size_t head) const { return head_part_.empty() ? 0 : head_part_[head]; }
+  size_t placed_heads() const { return head_part_.size(); }  // 0 for a pool of one part
   int part_of(int32_t id) const { return part_of_[size_t(id)]; }
   // A global page id (or slot id * page_size + slot) as the id its part's store knows; and back.
   int32_t local_id(int32_t id) const { return local_[size_t(id)]; }

@@ -90,7 +90,12 @@ Runner::Runner(const Model& m, const std::vector<Backend*>& backends, const TPPl
   if (R > 1) comms_ = make_in_process_group(R);
   const size_t B = size_t(max_batch_);
   const int64_t HD = c.head_dim, G = c.n_group();
-  const int64_t blk = gguf::type_traits(m.layers[0].down.type)->block_elems, units = c.n_ff / blk;
+  // The MLP splits in whole blocks of every layer's ffn_down type (block sizes are powers of two: the largest).
+  int64_t blk = 1;
+  for (const LayerWeights& L : m.layers) blk = std::max(blk, gguf::type_traits(L.down.type)->block_elems);
+  const int64_t units = c.n_ff / blk;
+  if (units < R)
+    fail("--tensor-parallel {}: the MLP's {} columns are {} blocks of {}, fewer than the ranks", R, c.n_ff, units, blk);
   for (int r = 0; r < R; ++r) {
     auto rk = std::make_unique<Rank>();
     Backend& be = *backends[size_t(r)];
