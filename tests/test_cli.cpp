@@ -201,3 +201,41 @@ TEST(Cli, KVTypeFlags) {
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("f16 cache"), std::string::npos) << "f16 is the default: " << r.out;
 }
+
+TEST(Cli, TensorParallelBadRankCountsGiveOneLine) {
+  expect_one_line_error(run("run -m " + model() + " -p hi -n 2 --device cpu -tp 3"), "at most 2 ranks");
+  expect_one_line_error(run("run -m " + headroom::test::shared("models/stories260K.gguf") + " -p hi -n 2 --device cpu -tp 3"),
+                        "does not divide the model's 4 KV heads");
+  expect_one_line_error(run("run -m " + model() + " -p hi -n 2 --device cuda -tp 2"), "needs NCCL");
+  expect_one_line_error(run("bench -m " + model() + " -p 0 -n 2 -r 1 --device cpu --tensor-parallel 4"), "at most 2 ranks");
+}
+
+TEST(Cli, TensorParallelRunPrintsThePlacementAndTheSameText) {
+  const std::string args = "run -m " + model() + " -p \"The pass key is 4821930. Remember it. The pass key is\" -n 12 "
+                           "--temp 0 --device cpu -t 2 -c 256";
+  Result one = run(args), two = run(args + " -tp 2");
+  ASSERT_EQ(one.code, 0) << one.out;
+  ASSERT_EQ(two.code, 0) << two.out;
+  EXPECT_NE(two.out.find("tp rank 0: 8 KV heads (L0 0 | L1 0"), std::string::npos) << two.out;
+  EXPECT_NE(two.out.find("tp rank 1: 8 KV heads"), std::string::npos) << two.out;
+  auto text = [](const std::string& out) {
+    const size_t b = out.find("The pass key is"), e = out.find("load ", b);
+    return b == std::string::npos || e == std::string::npos ? std::string("(none)") : out.substr(b, e - b);
+  };
+  EXPECT_EQ(text(one.out), text(two.out));
+}
+
+TEST(Cli, TensorParallelEvalGivesTheSameAccuracy) {
+  const std::string dir = headroom::test::scratch_dir("cli-tp-eval");
+  const std::string args = "eval -m " + model() + " --tasks niah,kv --ctx 512 --depths 25,75 --device cpu -t 2 --shared " +
+                           headroom::test::shared_dir();
+  Result one = run(args + " -o " + dir + "/one"), two = run(args + " -tp 2 -o " + dir + "/two");
+  ASSERT_EQ(one.code, 0) << one.out;
+  ASSERT_EQ(two.code, 0) << two.out;
+  auto table = [](const std::string& out) {
+    const size_t b = out.find("| full |");
+    return b == std::string::npos ? std::string("(none)") : out.substr(b, out.find('\n', b) - b);
+  };
+  EXPECT_NE(table(one.out), "(none)") << one.out;
+  EXPECT_EQ(table(one.out), table(two.out));
+}

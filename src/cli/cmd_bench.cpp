@@ -105,7 +105,7 @@ std::pair<double, double> mean_sd(const std::vector<double>& xs) {
 void register_bench(CLI::App& app) {
   static std::string model_path;
   static std::vector<int> ds = {0}, ts = {0}, ps = {1};
-  static int n_prompt = 512, n_gen = 128, reps = 3;
+  static int n_prompt = 512, n_gen = 128, reps = 3, tp = 1;
   static std::string device = "auto";
   static KVOptions kvo;
   auto* cmd = app.add_subcommand("bench", "measure prompt and generation tokens/s by context depth (markdown table)");
@@ -143,6 +143,7 @@ void register_bench(CLI::App& app) {
   cmd->add_option("-r,--repetitions", reps, "repetitions per test")->check(in_range({1, 1000}))->capture_default_str();
   add_kv_flags(cmd, kvo);
   add_device_flag(cmd, device);
+  add_tp_flag(cmd, tp);
   cmd->callback([] {
     if (!server_url.empty()) {
 #ifndef HEADROOM_HAVE_SERVER
@@ -183,13 +184,15 @@ void register_bench(CLI::App& app) {
     if (model_path.empty()) fail("give -m MODEL (or --server URL)");
     auto model = Model::load(model_path);
     const ModelConfig& c = model->config();
+    check_tensor_parallel(c, tp, !kvo.head_map.empty());  // one line, before the table
     std::mt19937 rng(42);
     std::string mname = fmt::format("{} {:.0f}M {}", c.arch, double(model->n_params()) / 1e6,
                                     gguf::type_name(model->layers[0].wq.type));
     std::printf("| model | size | params | backend | threads | kv | parallel | test | t/s | latency per seq |\n");
     std::printf("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
     for (int t : ts) {
-      auto be = make_backend(device, t);
+      RankBackends rb = backends_for(device, t, tp, /*quiet=*/true);
+      Backend* be = &rb.first();
       if (t == ts.front() && std::string_view(be->name()) != "cpu")
         std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
       for (int d : ds)
@@ -198,7 +201,8 @@ void register_bench(CLI::App& app) {
           if (n_ctx > kMaxContext)
             fail("-d {} plus the larger of -p {} and -n {} is beyond the largest context ({} tokens)", d, n_prompt,
                  n_gen, kMaxContext);
-          EngineStack st(*model, *be, plan_kv(*model, kvo, n_ctx), par, kvo.chunk, kvo.kv_pool);
+          EngineStack st(*model, rb.ranks, plan_kv(*model, kvo, n_ctx), par, kvo.chunk, kvo.kv_pool);
+          if (t == ts.front() && d == ds.front() && par == ps.front()) print_placement(st.tp);
           for (int phase = 0; phase < 2; ++phase) {
             const int n = phase == 0 ? n_prompt : n_gen;
             if (n == 0) continue;
@@ -209,8 +213,9 @@ void register_bench(CLI::App& app) {
             const std::string latency = phase == 0 ? fmt::format("{:.1f} ms/prompt", sec * 1e3)
                                                    : fmt::format("{:.2f} ms/token", sec * 1e3 / n);
             std::string test = fmt::format("{}{}{}", phase == 0 ? "pp" : "tg", n, d ? fmt::format(" @ d{}", d) : "");
+            const std::string backend = tp > 1 ? fmt::format("{} tp{}", be->name(), tp) : be->name();
             std::printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %d | %s | %.2f ± %.2f | %s |\n", mname.c_str(),
-                        double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, be->name(), be->threads(),
+                        double(model->weight_bytes()) / 1048576.0, double(model->n_params()) / 1e6, backend.c_str(), rb.threads(),
                         kvo.head_map.empty() ? kvo.policy.c_str() : "head-map", par, test.c_str(), mean, sd,
                         latency.c_str());
             std::fflush(stdout);

@@ -14,7 +14,7 @@ void register_eval(CLI::App& app) {
   static std::string model_path, depths = "0:100:25", out_dir = "eval-out", shared = "../shared";
   static std::vector<std::string> tasks = {"niah", "multikey", "kv"}, policies = {"full"}, budgets = {"25%"};
   static std::vector<int> ctxs;
-  static int threads = 0;
+  static int threads = 0, tp = 1;
   static std::string device = "auto";
   static eval::Options o;
   auto* cmd = app.add_subcommand("eval", "long-context accuracy (NIAH, multi-key, key-value, variable tracking) vs KV policy and budget");
@@ -60,6 +60,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--shared", shared, "shared data folder (haystack corpus, key words)")->capture_default_str();
   add_threads_flag(cmd, threads);
   add_device_flag(cmd, device);
+  add_tp_flag(cmd, tp);
   cmd->callback([] {
     check_output_dir(out_dir, "-o");
     auto model = Model::load(model_path);
@@ -76,10 +77,13 @@ void register_eval(CLI::App& app) {
         for (const std::string& b : budgets) o.configs.push_back({p, b});
     }
     o.out_dir = out_dir;
-    auto be = backend_for(device, threads);
+    // Per-head configurations (a head map) may split the heads unevenly; uniform policies must divide them.
+    const bool all_maps = std::all_of(policies.begin(), policies.end(), [](const std::string& p) { return p == "map"; });
+    check_tensor_parallel(model->config(), tp, all_maps);
+    RankBackends be = backends_for(device, threads, tp);
     eval::TaskGen gen = eval::TaskGen::from_shared(model->tokenizer(), shared);
     const bool tty = isatty(fileno(stderr));
-    std::vector<eval::EpisodeResult> rs = eval::run(*model, *be, gen, o, [tty](int done, int total, const eval::EpisodeResult& r) {
+    std::vector<eval::EpisodeResult> rs = eval::run(*model, be.ranks, gen, o, [tty](int done, int total, const eval::EpisodeResult& r) {
       // On a terminal one line is rewritten; in a log, one line per episode.
       std::fprintf(stderr, "%s[%d/%d] %-8s ctx %-6d depth %3.0f%% %-16s %s (%.2f s)%s", tty ? "\r" : "", done, total,
                    eval::task_name(r.task), r.ctx, r.depth * 100, r.config.c_str(), r.correct ? "ok  " : "MISS", r.seconds,

@@ -16,7 +16,7 @@ namespace headroom::cli {
 namespace {
 struct RunArgs {
   std::string model, prompt, prompt_file, prompts_file, system, device = "auto";
-  int n_predict = 128, n_ctx = 0, threads = 0, parallel = 0;
+  int n_predict = 128, n_ctx = 0, threads = 0, parallel = 0, tp = 1;
   bool chat = false, escape = true;
   std::vector<std::string> stop;
   SamplerParams sp;
@@ -87,7 +87,8 @@ void run(RunArgs& a) {
   auto model = Model::load(a.model);
   const ModelConfig& c = model->config();
   const int n_ctx = int(context_for(a.n_ctx, c));
-  auto backend = backend_for(a.device, a.threads);
+  check_tensor_parallel(c, a.tp, !a.kv.head_map.empty());  // one line before any backend starts
+  RankBackends backends = backends_for(a.device, a.threads, a.tp);
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (a.chat) {
     std::string tmpl = model->file().get_str("tokenizer.chat_template", "");
@@ -103,8 +104,9 @@ void run(RunArgs& a) {
            prompts.size() > 1 ? fmt::format("{} ", ids.size()) : "", ids.back().size(), n_ctx);
   }
 
-  EngineStack st(*model, *backend, plan_kv(*model, a.kv, n_ctx), parallel, a.kv.chunk, a.kv.kv_pool);
+  EngineStack st(*model, backends.ranks, plan_kv(*model, a.kv, n_ctx), parallel, a.kv.chunk, a.kv.kv_pool);
   std::fprintf(stderr, "%s\n", st.setup.summary.c_str());
+  print_placement(st.tp);
   if (prompts.size() > 1) std::fprintf(stderr, "%s\n", st.pool_plan.summary.c_str());
   Engine& engine = *st.engine;
   struct Result {
@@ -112,6 +114,7 @@ void run(RunArgs& a) {
     int n_prompt = 0, n_gen = 0;
     double prompt_s = 0, gen_s = 0;
     int64_t held = 0, peak = 0, host = 0;
+    std::string per_rank;  // tensor parallel: the KV each rank holds
   };
   std::vector<Result> results(prompts.size());
   const bool stream = prompts.size() == 1;
@@ -134,6 +137,12 @@ void run(RunArgs& a) {
     r.held = s.kv->device_bytes();
     r.peak = s.kv->peak_device_pages() * st.pool->page_bytes();
     r.host = s.kv->host_bytes();
+    if (st.pool->n_parts() > 1) {
+      r.per_rank = " (ranks";
+      for (int p = 0; p < st.pool->n_parts(); ++p)
+        r.per_rank += fmt::format(" {:.2f}", double(s.kv->device_pages_held(p) * st.pool->layout().kv_page_bytes()) / 1048576.0);
+      r.per_rank += ")";
+    }
   };
   for (size_t i = 0; i < prompts.size(); ++i) {
     Request r = st.request(ids[i]);
@@ -165,11 +174,11 @@ void run(RunArgs& a) {
     if (!r.detail.empty()) std::fprintf(stderr, "%sstopped: %s\n", stream ? "" : fmt::format("[{}] ", i + 1).c_str(), r.detail.c_str());
     std::fprintf(stderr,
                  "%sload %.0f ms | prompt %d tokens, %.1f tokens/s | generated %d tokens, %.1f tokens/s | stop: %s | "
-                 "KV held %.2f MiB (peak %.2f MiB), host tier %.2f MiB | %d threads\n",
+                 "KV held %.2f MiB%s (peak %.2f MiB), host tier %.2f MiB | %d threads\n",
                  stream ? "" : fmt::format("[{}] ", i + 1).c_str(), load_s * 1e3, r.n_prompt,
                  r.prompt_s > 0 ? r.n_prompt / r.prompt_s : 0.0, r.n_gen,
-                 r.gen_s > 0 && r.n_gen > 1 ? (r.n_gen - 1) / r.gen_s : 0.0, r.finish.c_str(), r.held / 1048576.0,
-                 r.peak / 1048576.0, r.host / 1048576.0, backend->threads());
+                 r.gen_s > 0 && r.n_gen > 1 ? (r.n_gen - 1) / r.gen_s : 0.0, r.finish.c_str(), r.held / 1048576.0, r.per_rank.c_str(),
+                 r.peak / 1048576.0, r.host / 1048576.0, backends.threads());
   }
   if (!stream)
     std::fprintf(stderr, "%zu prompts, %d at once: %d tokens generated in %.2f s (%.1f tokens/s in all)\n",
@@ -196,6 +205,7 @@ void register_run(CLI::App& app) {
       ->transform(tokens_in("-c", 0, kMaxContext));
   add_threads_flag(cmd, a.threads);
   add_device_flag(cmd, a.device);
+  add_tp_flag(cmd, a.tp);
   add_sampling_flags(cmd, a.sp);
   cmd->add_flag("--chat", a.chat, "wrap the prompt in the model's chat template");
   cmd->add_option("--system", a.system, "system message (with --chat)");

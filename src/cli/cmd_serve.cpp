@@ -19,7 +19,7 @@ extern "C" void on_signal(int) { g_stop = true; }
 void register_serve(CLI::App& app) {
   static std::string model_path, device = "auto";
   static std::vector<std::string> maps;
-  static int threads = 0;
+  static int threads = 0, tp = 1;
   static server::ServerOptions o;
   auto* cmd = app.add_subcommand("serve", "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
                                           "/v1/models, /health, /metrics) on the batched engine");
@@ -43,6 +43,7 @@ void register_serve(CLI::App& app) {
                                                       "(default: the model's; ChatML if it has none)");
   cmd->add_option("--alias", o.model_name, "the model id clients send and /v1/models lists (default: the file name)");
   add_device_flag(cmd, device);
+  add_tp_flag(cmd, tp);
   cmd->callback([] {
     for (const std::string& m : maps) {
       const size_t eq = m.find('=');
@@ -54,8 +55,9 @@ void register_serve(CLI::App& app) {
     if (o.model_name.empty()) o.model_name = std::filesystem::path(model_path).filename().string();
     auto model = Model::load(model_path);
     o.n_ctx = int(context_for(o.n_ctx, model->config()));
-    auto be = backend_for(device, threads);
-    server::Server srv(*model, *be, o);
+    check_tensor_parallel(model->config(), tp, o.head_maps.count("default") > 0);  // one line before anything starts
+    RankBackends be = backends_for(device, threads, tp);
+    server::Server srv(*model, be.ranks, o);
     std::signal(SIGTERM, on_signal);
     std::signal(SIGINT, on_signal);
     std::signal(SIGPIPE, SIG_IGN);

@@ -16,6 +16,7 @@
 
 #include "backend/registry.h"
 #include "engine/kv_setup.h"
+#include "kv/placement.h"
 #include "engine/sampler.h"
 #include "util/error.h"
 #include "util/parse.h"
@@ -164,6 +165,57 @@ inline std::unique_ptr<Backend> backend_for(const std::string& device, int threa
   auto be = make_backend(device, threads);
   if (std::string_view(be->name()) != "cpu") std::fprintf(stderr, "%s\n", describe_device_choice(device).c_str());
   return be;
+}
+
+// -tp / --tensor-parallel N (main.cpp rewrites -tp: CLI11 declares no multi-letter short flag).
+inline CLI::Option* add_tp_flag(CLI::App* app, int& tp) {
+  return app
+      ->add_option("--tensor-parallel", tp,
+                   "tensor-parallel ranks (-tp works too): the model split by KV head over N ranks, at most the KV "
+                   "heads per layer and dividing them (a --head-map may split unevenly and balances the KV bytes). "
+                   "CPU only for now: the ranks are threads, --threads shared between them")
+      ->check(in_range({1, 128}))
+      ->capture_default_str();
+}
+
+// The backends of `tp` ranks for --device. One rank: backend_for. Several: CPU backends, one per rank, each
+// with an equal share (at least one) of --threads (0: of the physical cores); CUDA ranks need NCCL, which
+// headroom does not have yet (one line says so).
+struct RankBackends {
+  std::vector<std::unique_ptr<Backend>> owned;
+  std::vector<Backend*> ranks;
+  Backend& first() { return *ranks[0]; }
+  int threads() const {
+    int t = 0;
+    for (Backend* b : ranks) t += b->threads();
+    return t;
+  }
+};
+inline RankBackends backends_for(const std::string& device, int threads, int tp, bool quiet = false) {
+  RankBackends rb;
+  if (tp <= 1) {
+    rb.owned.push_back(quiet ? make_backend(device, threads) : backend_for(device, threads));
+  } else {
+    if (device == "cuda")
+      fail("--tensor-parallel {} on --device cuda needs NCCL across the GPUs, which headroom does not have yet "
+           "(issue 17); use --device cpu (the ranks are threads)", tp);
+    const int total = threads > 0 ? threads : make_cpu_backend(0)->threads();
+    const int each = std::max(1, total / tp);
+    for (int r = 0; r < tp; ++r) rb.owned.push_back(make_cpu_backend(each));
+    if (!quiet)
+      std::fprintf(stderr, "tensor parallel: %d CPU ranks (threads joined in-process) of %d thread%s each\n", tp, each,
+                   each == 1 ? "" : "s");
+  }
+  for (auto& b : rb.owned) rb.ranks.push_back(b.get());
+  return rb;
+}
+
+// The placement lines (one per rank) of a tensor-parallel stack, on stderr.
+inline void print_placement(const TPPlan& tp) {
+  if (tp.world <= 1) return;
+  std::fprintf(stderr, "tensor parallel: KV heads %s\n",
+               tp.balanced ? "placed by the head map's KV bytes" : "split contiguously, evenly");
+  for (const std::string& l : tp.describe()) std::fprintf(stderr, "%s\n", l.c_str());
 }
 
 // The context to run at: `requested`, or the model's trained context for 0. Above the trained context is

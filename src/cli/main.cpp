@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
 #ifdef HEADROOM_HAVE_SERVER
   headroom::cli::register_serve(app);
 #endif
-  // llama.cpp's -ctk / -ctv / -np: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as
+  // llama.cpp's -ctk / -ctv / -np and vLLM's -tp: CLI11 cannot declare a multi-letter short flag (and "-ctk" would parse as
   // "-c tk"), so they are rewritten to the long names before parsing.
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i) {
@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
     else if (a == "-ctv") a = "--cache-type-v";
     else if (a.rfind("-ctk=", 0) == 0) a = "--cache-type-k=" + a.substr(5);
     else if (a.rfind("-ctv=", 0) == 0) a = "--cache-type-v=" + a.substr(5);
+    else if (a == "-tp") a = "--tensor-parallel";
+    else if (a.rfind("-tp=", 0) == 0) a = "--tensor-parallel=" + a.substr(4);
     else if (a == "-np") a = "--parallel";
     else if (a.rfind("-np=", 0) == 0) a = "--parallel=" + a.substr(4);
     args.push_back(a);

@@ -52,6 +52,8 @@ KVSetup plan_kv(const Model& m, const KVOptions& o, int64_t n_ctx, int n_seqs) {
   const ModelConfig& c = m.config();
   pages_needed({}, n_ctx, o.page_size, o.chunk);  // range-checks the context, --page-size and --chunk first
   KVSetup s;
+  s.n_ctx = n_ctx;
+  s.per_head = !o.head_map.empty();
   KVBudget budget = o.budget.empty() ? KVBudget{} : KVBudget::parse(o.budget);
   // What the budget's size depends on, for the messages when it is too small.
   const std::string cause = budget.kind == KVBudget::Kind::Percent
@@ -114,6 +116,8 @@ KVSetup plan_kv_specs(const Model& m, std::vector<PolicySpec> specs, const KVOpt
   const ModelConfig& c = m.config();
   if (specs.size() != size_t(c.n_layer) * c.n_head_kv) fail("{}: {} head specs for {} heads", what, specs.size(), size_t(c.n_layer) * c.n_head_kv);
   KVSetup s;
+  s.n_ctx = n_ctx;
+  s.per_head = true;
   s.specs = std::move(specs);
   apply_prefill_mode(o, s.specs);
   s.layout = layout_for(m, o, s.specs);

@@ -29,6 +29,9 @@ struct KVSetup {
   int64_t capacity_pages = 0;     // device tier capacity of the pool (= layout.device_pages)
   int64_t tokens_per_head = 0;    // what the budget allows per head
   std::string summary;            // one line for the log
+  int64_t n_ctx = 0;              // the context it was planned for
+  bool per_head = false;          // the specs differ per head (a head map, eval's configurations): tensor
+                                  // parallelism places the heads by their bytes, unevenly if need be
 };
 
 // The pool that `parallel` sequences of one setup share.

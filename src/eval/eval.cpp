@@ -61,6 +61,11 @@ uint64_t episode_seed(uint64_t seed, Task t, int ctx, double depth, int sample) 
 }  // namespace
 
 std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, const Options& o, const Progress& progress) {
+  return run(m, std::vector<Backend*>{&be}, gen, o, progress);
+}
+
+std::vector<EpisodeResult> run(const Model& m, const std::vector<Backend*>& ranks, const TaskGen& gen, const Options& o,
+                               const Progress& progress) {
   const Tokenizer& tok = m.tokenizer();
   std::unique_ptr<HeadMap> map;
   for (const Config& cfg : o.configs)
@@ -133,7 +138,7 @@ std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, 
       const size_t n_here = o.depths.size() * size_t(o.samples);
       for (size_t ci = 0; ci < n_cfg; ++ci) {
         const Config& cfg = o.configs[ci];
-        EngineStack st(m, be, setups.at({cfg.label(), ctx}), std::max(1, o.parallel), o.chunk);
+        EngineStack st(m, ranks, setups.at({cfg.label(), ctx}), std::max(1, o.parallel), o.chunk);
         Engine& engine = *st.engine;
         engine.on_finish = [&](Sequence& s) {
           const size_t pi = size_t(s.req.tag);

@@ -59,6 +59,9 @@ struct EpisodeResult {
 using Progress = std::function<void(int done, int total, const EpisodeResult& r)>;
 
 std::vector<EpisodeResult> run(const Model& m, Backend& be, const TaskGen& gen, const Options& o, const Progress& p);
+// The same over tensor-parallel ranks (one backend each; docs/tensor-parallel.md).
+std::vector<EpisodeResult> run(const Model& m, const std::vector<Backend*>& ranks, const TaskGen& gen, const Options& o,
+                               const Progress& p);
 
 // Writes results.json, results.csv, summary.md and the plots into o.out_dir; returns the summary table (markdown).
 // In eval/report.cpp, composed of the pieces eval/report.h declares.

@@ -49,6 +49,8 @@ KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<Polic
   if (specs.size() != size_t(n_layer_) * n_kv_)
     fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
   if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
+  if (pool.n_parts() > 1 && pool.placed_heads() != specs.size())
+    fail("KV cache: the pool is split for {} heads, the model has {}", pool.placed_heads(), specs.size());
   heads_.resize(specs.size());
   for (const PolicySpec& s : specs) {
     const PolicyDescriptor& d = policy_descriptor(s.kind);
@@ -116,6 +118,14 @@ int64_t KVCache::device_pages_held() const {
   return n;
 }
 
+int64_t KVCache::device_pages_held(int part) const {
+  int64_t n = 0;
+  for (size_t i = 0; i < heads_.size(); ++i)
+    if (pool_.head_part(i) == part)
+      for (int32_t id : heads_[i].pages) n += !pool_.on_host(id);
+  return n;
+}
+
 void KVCache::note_peaks() {
   const int64_t dev = device_pages_held();
   peak_device_ = std::max(peak_device_, dev);
@@ -143,6 +153,13 @@ bool KVCache::park() {
   if (parked_) return true;
   const int64_t dev = device_pages_held();
   if (dev > pool_.host_capacity() - pool_.host_pages()) return false;
+  if (pool_.n_parts() > 1) {  // every rank's part must take its heads' pages
+    std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
+    for (size_t i = 0; i < heads_.size(); ++i)
+      for (int32_t id : heads_[i].pages) n[size_t(pool_.head_part(i))] += !pool_.on_host(id);
+    for (int p = 0; p < pool_.n_parts(); ++p)
+      if (n[size_t(p)] > pool_.host_free(p)) return false;
+  }
   parked_at_.assign(heads_.size(), {});
   for (size_t i = 0; i < heads_.size(); ++i) {
     HeadCache& h = heads_[i];
@@ -162,6 +179,13 @@ bool KVCache::park() {
 bool KVCache::unpark() {
   if (!parked_) return true;
   if (parked_pages() > pool_.device_free()) return false;
+  if (pool_.n_parts() > 1) {
+    std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
+    for (size_t i = 0; i < parked_at_.size(); ++i)
+      for (uint8_t b : parked_at_[i]) n[size_t(pool_.head_part(i))] += b;
+    for (int p = 0; p < pool_.n_parts(); ++p)
+      if (n[size_t(p)] > pool_.device_free(p)) return false;
+  }
   for (size_t i = 0; i < heads_.size(); ++i) {
     HeadCache& h = heads_[i];
     for (size_t j = 0; j < h.pages.size() && j < parked_at_[i].size(); ++j)
@@ -184,16 +208,24 @@ int64_t KVCache::pages_held() const {
 }
 
 int64_t KVCache::pages_for(int n_rows) const {
-  const int ps = pool_.page_size();
   int64_t need = 0;
-  for (const HeadCache& h : heads_) {
+  for (int64_t n : pages_for_parts(n_rows)) need += n;
+  return need;
+}
+
+std::vector<int64_t> KVCache::pages_for_parts(int n_rows) const {
+  const int ps = pool_.page_size();
+  std::vector<int64_t> need(size_t(pool_.n_parts()), 0);
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    const HeadCache& h = heads_[i];
+    int64_t& n = need[size_t(pool_.head_part(i))];
     int room = 0;
     if (!h.pages.empty()) {
       const int32_t tail = h.pages.back();
       room = ps - pool_.used(tail);
-      if (room > 0 && pool_.on_host(tail)) ++need;  // the tail comes back to be written
+      if (room > 0 && pool_.on_host(tail)) ++n;  // the tail comes back to be written
     }
-    need += (std::max(0, n_rows - room) + ps - 1) / ps;
+    n += (std::max(0, n_rows - room) + ps - 1) / ps;
   }
   return need;
 }
@@ -218,6 +250,15 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
   // they need.
   if (std::string why = over_budget(s.n_rows); !why.empty()) throw BudgetExhausted(why);
   const int64_t need = pages_for(s.n_rows);
+  if (pool_.n_parts() > 1) {  // tensor parallel: each rank's part of the pool must have its heads' pages
+    const std::vector<int64_t> by_part = pages_for_parts(s.n_rows);
+    for (int p = 0; p < pool_.n_parts(); ++p)
+      if (by_part[size_t(p)] > pool_.device_free(p))
+        throw BudgetExhausted(fmt::format(
+            "KV budget exhausted after {} tokens: the next {} need {} more device pages on tensor-parallel rank {}, "
+            "{} of its {} are free; raise --kv-budget or --kv-pool, or use a streaming/evict policy",
+            appended_, s.n_rows, by_part[size_t(p)], p, pool_.device_free(p), pool_.device_capacity(p)));
+  }
   if (need > pool_.device_free())
     throw BudgetExhausted(fmt::format(
         "KV budget exhausted after {} tokens: the next {} need {} more device pages, {} of {} are free ({:.1f} MiB "
@@ -233,7 +274,8 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
       if (!hc.pages.empty() && pool_.on_host(hc.pages.back()) && pool_.used(hc.pages.back()) < ps)
         hc.pages.back() = pool_.fetch(hc.pages.back());  // counted above
       for (int r = 0; r < s.n_rows; ++r) {
-        if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps) hc.pages.push_back(pool_.alloc());
+        if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps)
+          hc.pages.push_back(pool_.alloc(pool_.head_part(size_t(l) * n_kv_ + h)));
         slots[size_t(row0 + r) * size_t(n_kv_) + size_t(h)] = pool_.assign_slot(hc.pages.back(), s.pos0 + r);
         ++hc.tokens;
       }

@@ -72,6 +72,8 @@ class KVCache {
   void finish_step(const KVStep& step, const StepInfo& s);
   // Device pages the step's new rows would take (nano-vllm's can_append), with nothing changed.
   int64_t pages_for(int n_rows) const;
+  // The same per part of the pool (tensor-parallel ranks; one entry for an unsplit pool).
+  std::vector<int64_t> pages_for_parts(int n_rows) const;
   // "" if n_rows more rows stay within this sequence's own budget, else why not (one line).
   std::string over_budget(int n_rows) const;
   void clear();  // give every page back
@@ -95,6 +97,7 @@ class KVCache {
   PagePool& pool() { return pool_; }
   int64_t pages_held() const;         // device + host pages of this sequence
   int64_t device_pages_held() const;  // device pages of this sequence
+  int64_t device_pages_held(int part) const;  // ... of the heads on one part of the pool (a tensor-parallel rank)
   int64_t peak_device_pages() const { return peak_device_; }
   int64_t peak_host_pages() const { return peak_host_; }
   int64_t max_device_pages() const { return max_device_; }

@@ -6,17 +6,69 @@
 
 namespace headroom {
 
-PagePool::PagePool(Backend& be, const KVLayout& layout) : be_(be), layout_(layout) {
+PagePool::PagePool(Backend& be, const KVLayout& layout)
+    : PagePool(std::vector<Backend*>{&be}, layout, {}, {layout.device_pages}, {layout.host_pages}) {}
+
+PagePool::PagePool(const std::vector<Backend*>& backends, const KVLayout& layout, std::vector<int8_t> head_part,
+                   const std::vector<int32_t>& device, const std::vector<int32_t>& host)
+    : layout_(layout), head_part_(std::move(head_part)) {
   if (layout.page_size < 1 || layout.head_dim < 1 || layout.device_pages < 0 || layout.host_pages < 0)
     fail("KV pool: bad layout (page size {}, head_dim {}, {} + {} pages)", layout.page_size, layout.head_dim,
          layout.device_pages, layout.host_pages);
-  store_ = be.kv_create(layout);
+  const size_t R = backends.size();
+  if (R < 1 || device.size() != R || host.size() != R) fail("KV pool: {} parts with {} and {} page counts", R, device.size(), host.size());
+  int64_t D = 0, H = 0;
+  for (size_t r = 0; r < R; ++r) {
+    if (device[r] < 0 || host[r] < 0) fail("KV pool: part {} has a negative page count", r);
+    D += device[r];
+    H += host[r];
+  }
+  if (D != layout.device_pages || H != layout.host_pages)
+    fail("KV pool: the parts hold {} + {} pages, the layout {} + {}", D, H, layout.device_pages, layout.host_pages);
+  for (int8_t p : head_part_)
+    if (p < 0 || size_t(p) >= R) fail("KV pool: a head is placed on part {} of {}", p, R);
   const size_t n = size_t(layout.total_pages());
+  part_of_.resize(n);
+  local_.resize(n);
+  parts_.resize(R);
+  int32_t dev0 = 0, host0 = layout.device_pages;
+  for (size_t r = 0; r < R; ++r) {
+    Part& p = parts_[r];
+    p.be = backends[r];
+    p.layout = layout;
+    p.layout.device_pages = device[r];
+    p.layout.host_pages = host[r];
+    p.dev0 = dev0;
+    p.host0 = host0;
+    p.store = p.be->kv_create(p.layout);
+    for (int32_t i = 0; i < device[r]; ++i) {
+      part_of_[size_t(dev0 + i)] = int8_t(r);
+      local_[size_t(dev0 + i)] = i;
+    }
+    for (int32_t i = 0; i < host[r]; ++i) {
+      part_of_[size_t(host0 + i)] = int8_t(r);
+      local_[size_t(host0 + i)] = device[r] + i;
+    }
+    for (int32_t i = device[r]; i-- > 0;) p.device_free.push_back(dev0 + i);
+    for (int32_t i = host[r]; i-- > 0;) p.host_free.push_back(host0 + i);
+    dev0 += device[r];
+    host0 += host[r];
+  }
   meta_.resize(n);
   pos_.assign(n * size_t(layout.page_size), -1);
   scores_.assign(layout.slot_scores ? n * size_t(layout.page_size) : 0, 0.0f);
-  for (int32_t id = layout.device_pages; id-- > 0;) device_free_.push_back(id);
-  for (int32_t id = layout.total_pages(); id-- > layout.device_pages;) host_free_.push_back(id);
+}
+
+int64_t PagePool::device_free() const {
+  int64_t n = 0;
+  for (const Part& p : parts_) n += int64_t(p.device_free.size());
+  return n;
+}
+
+int64_t PagePool::host_pages() const {
+  int64_t n = 0;
+  for (const Part& p : parts_) n += int64_t(p.host_free.size());
+  return layout_.host_pages - n;
 }
 
 int32_t PagePool::take(std::vector<int32_t>& free_list) {
@@ -38,8 +90,8 @@ void PagePool::note_peaks() {
   peak_host_ = std::max(peak_host_, host_pages());
 }
 
-int32_t PagePool::alloc() {
-  const int32_t id = take(device_free_);
+int32_t PagePool::alloc(int part) {
+  const int32_t id = take(parts_[size_t(part)].device_free);
   if (id >= 0) queue_.push_back({Op::Reset, id, 0});
   return id;
 }
@@ -50,7 +102,7 @@ void PagePool::release(int32_t id) {
   Meta& m = meta_[size_t(id)];
   assert(m.refs > 0);
   if (--m.refs > 0) return;
-  (on_host(id) ? host_free_ : device_free_).push_back(id);
+  (on_host(id) ? parts_[size_t(part_of(id))].host_free : parts_[size_t(part_of(id))].device_free).push_back(id);
 }
 
 int32_t PagePool::assign_slot(int32_t id, int32_t p) {
@@ -78,7 +130,7 @@ int32_t PagePool::move(int32_t id, std::vector<int32_t>& to) {
 
 int32_t PagePool::offload(int32_t id) {
   if (on_host(id)) return id;
-  const int32_t nid = move(id, host_free_);
+  const int32_t nid = move(id, parts_[size_t(part_of(id))].host_free);
   if (nid < 0)
     fail("KV host tier full: all {} host pages are in use (the pool was sized for fewer offloaded pages)",
          layout_.host_pages);
@@ -88,7 +140,7 @@ int32_t PagePool::offload(int32_t id) {
 
 int32_t PagePool::fetch(int32_t id) {
   if (!on_host(id)) return id;
-  const int32_t nid = move(id, device_free_);
+  const int32_t nid = move(id, parts_[size_t(part_of(id))].device_free);
   if (nid >= 0) ++moves_in_;
   return nid;
 }
@@ -96,11 +148,23 @@ int32_t PagePool::fetch(int32_t id) {
 void PagePool::read_scores(std::span<const int32_t> ids) {
   if (ids.empty() || scores_.empty()) return;
   flush();  // the scores of pages whose slots were moved must be read after the move
-  std::vector<float> buf(ids.size() * size_t(layout_.page_size));
-  be_.kv_read_scores(*store_, ids, buf.data());
-  for (size_t i = 0; i < ids.size(); ++i)
-    std::copy_n(buf.begin() + ptrdiff_t(i * size_t(layout_.page_size)), layout_.page_size,
-                scores_.begin() + ptrdiff_t(size_t(ids[i]) * size_t(layout_.page_size)));
+  const size_t ps = size_t(layout_.page_size);
+  std::vector<int32_t> local, global;
+  std::vector<float> buf;
+  for (size_t r = 0; r < parts_.size(); ++r) {  // each part's ids from its own store
+    local.clear();
+    global.clear();
+    for (int32_t id : ids)
+      if (part_of(id) == int(r)) {
+        local.push_back(local_id(id));
+        global.push_back(id);
+      }
+    if (local.empty()) continue;
+    buf.resize(local.size() * ps);
+    parts_[r].be->kv_read_scores(*parts_[r].store, local, buf.data());
+    for (size_t i = 0; i < global.size(); ++i)
+      std::copy_n(buf.begin() + ptrdiff_t(i * ps), ps, scores_.begin() + ptrdiff_t(size_t(global[i]) * ps));
+  }
 }
 
 void PagePool::move_slot(int32_t src_id, int src_slot, int32_t dst_id, int dst_slot) {
@@ -123,32 +187,40 @@ void PagePool::truncate(int32_t id, int keep) {
 
 void PagePool::read_page(int32_t id, float* k, float* v, int32_t* pos) {
   flush();
-  be_.kv_read_page(*store_, id, k, v, pos);
+  Part& p = parts_[size_t(part_of(id))];
+  p.be->kv_read_page(*p.store, local_id(id), k, v, pos);
 }
 
 void PagePool::flush() {
   std::vector<int32_t> resets;
   std::vector<PageCopy> pages;
   std::vector<SlotCopy> slots;
-  auto issue = [&] {
-    if (!resets.empty()) be_.kv_reset(*store_, resets);
-    if (!pages.empty()) be_.kv_copy_pages(*store_, pages);
-    if (!slots.empty()) be_.kv_copy_slots(*store_, slots);
-    resets.clear();
-    pages.clear();
-    slots.clear();
-  };
-  Op::Kind last = Op::Reset;
-  for (const Op& op : queue_) {
-    if (op.kind != last) issue();  // keep the order between kinds
-    last = op.kind;
-    switch (op.kind) {
-      case Op::Reset: resets.push_back(op.a); break;
-      case Op::CopyPage: pages.push_back({op.a, op.b}); break;
-      case Op::CopySlot: slots.push_back({op.a, op.b}); break;
+  // Every part's ops in their order, on its own store with its local ids (a page and its copies stay in one
+  // part, so the order between parts does not matter).
+  for (size_t r = 0; r < parts_.size(); ++r) {
+    Part& part = parts_[r];
+    auto issue = [&] {
+      if (!resets.empty()) part.be->kv_reset(*part.store, resets);
+      if (!pages.empty()) part.be->kv_copy_pages(*part.store, pages);
+      if (!slots.empty()) part.be->kv_copy_slots(*part.store, slots);
+      resets.clear();
+      pages.clear();
+      slots.clear();
+    };
+    Op::Kind last = Op::Reset;
+    for (const Op& op : queue_) {
+      const int32_t owner = op.kind == Op::CopySlot ? op.b / layout_.page_size : op.b;
+      if (part_of(op.kind == Op::Reset ? op.a : owner) != int(r)) continue;
+      if (op.kind != last) issue();  // keep the order between kinds
+      last = op.kind;
+      switch (op.kind) {
+        case Op::Reset: resets.push_back(local_id(op.a)); break;
+        case Op::CopyPage: pages.push_back({local_id(op.a), local_id(op.b)}); break;
+        case Op::CopySlot: slots.push_back({op.a < 0 ? -1 : local_slot(op.a), local_slot(op.b)}); break;
+      }
     }
+    issue();
   }
-  issue();
   queue_.clear();
 }
 

@@ -9,6 +9,12 @@
 // A tier move gives the page a new id (the id is its place); offload()/fetch() return it and the caller
 // replaces the old id in its page list. The device tier has a hard capacity (from --kv-budget); alloc()
 // returns -1 when it is full. Pages are reference counted so that sequences can share a prefix later.
+//
+// Tensor parallel (docs/tensor-parallel.md): a pool may be split into parts, one per rank, each with its own
+// backend and KVStore. Page ids stay global — the device ids of part r are one contiguous range of
+// [0, device_pages), its host ids one range after them — and every (layer, KV head) draws its pages from its
+// rank's part (head_part), so a page and its moves stay in one part. A part's store holds only its own ids,
+// numbered locally (local_id); the queued work goes to the store of the part that owns each id.
 #pragma once
 
 #include <cstdint>
@@ -23,15 +29,39 @@ namespace headroom {
 class PagePool {
  public:
   PagePool(Backend& be, const KVLayout& layout);
+  // A pool split into parts: backends[r] stores part r, which has device[r] device and host[r] host pages
+  // (the layout's counts are their sums); head_part[layer * n_kv + kv_head] is the part of each head.
+  PagePool(const std::vector<Backend*>& backends, const KVLayout& layout, std::vector<int8_t> head_part,
+           const std::vector<int32_t>& device, const std::vector<int32_t>& host);
 
   const KVLayout& layout() const { return layout_; }
   int page_size() const { return layout_.page_size; }
   int head_dim() const { return layout_.head_dim; }
-  Backend& backend() { return be_; }
-  KVStore& store() { return *store_; }
+  Backend& backend() { return *parts_[0].be; }
+  KVStore& store() { return *parts_[0].store; }
 
-  // An empty page (pos -1 everywhere), refcount 1, on the device; -1 if the device tier is full.
-  int32_t alloc();
+  // Parts (1 unless split for tensor parallelism).
+  int n_parts() const { return int(parts_.size()); }
+  KVStore& store(int part) { return *parts_[size_t(part)].store; }
+  // The part of a head (index layer * n_kv + kv_head), and of a page id.
+  int head_part(size_t head) const { return head_part_.empty() ? 0 : head_part_[head]; }
+  size_t placed_heads() const { return head_part_.size(); }  // 0 for a pool of one part
+  int part_of(int32_t id) const { return part_of_[size_t(id)]; }
+  // A global page id (or slot id * page_size + slot) as the id its part's store knows; and back.
+  int32_t local_id(int32_t id) const { return local_[size_t(id)]; }
+  int32_t local_slot(int32_t slot) const {
+    return local_id(slot / layout_.page_size) * layout_.page_size + slot % layout_.page_size;
+  }
+  int32_t global_id(int part, int32_t local) const {
+    const Part& p = parts_[size_t(part)];
+    return local < p.layout.device_pages ? p.dev0 + local : p.host0 + (local - p.layout.device_pages);
+  }
+  int64_t device_free(int part) const { return int64_t(parts_[size_t(part)].device_free.size()); }
+  int64_t host_free(int part) const { return int64_t(parts_[size_t(part)].host_free.size()); }
+  int64_t device_capacity(int part) const { return parts_[size_t(part)].layout.device_pages; }
+
+  // An empty page (pos -1 everywhere), refcount 1, on the device (of `part`); -1 if that tier is full.
+  int32_t alloc(int part = 0);
   void retain(int32_t id);
   void release(int32_t id);  // frees the page when the count drops to 0
 
@@ -62,9 +92,9 @@ class PagePool {
 
   int64_t device_capacity() const { return layout_.device_pages; }
   int64_t host_capacity() const { return layout_.host_pages; }
-  int64_t device_free() const { return int64_t(device_free_.size()); }
+  int64_t device_free() const;
   int64_t device_pages() const { return layout_.device_pages - device_free(); }
-  int64_t host_pages() const { return layout_.host_pages - int64_t(host_free_.size()); }
+  int64_t host_pages() const;
   int64_t peak_device_pages() const { return peak_device_; }
   int64_t peak_host_pages() const { return peak_host_; }
   void reset_peak() { peak_device_ = device_pages(); peak_host_ = host_pages(); }
@@ -85,17 +115,24 @@ class PagePool {
     enum Kind : uint8_t { Reset, CopyPage, CopySlot } kind;
     int32_t a, b;
   };
+  struct Part {
+    Backend* be = nullptr;
+    KVLayout layout;  // this part's page counts
+    int32_t dev0 = 0, host0 = 0;  // its first global device id and host id
+    std::unique_ptr<KVStore> store;
+    std::vector<int32_t> device_free, host_free;  // stacks: the lowest ids come out first
+  };
   int32_t take(std::vector<int32_t>& free_list);
   int32_t move(int32_t id, std::vector<int32_t>& to);
   void note_peaks();
 
-  Backend& be_;
   KVLayout layout_;
-  std::unique_ptr<KVStore> store_;
+  std::vector<Part> parts_;
+  std::vector<int8_t> head_part_, part_of_;
+  std::vector<int32_t> local_;
   std::vector<Meta> meta_;
   std::vector<int32_t> pos_;
   std::vector<float> scores_;
-  std::vector<int32_t> device_free_, host_free_;  // stacks: the lowest ids come out first
   std::vector<Op> queue_;
   int64_t peak_device_ = 0, peak_host_ = 0, moves_out_ = 0, moves_in_ = 0;
 };

@@ -18,55 +18,195 @@
 //
 // Everything from the embedding to the logits matmul is device work (device_step); a decode step whose shape
 // was seen before replays it as a recorded graph where the backend has graphs (CUDA).
+//
+// Tensor parallel (docs/tensor-parallel.md): the host plans a step once; every rank then runs the same
+// device_step with its own weight slices (its KV heads' q/k/v rows and attn_output columns, its share of the
+// MLP's columns, its rows of the vocabulary), its own tables (its heads' jobs, pages and slots) and its own
+// part of the KV pool. The ranks meet in three all-reduces: after the embedding (each token's row comes from
+// the one rank holding it, the others add zeros), after the attention output projection and after the MLP
+// down projection. The logits columns are gathered on the host.
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <thread>
 
+#include "backend/comm.h"
+#include "kv/placement.h"
 #include "model/model.h"
+#include "model/slice.h"
 #include "util/error.h"
 
 namespace headroom {
 
-Runner::Runner(const Model& m, Backend& be, int max_batch) : m_(m), be_(be), max_batch_(std::max(1, max_batch)) {
+// ---- weight slices (model/slice.h) ----------------------------------------------------------------------
+
+// One rank: its backend, its weight slices and activations, and its copy of the step's tables.
+struct Runner::Rank {
+  int rank = 0;
+  Backend* be = nullptr;
+  Communicator* comm = nullptr;               // null: a single rank
+  std::vector<std::vector<int32_t>> heads;     // [layer]: its KV heads (model indices), ascending
+  std::vector<std::vector<int32_t>> local_of;  // [layer][kv head]: its index among the rank's heads, or -1
+  int64_t f0 = 0, f1 = 0, v0 = 0, v1 = 0;      // its MLP columns [f0, f1) and vocabulary rows [v0, v1)
+  Owned owned;                                 // host copies of gathered slices (the CPU reads them in place)
+  int64_t weight_bytes = 0;
+  RopeParams rope;
+  std::vector<LayerWeights> w;                 // the backend's copies of its slices
+  WeightView tok_embd, output;
+  const float* output_norm = nullptr;
+  DeviceArray<float> x, xn, q, k, v, att, gate, up, logits_dev;
+  DeviceArray<int32_t> tokens_dev, pos_dev, slots_dev, page_ids_dev;
+  DeviceArray<AttnJob> jobs_dev;
+  // The step's tables, this rank's part, in its store's page ids.
+  KVStore* store = nullptr;
+  std::vector<AttnJob> jobs_host;
+  std::vector<std::pair<int, size_t>> job_src;  // [job]: (layer, index in the step's jobs of the layer)
+  std::vector<int32_t> page_ids_host, slots_host, tokens_host;
+  std::vector<size_t> layer_job0, slot0;
+  std::vector<int32_t> layer_max_rows, layer_decode_jobs, layer_max_pages;
+  std::vector<float> logits_host, q_host, att_host;
+  std::vector<RecordedStep> graphs;  // oldest first
+};
+
+Runner::Runner(const Model& m, Backend& be, int max_batch) : Runner(m, std::vector<Backend*>{&be}, nullptr, max_batch) {}
+
+Runner::Runner(const Model& m, const std::vector<Backend*>& ranks, const TPPlan& plan, int max_batch)
+    : Runner(m, ranks, &plan, max_batch) {}
+
+Runner::~Runner() = default;
+
+Runner::Runner(const Model& m, const std::vector<Backend*>& backends, const TPPlan* plan, int max_batch)
+    : m_(m), max_batch_(std::max(1, max_batch)) {
   const ModelConfig& c = m.config();
+  const int R = int(backends.size());
+  if (R < 1) fail("runner: no backend");
+  if (plan && (plan->world != R || plan->n_layer != c.n_layer || plan->n_kv != c.n_head_kv))
+    fail("runner: a tensor-parallel plan for {} ranks, {} layers and {} KV heads, not {}, {} and {}", plan->world,
+         plan->n_layer, plan->n_kv, R, c.n_layer, c.n_head_kv);
+  if (!plan && R != 1) fail("runner: {} backends need a tensor-parallel plan", R);
+  if (R > 1) comms_ = make_in_process_group(R);
   const size_t B = size_t(max_batch_);
-  x_ = DeviceArray<float>(be, B * c.n_embd);
-  xn_ = DeviceArray<float>(be, B * c.n_embd);
-  q_ = DeviceArray<float>(be, B * c.n_head * c.head_dim);
-  k_ = DeviceArray<float>(be, B * c.kv_dim());
-  v_ = DeviceArray<float>(be, B * c.kv_dim());
-  att_ = DeviceArray<float>(be, B * c.n_head * c.head_dim);
-  gate_ = DeviceArray<float>(be, B * c.n_ff);
-  up_ = DeviceArray<float>(be, B * c.n_ff);
-  tokens_dev_ = DeviceArray<int32_t>(be, B);
-  pos_dev_ = DeviceArray<int32_t>(be, B);
-  slots_dev_ = DeviceArray<int32_t>(be, B * size_t(c.n_layer) * size_t(c.n_head_kv));
-  rope_.n_rot = c.n_rot;
-  rope_.neox = c.rope_neox;
-  rope_.theta_base = c.rope_theta;
-  rope_.freq_scale = c.rope_scaling == RopeScaling::Linear ? 1.0f / c.rope_scale_factor : 1.0f;
-  rope_.freq_factors = m.rope_freqs ? be.upload_f32(m.rope_freqs, c.n_rot / 2) : nullptr;
-  tok_embd_ = be.upload_weight(m.tok_embd);
-  output_ = be.upload_weight(m.output);
-  output_norm_ = be.upload_f32(m.output_norm, c.n_embd);
-  for (const LayerWeights& L : m.layers) {
-    LayerWeights d;
-    d.attn_norm = be.upload_f32(L.attn_norm, c.n_embd);
-    d.ffn_norm = be.upload_f32(L.ffn_norm, c.n_embd);
-    d.wq = be.upload_weight(L.wq);
-    d.wk = be.upload_weight(L.wk);
-    d.wv = be.upload_weight(L.wv);
-    d.wo = be.upload_weight(L.wo);
-    d.gate = be.upload_weight(L.gate);
-    d.up = be.upload_weight(L.up);
-    d.down = be.upload_weight(L.down);
-    if (L.bq) {
-      d.bq = be.upload_f32(L.bq, int64_t(c.n_head) * c.head_dim);
-      d.bk = be.upload_f32(L.bk, c.kv_dim());
-      d.bv = be.upload_f32(L.bv, c.kv_dim());
+  const int64_t HD = c.head_dim, G = c.n_group();
+  // The MLP splits in whole blocks of every layer's ffn_down type (block sizes are powers of two: the largest).
+  int64_t blk = 1;
+  for (const LayerWeights& L : m.layers) blk = std::max(blk, gguf::type_traits(L.down.type)->block_elems);
+  const int64_t units = c.n_ff / blk;
+  if (units < R)
+    fail("--tensor-parallel {}: the MLP's {} columns are {} blocks of {}, fewer than the ranks", R, c.n_ff, units, blk);
+  for (int r = 0; r < R; ++r) {
+    auto rk = std::make_unique<Rank>();
+    Backend& be = *backends[size_t(r)];
+    rk->rank = r;
+    rk->be = &be;
+    rk->comm = R > 1 ? comms_[size_t(r)].get() : nullptr;
+    // Its share: KV heads from the plan, the MLP in whole blocks of ffn_down's type, the vocabulary evenly.
+    rk->f0 = units * r / R * blk;
+    rk->f1 = units * (r + 1) / R * blk;
+    if (r == R - 1) rk->f1 = c.n_ff;
+    rk->v0 = int64_t(c.n_vocab) * r / R;
+    rk->v1 = int64_t(c.n_vocab) * (r + 1) / R;
+    size_t max_kv = 0, all_kv = 0;
+    for (int l = 0; l < c.n_layer; ++l) {
+      std::vector<int32_t> h;
+      if (plan) h = plan->heads(r, l);
+      else for (int k = 0; k < c.n_head_kv; ++k) h.push_back(k);
+      if (h.empty()) fail("runner: tensor-parallel rank {} has no KV head in layer {}", r, l);
+      std::vector<int32_t> loc(size_t(c.n_head_kv), -1);
+      for (size_t j = 0; j < h.size(); ++j) loc[size_t(h[j])] = int32_t(j);
+      max_kv = std::max(max_kv, h.size());
+      all_kv += h.size();
+      rk->heads.push_back(std::move(h));
+      rk->local_of.push_back(std::move(loc));
     }
-    w_.push_back(d);
+    rk->x = DeviceArray<float>(be, B * c.n_embd);
+    rk->xn = DeviceArray<float>(be, B * c.n_embd);
+    rk->q = DeviceArray<float>(be, B * max_kv * G * HD);
+    rk->k = DeviceArray<float>(be, B * max_kv * HD);
+    rk->v = DeviceArray<float>(be, B * max_kv * HD);
+    rk->att = DeviceArray<float>(be, B * max_kv * G * HD);
+    rk->gate = DeviceArray<float>(be, B * size_t(rk->f1 - rk->f0));
+    rk->up = DeviceArray<float>(be, B * size_t(rk->f1 - rk->f0));
+    rk->tokens_dev = DeviceArray<int32_t>(be, B);
+    rk->pos_dev = DeviceArray<int32_t>(be, B);
+    rk->slots_dev = DeviceArray<int32_t>(be, B * all_kv);
+    rk->rope.n_rot = c.n_rot;
+    rk->rope.neox = c.rope_neox;
+    rk->rope.theta_base = c.rope_theta;
+    rk->rope.freq_scale = c.rope_scaling == RopeScaling::Linear ? 1.0f / c.rope_scale_factor : 1.0f;
+    rk->rope.freq_factors = m.rope_freqs ? be.upload_f32(m.rope_freqs, c.n_rot / 2) : nullptr;
+    // Embedding: one rank holds every row as is; a rank of several, its rows [v0, v1) and a zero row after them
+    // that the tokens of the other ranks' rows look up (so the all-reduce after the embedding adds one row).
+    WeightView embd = m.tok_embd;
+    if (R > 1) {
+      const size_t rb = m.tok_embd.row_bytes, rows = size_t(rk->v1 - rk->v0);
+      uint8_t* dst = own(rk->owned, (rows + 1) * rb);
+      std::memcpy(dst, static_cast<const uint8_t*>(m.tok_embd.data) + size_t(rk->v0) * rb, rows * rb);
+      std::memset(dst + rows * rb, 0, rb);  // zero bytes are 0.0 in every weight type (a Q8_0 block's d = 0)
+      embd.data = dst;
+      embd.rows = int64_t(rows) + 1;
+    }
+    WeightView out;
+    if (c.tied_output) {
+      out = embd;
+      out.rows = rk->v1 - rk->v0;
+    } else {
+      out = slice_rows(m.output, {{rk->v0, rk->v1}}, rk->owned);
+    }
+    rk->tok_embd = be.upload_weight(embd);
+    if (c.tied_output) {  // the output head is the embedding's first rows: one copy on the backend
+      rk->output = rk->tok_embd;
+      rk->output.rows = rk->v1 - rk->v0;
+    } else {
+      rk->output = be.upload_weight(out);
+    }
+    rk->output_norm = be.upload_f32(m.output_norm, c.n_embd);
+    rk->weight_bytes = int64_t(embd.rows) * int64_t(embd.row_bytes) +
+                       (c.tied_output ? 0 : int64_t(out.rows) * int64_t(out.row_bytes));
+    const Ranges ff = {{rk->f0, rk->f1}};
+    for (int l = 0; l < c.n_layer; ++l) {
+      const LayerWeights& L = m.layers[size_t(l)];
+      Ranges qr, kr;  // its query heads' rows (= attn_output columns) and its KV heads' rows
+      for (int32_t h : rk->heads[size_t(l)]) {
+        add_range(qr, h * G * HD, (h + 1) * G * HD);
+        add_range(kr, h * HD, (h + 1) * HD);
+      }
+      LayerWeights s;
+      s.wq = slice_rows(L.wq, qr, rk->owned);
+      s.wk = slice_rows(L.wk, kr, rk->owned);
+      s.wv = slice_rows(L.wv, kr, rk->owned);
+      s.wo = slice_cols(L.wo, qr, rk->owned);
+      s.gate = slice_rows(L.gate, ff, rk->owned);
+      s.up = slice_rows(L.up, ff, rk->owned);
+      s.down = slice_cols(L.down, ff, rk->owned);
+      LayerWeights d;
+      d.attn_norm = be.upload_f32(L.attn_norm, c.n_embd);
+      d.ffn_norm = be.upload_f32(L.ffn_norm, c.n_embd);
+      for (auto [dst, src] : {std::pair{&d.wq, &s.wq}, {&d.wk, &s.wk}, {&d.wv, &s.wv}, {&d.wo, &s.wo},
+                              {&d.gate, &s.gate}, {&d.up, &s.up}, {&d.down, &s.down}}) {
+        *dst = be.upload_weight(*src);
+        rk->weight_bytes += int64_t(src->rows) * int64_t(src->row_bytes);
+      }
+      if (L.bq) {
+        d.bq = be.upload_f32(R == 1 ? L.bq : slice_f32(L.bq, qr, rk->owned), total(qr));
+        d.bk = be.upload_f32(R == 1 ? L.bk : slice_f32(L.bk, kr, rk->owned), total(kr));
+        d.bv = be.upload_f32(R == 1 ? L.bv : slice_f32(L.bv, kr, rk->owned), total(kr));
+      }
+      rk->w.push_back(d);
+    }
+    ranks_.push_back(std::move(rk));
   }
+}
+
+Backend& Runner::backend() { return *ranks_[0]->be; }
+
+int64_t Runner::rank_weight_bytes(int r) const { return ranks_[size_t(r)]->weight_bytes; }
+
+int Runner::recorded_graphs() const {
+  return int(std::count_if(ranks_[0]->graphs.begin(), ranks_[0]->graphs.end(),
+                           [](const RecordedStep& g) { return g.graph != nullptr; }));
 }
 
 std::span<const float> Runner::prefill(KVCache& kv, std::span<const int32_t> tokens, int32_t pos0, bool all_logits,
@@ -93,8 +233,11 @@ std::span<const float> Runner::decode(KVCache& kv, int32_t token, int32_t pos) {
 std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObserver* obs) {
   const ModelConfig& c = m_.config();
   const int64_t V = c.n_vocab;
+  const int R = world();
   if (seqs.empty()) fail("step: no sequences");
   if (obs && seqs.size() != 1) fail("step: an attention observer needs a step of one sequence");
+  if (obs && R > 1) fail("step: an attention observer needs one rank (no --tensor-parallel)");
+  if (broken_) fail("step: a tensor-parallel rank failed in an earlier step; this runner cannot step again");
 
   // The rows of all sequences, in order; each sequence's policies act on its last step first.
   int n = 0, n_logits = 0;
@@ -117,6 +260,8 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
   if (n > max_batch_) fail("step: {} rows, more than the runner's {} (raise --chunk or lower --parallel)", n, max_batch_);
   // Check every sequence before any is written (a batch is planned whole or not at all).
   PagePool& pool = seqs[0].kv->pool();
+  if (pool.n_parts() != R)
+    fail("step: a runner of {} tensor-parallel ranks needs a KV pool split into {} parts, not {}", R, R, pool.n_parts());
   int64_t need = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     KVCache& kv = *seqs[i].kv;
@@ -129,187 +274,283 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
     throw BudgetExhausted(fmt::format("KV pool exhausted: the step needs {} more device pages, {} of {} are free",
                                       need, pool.device_free(), pool.device_capacity()));
 
-  // The step's tables, on the host, then uploaded once.
+  // The step's tables, on the host (one plan for all ranks; each rank takes its part in rank_step).
   step_.begin(c.n_layer, c.n_head_kv, n);
   for (int i = 0, row0 = 0; i < int(seqs.size()); row0 += infos_[size_t(i)].n_rows, ++i)
     seqs[size_t(i)].kv->plan_step(step_, row0, infos_[size_t(i)]);
   pool.flush();
-  jobs_host_.clear();
-  layer_job0_.assign(size_t(c.n_layer) + 1, 0);
-  layer_max_rows_.assign(size_t(c.n_layer), 0);
-  layer_decode_jobs_.assign(size_t(c.n_layer), 0);
-  layer_max_pages_.assign(size_t(c.n_layer), 0);
-  for (int l = 0; l < c.n_layer; ++l) {
-    layer_job0_[size_t(l)] = jobs_host_.size();
-    for (const AttnJob& j : step_.jobs[size_t(l)]) {
-      layer_max_rows_[size_t(l)] = std::max(layer_max_rows_[size_t(l)], j.n_rows);
-      layer_decode_jobs_[size_t(l)] += j.n_rows < 4 ? 1 : 0;
-      layer_max_pages_[size_t(l)] = std::max(layer_max_pages_[size_t(l)], j.n_pages);
-    }
-    // An upper bound, rounded up to a power of two so that a growing sequence rarely changes it (a recorded
-    // graph's grids are sized from it).
-    layer_max_pages_[size_t(l)] = int32_t(std::bit_ceil(uint32_t(layer_max_pages_[size_t(l)])));
-    jobs_host_.insert(jobs_host_.end(), step_.jobs[size_t(l)].begin(), step_.jobs[size_t(l)].end());
-  }
-  layer_job0_[size_t(c.n_layer)] = jobs_host_.size();
-  jobs_dev_.reserve(be_, jobs_host_.size());
-  page_ids_dev_.reserve(be_, std::max<size_t>(1, step_.page_ids.size()));
-  tokens_dev_.upload(tokens_.data(), size_t(n));
-  pos_dev_.upload(pos_.data(), size_t(n));
-  slots_dev_.upload(step_.slots.data(), step_.slots.size());
-  jobs_dev_.upload(jobs_host_.data(), jobs_host_.size());
-  page_ids_dev_.upload(step_.page_ids.data(), step_.page_ids.size());
-  if (n_logits > 0) logits_dev_.reserve(be_, size_t(n_logits) * size_t(V));
 
-  // The device work, from the embedding to the logits matmul. A decode step of a shape seen before replays
-  // the graph recorded for it (backends with graphs: CUDA), which saves the per-op launch cost.
-  bool decode_only = !obs;
-  for (const StepInfo& i : infos_) decode_only = decode_only && !i.prefill;
-  if (decode_only && be_.graphs()) {
-    std::vector<int64_t> key = graph_key(seqs, n, n_logits);
-    auto hit = std::find_if(graphs_.begin(), graphs_.end(), [&](const RecordedStep& g) { return g.key == key; });
-    if (hit != graphs_.end() && hit->graph && be_.graph_launch(*hit->graph)) {
-      // replayed
-    } else if (hit != graphs_.end() && hit->graph) {  // stale: run it again, record it next time
-      hit->graph.reset();
-      device_step(seqs, n, n_logits, nullptr);
-    } else if (hit != graphs_.end()) {  // seen once (its scratch is sized): record it now
-      be_.graph_begin();
+  logits_.resize(size_t(n_logits) * size_t(V));
+  if (R == 1) {
+    rank_step(*ranks_[0], seqs, n, n_logits, obs, logits_.data());
+  } else {
+    // The ranks run together (they meet in the all-reduces): rank 0 on this thread, the others on their own.
+    std::vector<std::exception_ptr> errors(static_cast<size_t>(R));
+    auto run = [&](int r) {
       try {
-        device_step(seqs, n, n_logits, nullptr);
+        Rank& rk = *ranks_[size_t(r)];
+        rk.logits_host.resize(size_t(n_logits) * size_t(rk.v1 - rk.v0));
+        rank_step(rk, seqs, n, n_logits, nullptr, rk.logits_host.data());
       } catch (...) {
-        try {
-          be_.graph_end();  // ends the recording; the step's own error is the one to report
-        } catch (...) {
-        }
-        throw;
+        errors[size_t(r)] = std::current_exception();
+        ranks_[size_t(r)]->comm->abandon();  // the other ranks must not wait for it at the next all-reduce
       }
-      hit->graph = be_.graph_end();
-      if (!be_.graph_launch(*hit->graph)) fail("step: a graph went stale as it was recorded");
-    } else {
-      device_step(seqs, n, n_logits, nullptr);
-      if (graphs_.size() >= kMaxGraphs) graphs_.erase(graphs_.begin());
-      graphs_.push_back(RecordedStep{std::move(key), nullptr});
+    };
+    std::vector<std::thread> threads;
+    for (int r = 1; r < R; ++r) threads.emplace_back(run, r);
+    run(0);
+    for (std::thread& t : threads) t.join();
+    // The error to report: the first rank's own, not one of the others' GroupLeft that it caused.
+    std::exception_ptr first, own;
+    for (const std::exception_ptr& e : errors) {
+      if (!e) continue;
+      if (!first) first = e;
+      try {
+        std::rethrow_exception(e);
+      } catch (const GroupLeft&) {
+      } catch (...) {
+        if (!own) own = e;
+      }
     }
-  } else {
-    device_step(seqs, n, n_logits, obs);
+    if (first) {
+      broken_ = true;  // a rank left the group: the runner cannot step again
+      std::rethrow_exception(own ? own : first);
+    }
+    for (const auto& rk : ranks_) {  // the logits' columns, gathered
+      const size_t w = size_t(rk->v1 - rk->v0);
+      for (int i = 0; i < n_logits; ++i)
+        std::copy_n(rk->logits_host.begin() + ptrdiff_t(size_t(i) * w), w,
+                    logits_.begin() + ptrdiff_t(size_t(i) * size_t(V) + size_t(rk->v0)));
+    }
   }
-
-  if (n_logits > 0) {
-    logits_.resize(size_t(n_logits) * size_t(V));
-    be_.download(logits_.data(), logits_dev_.get(), logits_.size() * sizeof(float));
-  } else {
-    logits_.clear();
-    be_.synchronize();
-  }
-  // What select_pages chose, for the policies that act on it next step.
+  // What select_pages chose, for the policies that act on it next step: every rank's jobs and pages back into
+  // the step's tables (in the pool's global ids).
   if (step_.selects) {
-    be_.download(jobs_host_.data(), jobs_dev_.get(), jobs_host_.size() * sizeof(AttnJob));
-    be_.download(step_.page_ids.data(), page_ids_dev_.get(), step_.page_ids.size() * sizeof(int32_t));
-    for (int l = 0; l < c.n_layer; ++l)
-      std::copy(jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l)]),
-                jobs_host_.begin() + ptrdiff_t(layer_job0_[size_t(l) + 1]), step_.jobs[size_t(l)].begin());
+    for (const auto& rk : ranks_) {
+      rk->be->download(rk->jobs_host.data(), rk->jobs_dev.get(), rk->jobs_host.size() * sizeof(AttnJob));
+      rk->be->download(rk->page_ids_host.data(), rk->page_ids_dev.get(), rk->page_ids_host.size() * sizeof(int32_t));
+      for (size_t j = 0; j < rk->jobs_host.size(); ++j) {
+        const auto [l, gi] = rk->job_src[j];
+        AttnJob& g = step_.jobs[size_t(l)][gi];
+        AttnJob t = rk->jobs_host[j];
+        for (int32_t i = 0; i < t.n_pages; ++i)
+          step_.page_ids[size_t(g.page0 + i)] = pool.global_id(rk->rank, rk->page_ids_host[size_t(t.page0 + i)]);
+        t.kv_head = g.kv_head;
+        t.page0 = g.page0;
+        g = t;
+      }
+    }
   }
   for (size_t i = 0; i < seqs.size(); ++i) seqs[i].kv->finish_step(step_, infos_[i]);
   return logits_;
 }
 
+void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs,
+                       float* logits) {
+  const ModelConfig& c = m_.config();
+  const PagePool& pool = seqs[0].kv->pool();
+  Backend& be = *rk.be;
+  rk.store = &seqs[0].kv->pool().store(rk.rank);
+  // This rank's part of the tables: its heads' slots and jobs, their pages in its store's ids.
+  rk.jobs_host.clear();
+  rk.job_src.clear();
+  rk.page_ids_host.clear();
+  rk.slots_host.clear();
+  rk.layer_job0.assign(size_t(c.n_layer) + 1, 0);
+  rk.slot0.assign(size_t(c.n_layer), 0);
+  rk.layer_max_rows.assign(size_t(c.n_layer), 0);
+  rk.layer_decode_jobs.assign(size_t(c.n_layer), 0);
+  rk.layer_max_pages.assign(size_t(c.n_layer), 0);
+  for (int l = 0; l < c.n_layer; ++l) {
+    const std::vector<int32_t>& heads = rk.heads[size_t(l)];
+    rk.slot0[size_t(l)] = rk.slots_host.size();
+    const int32_t* slots = step_.slots.data() + size_t(l) * size_t(n) * size_t(c.n_head_kv);
+    for (int r = 0; r < n; ++r)
+      for (int32_t h : heads) {
+        const int32_t s = slots[size_t(r) * size_t(c.n_head_kv) + size_t(h)];
+        rk.slots_host.push_back(s < 0 ? -1 : pool.local_slot(s));
+      }
+    rk.layer_job0[size_t(l)] = rk.jobs_host.size();
+    const std::vector<AttnJob>& jobs = step_.jobs[size_t(l)];
+    for (size_t gi = 0; gi < jobs.size(); ++gi) {
+      const int32_t local = rk.local_of[size_t(l)][size_t(jobs[gi].kv_head)];
+      if (local < 0) continue;
+      AttnJob j = jobs[gi];
+      j.kv_head = local;
+      j.page0 = int32_t(rk.page_ids_host.size());
+      for (int32_t i = 0; i < j.n_pages; ++i) rk.page_ids_host.push_back(pool.local_id(step_.page_ids[size_t(jobs[gi].page0 + i)]));
+      rk.layer_max_rows[size_t(l)] = std::max(rk.layer_max_rows[size_t(l)], j.n_rows);
+      rk.layer_decode_jobs[size_t(l)] += j.n_rows < 4 ? 1 : 0;
+      rk.layer_max_pages[size_t(l)] = std::max(rk.layer_max_pages[size_t(l)], j.n_pages);
+      rk.jobs_host.push_back(j);
+      rk.job_src.emplace_back(l, gi);
+    }
+    // An upper bound, rounded up to a power of two so that a growing sequence rarely changes it (a recorded
+    // graph's grids are sized from it).
+    rk.layer_max_pages[size_t(l)] = int32_t(std::bit_ceil(uint32_t(rk.layer_max_pages[size_t(l)])));
+  }
+  rk.layer_job0[size_t(c.n_layer)] = rk.jobs_host.size();
+  // Token ids: a rank of several looks up its own rows, and its zero row (index v1 - v0) for the others'.
+  rk.tokens_host.resize(size_t(n));
+  for (int i = 0; i < n; ++i) {
+    const int32_t t = tokens_[size_t(i)];
+    rk.tokens_host[size_t(i)] = world() == 1 ? t : t >= rk.v0 && t < rk.v1 ? int32_t(t - rk.v0) : int32_t(rk.v1 - rk.v0);
+  }
+  rk.jobs_dev.reserve(be, std::max<size_t>(1, rk.jobs_host.size()));
+  rk.page_ids_dev.reserve(be, std::max<size_t>(1, rk.page_ids_host.size()));
+  rk.tokens_dev.upload(rk.tokens_host.data(), size_t(n));
+  rk.pos_dev.upload(pos_.data(), size_t(n));
+  rk.slots_dev.upload(rk.slots_host.data(), rk.slots_host.size());
+  rk.jobs_dev.upload(rk.jobs_host.data(), rk.jobs_host.size());
+  rk.page_ids_dev.upload(rk.page_ids_host.data(), rk.page_ids_host.size());
+  const size_t Vr = size_t(rk.v1 - rk.v0);
+  if (n_logits > 0) rk.logits_dev.reserve(be, size_t(n_logits) * Vr);
+
+  // The device work, from the embedding to the logits matmul. A decode step of a shape seen before replays
+  // the graph recorded for it (backends with graphs: CUDA; one rank: a graph does not record the all-reduce).
+  bool decode_only = !obs && world() == 1;
+  for (const StepInfo& i : infos_) decode_only = decode_only && !i.prefill;
+  if (decode_only && be.graphs()) {
+    std::vector<int64_t> key = graph_key(rk, seqs, n, n_logits);
+    auto& graphs = rk.graphs;
+    auto hit = std::find_if(graphs.begin(), graphs.end(), [&](const RecordedStep& g) { return g.key == key; });
+    if (hit != graphs.end() && hit->graph && be.graph_launch(*hit->graph)) {
+      // replayed
+    } else if (hit != graphs.end() && hit->graph) {  // stale: run it again, record it next time
+      hit->graph.reset();
+      device_step(rk, seqs, n, n_logits, nullptr);
+    } else if (hit != graphs.end()) {  // seen once (its scratch is sized): record it now
+      be.graph_begin();
+      try {
+        device_step(rk, seqs, n, n_logits, nullptr);
+      } catch (...) {
+        try {
+          be.graph_end();  // ends the recording; the step's own error is the one to report
+        } catch (...) {
+        }
+        throw;
+      }
+      hit->graph = be.graph_end();
+      if (!be.graph_launch(*hit->graph)) fail("step: a graph went stale as it was recorded");
+    } else {
+      device_step(rk, seqs, n, n_logits, nullptr);
+      if (graphs.size() >= kMaxGraphs) graphs.erase(graphs.begin());
+      graphs.push_back(RecordedStep{std::move(key), nullptr});
+    }
+  } else {
+    device_step(rk, seqs, n, n_logits, obs);
+  }
+  if (n_logits > 0) be.download(logits, rk.logits_dev.get(), size_t(n_logits) * Vr * sizeof(float));
+  else be.synchronize();
+}
+
 // What a recorded step depends on besides memory contents: its shape and every table's address.
-std::vector<int64_t> Runner::graph_key(std::span<const SeqRows> seqs, int n, int n_logits) const {
+std::vector<int64_t> Runner::graph_key(const Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits) const {
   std::vector<int64_t> k = {n, n_logits, step_.selects ? 1 : 0,
-                            int64_t(reinterpret_cast<uintptr_t>(&seqs[0].kv->pool().store())),
-                            int64_t(reinterpret_cast<uintptr_t>(jobs_dev_.get())),
-                            int64_t(reinterpret_cast<uintptr_t>(page_ids_dev_.get())),
-                            int64_t(reinterpret_cast<uintptr_t>(logits_dev_.get()))};
+                            int64_t(reinterpret_cast<uintptr_t>(rk.store)),
+                            int64_t(reinterpret_cast<uintptr_t>(rk.jobs_dev.get())),
+                            int64_t(reinterpret_cast<uintptr_t>(rk.page_ids_dev.get())),
+                            int64_t(reinterpret_cast<uintptr_t>(rk.logits_dev.get()))};
   for (const SeqRows& s : seqs) k.push_back(s.logit_rows());
-  for (size_t l = 0; l + 1 < layer_job0_.size(); ++l) {
-    k.push_back(int64_t(layer_job0_[l + 1] - layer_job0_[l]));
-    k.push_back(layer_max_rows_[l]);
-    k.push_back(layer_decode_jobs_[l]);
-    k.push_back(layer_max_pages_[l]);
+  for (size_t l = 0; l + 1 < rk.layer_job0.size(); ++l) {
+    k.push_back(int64_t(rk.layer_job0[l + 1] - rk.layer_job0[l]));
+    k.push_back(rk.layer_max_rows[l]);
+    k.push_back(rk.layer_decode_jobs[l]);
+    k.push_back(rk.layer_max_pages[l]);
   }
   return k;
 }
 
-void Runner::device_step(std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs) {
+void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs) {
   const ModelConfig& c = m_.config();
-  const int64_t D = c.n_embd, HD = c.head_dim, QD = int64_t(c.n_head) * HD, KVD = c.kv_dim();
+  const int64_t D = c.n_embd, HD = c.head_dim;
   const float scale = 1.0f / std::sqrt(float(HD));
-  KVStore& store = seqs[0].kv->pool().store();
+  Backend& be = *rk.be;
+  KVStore& store = *rk.store;
   KVCache& kv = *seqs[0].kv;  // for the observer
+  // The sum over the ranks (a no-op for one rank).
+  auto all_reduce = [&](float* buf, int64_t count) {
+    if (rk.comm) rk.comm->all_reduce_sum(be, buf, count);
+  };
 
-  float* x = x_.get();
-  float* xn = xn_.get();
-  float* q = q_.get();
-  float* att = att_.get();
-  be_.embed(tok_embd_, tokens_dev_.get(), n, x);
+  float* x = rk.x.get();
+  float* xn = rk.xn.get();
+  float* q = rk.q.get();
+  float* att = rk.att.get();
+  be.embed(rk.tok_embd, rk.tokens_dev.get(), n, x);
+  all_reduce(x, int64_t(n) * D);  // vocabulary split: each row from its rank, zeros from the others
 
   for (int l = 0; l < c.n_layer; ++l) {
-    const LayerWeights& L = w_[size_t(l)];
+    const LayerWeights& L = rk.w[size_t(l)];
+    const int n_kv = int(rk.heads[size_t(l)].size()), n_head = n_kv * c.n_group();  // this rank's heads
+    const int64_t QD = int64_t(n_head) * HD, KVD = int64_t(n_kv) * HD;
 
     // Attention block.
-    be_.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
-    be_.matmul(L.wq, xn, n, q);
-    be_.matmul(L.wk, xn, n, k_.get());
-    be_.matmul(L.wv, xn, n, v_.get());
+    be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
+    be.matmul(L.wq, xn, n, q);
+    be.matmul(L.wk, xn, n, rk.k.get());
+    be.matmul(L.wv, xn, n, rk.v.get());
     if (L.bq) {
-      be_.add_bias(q, L.bq, n, QD);
-      be_.add_bias(k_.get(), L.bk, n, KVD);
-      be_.add_bias(v_.get(), L.bv, n, KVD);
+      be.add_bias(q, L.bq, n, QD);
+      be.add_bias(rk.k.get(), L.bk, n, KVD);
+      be.add_bias(rk.v.get(), L.bv, n, KVD);
     }
-    be_.rope(q, n, c.n_head, HD, pos_dev_.get(), rope_);
-    be_.rope(k_.get(), n, c.n_head_kv, HD, pos_dev_.get(), rope_);
-    be_.kv_store(store, k_.get(), v_.get(), n, c.n_head_kv, slots_dev_.get() + size_t(l) * size_t(n) * c.n_head_kv,
-                 pos_dev_.get());
+    be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
+    be.rope(rk.k.get(), n, n_kv, HD, rk.pos_dev.get(), rk.rope);
+    be.kv_store(store, rk.k.get(), rk.v.get(), n, n_kv, rk.slots_dev.get() + rk.slot0[size_t(l)], rk.pos_dev.get());
     if (obs) {
-      q_host_.resize(size_t(n) * size_t(QD));
-      be_.download(q_host_.data(), q, q_host_.size() * sizeof(float));
-      obs->on_attention(l, n, pos_.data(), q_host_.data(), kv);
+      rk.q_host.resize(size_t(n) * size_t(QD));
+      be.download(rk.q_host.data(), q, rk.q_host.size() * sizeof(float));
+      obs->on_attention(l, n, pos_.data(), rk.q_host.data(), kv);
     }
     AttnBatch b;
     b.q = q;
     b.q_stride = QD;
-    b.q_pos = pos_dev_.get();
+    b.q_pos = rk.pos_dev.get();
     b.out = att;
     b.out_stride = QD;
     b.n_group = c.n_group();
     b.head_dim = int(HD);
     b.scale = scale;
-    b.jobs = jobs_dev_.get() + layer_job0_[size_t(l)];
-    b.n_jobs = int32_t(layer_job0_[size_t(l) + 1] - layer_job0_[size_t(l)]);
-    b.page_ids = page_ids_dev_.get();
-    b.max_rows = layer_max_rows_[size_t(l)];
-    b.n_decode_jobs = layer_decode_jobs_[size_t(l)];
-    b.max_pages = layer_max_pages_[size_t(l)];
-    if (step_.selects) be_.select_pages(store, b);
-    be_.attention(store, b);
+    b.jobs = rk.jobs_dev.get() + rk.layer_job0[size_t(l)];
+    b.n_jobs = int32_t(rk.layer_job0[size_t(l) + 1] - rk.layer_job0[size_t(l)]);
+    b.page_ids = rk.page_ids_dev.get();
+    b.max_rows = rk.layer_max_rows[size_t(l)];
+    b.n_decode_jobs = rk.layer_decode_jobs[size_t(l)];
+    b.max_pages = rk.layer_max_pages[size_t(l)];
+    if (step_.selects) be.select_pages(store, b);
+    be.attention(store, b);
     if (obs) {
-      att_host_.resize(size_t(n) * size_t(QD));
-      be_.download(att_host_.data(), att, att_host_.size() * sizeof(float));
-      obs->on_attention_out(l, n, att_host_.data());
+      rk.att_host.resize(size_t(n) * size_t(QD));
+      be.download(rk.att_host.data(), att, rk.att_host.size() * sizeof(float));
+      obs->on_attention_out(l, n, rk.att_host.data());
     }
-    be_.matmul(L.wo, att, n, xn);
-    be_.add(x, xn, int64_t(n) * D);
+    be.matmul(L.wo, att, n, xn);
+    all_reduce(xn, int64_t(n) * D);  // the attention output: the sum over the ranks' heads
+    be.add(x, xn, int64_t(n) * D);
 
     // Feed-forward block (SwiGLU).
-    be_.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
-    be_.matmul(L.gate, xn, n, gate_.get());
-    be_.matmul(L.up, xn, n, up_.get());
-    be_.swiglu(gate_.get(), up_.get(), int64_t(n) * c.n_ff, gate_.get());
-    be_.matmul(L.down, gate_.get(), n, xn);
-    be_.add(x, xn, int64_t(n) * D);
+    const int64_t FF = rk.f1 - rk.f0;  // this rank's columns
+    be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
+    be.matmul(L.gate, xn, n, rk.gate.get());
+    be.matmul(L.up, xn, n, rk.up.get());
+    be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
+    be.matmul(L.down, rk.gate.get(), n, xn);
+    all_reduce(xn, int64_t(n) * D);  // the MLP output: the sum over the ranks' columns
+    be.add(x, xn, int64_t(n) * D);
   }
 
-  // Logits of the rows the sequences asked for: their final norms gathered into xn, then one matmul.
+  // Logits of the rows the sequences asked for (this rank's vocabulary columns): their final norms gathered
+  // into xn, then one matmul.
   if (n_logits > 0) {
     int out_row = 0, row0 = 0;
     for (const SeqRows& s : seqs) {
       const int rows = s.logit_rows(), first = row0 + int(s.tokens.size()) - rows;
-      if (rows > 0) be_.rmsnorm(x + int64_t(first) * D, output_norm_, rows, D, c.rms_eps, xn + int64_t(out_row) * D);
+      if (rows > 0) be.rmsnorm(x + int64_t(first) * D, rk.output_norm, rows, D, c.rms_eps, xn + int64_t(out_row) * D);
       out_row += rows;
       row0 += int(s.tokens.size());
     }
-    be_.matmul(output_, xn, n_logits, logits_dev_.get());
+    be.matmul(rk.output, xn, n_logits, rk.logits_dev.get());
   }
 }
 

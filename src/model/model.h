@@ -81,13 +81,22 @@ struct SeqRows {
 //
 // Every reduction of a row (matmul, norm, attention over its sequence's pages) is done in an order that does
 // not depend on the other rows of the step, so a sequence's logits are bitwise the same alone or in a batch.
+class Communicator;
+struct TPPlan;
+
 class Runner {
  public:
   // max_batch: the most rows a step may have (all sequences together).
   Runner(const Model& m, Backend& be, int max_batch = 512);
+  // Tensor parallel (docs/tensor-parallel.md): rank r runs on ranks[r] with the weight slices of the KV heads
+  // plan.rank_of gives it, the MLP columns and vocabulary rows of its share, and the part r of the sequences'
+  // pool (which must be split by the same plan). The ranks are threads joined by the in-process communicator;
+  // a step runs them together and gathers the logits. world = ranks.size() = plan.world.
+  Runner(const Model& m, const std::vector<Backend*>& ranks, const TPPlan& plan, int max_batch = 512);
+  ~Runner();
   // One step. Returns the logits rows the sequences asked for, in order (n_vocab floats each). Throws
   // BudgetExhausted, before anything is written, if a sequence's budget or the pool cannot take the rows.
-  // An observer sees the attention of a step with one sequence only.
+  // An observer sees the attention of a step with one sequence only (and one rank).
   std::span<const float> step(std::span<const SeqRows> seqs, AttentionObserver* obs = nullptr);
   // Conveniences for one sequence: a whole prompt in chunks of max_batch (the last chunk ends the prefill;
   // logits of its last token, or of every token if all_logits), and one decode token.
@@ -96,40 +105,37 @@ class Runner {
   std::span<const float> decode(KVCache& kv, int32_t token, int32_t pos);
   int max_batch() const { return max_batch_; }
   // Decode steps whose shapes have been recorded as graphs (backends with graphs), for tests and reports.
-  int recorded_graphs() const {
-    return int(std::count_if(graphs_.begin(), graphs_.end(), [](const RecordedStep& g) { return g.graph != nullptr; }));
-  }
-  Backend& backend() { return be_; }
+  int recorded_graphs() const;
+  Backend& backend();  // rank 0's
   const Model& model() const { return m_; }
+  int world() const { return int(ranks_.size()); }
+  // Bytes of the weight slices rank r multiplies with (its matmul weights and embedding rows).
+  int64_t rank_weight_bytes(int r) const;
 
  private:
-  // The device part of a step (embedding to logits matmul), once the step's tables are uploaded.
-  void device_step(std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs);
-  std::vector<int64_t> graph_key(std::span<const SeqRows> seqs, int n, int n_logits) const;
+  struct Rank;
   struct RecordedStep {
     std::vector<int64_t> key;
     std::unique_ptr<StepGraph> graph;  // null: seen once, not recorded yet
   };
   static constexpr size_t kMaxGraphs = 16;
+  Runner(const Model& m, const std::vector<Backend*>& ranks, const TPPlan* plan, int max_batch);
+  // One rank's part of a step: its tables (its heads' jobs, pages and slots, in its store's ids), uploaded,
+  // then the device work, then its logits (its vocabulary columns) downloaded to `logits`.
+  void rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs, float* logits);
+  // The device part of a step (embedding to logits matmul), once the rank's tables are uploaded.
+  void device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs);
+  std::vector<int64_t> graph_key(const Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits) const;
 
   const Model& m_;
-  Backend& be_;
-  std::vector<RecordedStep> graphs_;  // oldest first
   int max_batch_;
-  RopeParams rope_;
-  std::vector<LayerWeights> w_;  // the backend's copies of the weights
-  WeightView tok_embd_, output_;
-  const float* output_norm_ = nullptr;
-  DeviceArray<float> x_, xn_, q_, k_, v_, att_, gate_, up_, logits_dev_;
-  DeviceArray<int32_t> tokens_dev_, pos_dev_, slots_dev_, page_ids_dev_;
-  DeviceArray<AttnJob> jobs_dev_;
+  std::vector<std::unique_ptr<Communicator>> comms_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  bool broken_ = false;  // a rank failed mid-step (its communicator left the group)
   KVStep step_;
   std::vector<StepInfo> infos_;
-  std::vector<AttnJob> jobs_host_;
-  std::vector<size_t> layer_job0_;
-  std::vector<int32_t> layer_max_rows_, layer_decode_jobs_, layer_max_pages_;
   std::vector<int32_t> tokens_, pos_;
-  std::vector<float> logits_, prefill_logits_, q_host_, att_host_;
+  std::vector<float> logits_, prefill_logits_;
 };
 
 }  // namespace headroom

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "engine/engine.h"
+#include "kv/placement.h"
 #include "server/api.h"
 #include "server/metrics.h"
 #include "util/error.h"
@@ -87,6 +88,7 @@ struct Job {
 
 struct Server::Impl {
   const Model& m;
+  std::vector<Backend*> ranks;
   Backend& be;
   ServerOptions o;
   int n_ctx = 0;
@@ -115,7 +117,8 @@ struct Server::Impl {
   std::mutex setup_mu;
   std::map<std::string, std::shared_ptr<const KVSetup>> setups;
 
-  Impl(const Model& model, Backend& backend, const ServerOptions& opt) : m(model), be(backend), o(opt) {
+  Impl(const Model& model, const std::vector<Backend*>& rank_backends, const ServerOptions& opt)
+      : m(model), ranks(rank_backends), be(*rank_backends.at(0)), o(opt) {
     const ModelConfig& c = m.config();
     n_ctx = o.n_ctx > 0 ? o.n_ctx : c.n_ctx_train;
     if (o.parallel < 1) fail("--parallel {} is out of range (at least 1)", o.parallel);
@@ -137,8 +140,24 @@ struct Server::Impl {
     pool_setup.layout.page_minmax = pool_setup.layout.slot_scores = true;
     pool_plan = plan_pool(pool_setup, o.parallel, o.kv.kv_pool, be.free_memory());
     pool_plan.layout.host_pages = std::max(pool_plan.layout.host_pages, std::min(INT32_MAX / 4, pool_plan.layout.device_pages * 2));
-    pool = std::make_unique<PagePool>(be, pool_plan.layout);
-    runner = std::make_unique<Runner>(m, be, o.kv.chunk + o.parallel);
+    if (ranks.size() == 1) {
+      pool = std::make_unique<PagePool>(be, pool_plan.layout);
+      runner = std::make_unique<Runner>(m, be, o.kv.chunk + o.parallel);
+    } else {  // tensor parallel: the placement of the default setup, the pool split by it (as EngineStack does)
+      KVLayout& l = pool_plan.layout;
+      const TPPlan tp = place_heads(c, base.specs, int(ranks.size()), base.per_head, n_ctx, l.page_size, o.kv.chunk,
+                                    kv_row_bytes(l.type, l.head_dim));
+      std::vector<int32_t> dev, host;
+      split_pool_pages(tp, base.specs, n_ctx, l.page_size, o.kv.chunk, l.device_pages, l.host_pages, dev, host);
+      l.device_pages = l.host_pages = 0;
+      for (size_t r = 0; r < ranks.size(); ++r) {
+        l.device_pages += dev[r];
+        l.host_pages += host[r];
+      }
+      for (const std::string& line : tp.describe()) std::fprintf(stderr, "%s\n", line.c_str());
+      pool = std::make_unique<PagePool>(ranks, l, tp.rank_of, dev, host);
+      runner = std::make_unique<Runner>(m, ranks, tp, o.kv.chunk + o.parallel);
+    }
     EngineOptions eo;
     eo.parallel = o.parallel;
     eo.chunk = o.kv.chunk;
@@ -576,7 +595,10 @@ struct Server::Impl {
   }
 };
 
-Server::Server(const Model& m, Backend& be, const ServerOptions& o) : impl_(std::make_unique<Impl>(m, be, o)) {}
+Server::Server(const Model& m, Backend& be, const ServerOptions& o)
+    : impl_(std::make_unique<Impl>(m, std::vector<Backend*>{&be}, o)) {}
+Server::Server(const Model& m, const std::vector<Backend*>& ranks, const ServerOptions& o)
+    : impl_(std::make_unique<Impl>(m, ranks, o)) {}
 Server::~Server() = default;
 void Server::run() { impl_->run(); }
 void Server::shutdown() { impl_->shutdown(); }

@@ -34,6 +34,9 @@ struct ServerOptions {
 class Server {
  public:
   Server(const Model& m, Backend& be, const ServerOptions& o);
+  // Tensor parallel over `ranks` (one backend each; docs/tensor-parallel.md): the KV heads placed by the default
+  // setup (contiguous, or by the default head map's bytes); requests naming other maps run on that placement.
+  Server(const Model& m, const std::vector<Backend*>& ranks, const ServerOptions& o);
   ~Server();
   // Binds and serves until shutdown(); throws Error (one line) if the address cannot be bound.
   void run();
