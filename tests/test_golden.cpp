@@ -188,16 +188,8 @@ class Golden : public ::testing::TestWithParam<std::string> {};
 TEST_P(Golden, MatchesReference) { check_model(GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, Golden,
-                         ::testing::Values("stories260K.json", "tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
-                                           "rand-llama-f16.json", "rand-llama-linear-f16.json",
-                                           "rand-llama-tied-f32.json", "rand-llama3-ropefreqs-q8_0.json",
-                                           "rand-qwen2-bias-bf16.json"),
-                         [](const auto& info) {
-                           std::string n = info.param.substr(0, info.param.size() - 5);
-                           for (char& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         ::testing::ValuesIn(test::golden_files()),
+                         test::golden_test_name<::testing::TestParamInfo<std::string>>);
 
 TEST(GoldenCoverage, EveryGoldenFileIsTested) {
   int n = 0;

@@ -524,25 +524,12 @@ class ShardedQ8Model : public ::testing::TestWithParam<std::string> {};
 TEST_P(ShardedQ8Model, WidenedToF32MatchesWithinTheFloatBound) { check_sharded(GetParam(), true); }
 
 INSTANTIATE_TEST_SUITE_P(AllModels, ShardedModel,
-                         ::testing::Values("stories260K.json", "tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
-                                           "rand-llama-f16.json", "rand-llama-linear-f16.json",
-                                           "rand-llama-tied-f32.json", "rand-llama3-ropefreqs-q8_0.json",
-                                           "rand-qwen2-bias-bf16.json"),
-                         [](const auto& info) {
-                           std::string n = info.param.substr(0, info.param.size() - 5);
-                           for (char& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         ::testing::ValuesIn(test::golden_files()),
+                         test::golden_test_name<::testing::TestParamInfo<std::string>>);
 INSTANTIATE_TEST_SUITE_P(Q8Models, ShardedQ8Model,
                          ::testing::Values("tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
                                            "rand-llama3-ropefreqs-q8_0.json"),
-                         [](const auto& info) {
-                           std::string n = info.param.substr(0, info.param.size() - 5);
-                           for (char& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+                         test::golden_test_name<::testing::TestParamInfo<std::string>>);
 
 // Mixed per-head policies (full, streaming, topk with page selection, evict with scores) placed by their
 // bytes, evenly and unevenly: the sharded run matches the unsharded one with the same policies, and two
