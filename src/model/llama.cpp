@@ -326,14 +326,16 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
   // What select_pages chose, for the policies that act on it next step: every rank's jobs and pages back into
   // the step's tables (in the pool's global ids).
   if (step_.selects) {
+    const bool whole = R == 1;  // the rank's page ids are the step's (see rank_step)
     for (const auto& rk : ranks_) {
+      std::vector<int32_t>& ids = whole ? step_.page_ids : rk->page_ids_host;
       rk->be->download(rk->jobs_host.data(), rk->jobs_dev.get(), rk->jobs_host.size() * sizeof(AttnJob));
-      rk->be->download(rk->page_ids_host.data(), rk->page_ids_dev.get(), rk->page_ids_host.size() * sizeof(int32_t));
+      rk->be->download(ids.data(), rk->page_ids_dev.get(), ids.size() * sizeof(int32_t));
       for (size_t j = 0; j < rk->jobs_host.size(); ++j) {
         const auto [l, gi] = rk->job_src[j];
         AttnJob& g = step_.jobs[size_t(l)][gi];
         AttnJob t = rk->jobs_host[j];
-        for (int32_t i = 0; i < t.n_pages; ++i)
+        for (int32_t i = 0; i < t.n_pages && !whole; ++i)
           step_.page_ids[size_t(g.page0 + i)] = pool.global_id(rk->rank, rk->page_ids_host[size_t(t.page0 + i)]);
         t.kv_head = g.kv_head;
         t.page0 = g.page0;
@@ -351,7 +353,10 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
   const PagePool& pool = seqs[0].kv->pool();
   Backend& be = *rk.be;
   rk.store = &seqs[0].kv->pool().store(rk.rank);
-  // This rank's part of the tables: its heads' slots and jobs, their pages in its store's ids.
+  // This rank's part of the tables: its heads' slots and jobs, their pages in its store's ids. A single rank
+  // holds every head in model order in the pool's own ids, so it uploads the step's slots and page ids as they
+  // are (no per-page translation on the hot path: a 128k-token decode step has a million page ids).
+  const bool whole = world() == 1;
   rk.jobs_host.clear();
   rk.job_src.clear();
   rk.page_ids_host.clear();
@@ -363,9 +368,10 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
   rk.layer_max_pages.assign(size_t(c.n_layer), 0);
   for (int l = 0; l < c.n_layer; ++l) {
     const std::vector<int32_t>& heads = rk.heads[size_t(l)];
-    rk.slot0[size_t(l)] = rk.slots_host.size();
-    const int32_t* slots = step_.slots.data() + size_t(l) * size_t(n) * size_t(c.n_head_kv);
-    for (int r = 0; r < n; ++r)
+    const size_t layer_slots = size_t(l) * size_t(n) * size_t(c.n_head_kv);
+    rk.slot0[size_t(l)] = whole ? layer_slots : rk.slots_host.size();
+    const int32_t* slots = step_.slots.data() + layer_slots;
+    for (int r = 0; r < n && !whole; ++r)
       for (int32_t h : heads) {
         const int32_t s = slots[size_t(r) * size_t(c.n_head_kv) + size_t(h)];
         rk.slots_host.push_back(s < 0 ? -1 : pool.local_slot(s));
@@ -377,8 +383,11 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
       if (local < 0) continue;
       AttnJob j = jobs[gi];
       j.kv_head = local;
-      j.page0 = int32_t(rk.page_ids_host.size());
-      for (int32_t i = 0; i < j.n_pages; ++i) rk.page_ids_host.push_back(pool.local_id(step_.page_ids[size_t(jobs[gi].page0 + i)]));
+      if (!whole) {
+        j.page0 = int32_t(rk.page_ids_host.size());
+        for (int32_t i = 0; i < j.n_pages; ++i)
+          rk.page_ids_host.push_back(pool.local_id(step_.page_ids[size_t(jobs[gi].page0 + i)]));
+      }
       rk.layer_max_rows[size_t(l)] = std::max(rk.layer_max_rows[size_t(l)], j.n_rows);
       rk.layer_decode_jobs[size_t(l)] += j.n_rows < 4 ? 1 : 0;
       rk.layer_max_pages[size_t(l)] = std::max(rk.layer_max_pages[size_t(l)], j.n_pages);
@@ -396,13 +405,15 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
     const int32_t t = tokens_[size_t(i)];
     rk.tokens_host[size_t(i)] = world() == 1 ? t : t >= rk.v0 && t < rk.v1 ? int32_t(t - rk.v0) : int32_t(rk.v1 - rk.v0);
   }
+  const std::vector<int32_t>& slot_table = whole ? step_.slots : rk.slots_host;
+  const std::vector<int32_t>& page_table = whole ? step_.page_ids : rk.page_ids_host;
   rk.jobs_dev.reserve(be, std::max<size_t>(1, rk.jobs_host.size()));
-  rk.page_ids_dev.reserve(be, std::max<size_t>(1, rk.page_ids_host.size()));
+  rk.page_ids_dev.reserve(be, std::max<size_t>(1, page_table.size()));
   rk.tokens_dev.upload(rk.tokens_host.data(), size_t(n));
   rk.pos_dev.upload(pos_.data(), size_t(n));
-  rk.slots_dev.upload(rk.slots_host.data(), rk.slots_host.size());
+  rk.slots_dev.upload(slot_table.data(), slot_table.size());
   rk.jobs_dev.upload(rk.jobs_host.data(), rk.jobs_host.size());
-  rk.page_ids_dev.upload(rk.page_ids_host.data(), rk.page_ids_host.size());
+  rk.page_ids_dev.upload(page_table.data(), page_table.size());
   const size_t Vr = size_t(rk.v1 - rk.v0);
   if (n_logits > 0) rk.logits_dev.reserve(be, size_t(n_logits) * Vr);
 
