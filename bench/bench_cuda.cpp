@@ -52,40 +52,25 @@ double time_graph(Backend& be, int calls, int reps, F&& f, bool graph = true) {
   cudaStream_t s = cuda_stream(be);
   f();  // warm-up outside the graph (scratch growth, attributes)
   be.synchronize();
-  if (!graph) {  // long calls (cuBLAS prefill): events around direct launches
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<double> t;
-    for (int r = 0; r < reps; ++r) {
-      CK(cudaEventRecord(a, s));
-      f();
-      CK(cudaEventRecord(b, s));
-      CK(cudaEventSynchronize(b));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, a, b));
-      t.push_back(ms * 1e-3 / calls);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
+  // Long calls (cuBLAS prefill) are timed as direct launches; the rest as replays of one captured graph.
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t ge = nullptr;
+  if (graph) {
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    f();
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    CK(cudaGraphLaunch(ge, s));  // warm-up replay
+    CK(cudaStreamSynchronize(s));
   }
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
-  f();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));  // warm-up replay
-  CK(cudaStreamSynchronize(s));
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
   std::vector<double> t;
   for (int r = 0; r < reps; ++r) {
     CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
+    if (graph) CK(cudaGraphLaunch(ge, s));
+    else f();
     CK(cudaEventRecord(b, s));
     CK(cudaEventSynchronize(b));
     float ms = 0;
@@ -95,8 +80,10 @@ double time_graph(Backend& be, int calls, int reps, F&& f, bool graph = true) {
   be.synchronize();
   cudaEventDestroy(a);
   cudaEventDestroy(b);
-  cudaGraphExecDestroy(ge);
-  cudaGraphDestroy(g);
+  if (graph) {
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+  }
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
