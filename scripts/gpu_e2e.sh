@@ -3,11 +3,11 @@
 # (scripts/gpu_stage_server.sh) sent along: builds with CUDA and the server, then checks the model end to end
 # against the CPU backend and measures, most important first. Meant to run detached:
 #   setsid nohup bash scripts/gpu_e2e.sh > /tmp/e2e.out 2>&1 &     then poll $OUT/e2e.log (or /tmp/e2e/e2e.log)
-# Stages (E2E_STAGES, default all): build parity bench8 map8 par8 serve bench1 kvq8 eval
+# Stages (E2E_STAGES, default all): build parity tp bench8 map8 par8 serve bench1 kvq8 eval
 set -uo pipefail
 out=${OUT:-/tmp/e2e}; mkdir -p "$out"
 log=$out/e2e.log
-stages=" ${E2E_STAGES:-build parity bench8 map8 par8 serve bench1 kvq8 eval} "
+stages=" ${E2E_STAGES:-build parity tp bench8 map8 par8 serve bench1 kvq8 eval} "
 on() { [[ "$stages" == *" $1 "* ]]; }
 stamp() { echo "== $1 $(date +%T)"; }
 {
@@ -47,11 +47,30 @@ stamp() { echo "== $1 $(date +%T)"; }
     $B run -m ../shared/models/tinystories-656k-q8_0.gguf -n 32 --temp 0 --device cuda --parallel 1 --prompts /tmp/prompts.jsonl > "$out/par1.txt" 2>/dev/null
     cmp -s "$out/par1.txt" "$out/par4.txt" && echo "parallel 4 == parallel 1 (CUDA)" || echo "parallel 4 DIFFERS from parallel 1 (CUDA)"
   fi
+  # NCCL: the copy PyTorch installs (pip's nvidia-nccl), else any libnccl.so.2 on the machine.
+  NL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+  [ -f "$NL" ] || NL=$(find /usr /opt /root /home -name 'libnccl.so.2*' 2>/dev/null | head -1)
+  [ -n "$NL" ] && export HEADROOM_NCCL_LIB=$NL
+  if on tp; then
+    stamp tp
+    echo "nccl: ${NL:-none found}"
+    ( cd build-cuda && ./headroom_tests --gtest_filter='CudaTensorParallel.*:Cli.TensorParallel*' > "$out/tp.log" 2>&1; echo "tp tests rc $?" )
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|tp cuda" "$out/tp.log" | head -20
+    grep -B2 -A6 "Failure" "$out/tp.log" | head -30
+    P="The pass key is 4821930. Remember it. 4821930 is the pass key.\nWhat is the pass key? The pass key is"
+    HEADROOM_TP_COMM=nccl $B run -m $M -n 16 --temp 0 --device cuda -p "$P" > "$out/passkey_nccl1.txt" 2> "$out/passkey_nccl1.err"
+    cmp "$out/passkey_cuda.txt" "$out/passkey_nccl1.txt" && echo "passkey: NCCL world 1 identical" || tail -2 "$out/passkey_nccl1.err"
+    HEADROOM_TP_COMM=threads $B run -m $M -n 16 --temp 0 --device cuda -tp 2 -p "$P" > "$out/passkey_tp2.txt" 2> "$out/passkey_tp2.err"
+    grep -E "tensor parallel|rank" "$out/passkey_tp2.err" | head -4
+    cmp "$out/passkey_cuda.txt" "$out/passkey_tp2.txt" && echo "passkey: 2 CUDA ranks on one GPU identical" || tail -2 "$out/passkey_tp2.err"
+    $B run -m $M -n 4 --device cuda -tp 2 -p hi 2>&1 | tail -1
+  fi
   wait $synth; tail -1 "$out/synth8.log"
   if on bench8; then
     stamp bench8
     $B bench -m $S --device cuda -p 2048 -n 64 -d 0,8192,32768,131072 -r 2
     HEADROOM_CUDA_GRAPHS=0 $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (graphs off)/'
+    HEADROOM_TP_COMM=nccl $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (NCCL world 1)/'
   fi
   if on map8; then
     stamp map8

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "backend/registry.h"
 #include "gguf/gguf.h"
 #include "test_util.h"
 
@@ -206,7 +207,11 @@ TEST(Cli, TensorParallelBadRankCountsGiveOneLine) {
   expect_one_line_error(run("run -m " + model() + " -p hi -n 2 --device cpu -tp 3"), "at most 2 ranks");
   expect_one_line_error(run("run -m " + headroom::test::shared("models/stories260K.gguf") + " -p hi -n 2 --device cpu -tp 3"),
                         "does not divide the model's 4 KV heads");
-  expect_one_line_error(run("run -m " + model() + " -p hi -n 2 --device cuda -tp 2"), "needs NCCL");
+  // CUDA ranks take one GPU each: without a GPU (or a CUDA build) --device cuda says why; with one, -tp 2
+  // asks for two.
+  if (headroom::cuda_gpus() < 2)
+    expect_one_line_error(run("run -m " + model() + " -p hi -n 2 --device cuda -tp 2"),
+                          headroom::cuda_gpus() == 0 ? "--device cuda: " : "needs 2 GPUs; this machine has 1");
   expect_one_line_error(run("bench -m " + model() + " -p 0 -n 2 -r 1 --device cpu --tensor-parallel 4"), "at most 2 ranks");
 }
 

@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <random>
 #include <atomic>
@@ -31,6 +32,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/comm.h"
+#include "backend/registry.h"
 #include "engine/kv_setup.h"
 #include "engine/sampler.h"
 #include "engine/stack.h"
@@ -332,19 +334,18 @@ struct Sharded {
   std::unique_ptr<Runner> runner;
 };
 
-// A runner of `world` CPU ranks (one thread each) with a pool split by the plan (world 0: the plain runner).
-Sharded make_sharded(const Model& m, const KVSetup& s, int world, int chunk) {
+// A runner of `world` CPU ranks (one thread each; cuda: CUDA ranks, make_rank_backends) with a pool split by
+// the plan (world 0: the plain runner).
+Sharded make_sharded(const Model& m, const KVSetup& s, int world, int chunk, bool cuda = false) {
   Sharded sh;
   if (world == 0) {
-    sh.owned.push_back(make_cpu_backend(2));
+    sh.owned.push_back(cuda ? make_backend("cuda", 0) : make_cpu_backend(2));
     sh.pool = std::make_unique<PagePool>(*sh.owned[0], s.layout);
     sh.runner = std::make_unique<Runner>(m, *sh.owned[0], chunk);
     return sh;
   }
-  for (int r = 0; r < world; ++r) {
-    sh.owned.push_back(make_cpu_backend(1));
-    sh.ranks.push_back(sh.owned.back().get());
-  }
+  sh.owned = make_rank_backends(cuda ? "cuda" : "cpu", world, world);
+  for (auto& b : sh.owned) sh.ranks.push_back(b.get());
   const KVLayout& l = s.layout;
   sh.plan = place_heads(m.config(), s.specs, world, s.per_head, s.n_ctx, l.page_size, chunk, kv_row_bytes(l.type, l.head_dim));
   std::vector<int32_t> dev, host;
@@ -389,8 +390,8 @@ struct RunOut {
 
 // The prompt in chunks (all logits), then n greedy tokens, or the given tokens (teacher forcing) if any.
 RunOut run(const Model& m, const KVSetup& s, int world, const std::vector<int32_t>& prompt, int n,
-           const std::vector<int32_t>& forced = {}, int chunk = 16) {
-  Sharded sh = make_sharded(m, s, world, chunk);
+           const std::vector<int32_t>& forced = {}, int chunk = 16, bool cuda = false) {
+  Sharded sh = make_sharded(m, s, world, chunk, cuda);
   KVCache kv(m.config(), *sh.pool, s.specs);
   RunOut o;
   auto l = sh.runner->prefill(kv, prompt, 0, true);
@@ -530,6 +531,66 @@ INSTANTIATE_TEST_SUITE_P(Q8Models, ShardedQ8Model,
                          ::testing::Values("tinystories-656k-q8_0.json", "retrieval-14m-q8_0.json",
                                            "rand-llama3-ropefreqs-q8_0.json"),
                          test::golden_test_name<::testing::TestParamInfo<std::string>>);
+
+// ---- on CUDA ranks (where a GPU is; tests/test_backend_ops.cpp checks the ops themselves) ---------------------
+
+// Sets an environment variable for a scope.
+struct ScopedEnv {
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() { had_ ? setenv(name_, old_.c_str(), 1) : unsetenv(name_); }
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
+};
+
+// Every golden case on CUDA ranks against the plain CUDA runner:
+// - world 1 through NCCL (HEADROOM_TP_COMM=nccl, issue 17's world-size-1 check) is bitwise the plain runner;
+// - world 2 and 4 on one GPU (HEADROOM_TP_COMM=threads: CUDA ranks sharing GPU 0, summed through the host):
+//   the sharded CUDA forward (slices, placement, split pools) within the bounds above, and the argmax rule;
+// - world 2 over NCCL where there are 2 GPUs or more.
+// NCCL is found at run time (HEADROOM_NCCL_LIB or libnccl.so.2); without it the NCCL checks fail, they do not
+// skip, on a machine with a GPU.
+TEST(CudaTensorParallel, ShardedCudaRanksMatchThePlainCudaRunner) {
+  if (cuda_gpus() == 0) GTEST_SKIP() << "no usable GPU here (" << cuda_unavailable() << ")";
+  for (const std::string& golden : test::golden_files()) {
+    const json g = load_json(test::shared("golden/" + golden));
+    auto m = Model::load(test::shared(g["model"].get<std::string>()));
+    const ModelConfig& c = m->config();
+    const size_t V = size_t(c.n_vocab);
+    Bound bound;
+    bound.q8 = has_q8(*m);
+    const json& cs = g["cases"][0];
+    const std::vector<int32_t> ids = cs["prompt_ids"].get<std::vector<int32_t>>();
+    const int n = 8;
+    KVOptions o;
+    o.page_size = 8;
+    KVSetup s = plan_kv(*m, o, int64_t(ids.size()) + n + 1);
+    const RunOut ref = run(*m, s, 0, ids, n, {}, 16, /*cuda=*/true);
+    {
+      ScopedEnv e("HEADROOM_TP_COMM", "nccl");
+      const RunOut got = run(*m, s, 1, ids, n, ref.greedy, 16, true);
+      EXPECT_EQ(got.prompt_logits, ref.prompt_logits) << golden << ": NCCL world 1 is the plain CUDA runner";
+      EXPECT_EQ(got.decode_logits, ref.decode_logits) << golden << ": NCCL world 1 is the plain CUDA runner";
+    }
+    for (int w : {2, 4}) {
+      if (w > c.n_head_kv || c.n_head_kv % w) continue;
+      for (const char* comm : {"threads", "nccl"}) {
+        if (std::string(comm) == "nccl" && cuda_gpus() < w) continue;
+        ScopedEnv e("HEADROOM_TP_COMM", comm);
+        const std::string where = fmt::format("{} on CUDA, world {} ({})", golden, w, comm);
+        const RunOut got = run(*m, s, w, ids, n, ref.greedy, 16, true);
+        expect_close(got.prompt_logits, ref.prompt_logits, V, bound, where + " prompt");
+        for (size_t i = 0; i < got.decode_logits.size(); ++i)
+          expect_close(got.decode_logits[i], ref.decode_logits[i], V, bound, where + fmt::format(" decode step {}", i));
+      }
+    }
+    std::printf("[ tp cuda ] %s: largest |logit difference| / max(1, |logit|) %.3g (%s)\n", golden.c_str(),
+                bound.worst_rel, bound.q8 ? "q8_0 activations" : "float");
+  }
+}
 
 // Mixed per-head policies (full, streaming, topk with page selection, evict with scores) placed by their
 // bytes, evenly and unevenly: the sharded run matches the unsharded one with the same policies, and two

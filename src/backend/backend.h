@@ -141,6 +141,8 @@ class Backend {
   virtual void upload(void* dst, const void* src, size_t bytes) = 0;
   virtual void download(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // True when alloc()'s memory is host memory another thread may read and write directly (the CPU).
+  virtual bool host_memory() const { return false; }
   // Bytes of memory the backend could still give the KV cache (the CPU: the system's available memory).
   virtual int64_t free_memory() const;
   // Weights: the backend's copy of a weight (uploaded once; the CPU backend reads the mapping in place).

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <vector>
 
 #include "util/error.h"
 
@@ -26,9 +27,16 @@ class InProcessComm final : public Communicator {
   void all_reduce_sum(Backend& be, float* buf, int64_t count) override {
     const int R = world();
     if (R == 1) return;
-    be.synchronize();  // the ops that wrote buf are done
+    // Device memory is summed in a host copy (a test mode for GPU ranks), host memory in place.
+    const bool staged = !be.host_memory();
+    if (staged) {
+      stage_.resize(size_t(count));
+      be.download(stage_.data(), buf, size_t(count) * sizeof(float));  // after the ops that wrote buf
+    } else {
+      be.synchronize();  // the ops that wrote buf are done
+    }
     if (s_->broken) throw GroupLeft("all_reduce: another tensor-parallel rank failed and left the group");
-    s_->bufs[size_t(rank_)] = buf;
+    s_->bufs[size_t(rank_)] = staged ? stage_.data() : buf;
     s_->counts[size_t(rank_)] = count;
     s_->sync.arrive_and_wait();
     if (s_->broken) throw GroupLeft("all_reduce: another tensor-parallel rank failed and left the group");
@@ -47,6 +55,7 @@ class InProcessComm final : public Communicator {
       for (int r = 0; r < R; ++r) b[r][i] = v;
     }
     s_->sync.arrive_and_wait();
+    if (staged) be.upload(buf, stage_.data(), size_t(count) * sizeof(float));
   }
 
   void abandon() override {
@@ -58,6 +67,7 @@ class InProcessComm final : public Communicator {
 
  private:
   bool left_ = false;
+  std::vector<float> stage_;  // this rank's host copy of a device buffer
   std::shared_ptr<Shared> s_;
   int rank_;
 };

@@ -173,14 +173,15 @@ inline CLI::Option* add_tp_flag(CLI::App* app, int& tp) {
       ->add_option("--tensor-parallel", tp,
                    "tensor-parallel ranks (-tp works too): the model split by KV head over N ranks, at most the KV "
                    "heads per layer and dividing them (a --head-map may split unevenly and balances the KV bytes). "
-                   "CPU only for now: the ranks are threads, --threads shared between them")
+                   "On the CPU the ranks are threads sharing --threads; on CUDA each rank takes a GPU (0 .. N-1) and the ranks "
+                   "are joined by NCCL (found at run time: HEADROOM_NCCL_LIB or libnccl.so.2)")
       ->check(in_range({1, 128}))
       ->capture_default_str();
 }
 
-// The backends of `tp` ranks for --device. One rank: backend_for. Several: CPU backends, one per rank, each
-// with an equal share (at least one) of --threads (0: of the physical cores); CUDA ranks need NCCL, which
-// headroom does not have yet (one line says so).
+// The backends of `tp` ranks for --device (backend/registry.h: make_rank_backends). One rank: backend_for
+// (which says which device it picked). Several: CPU ranks share --threads; CUDA ranks take one GPU each
+// and are joined by NCCL.
 struct RankBackends {
   std::vector<std::unique_ptr<Backend>> owned;
   std::vector<Backend*> ranks;
@@ -196,15 +197,9 @@ inline RankBackends backends_for(const std::string& device, int threads, int tp,
   if (tp <= 1) {
     rb.owned.push_back(quiet ? make_backend(device, threads) : backend_for(device, threads));
   } else {
-    if (device == "cuda")
-      fail("--tensor-parallel {} on --device cuda needs NCCL across the GPUs, which headroom does not have yet "
-           "(issue 17); use --device cpu (the ranks are threads)", tp);
-    const int total = threads > 0 ? threads : make_cpu_backend(0)->threads();
-    const int each = std::max(1, total / tp);
-    for (int r = 0; r < tp; ++r) rb.owned.push_back(make_cpu_backend(each));
-    if (!quiet)
-      std::fprintf(stderr, "tensor parallel: %d CPU ranks (threads joined in-process) of %d thread%s each\n", tp, each,
-                   each == 1 ? "" : "s");
+    std::string note;
+    rb.owned = make_rank_backends(device, threads, tp, &note);
+    if (!quiet && !note.empty()) std::fprintf(stderr, "%s\n", note.c_str());
   }
   for (auto& b : rb.owned) rb.ranks.push_back(b.get());
   return rb;

@@ -34,6 +34,7 @@
 #include <thread>
 
 #include "backend/comm.h"
+#include "backend/registry.h"
 #include "kv/placement.h"
 #include "model/model.h"
 #include "model/slice.h"
@@ -87,7 +88,8 @@ Runner::Runner(const Model& m, const std::vector<Backend*>& backends, const TPPl
     fail("runner: a tensor-parallel plan for {} ranks, {} layers and {} KV heads, not {}, {} and {}", plan->world,
          plan->n_layer, plan->n_kv, R, c.n_layer, c.n_head_kv);
   if (!plan && R != 1) fail("runner: {} backends need a tensor-parallel plan", R);
-  if (R > 1) comms_ = make_in_process_group(R);
+  comms_ = make_comm_group(backends);  // none for one rank (unless HEADROOM_TP_COMM=nccl: its world-1 check)
+  if (R > 1) workers_ = std::make_unique<RankWorkers>(R);
   const size_t B = size_t(max_batch_);
   const int64_t HD = c.head_dim, G = c.n_group();
   // The MLP splits in whole blocks of every layer's ffn_down type (block sizes are powers of two: the largest).
@@ -101,7 +103,7 @@ Runner::Runner(const Model& m, const std::vector<Backend*>& backends, const TPPl
     Backend& be = *backends[size_t(r)];
     rk->rank = r;
     rk->be = &be;
-    rk->comm = R > 1 ? comms_[size_t(r)].get() : nullptr;
+    rk->comm = comms_.empty() ? nullptr : comms_[size_t(r)].get();
     // Its share: KV heads from the plan, the MLP in whole blocks of ffn_down's type, the vocabulary evenly.
     rk->f0 = units * r / R * blk;
     rk->f1 = units * (r + 1) / R * blk;
@@ -296,10 +298,7 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
         ranks_[size_t(r)]->comm->abandon();  // the other ranks must not wait for it at the next all-reduce
       }
     };
-    std::vector<std::thread> threads;
-    for (int r = 1; r < R; ++r) threads.emplace_back(run, r);
-    run(0);
-    for (std::thread& t : threads) t.join();
+    workers_->run(run);
     // The error to report: the first rank's own, not one of the others' GroupLeft that it caused.
     std::exception_ptr first, own;
     for (const std::exception_ptr& e : errors) {
@@ -418,8 +417,9 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
   if (n_logits > 0) rk.logits_dev.reserve(be, size_t(n_logits) * Vr);
 
   // The device work, from the embedding to the logits matmul. A decode step of a shape seen before replays
-  // the graph recorded for it (backends with graphs: CUDA; one rank: a graph does not record the all-reduce).
-  bool decode_only = !obs && world() == 1;
+  // the graph recorded for it (backends with graphs: CUDA; with several ranks only when the communicator's
+  // all-reduce can be recorded too: NCCL).
+  bool decode_only = !obs && (!rk.comm || rk.comm->capturable());
   for (const StepInfo& i : infos_) decode_only = decode_only && !i.prefill;
   if (decode_only && be.graphs()) {
     std::vector<int64_t> key = graph_key(rk, seqs, n, n_logits);

@@ -13,6 +13,7 @@
 #include "kv/head_map.h"
 #include "kv/kv_cache.h"
 #include "model/config.h"
+#include "util/workers.h"
 #include "tokenizer/tokenizer.h"
 
 namespace headroom {
@@ -130,6 +131,7 @@ class Runner {
   const Model& m_;
   int max_batch_;
   std::vector<std::unique_ptr<Communicator>> comms_;
+  std::unique_ptr<RankWorkers> workers_;  // the threads of ranks 1.. (several ranks)
   std::vector<std::unique_ptr<Rank>> ranks_;
   bool broken_ = false;  // a rank failed mid-step (its communicator left the group)
   KVStep step_;

@@ -29,6 +29,7 @@ class CpuBackend final : public Backend {
 
   const char* name() const override { return "cpu"; }
   int threads() const override { return pool_.size(); }
+  bool host_memory() const override { return true; }
 
   void matmul(const WeightView& w, const float* x, int64_t n, float* y) override {
     cpu::matmul(pool_, mm_, w, x, n, y);

@@ -247,9 +247,11 @@ DType dtype_of(KVType t) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend() {
+  explicit CudaBackend(int device) : device_(device) {
     if (const std::string why = cuda_unavailable_reason(); !why.empty()) fail("cuda backend: {}", why);
-    check(cudaSetDevice(0), "init");
+    if (device < 0 || device >= cuda_device_count())
+      fail("cuda backend: no GPU {} (this machine has {})", device, cuda_device_count());
+    bind();
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "init");
     check_blas(blas().create(&blas_), "init");
     check_blas(blas().set_stream(blas_, stream_), "init");
@@ -263,6 +265,7 @@ class CudaBackend final : public Backend {
     graphs_on_ = !sync_each_ && !(g && std::strcmp(g, "0") == 0);
   }
   ~CudaBackend() override {
+    bind();
     cudaStreamSynchronize(stream_);
     for (auto& [p, w] : weights_) cudaFree(const_cast<void*>(p));
     for (void* p : owned_) cudaFree(p);
@@ -285,11 +288,13 @@ class CudaBackend final : public Backend {
   };
   bool graphs() const override { return graphs_on_; }
   void graph_begin() override {
+    bind();
     if (!graphs_on_) fail("cuda backend: graphs are off (HEADROOM_CUDA_GRAPHS=0 or HEADROOM_CUDA_SYNC=1)");
     capture_generation_ = g_scratch_generation;
     check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
   }
   std::unique_ptr<StepGraph> graph_end() override {
+    bind();
     cudaGraph_t g = nullptr;
     check(cudaStreamEndCapture(stream_, &g), "graph capture");
     auto r = std::make_unique<CudaGraph>();
@@ -301,6 +306,7 @@ class CudaBackend final : public Backend {
     return r;
   }
   bool graph_launch(StepGraph& sg) override {
+    bind();
     auto* g = dynamic_cast<CudaGraph*>(&sg);
     if (!g) fail("cuda backend: a graph of another backend");
     if (g->generation != g_scratch_generation) return false;
@@ -309,6 +315,7 @@ class CudaBackend final : public Backend {
   }
   int threads() const override { return 1; }
   cudaStream_t stream() const { return stream_; }
+  int device() const { return device_; }
 
   // ---- matmul -------------------------------------------------------------------------------------------
   static int64_t env_rows(const char* name, int64_t dflt) {
@@ -316,6 +323,7 @@ class CudaBackend final : public Backend {
     return v && *v ? std::strtoll(v, nullptr, 10) : dflt;
   }
   void matmul(const WeightView& w, const float* x, int64_t n, float* y) override {
+    bind();
     const Weight& W = weight(w, "matmul");
     if (n < 0) fail("cuda backend: matmul: negative row count {}", n);
     if (n == 0) return;
@@ -379,17 +387,20 @@ class CudaBackend final : public Backend {
   }
 
   void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) override {
+    bind();
     const Weight& W = weight(w, "embed");
     if (n < 0) fail("cuda backend: embed: negative count {}", n);
     after(cuda::launch_embed(W.type, W.dev, W.rows, W.cols, ids, n, out, err_dev_, stream_), "embed");
   }
 
   void rmsnorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* out) override {
+    bind();
     if (n < 0 || dim <= 0) fail("cuda backend: rmsnorm: bad shape {} x {}", n, dim);
     after(cuda::launch_rmsnorm(x, weight, n, dim, eps, out, stream_), "rmsnorm");
   }
 
   void rope(float* x, int64_t n, int64_t n_heads, int64_t head_dim, const int32_t* pos, const RopeParams& p) override {
+    bind();
     if (n < 0 || n_heads <= 0 || head_dim <= 0) fail("cuda backend: rope: bad shape {} x {} x {}", n, n_heads, head_dim);
     if (p.n_rot <= 0 || p.n_rot % 2 != 0 || p.n_rot > head_dim)
       fail("cuda backend: rope: n_rot {} must be even and in (0, head_dim {}]", p.n_rot, head_dim);
@@ -400,20 +411,24 @@ class CudaBackend final : public Backend {
   }
 
   void swiglu(const float* gate, const float* up, int64_t count, float* out) override {
+    bind();
     if (count < 0) fail("cuda backend: swiglu: negative count {}", count);
     after(cuda::launch_swiglu(gate, up, count, out, stream_), "swiglu");
   }
   void add(float* x, const float* y, int64_t count) override {
+    bind();
     if (count < 0) fail("cuda backend: add: negative count {}", count);
     after(cuda::launch_add(x, y, count, stream_), "add");
   }
   void add_bias(float* x, const float* b, int64_t n, int64_t dim) override {
+    bind();
     if (n < 0 || dim <= 0) fail("cuda backend: add_bias: bad shape {} x {}", n, dim);
     after(cuda::launch_add_bias(x, b, n, dim, stream_), "add_bias");
   }
 
   // ---- memory -------------------------------------------------------------------------------------------
   void* alloc(size_t bytes) override {
+    bind();
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
     if (e != cudaSuccess) {
@@ -426,6 +441,7 @@ class CudaBackend final : public Backend {
     return p;
   }
   void free(void* p) override {
+    bind();
     if (!p) return;
     auto it = allocs_.find(reinterpret_cast<uintptr_t>(p));
     if (it == allocs_.end()) fail("cuda backend: free of memory this backend did not allocate");
@@ -433,15 +449,18 @@ class CudaBackend final : public Backend {
     check(cudaFree(p), "free");
   }
   void upload(void* dst, const void* src, size_t bytes) override {
+    bind();
     if (bytes) after(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
   }
   void download(void* dst, const void* src, size_t bytes) override {
+    bind();
     if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
     wait("download");
   }
   void synchronize() override { wait("synchronize"); }
   // Free device memory (what the KV pool's device tier can still take).
   int64_t free_memory() const override {
+    bind();
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
       cudaGetLastError();
@@ -451,6 +470,7 @@ class CudaBackend final : public Backend {
   }
 
   WeightView upload_weight(const WeightView& host) override {
+    bind();
     if (!host.data || host.rows <= 0 || host.cols <= 0)
       fail("cuda backend: upload_weight: empty weight ({} x {})", host.rows, host.cols);
     const size_t dense = row_bytes(host.type, host.cols);  // validates the type and the block size
@@ -535,6 +555,7 @@ class CudaBackend final : public Backend {
   }
 
   const float* upload_f32(const float* host, int64_t n) override {
+    bind();
     if (!host || n <= 0) return nullptr;
     void* d = nullptr;
     check(cudaMalloc(&d, size_t(n) * 4), "upload_f32");
@@ -545,10 +566,12 @@ class CudaBackend final : public Backend {
 
   // ---- KV -----------------------------------------------------------------------------------------------
   std::unique_ptr<KVStore> kv_create(const KVLayout& layout) override {
+    bind();
     return std::make_unique<CudaKVStore>(layout, stream_);
   }
 
   void kv_reset(KVStore& kv, std::span<const int32_t> ids) override {
+    bind();
     CudaKVStore& st = store(kv);
     for (int32_t id : ids) st.check_id(id, "kv_reset");
     if (ids.empty()) return;
@@ -558,6 +581,7 @@ class CudaBackend final : public Backend {
   }
 
   void kv_copy_pages(KVStore& kv, std::span<const PageCopy> copies) override {
+    bind();
     CudaKVStore& st = store(kv);
     for (const PageCopy& c : copies) {
       st.check_id(c.src, "kv_copy_pages");
@@ -578,6 +602,7 @@ class CudaBackend final : public Backend {
   }
 
   void kv_copy_slots(KVStore& kv, std::span<const SlotCopy> copies) override {
+    bind();
     CudaKVStore& st = store(kv);
     for (const SlotCopy& c : copies) {
       if (c.src != -1) st.check_slot(c.src, "kv_copy_slots");
@@ -591,12 +616,14 @@ class CudaBackend final : public Backend {
 
   void kv_store(KVStore& kv, const float* k, const float* v, int64_t n_rows, int n_kv_heads, const int32_t* slots,
                 const int32_t* pos) override {
+    bind();
     CudaKVStore& st = store(kv);
     if (n_rows < 0 || n_kv_heads <= 0) fail("cuda backend: kv_store: bad shape ({} rows, {} KV heads)", n_rows, n_kv_heads);
     after(cuda::launch_kv_store(st.dev, k, v, n_rows, n_kv_heads, slots, pos, err_dev_, stream_), "kv_store");
   }
 
   void kv_read_scores(KVStore& kv, std::span<const int32_t> ids, float* out) override {
+    bind();
     CudaKVStore& st = store(kv);
     if (!st.layout().slot_scores) fail("cuda backend: kv_read_scores: the store keeps no slot scores");
     for (int32_t id : ids) st.check_id(id, "kv_read_scores");
@@ -607,6 +634,7 @@ class CudaBackend final : public Backend {
   }
 
   void kv_read_page(KVStore& kv, int32_t id, float* k, float* v, int32_t* pos) override {
+    bind();
     CudaKVStore& st = store(kv);
     st.check_id(id, "kv_read_page");
     wait("kv_read_page");
@@ -624,6 +652,7 @@ class CudaBackend final : public Backend {
   }
 
   void select_pages(KVStore& kv, const AttnBatch& b) override {
+    bind();
     CudaKVStore& st = store(kv);
     if (b.n_jobs < 0) fail("cuda backend: select_pages: {} jobs", b.n_jobs);
     if (b.n_jobs == 0) return;
@@ -632,6 +661,7 @@ class CudaBackend final : public Backend {
   }
 
   void attention(KVStore& kv, const AttnBatch& b) override {
+    bind();
     CudaKVStore& st = store(kv);
     if (b.n_jobs < 0) fail("cuda backend: attention: {} jobs", b.n_jobs);
     if (b.n_jobs == 0) return;
@@ -717,6 +747,14 @@ class CudaBackend final : public Backend {
     fail("cuda backend: {} (seen at {})", what, op);
   }
 
+  // Makes this backend's GPU current on the calling thread (ranks of a tensor-parallel group share threads).
+  void bind() const {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current == device_) return;
+    check(cudaSetDevice(device_), "set device");
+  }
+
+  int device_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   uint32_t* err_dev_ = nullptr;
@@ -758,7 +796,22 @@ std::string cuda_device_description() {
   return fmt::format("{} ({} SMs, {:.1f} GiB)", p.name, p.multiProcessorCount, double(p.totalGlobalMem) / double(1 << 30));
 }
 
-std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+
+int cuda_device(Backend& be) {
+  auto* c = dynamic_cast<CudaBackend*>(&be);
+  if (!c) fail("cuda_device: not a CUDA backend");
+  return c->device();
+}
 
 cudaStream_t cuda_stream(Backend& be) {
   auto* c = dynamic_cast<CudaBackend*>(&be);
