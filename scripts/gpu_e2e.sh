@@ -102,7 +102,18 @@ stamp() { echo "== $1 $(date +%T)"; }
   if on kvq8; then
     stamp kvq8
     $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 2 --kv-type q8_0
-    # the map with topk (4096-token budget) in place of streaming: a map file with those heads is still to be written
+    # the map with topk (4096 tokens per step: the sink page, 125 chosen and 2 recent pages of 32, the others in
+    # the host tier) in place of streaming (what `synth --map-rest topk` writes)
+    python3 - /tmp/l8b-map.json /tmp/l8b-map-topk.json <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+for h in m["heads"]:
+    if h["policy"] == "streaming":
+        for k in ("sinks", "window", "prefill"): h.pop(k, None)
+        h.update(policy="topk", topk_pages=125, recent_pages=2, offload=1)
+json.dump(m, open(sys.argv[2], "w"))
+PY
+    $B bench -m $S --device cuda -p 0 -n 64 -d 131072 -r 2 --head-map /tmp/l8b-map-topk.json
   fi
   if on eval; then
     stamp eval

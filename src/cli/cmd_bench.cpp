@@ -69,7 +69,10 @@ PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps,
                  100.0 * double(kv.device_bytes() + kv.host_bytes() + kv.device_meta_bytes()) / double(full),
                  kv_type_name(st.setup.layout.type), double(full) / 1048576.0);
   }
+  const PagePool& pool = *st.pool;
+  int64_t moved0 = 0, moved_tokens = 0;
   for (int r = 0; r < reps + 1; ++r) {  // the first run warms up and is not counted
+    if (r == 1) moved0 = pool.device_moves_in() + pool.device_moves_out();
     for (Sequence* s : seqs) {
       // pp: n more prompt tokens; tg: one token, then n-1 forced ones (no sampling, no early end): n rows each.
       if (pp) engine.extend(*s, random_tokens(n), 0);
@@ -86,8 +89,14 @@ PhaseRun measure(EngineStack& st, bool pp, int d, int n, int parallel, int reps,
     if (r > 0) {
       out.rates.push_back(double(n) * parallel / s);
       out.seconds.push_back(s);
+      moved_tokens += int64_t(n) * parallel;
     }
   }
+  // Tier moves (offloading policies): pages copied between the device and the host tier while timed.
+  if (const int64_t moved = pool.device_moves_in() + pool.device_moves_out() - moved0; moved > 0 && moved_tokens > 0)
+    std::fprintf(stderr, "bench: %s at depth %d: %.1f page moves between the tiers per token, %.2f MiB per token\n",
+                 pp ? "pp" : "tg", d, double(moved) / double(moved_tokens),
+                 double(moved) * double(pool.page_bytes()) / double(moved_tokens) / 1048576.0);
   for (Sequence* q : seqs) engine.release(*q);
   return out;
 }

@@ -85,7 +85,8 @@ void register_synth(CLI::App& app) {
   static uint64_t seed = 1;
   static std::string map_out;
   static double map_full = 0.25;
-  static int map_sinks = 64, map_window = 1024;
+  static int map_sinks = 64, map_window = 1024, map_topk_tokens = 4096;
+  static std::string map_rest = "streaming";
   auto* cmd = app.add_subcommand("synth", "write a random-weight model of a real shape (for speed tests only)");
   cmd->add_option("--shape", shape, "llama3-8b | llama3-1b | qwen2-0.5b | tiny")->capture_default_str();
   cmd->add_option("--type", type, "weight type: f32 | f16 | bf16 | q8_0")->capture_default_str();
@@ -97,10 +98,21 @@ void register_synth(CLI::App& app) {
   cmd->add_option("--seed", seed, "random seed")->capture_default_str();
   cmd->add_option("--head-map", map_out,
                   "also write a head map FILE for the model: --map-full of the KV heads full (spread over the heads "
-                  "of each layer), the rest streaming (--map-sinks, --map-window, prefill window)");
+                  "of each layer), the rest --map-rest (streaming: --map-sinks, --map-window, prefill window)");
   cmd->add_option("--map-full", map_full, "--head-map: share of KV heads kept full")->check(CLI::Range(0.0, 1.0))->capture_default_str();
   cmd->add_option("--map-sinks", map_sinks, "--head-map: streaming heads' sink tokens")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   cmd->add_option("--map-window", map_window, "--head-map: streaming heads' window")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  cmd->add_option("--map-rest", map_rest,
+                  "--head-map: the policy of the heads that are not full: streaming, or topk (Quest pages chosen per "
+                  "step within --map-topk-tokens, the other pages offloaded to the host tier; --map-sinks/--map-window "
+                  "are streaming's)")
+      ->check(CLI::IsMember({"streaming", "topk"}))
+      ->capture_default_str();
+  cmd->add_option("--map-topk-tokens", map_topk_tokens,
+                  "--head-map with --map-rest topk: tokens a topk head reads per decode step (its sink page, 2 recent "
+                  "pages and the chosen ones, pages of 32 tokens)")
+      ->check(CLI::Range(128, 1 << 24))
+      ->capture_default_str();
   cmd->callback([] {
     const Shape* s = nullptr;
     for (const Shape& k : kShapes)
@@ -170,6 +182,14 @@ void register_synth(CLI::App& app) {
       st.sinks = map_sinks;
       st.window = map_window;
       st.prefill = PrefillMode::Window;
+      if (map_rest == "topk") {  // the same token budget in pages of KVOptions' default size
+        const int page = KVOptions{}.page_size;
+        st = PolicySpec{};
+        st.kind = PolicyKind::TopK;
+        st.recent_pages = 2;
+        st.topk_pages = std::max(1, map_topk_tokens / page - 1 - st.recent_pages);  // 1: the sink page
+        st.offload = true;
+      }
       HeadMap map = HeadMap::uniform(m->identity(), st);
       const int nkv = m->config().n_head_kv, total = L * nkv;
       const int n_full = int(std::lround(map_full * total));
@@ -178,8 +198,13 @@ void register_synth(CLI::App& app) {
         const int k = int(int64_t(i) * total / std::max(1, n_full));
         map.at(k / nkv, (k % nkv + k / nkv) % nkv).spec = PolicySpec{};  // full
       }
-      map.note = fmt::format("headroom synth: {} of {} KV heads full, the rest streaming (sinks {}, window {}, prefill window)",
-                             map.count(PolicyKind::Full), total, map_sinks, map_window);
+      map.note = map_rest == "topk"
+                     ? fmt::format("headroom synth: {} of {} KV heads full, the rest topk ({} tokens per step: the "
+                                   "sink page, {} chosen and {} recent pages of {}; the others offloaded)",
+                                   map.count(PolicyKind::Full), total, map_topk_tokens, st.topk_pages,
+                                   st.recent_pages, KVOptions{}.page_size)
+                     : fmt::format("headroom synth: {} of {} KV heads full, the rest streaming (sinks {}, window {}, "
+                                   "prefill window)", map.count(PolicyKind::Full), total, map_sinks, map_window);
       map.save(map_out);
       std::fprintf(stderr, "synth: %s\n", map.note.c_str());
     }

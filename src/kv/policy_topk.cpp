@@ -87,10 +87,12 @@ extern const PolicyDescriptor kTopKPolicy{
     [](const PolicySpec& s, nlohmann::json& x) {
       x["topk_pages"] = s.topk_pages;
       x["recent_pages"] = s.recent_pages;
+      if (s.offload) x["offload"] = 1;
     },
     [](const nlohmann::json& x, PolicySpec& s, const JsonPlace& at) {
       s.topk_pages = int(json_int(x, at, "topk_pages", {1, double(kMaxContext)}, s.topk_pages));
       s.recent_pages = int(json_int(x, at, "recent_pages", {1, double(kMaxContext)}, s.recent_pages));
+      s.offload = json_int(x, at, "offload", {0, 1}, s.offload ? 1 : 0) != 0;  // 1: unread pages in the host tier
     },
     true, false, [](const PolicySpec& s) { return s.offload; }};
 
