@@ -75,6 +75,9 @@ stamp() { echo "== $1 $(date +%T)"; }
   if on map8; then
     stamp map8
     $B bench -m $S --device cuda -p 2048 -n 64 -d 131072 -r 2 --head-map /tmp/l8b-map.json
+    # prefill split-KV off (the A/B), and chunks of 2048 rows (llama.cpp's n_batch) with it on
+    HEADROOM_CUDA_PF_SPLIT=0 $B bench -m $S --device cuda -p 2048 -n 0 -d 131072 -r 2 --head-map /tmp/l8b-map.json | tail -1 | sed 's/$/  (prefill split-KV off)/'
+    $B bench -m $S --device cuda -p 2048 -n 0 -d 131072 -r 2 --head-map /tmp/l8b-map.json --chunk 2048 | tail -1 | sed 's/$/  (--chunk 2048)/'
   fi
   if on par8; then
     stamp par8

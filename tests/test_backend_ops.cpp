@@ -2212,6 +2212,19 @@ TEST(CudaBackendOps, PrefillAttentionAgainstCpu) {
   prefill_cases(gpu.get());
 }
 
+// Split-KV: the same cases with every job cut into KV ranges of 1 and of 3 tiles (64 slots each), merged
+// afterwards (the long-context plan cuts ranges of >= 256 tiles, too long for test data): the same tolerance,
+// and two runs bitwise equal.
+TEST(CudaBackendOps, PrefillAttentionSplitKVAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  for (const char* tiles : {"1", "3"}) {
+    SCOPED_TRACE(testing::Message() << "ranges of " << tiles << " tiles");
+    setenv("HEADROOM_CUDA_PF_SPLIT", tiles, 1);
+    prefill_cases(gpu.get());
+    unsetenv("HEADROOM_CUDA_PF_SPLIT");
+  }
+}
+
 TEST(CudaBackendOps, SelectPagesAgainstCpu) {
   REQUIRE_CUDA(gpu);
   auto cpu = make_cpu_backend(2);

@@ -22,7 +22,9 @@
 //     registers as the A operand, O += P V (ldmatrix.trans of V rows), F32 accumulators.
 // A row with no allowed slot gets zeros. No atomics: the result is deterministic (fixed order per job).
 // Heavy blocks first: block x = tile_rev * n_jobs + job, and a job's tile_rev 0 is its last (longest causal) tile.
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "backend/cuda/common.cuh"
 
@@ -115,9 +117,25 @@ constexpr size_t pf_smem() {
          + size_t(2) * 2 * kBN * 8;    // K, V row pointers (low bit: host tier)
 }
 
+// Ranges (of split_tiles KV tiles) a job of n_kt tiles is cut into: 1 without splitting.
+__host__ __device__ inline int pf_job_splits(int n_kt, int n_splits, int split_tiles) {
+  if (n_splits <= 1) return 1;
+  return n_kt <= split_tiles ? 1 : (n_kt + split_tiles - 1) / split_tiles;
+}
+
+// Split-KV (long contexts): a job's KV tiles are cut into ranges of `split_tiles`; block (tile, split, job)
+// walks one range and, when the job has several, writes its unnormalized O and (max, sum) to the split scratch
+// for pf_merge_kernel. n_splits == 1: one range per job, the output written directly.
+struct PfSplit {
+  int n_splits = 1;
+  int split_tiles = INT_MAX;
+  float* part = nullptr;  // [split][pair][D]
+  float* ml = nullptr;    // [split][pair][2]: max (base 2, scaled), sum
+};
+
 template <int T, int D, int NW>
 __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
-    attn_prefill_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, int n_tiles, uint32_t* err) {
+    attn_prefill_kernel(KVDev kv, AttnBatch b, AttnScratch scr, int hq, int n_tiles, PfSplit sp, uint32_t* err) {
   constexpr int kPfThreads = NW * 32, kBM = 16 * NW;
   constexpr bool BF = T == kKVBF16;
   constexpr int CH = D / 8;  // 16-byte chunks per tile row
@@ -125,23 +143,28 @@ __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
   constexpr int NT = kBN / 8;
   constexpr int DT = D / 8;
   const int job_i = int(blockIdx.x % unsigned(b.n_jobs));
-  const int tile_rev = int(blockIdx.x / unsigned(b.n_jobs));
+  const int split = int(blockIdx.x / unsigned(b.n_jobs) % unsigned(sp.n_splits));
+  const int tile_rev = int(blockIdx.x / unsigned(b.n_jobs) / unsigned(sp.n_splits));
   const AttnJob job = b.jobs[job_i];
   const bool has_scores = kv.sc[0] != nullptr || kv.sc[1] != nullptr;
   if (!prefill_takes(job, has_scores)) return;
   const int G = b.n_group, P = kv.page_size;
   const int RB = kBM / G;
   const int job_tiles = (job.n_rows + RB - 1) / RB;
-  if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0 || job_tiles > n_tiles) {
-    if (threadIdx.x == 0 && tile_rev == 0) atomicOr(err, kErrAttnShape);
+  const int64_t n_slots = int64_t(job.n_pages) * P;
+  const int n_kt = int((n_slots + kBN - 1) / kBN);
+  const int n_js = pf_job_splits(n_kt, sp.n_splits, sp.split_tiles);  // this job's ranges
+  if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0 || job_tiles > n_tiles ||
+      n_js > sp.n_splits) {
+    if (threadIdx.x == 0 && tile_rev == 0 && split == 0) atomicOr(err, kErrAttnShape);
     return;
   }
   const int tile = job_tiles - 1 - tile_rev;
-  if (tile < 0) return;
+  if (tile < 0 || split >= n_js) return;
   const int r0 = tile * RB;                       // first row of the job in this block
   const int nr = min(RB, job.n_rows - r0);        // rows in this block
-  const int64_t n_slots = int64_t(job.n_pages) * P;
-  const int n_kt = int((n_slots + kBN - 1) / kBN);
+  const int t_begin = n_js == 1 ? 0 : split * sp.split_tiles;  // this block's KV tiles [t_begin, t_end)
+  const int t_end = n_js == 1 ? n_kt : min(n_kt, t_begin + sp.split_tiles);
 
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* sK = smem;                                   // [2][kBN][D] halves
@@ -198,7 +221,7 @@ __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
   const int32_t qlo_max = win_lo(qmax, window), qlo_min = win_lo(qmin, window);
   auto fetch_id = [&](int t) -> int32_t {  // -1 past the job's slots (publish tells a bad id from that)
     const int64_t gi = int64_t(t) * kBN + tid;
-    if (tid >= kBN || t >= n_kt || gi >= n_slots) return -1;
+    if (tid >= kBN || t >= t_end || gi >= n_slots) return -1;
     return b.page_ids[job.page0 + int(gi / P)];
   };
   auto fetch_pos = [&](int t, int32_t id) -> int32_t {
@@ -211,7 +234,7 @@ __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
   auto publish = [&](int t, int32_t id, int32_t ps, bool& need, bool& full) {
     bool maybe = false, all = true;
     if (tid < kBN) {
-      const bool in_job = t < n_kt && int64_t(t) * kBN + tid < n_slots;
+      const bool in_job = t < t_end && int64_t(t) * kBN + tid < n_slots;
       if (!in_job || id < 0 || id >= kv.total_pages) {
         if (in_job) atomicOr(err, kErrAttnPage);
         ps = -1;
@@ -277,21 +300,21 @@ __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
   for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
 
-  // Prologue: tile 0 published and issued; tile 1's position and tile 2's page id in flight.
+  // Prologue: the first tile published and issued; the second's position and the third's page id in flight.
   bool need_cur = false, full_cur = false;
   {
-    const int32_t id0 = fetch_id(0);
-    publish(0, id0, fetch_pos(0, id0), need_cur, full_cur);
-    if (need_cur) load_tile(0);
+    const int32_t id0 = fetch_id(t_begin);
+    publish(t_begin, id0, fetch_pos(t_begin, id0), need_cur, full_cur);
+    if (need_cur) load_tile(t_begin);
     cp_async_commit();
   }
-  int32_t id1 = fetch_id(1);
-  int32_t pos1 = fetch_pos(1, id1);
-  int32_t id2 = fetch_id(2);
+  int32_t id1 = fetch_id(t_begin + 1);
+  int32_t pos1 = fetch_pos(t_begin + 1, id1);
+  int32_t id2 = fetch_id(t_begin + 2);
 
-  for (int t = 0; t < n_kt; ++t) {
+  for (int t = t_begin; t < t_end; ++t) {
     bool need_nxt = false, full_nxt = false;
-    if (t + 1 < n_kt) {
+    if (t + 1 < t_end) {
       publish(t + 1, id1, pos1, need_nxt, full_nxt);
       if (need_nxt) load_tile(t + 1);
     }
@@ -387,12 +410,76 @@ __global__ void __launch_bounds__(NW * 32, (D == 64 || NW == 4) ? 2 : 1)
       if (c4 == 0) atomicOr(err, kErrAttnScratch);
       continue;
     }
+    if (n_js > 1) {  // one range of several: unnormalized O and (max, sum) for pf_merge_kernel
+      const int64_t si = int64_t(split) * scr.ml_pairs + mi;
+      float* pp = sp.part + si * D + 2 * c4;
+#pragma unroll
+      for (int i = 0; i < DT; ++i) *reinterpret_cast<float2*>(pp + 8 * i) = make_float2(o[i][2 * h2], o[i][2 * h2 + 1]);
+      if (c4 == 0) *reinterpret_cast<float2*>(sp.ml + si * 2) = make_float2(mrow[h2], l);
+      continue;
+    }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     float* op = b.out + int64_t(orow[h2]) * b.out_stride + int64_t(ohead[h2]) * D + 2 * c4;
 #pragma unroll
     for (int i = 0; i < DT; ++i)
       *reinterpret_cast<float2*>(op + 8 * i) = make_float2(o[i][2 * h2] * inv, o[i][2 * h2 + 1] * inv);
   }
+}
+
+// Merges the ranges of the split jobs: block (job, row), threads over (head of the group, dim). In range order,
+// so deterministic: O = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s, zeros where no range had a slot.
+__global__ void pf_merge_kernel(AttnBatch b, AttnScratch scr, int hq, int page_size, PfSplit sp, int has_scores) {
+  const AttnJob job = b.jobs[blockIdx.x % unsigned(b.n_jobs)];
+  const int r = int(blockIdx.x / unsigned(b.n_jobs));
+  if (!prefill_takes(job, has_scores != 0) || r >= job.n_rows || job.n_pages < 0) return;
+  const int64_t n_kt = (int64_t(job.n_pages) * page_size + kBN - 1) / kBN;
+  const int n_js = pf_job_splits(int(n_kt), sp.n_splits, sp.split_tiles);
+  if (n_js <= 1 || n_js > sp.n_splits) return;
+  const int D = b.head_dim, G = b.n_group;
+  const int orow = job.row0 + r;
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int hh = idx / D, d = idx % D;
+    const int ohead = job.kv_head * G + hh;
+    const int64_t mi = int64_t(orow) * hq + ohead;
+    if (mi >= scr.ml_pairs) return;  // (the kernel flagged it)
+    float M = -INFINITY;
+    for (int s = 0; s < n_js; ++s) M = fmaxf(M, sp.ml[(int64_t(s) * scr.ml_pairs + mi) * 2]);
+    float L = 0.0f, O = 0.0f;
+    if (M != -INFINITY)
+      for (int s = 0; s < n_js; ++s) {
+        const int64_t si = int64_t(s) * scr.ml_pairs + mi;
+        const float m = sp.ml[si * 2];
+        if (m == -INFINITY) continue;
+        const float w = exp2f(m - M);
+        L += w * sp.ml[si * 2 + 1];
+        O += w * sp.part[si * D + d];
+      }
+    b.out[int64_t(orow) * b.out_stride + int64_t(ohead) * D + d] = L > 0.0f ? O / L : 0.0f;
+  }
+}
+
+// Tiles a split range holds at least (shorter jobs are not split), and the most ranges.
+constexpr int kPfSplitMinTiles = 256;  // 16k slots
+constexpr int kPfMaxSplits = 8;
+constexpr int64_t kPfSplitMaxBytes = int64_t(512) << 20;  // scratch cap
+
+// The split plan from the batch's host-known shape (max_pages): longer jobs are cut into up to 8 ranges so that
+// a chunk over a long context fills the GPU even when a few heads (a head map's full ones) hold all the pages.
+// HEADROOM_CUDA_PF_SPLIT=0 turns it off; =N (N > 0) forces ranges of N tiles (tests; at most 64 ranges).
+PfSplit pf_plan(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
+  PfSplit sp;
+  const char* env = std::getenv("HEADROOM_CUDA_PF_SPLIT");  // (read per call: the tests set it)
+  const int forced = env && *env ? std::atoi(env) : -1;
+  if (forced == 0 || b.max_pages <= 0 || pairs <= 0) return sp;
+  const int64_t max_kt = (int64_t(b.max_pages) * kv.page_size + kBN - 1) / kBN;
+  int64_t S = forced > 0 ? (max_kt + forced - 1) / forced : std::min<int64_t>(kPfMaxSplits, max_kt / kPfSplitMinTiles);
+  S = std::min<int64_t>(S, forced > 0 ? 64 : kPfMaxSplits);
+  while (S > 1 && S * pairs * (b.head_dim + 2) * 4 > kPfSplitMaxBytes) --S;
+  if (S <= 1) return sp;
+  sp.n_splits = int(S);
+  sp.split_tiles = int((max_kt + S - 1) / S);
+  if (forced > 0) sp.split_tiles = std::max(sp.split_tiles, forced);
+  return sp;
 }
 
 template <int T, int D, int NW>
@@ -407,10 +494,21 @@ cudaError_t run_prefill(const KVDev& kv, const AttnBatch& b, const AttnScratch& 
   }
   const int RB = 16 * NW / b.n_group;
   const int n_tiles = (b.max_rows + RB - 1) / RB;
-  const int64_t blocks = int64_t(n_tiles) * b.n_jobs;
+  PfSplit sp = pf_plan(kv, b, scr.ml_pairs);
+  if (sp.n_splits > 1) {
+    if (!scr.pf_part || scr.pf_splits < sp.n_splits) return cudaErrorInvalidValue;  // the host sized less
+    sp.part = scr.pf_part;
+    sp.ml = scr.pf_part + int64_t(sp.n_splits) * scr.ml_pairs * D;
+  }
+  const int64_t blocks = int64_t(n_tiles) * b.n_jobs * sp.n_splits;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  attn_prefill_kernel<T, D, NW><<<unsigned(blocks), NW * 32, smem, s>>>(kv, b, scr, hq, n_tiles, err);
+  attn_prefill_kernel<T, D, NW><<<unsigned(blocks), NW * 32, smem, s>>>(kv, b, scr, hq, n_tiles, sp, err);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || sp.n_splits == 1) return e;
+  const int64_t mblocks = int64_t(b.n_jobs) * b.max_rows;
+  if (mblocks > INT32_MAX) return cudaErrorInvalidConfiguration;
+  const int threads = std::min(1024, (b.n_group * D + 31) / 32 * 32);
+  pf_merge_kernel<<<unsigned(mblocks), threads, 0, s>>>(b, scr, hq, kv.page_size, sp, kv.sc[0] || kv.sc[1] ? 1 : 0);
   return cudaGetLastError();
 }
 
@@ -427,6 +525,16 @@ cudaError_t run_prefill_d(const KVDev& kv, const AttnBatch& b, const AttnScratch
 
 
 }  // namespace
+
+size_t prefill_split_floats(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
+  if (!prefill_attention_fits(kv, b)) return 0;
+  const PfSplit sp = pf_plan(kv, b, pairs);
+  return sp.n_splits > 1 ? size_t(sp.n_splits) * size_t(pairs) * size_t(b.head_dim + 2) : 0;
+}
+
+int prefill_splits(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
+  return prefill_attention_fits(kv, b) ? pf_plan(kv, b, pairs).n_splits : 1;
+}
 
 bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b) {
   (void)kv;

@@ -677,6 +677,10 @@ class CudaBackend final : public Backend {
         partial_.ensure(cuda::attn_partial_floats(st.dev, b) * 4, "attention"));
     scr.ml_pairs = rows_cap * hq;
     scr.ml = static_cast<float*>(ml_.ensure(size_t(scr.ml_pairs) * 8, "attention"));
+    if (const size_t pf = cuda::prefill_split_floats(st.dev, b, scr.ml_pairs); pf > 0) {
+      scr.pf_part = static_cast<float*>(pf_part_.ensure(pf * 4, "attention"));
+      scr.pf_splits = cuda::prefill_splits(st.dev, b, scr.ml_pairs);
+    }
     after(cuda::launch_attention(st.dev, b, scr, err_dev_, stream_), "attention");
   }
 
@@ -765,7 +769,7 @@ class CudaBackend final : public Backend {
   std::map<uintptr_t, size_t> allocs_;
   std::unordered_map<const void*, Weight> weights_;
   std::vector<void*> owned_;
-  DevBuf xq_, xh_, wtile_, ids_, copies_, partial_, ml_;
+  DevBuf xq_, xh_, wtile_, ids_, copies_, partial_, ml_, pf_part_;
 };
 
 }  // namespace
