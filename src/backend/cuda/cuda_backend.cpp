@@ -29,12 +29,11 @@
 #include <unordered_map>
 #include <vector>
 
-#include <dlfcn.h>
-
 #include <cublas_v2.h>
 
 #include "backend/cpu/quant.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/runtime_lib.h"
 #include "util/error.h"
 
 namespace headroom {
@@ -69,20 +68,15 @@ const Blas& blas() {
   static const Blas b = [] {
     Blas r;
     const std::string versioned = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-    void* lib = dlopen(versioned.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!lib) lib = dlopen("libcublas.so", RTLD_NOW | RTLD_LOCAL);
-    if (!lib) fail("cuda backend: cannot load cuBLAS ({}): {}", versioned, dlerror());
-    auto sym = [&](const char* name) {
-      void* f = dlsym(lib, name);
-      if (!f) fail("cuda backend: {} has no {}", versioned, name);
-      return f;
-    };
-    r.create = reinterpret_cast<decltype(r.create)>(sym("cublasCreate_v2"));
-    r.destroy = reinterpret_cast<decltype(r.destroy)>(sym("cublasDestroy_v2"));
-    r.set_stream = reinterpret_cast<decltype(r.set_stream)>(sym("cublasSetStream_v2"));
-    r.sgemm = reinterpret_cast<decltype(r.sgemm)>(sym("cublasSgemm_v2"));
-    r.gemm_ex = reinterpret_cast<decltype(r.gemm_ex)>(sym("cublasGemmEx"));
-    r.status_string = reinterpret_cast<decltype(r.status_string)>(sym("cublasGetStatusString"));
+    const cuda::RuntimeLib lib =
+        cuda::RuntimeLib::open({versioned, "libcublas.so"}, "cuda backend: cannot load cuBLAS (" + versioned + ")");
+    const char* who = "cuda backend";
+    lib.bind(r.create, "cublasCreate_v2", who);
+    lib.bind(r.destroy, "cublasDestroy_v2", who);
+    lib.bind(r.set_stream, "cublasSetStream_v2", who);
+    lib.bind(r.sgemm, "cublasSgemm_v2", who);
+    lib.bind(r.gemm_ex, "cublasGemmEx", who);
+    lib.bind(r.status_string, "cublasGetStatusString", who);
     return r;  // the library stays loaded for the process
   }();
   return b;

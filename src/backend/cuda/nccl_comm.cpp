@@ -10,10 +10,9 @@
 #include <cstdlib>
 #include <string>
 
-#include <dlfcn.h>
-
 #include "backend/comm.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/runtime_lib.h"
 #include "util/error.h"
 
 namespace headroom {
@@ -40,21 +39,16 @@ const Nccl& nccl() {
     Nccl r;
     const char* env = std::getenv("HEADROOM_NCCL_LIB");
     const std::string name = env && *env ? env : "libnccl.so.2";
-    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!lib && !(env && *env)) lib = dlopen("libnccl.so", RTLD_NOW | RTLD_LOCAL);
-    if (!lib)
-      fail("tensor parallel on CUDA needs NCCL, and {} cannot be loaded ({}); set HEADROOM_NCCL_LIB to the path of "
-           "libnccl.so.2", name, dlerror());
-    auto sym = [&](const char* s) {
-      void* f = dlsym(lib, s);
-      if (!f) fail("tensor parallel: {} has no {}", name, s);
-      return f;
-    };
-    r.comm_init_all = reinterpret_cast<decltype(r.comm_init_all)>(sym("ncclCommInitAll"));
-    r.comm_destroy = reinterpret_cast<decltype(r.comm_destroy)>(sym("ncclCommDestroy"));
-    r.all_reduce = reinterpret_cast<decltype(r.all_reduce)>(sym("ncclAllReduce"));
-    r.get_version = reinterpret_cast<decltype(r.get_version)>(sym("ncclGetVersion"));
-    r.error_string = reinterpret_cast<decltype(r.error_string)>(sym("ncclGetErrorString"));
+    const std::string why = "tensor parallel on CUDA needs NCCL, and " + name +
+                            " cannot be loaded; set HEADROOM_NCCL_LIB to the path of libnccl.so.2";
+    const cuda::RuntimeLib lib = env && *env ? cuda::RuntimeLib::open({name}, why)
+                                             : cuda::RuntimeLib::open({name, "libnccl.so"}, why);
+    const char* who = "tensor parallel";
+    lib.bind(r.comm_init_all, "ncclCommInitAll", who);
+    lib.bind(r.comm_destroy, "ncclCommDestroy", who);
+    lib.bind(r.all_reduce, "ncclAllReduce", who);
+    lib.bind(r.get_version, "ncclGetVersion", who);
+    lib.bind(r.error_string, "ncclGetErrorString", who);
     if (r.get_version(&r.version) != 0) fail("tensor parallel: ncclGetVersion failed");
     if (r.version < 20900)  // graphs capture NCCL collectives from 2.9 on
       fail("tensor parallel: NCCL {} is too old (2.9 or later is needed)", r.version);
