@@ -3,6 +3,8 @@
 // rejection of what can never fit, the parallel limit.
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -203,6 +205,72 @@ TEST(Scheduler, RunsAtMostParallelSequences) {
   while (s[0]->state != Sequence::State::Finished) p = sim.step();
   p = sim.step();
   EXPECT_TRUE(Sim::find(p, s[2]));
+}
+
+// A pool in two parts (tensor-parallel ranks): every sequence's pages sit on the part its weights say (a head
+// map can put all of one sequence's heavy heads on one rank). Admission must count per part: a sequence whose
+// part is full waits even though the pool as a whole has room, and one for the other part goes ahead.
+struct PartPages : FakePages {
+  int64_t part_capacity = 10;
+  std::map<const Sequence*, std::array<int64_t, 2>> weight;  // pages per token-page on part 0, part 1
+  int parts() const override { return 2; }
+  int64_t free_pages(int part) const override {
+    int64_t used = 0;
+    for (const Sequence* s : all)
+      if (s->state != Sequence::State::Parked && s->state != Sequence::State::Finished)
+        used += pages(s->n_cached, ps) * weight.at(s)[size_t(part)];
+    return part_capacity - used;
+  }
+  int64_t need(const Sequence& s, int rows, int part) const override {
+    return (pages(s.n_cached + rows, ps) - pages(s.n_cached, ps)) * weight.at(&s)[size_t(part)];
+  }
+  int64_t held(const Sequence& s, int part) const override { return pages(s.n_cached, ps) * weight.at(&s)[size_t(part)]; }
+  int64_t parked(const Sequence& s, int part) const override { return held(s, part); }
+  // The part-less counts: the sums.
+  int64_t free_pages() const override { return free_pages(0) + free_pages(1); }
+  int64_t need(const Sequence& s, int rows) const override { return need(s, rows, 0) + need(s, rows, 1); }
+  int64_t held(const Sequence& s) const override { return held(s, 0) + held(s, 1); }
+  int64_t parked(const Sequence& s) const override { return held(s); }
+};
+
+TEST(Scheduler, TensorParallelPartsAreCountedEachOnItsOwn) {
+  Scheduler sched(opts(8, 8, 17));
+  PartPages pages;
+  std::vector<std::unique_ptr<Sequence>> owned;
+  auto add = [&](int64_t w0, int64_t w1) {
+    owned.push_back(std::make_unique<Sequence>());
+    Sequence* s = owned.back().get();
+    s->id = int64_t(owned.size());
+    s->n_prompt = 8;  // 2 pages of 4: 4 pages on a part of weight 2
+    pages.all.push_back(s);
+    pages.weight[s] = {w0, w1};
+    sched.add(s);
+    return s;
+  };
+  Sequence* a1 = add(2, 0);
+  Sequence* a2 = add(2, 0);
+  Sequence* a3 = add(2, 0);
+  Sequence* b = add(0, 2);
+  auto admitted = [&](const StepPlan& p, const Sequence* s) {
+    return std::any_of(p.rows.begin(), p.rows.end(), [&](const ScheduledRows& r) { return r.seq == s; });
+  };
+  // The token budget (17) takes two prompts a step, and then a decode and two prompts: a1 and a2 (part 0:
+  // 8 of 10 pages).
+  StepPlan p = sched.schedule(pages);
+  for (const ScheduledRows& r : p.rows) r.seq->n_cached += r.n_rows;
+  EXPECT_TRUE(admitted(p, a1) && admitted(p, a2));
+  // a3 needs 4 more pages of part 0, which has 2 left; the pool as a whole has 12. It waits (waves), and
+  // b, whose pages go to part 1, is not admitted past it (first come, first served) but fits once a3 can.
+  p = sched.schedule(pages);
+  EXPECT_FALSE(admitted(p, a3)) << "part 0 is full: a3 must wait although the pool has room elsewhere";
+  EXPECT_TRUE(p.waves);
+  EXPECT_FALSE(admitted(p, b));
+  // a1 finishes: part 0 has room again (a2's decode row takes 2 of the 6 free), and both a3 and b run.
+  sched.remove(a1);
+  a1->state = Sequence::State::Finished;
+  p = sched.schedule(pages);
+  EXPECT_TRUE(admitted(p, a3));
+  EXPECT_TRUE(admitted(p, b));
 }
 
 TEST(Scheduler, BadOptionsAreOneLine) {

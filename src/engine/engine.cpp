@@ -22,8 +22,21 @@ class CachePages : public PageCounter {
   int64_t held(const Sequence& s) const override { return s.kv->device_pages_held(); }
   int64_t parked(const Sequence& s) const override { return s.kv->parked_pages(); }
   bool can_park(const Sequence& s) const override {
-    return s.kv->device_pages_held() <= pool_.host_capacity() - pool_.host_pages();
+    if (s.kv->device_pages_held() > pool_.host_capacity() - pool_.host_pages()) return false;
+    if (pool_.n_parts() == 1) return true;
+    const std::vector<int64_t> n = s.kv->device_pages_by_part();  // every rank's host part takes its heads'
+    for (int p = 0; p < pool_.n_parts(); ++p)
+      if (n[size_t(p)] > pool_.host_free(p)) return false;
+    return true;
   }
+  // Tensor parallel: each rank's part of the pool counts for the heads placed there.
+  int parts() const override { return pool_.n_parts(); }
+  int64_t free_pages(int part) const override { return pool_.device_free(part); }
+  int64_t need(const Sequence& s, int rows, int part) const override {
+    return s.kv->pages_for_parts(rows)[size_t(part)];
+  }
+  int64_t held(const Sequence& s, int part) const override { return s.kv->device_pages_held(part); }
+  int64_t parked(const Sequence& s, int part) const override { return s.kv->parked_pages_by_part()[size_t(part)]; }
   std::string never_fits(const Sequence& s) const override {
     if (s.kv->pages_held() > 0) return "";  // it has run before: it fitted
     const int64_t least = prompt_min_pages(*s.req.specs, s.n_prompt, pool_.page_size());

@@ -1,6 +1,7 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "util/error.h"
 
@@ -39,9 +40,34 @@ void Scheduler::remove(Sequence* s) {
 
 int Scheduler::next_rows(const Sequence& s) const { return s.prefilling() ? std::min(o_.chunk, s.prompt_left()) : 1; }
 
+namespace {
+// Device pages per part of the pool (one entry for an unsplit pool).
+struct PartPages {
+  std::vector<int64_t> n;
+  bool exceeds(const PartPages& o) const {  // more than `o` in some part
+    for (size_t p = 0; p < n.size(); ++p)
+      if (n[p] > o.n[p]) return true;
+    return false;
+  }
+  void add(const PartPages& o, int sign) {
+    for (size_t p = 0; p < n.size(); ++p) n[p] += sign * o.n[p];
+  }
+};
+}  // namespace
+
 StepPlan Scheduler::schedule(const PageCounter& pages) {
   StepPlan plan;
-  int64_t free = pages.free_pages();
+  const int P = std::max(1, pages.parts());
+  auto per_part = [&](auto&& count) {
+    PartPages c;
+    c.n.resize(size_t(P));
+    for (int p = 0; p < P; ++p) c.n[size_t(p)] = P == 1 ? count(-1) : count(p);
+    return c;
+  };
+  PartPages free = per_part([&](int p) { return p < 0 ? pages.free_pages() : pages.free_pages(p); });
+  auto need_of = [&](const Sequence& s, int rows) {
+    return per_part([&](int p) { return p < 0 ? pages.need(s, rows) : pages.need(s, rows, p); });
+  };
   int tokens = step_tokens_;
 
   // 1. Running sequences, oldest first.
@@ -49,21 +75,21 @@ StepPlan Scheduler::schedule(const PageCounter& pages) {
     Sequence* s = running_[i];
     const int rows = next_rows(*s);
     if (rows > tokens) continue;  // this chunk waits for a step with room: prompts are never cut shorter
-    const int64_t need = pages.need(*s, rows);
-    while (need > free && running_.back() != s && pages.can_park(*running_.back())) {
+    const PartPages need = need_of(*s, rows);
+    while (need.exceeds(free) && running_.back() != s && pages.can_park(*running_.back())) {
       Sequence* victim = running_.back();
       running_.pop_back();
-      free += pages.held(*victim);
+      free.add(per_part([&](int p) { return p < 0 ? pages.held(*victim) : pages.held(*victim, p); }), +1);
       victim->state = Sequence::State::Parked;
       waiting_.push_front(victim);
       plan.preempt.push_back(victim);
     }
-    if (need > free) {
+    if (need.exceeds(free)) {
       if (i == 0 && running_.size() == 1) plan.out_of_pool.push_back(s);
       continue;
     }
     plan.rows.push_back({s, rows, s->prefilling(), s->prefilling() && rows == s->prompt_left()});
-    free -= need;
+    free.add(need, -1);
     tokens -= rows;
   }
   for (Sequence* s : plan.out_of_pool) remove(s);
@@ -80,8 +106,9 @@ StepPlan Scheduler::schedule(const PageCounter& pages) {
     const int rows = next_rows(*s);
     if (rows > tokens) break;
     const bool parked = s->state == Sequence::State::Parked;
-    const int64_t need = pages.need(*s, rows) + (parked ? pages.parked(*s) : 0);
-    if (need > free) {
+    PartPages need = need_of(*s, rows);
+    if (parked) need.add(per_part([&](int p) { return p < 0 ? pages.parked(*s) : pages.parked(*s, p); }), +1);
+    if (need.exceeds(free)) {
       plan.waves = true;
       break;
     }
@@ -90,7 +117,7 @@ StepPlan Scheduler::schedule(const PageCounter& pages) {
     if (parked) plan.resume.push_back(s);
     s->state = Sequence::State::Running;
     plan.rows.push_back({s, rows, s->prefilling(), s->prefilling() && rows == s->prompt_left()});
-    free -= need;
+    free.add(need, -1);
     tokens -= rows;
   }
   return plan;

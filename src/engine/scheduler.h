@@ -23,6 +23,8 @@
 namespace headroom {
 
 // Page counts the scheduler decides on (the engine answers from the KV caches; tests answer by hand).
+// A pool split into parts (tensor-parallel ranks, each its own device pages) answers per part as well: a
+// sequence fits when every part has room for its heads there. One part: the part-less counts.
 class PageCounter {
  public:
   virtual ~PageCounter() = default;
@@ -32,6 +34,11 @@ class PageCounter {
   virtual int64_t parked(const Sequence& s) const = 0;            // pages a parked sequence brings back
   virtual bool can_park(const Sequence& s) const = 0;             // the host tier has room for its pages
   virtual std::string never_fits(const Sequence& s) const = 0;    // "" or why it can never run
+  virtual int parts() const { return 1; }
+  virtual int64_t free_pages(int part) const { return part == 0 ? free_pages() : 0; }
+  virtual int64_t need(const Sequence& s, int rows, int part) const { return part == 0 ? need(s, rows) : 0; }
+  virtual int64_t held(const Sequence& s, int part) const { return part == 0 ? held(s) : 0; }
+  virtual int64_t parked(const Sequence& s, int part) const { return part == 0 ? parked(s) : 0; }
 };
 
 struct SchedulerOptions {

@@ -142,6 +142,20 @@ std::string KVCache::over_budget(int n_rows) const {
       appended_, n_rows, need, held, max_device_, double(max_device_ * pool_.layout().page_bytes()) / (1024.0 * 1024));
 }
 
+std::vector<int64_t> KVCache::device_pages_by_part() const {
+  std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
+  for (size_t i = 0; i < heads_.size(); ++i)
+    for (int32_t id : heads_[i].pages) n[size_t(pool_.head_part(i))] += !pool_.on_host(id);
+  return n;
+}
+
+std::vector<int64_t> KVCache::parked_pages_by_part() const {
+  std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
+  for (size_t i = 0; i < parked_at_.size(); ++i)
+    for (uint8_t b : parked_at_[i]) n[size_t(pool_.head_part(i))] += b;
+  return n;
+}
+
 int64_t KVCache::parked_pages() const {
   int64_t n = 0;
   for (const auto& v : parked_at_)
@@ -154,9 +168,7 @@ bool KVCache::park() {
   const int64_t dev = device_pages_held();
   if (dev > pool_.host_capacity() - pool_.host_pages()) return false;
   if (pool_.n_parts() > 1) {  // every rank's part must take its heads' pages
-    std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
-    for (size_t i = 0; i < heads_.size(); ++i)
-      for (int32_t id : heads_[i].pages) n[size_t(pool_.head_part(i))] += !pool_.on_host(id);
+    const std::vector<int64_t> n = device_pages_by_part();
     for (int p = 0; p < pool_.n_parts(); ++p)
       if (n[size_t(p)] > pool_.host_free(p)) return false;
   }
@@ -180,9 +192,7 @@ bool KVCache::unpark() {
   if (!parked_) return true;
   if (parked_pages() > pool_.device_free()) return false;
   if (pool_.n_parts() > 1) {
-    std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
-    for (size_t i = 0; i < parked_at_.size(); ++i)
-      for (uint8_t b : parked_at_[i]) n[size_t(pool_.head_part(i))] += b;
+    const std::vector<int64_t> n = parked_pages_by_part();
     for (int p = 0; p < pool_.n_parts(); ++p)
       if (n[size_t(p)] > pool_.device_free(p)) return false;
   }

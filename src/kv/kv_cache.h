@@ -89,6 +89,9 @@ class KVCache {
   bool unpark();
   bool parked() const { return parked_; }
   int64_t parked_pages() const;
+  // Per part of the pool (tensor-parallel ranks; one entry for an unsplit pool): device pages held, parked.
+  std::vector<int64_t> device_pages_by_part() const;
+  std::vector<int64_t> parked_pages_by_part() const;
 
   int n_layer() const { return n_layer_; }
   int n_head_kv() const { return n_kv_; }
