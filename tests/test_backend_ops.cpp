@@ -1898,13 +1898,18 @@ void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vect
                                                              << " vs " << rg2.out[i];
     }
     ASSERT_EQ(rc.out.size(), rg.out.size());
+    double worst = 0;
     for (size_t i = 0; i < rc.out.size(); ++i) {
       if (std::isnan(rc.out[i])) {
         ASSERT_TRUE(std::isnan(rg.out[i])) << "the GPU wrote an output nobody owns, " << i;
         continue;
       }
       ASSERT_NEAR(rg.out[i], rc.out[i], 2e-5 * vmax + 1e-30) << "out[" << i << "] (row*head " << i / size_t(D) << ")";
+      if (vmax > 0) worst = std::max(worst, std::fabs(double(rg.out[i]) - double(rc.out[i])) / vmax);
     }
+    if (std::getenv("HEADROOM_TEST_VERBOSE"))
+      std::printf("  cuda attention %s head_dim %d group %d: worst |gpu - cpu| / max|v| = %.3g (bound 2e-5)\n",
+                  kv_type_name(t), D, ct.group, worst);
     for (size_t ji = 0; ji < rc.scores.size(); ++ji) {
       ASSERT_TRUE(bitwise_equal(rg.scores[ji], rg2.scores[ji])) << "two GPU runs differ (scores)";
       for (size_t s = 0; s < rc.scores[ji].size(); ++s)
