@@ -661,20 +661,31 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_tc_kernel(KVDev kv, AttnBa
     if (k == r) myqp = qp[k];
   }
 
-  // Q fragments of pair r: k-step t takes dims d0 .. d0 + 3, d0 = 8 (c + 4 (t / 2)) + 4 (t % 2).
-  uint32_t qa[KS][4];
-  float qinv = 1.0f;
+  // Q fragments of pair r: k-step t takes dims d0 .. d0 + 3, d0 = 8 (c + 4 (t / 2)) + 4 (t % 2). The loads are
+  // issued before the stream starts (page ids, first stages), and used after it, so the latencies overlap.
+  float4 qv[KS];
   {
     const int row = job.row0 + (mine ? r / G : 0), head = job.kv_head * G + (mine ? r % G : 0);
     const float* qrow = b.q + int64_t(row) * b.q_stride + int64_t(head) * D;
+#pragma unroll
+    for (int t = 0; t < KS; ++t)
+      qv[t] = mine ? *reinterpret_cast<const float4*>(qrow + 8 * (c + 4 * (t / 2)) + 4 * (t % 2))
+                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+
+  Stream fs(kv, b, job, err, fsm, pg_lo, npg);
+  fs.start();
+  const int nslots = fs.nslots, nst = fs.stages();
+
+  uint32_t qa[KS][4];
+  float qinv = 1.0f;
+  {
     float x[KS][4];
     float mx = 0.0f;
 #pragma unroll
     for (int t = 0; t < KS; ++t) {
-      const int d0 = 8 * (c + 4 * (t / 2)) + 4 * (t % 2);
-      const float4 v = mine ? *reinterpret_cast<const float4*>(qrow + d0) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      x[t][0] = __fmul_rn(v.x, sc2), x[t][1] = __fmul_rn(v.y, sc2), x[t][2] = __fmul_rn(v.z, sc2),
-      x[t][3] = __fmul_rn(v.w, sc2);
+      x[t][0] = __fmul_rn(qv[t].x, sc2), x[t][1] = __fmul_rn(qv[t].y, sc2), x[t][2] = __fmul_rn(qv[t].z, sc2),
+      x[t][3] = __fmul_rn(qv[t].w, sc2);
 #pragma unroll
       for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(x[t][e]));
     }
@@ -682,25 +693,22 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_tc_kernel(KVDev kv, AttnBa
     mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
     int ex = 0;
     if (mx > 0.0f && mx <= 3.0e38f) {
-      frexpf(mx, &ex);                 // mx in [2^(ex - 1), 2^ex)
+      frexpf(mx, &ex);                    // mx in [2^(ex - 1), 2^ex)
       ex = min(max(15 - ex, -100), 100);  // mx * 2^ex in [2^14, 2^15)
     }
+    const float qs = ldexpf(1.0f, ex);  // exact powers of two
     qinv = ldexpf(1.0f, -ex);
 #pragma unroll
     for (int t = 0; t < KS; ++t) {
       __half h[4], lo[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) split_f16(ldexpf(x[t][e], ex), h[e], lo[e]);
+      for (int e = 0; e < 4; ++e) split_f16(__fmul_rn(x[t][e], qs), h[e], lo[e]);
       qa[t][0] = pack_h2(h[0], h[1]);    // row r (hi), k 2c, 2c + 1: dims d0, d0 + 1
       qa[t][1] = pack_h2(lo[0], lo[1]);  // row r + 8 (lo)
       qa[t][2] = pack_h2(h[2], h[3]);    // row r, k 2c + 8, 2c + 9: dims d0 + 2, d0 + 3
       qa[t][3] = pack_h2(lo[2], lo[3]);
     }
   }
-
-  Stream fs(kv, b, job, err, fsm, pg_lo, npg);
-  fs.start();
-  const int nslots = fs.nslots, nst = fs.stages();
 
   float m = -INFINITY, l = 0.0f;
   float o[NV][4];
@@ -716,16 +724,22 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_tc_kernel(KVDev kv, AttnBa
     for (int tt = 0; tt < TPW; ++tt) {
       const int base = (tt * kTcWarps + warp) * 16;
       if (base >= cnt) continue;  // past the stage's slots (uniform in the warp)
+      // Slots some pair may see: lane l < 16 tests slot base + l (bit l of seen).
+      unsigned seen;
+      {
+        const int32_t ps = lane < 16 && base + lane < cnt ? sP[base + lane] : -1;
+        bool a = false;
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k) a |= fast_allowed(ps, qp[k], job.sinks, job.window);
+        seen = __ballot_sync(0xFFFFFFFFu, a);
+      }
       // This thread's 4 slots (score columns and P / V rows): u = 2 j + e is slot base + 8 j + 2 c + e.
-      bool al[4], any[4];
+      bool al[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int j = base + 8 * (u / 2) + 2 * c + (u % 2);
         const int32_t ps = j < cnt ? sP[j] : -1;
         al[u] = mine && fast_allowed(ps, myqp, job.sinks, job.window);
-        any[u] = false;
-#pragma unroll
-        for (int k = 0; k < kFastNP; ++k) any[u] |= fast_allowed(ps, qp[k], job.sinks, job.window);
       }
       // S = Q K^T for the tile's two n-tiles of 8 slots.
       uint4 kw[2][NCK];
@@ -783,12 +797,12 @@ __global__ void __launch_bounds__(kTcThreads, 2) attn_tc_kernel(KVDev kv, AttnBa
         pa[2] = pack_h2(h[2], h[3]);    // row r, k 2c + 8, 2c + 9: slots u = 2, 3
         pa[3] = pack_h2(lo[2], lo[3]);
       }
-      if (!__all_sync(0xFFFFFFFFu, any[0] && any[1] && any[2] && any[3])) {
+      if (seen != 0xFFFFu) {  // uniform
 #pragma unroll
         for (int u = 0; u < 4; ++u)
 #pragma unroll
           for (int h = 0; h < NCV; ++h)
-            if (!any[u]) vw[u][h] = make_uint4(0u, 0u, 0u, 0u);
+            if (!(seen >> (8 * (u / 2) + 2 * c + u % 2) & 1u)) vw[u][h] = make_uint4(0u, 0u, 0u, 0u);
       }
       // O += P V: n-tile i holds dims 8 (n + 8 (i / 8)) + i % 8 in its column n.
 #pragma unroll
