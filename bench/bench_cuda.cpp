@@ -1,6 +1,6 @@
 // GPU micro-benchmarks of the CUDA backend (no Google Benchmark needed):
 //   build-cuda/bench_cuda [--quick (no 128k rows, no output matrix) | --attention (attention only) |
-//                          --attention-ab (attention only, each decode row also through the legacy kernel) |
+//                          --attention-ab (attention only, each decode row also through the previous fast path, the legacy kernel, the probe) |
 //                          --prefill [--quick] (the prefill attention rows only) |
 //                          --attention-one DEPTH [f16|q8_0] (one 8B case, e.g. under ncu) |
 //                          --gemv [--ns 1,8,...] [--types f16,bf16,q8_0] [--only 8B|1B] (matmul rows only)]
@@ -286,20 +286,21 @@ void bench_attention_case(Backend& be, const AttnShape& sh, KVType t, int depth,
     const double gbs = (kv_bytes + meta) / sec * 1e-9;
     std::printf("%-8s %-5s %7d %5d %10.1f %10.3f %10.0f %6.1f%%", sh.name, kv_type_name(t), depth, seqs, sec * 1e6,
                 sec * sh.layers * 1e3, gbs, 100.0 * gbs / 4252.0);
-    if (legacy_ab) {  // the same cache through the legacy kernel (HEADROOM_CUDA_ATTN_LEGACY), same graph method
-      setenv("HEADROOM_CUDA_ATTN_LEGACY", "1", 1);
-      const double old = time_graph(be, sh.layers, 5, run_layers);
-      unsetenv("HEADROOM_CUDA_ATTN_LEGACY");
-      std::printf(" %10.1f %8.0f %6.2fx", old * 1e6, (kv_bytes + meta) / old * 1e-9, old / sec);
-      // The fast kernel slot by slot (mode 1), and streaming its stages without computing (mode 2: a probe).
-      double mode_sec[3];
-      for (int mode : {1, 2, 3}) {
-        const char* v[] = {"1", "2", "3"};
-        setenv("HEADROOM_CUDA_ATTN_FAST_MODE", v[mode - 1], 1);
-        mode_sec[mode - 1] = time_graph(be, sh.layers, 5, run_layers);
-        unsetenv("HEADROOM_CUDA_ATTN_FAST_MODE");
-      }
-      std::printf(" %9.1f %9.1f %9.0f", mode_sec[0] * 1e6, mode_sec[2] * 1e6, (kv_bytes + meta) / mode_sec[1] * 1e-9);
+    if (legacy_ab) {
+      // The same cache through the previous fast path (HEADROOM_CUDA_ATTN_TC=0: attn_fast_kernel for F16 too),
+      // the legacy kernel (HEADROOM_CUDA_ATTN_LEGACY) and the bulk-copy probe (fast mode 2: streams the stages,
+      // computes nothing), same graph method.
+      auto timed_with = [&](const char* var, const char* val) {
+        setenv(var, val, 1);
+        const double t = time_graph(be, sh.layers, 5, run_layers);
+        unsetenv(var);
+        return t;
+      };
+      const double prev = timed_with("HEADROOM_CUDA_ATTN_TC", "0");
+      const double old = timed_with("HEADROOM_CUDA_ATTN_LEGACY", "1");
+      const double probe = timed_with("HEADROOM_CUDA_ATTN_FAST_MODE", "2");
+      std::printf(" %10.1f %8.0f %6.2fx %10.1f %9.0f", prev * 1e6, (kv_bytes + meta) / prev * 1e-9, prev / sec, old * 1e6,
+                  (kv_bytes + meta) / probe * 1e-9);
     }
     std::printf("\n");
   }
@@ -323,18 +324,32 @@ void bench_prefill(Backend& be, bool quick) {
 void bench_attention(bool quick) {
   std::printf("\n== decode attention (paged flash-decoding, bulk-copy pipeline), every layer's cache ==\n");
   std::printf("GB/s: K+V+positions read per second; %% of the 4252 GB/s device copy%s\n",
-              legacy_ab ? "; then the legacy kernel's us/layer, GB/s and the speedup" : "");
+              legacy_ab ? "; then the previous fast path's (HEADROOM_CUDA_ATTN_TC=0) us/layer, GB/s and the speedup over it, the legacy kernel's us/layer, the no-compute probe" : "");
   std::printf("%-8s %-5s %7s %5s %10s %10s %10s %7s%s\n", "shape", "kv", "depth", "seqs", "us/layer", "ms/token", "GB/s",
-              "of copy", legacy_ab ? "  old us/ly old GB/s speedup  m1 us/ly  m3 us/ly probeGB/s" : "");
+              "of copy", legacy_ab ? " prev us/ly prevGB/s speedup legacy us/ly probeGB/s" : "");
   if (legacy_ab) {
-    std::printf("m1: the fast kernel slot by slot; m3: 2 slots per group batch (default: all 4); probe: its stages streamed"
-                " with no compute (results unused)\n");
+    std::printf("tensor-core kernel blocks/SM: f16 d128 %d, f16 d64 %d\n", cuda::attn_tc_blocks_per_sm(128),
+                cuda::attn_tc_blocks_per_sm(64));
     std::printf("fast kernel blocks/SM: f16 d128 %d, q8_0 d128 %d, f16 d64 %d, q8_0 d64 %d\n",
                 cuda::attn_fast_blocks_per_sm(int(KVType::F16), 128), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 128),
                 cuda::attn_fast_blocks_per_sm(int(KVType::F16), 64), cuda::attn_fast_blocks_per_sm(int(KVType::Q8_0), 64));
   }
   auto be = make_backend("cuda", 0);
   const AttnShape s8{"8B", 32, 8, 4, 128}, s1{"1B", 16, 8, 4, 64};
+  if (legacy_ab) {  // the A/B run: the F16 rows (the tensor-core kernel) first, then Q8_0 (unchanged path)
+    for (const AttnShape& sh : {s8, s1}) {
+      bench_attention_case(*be, sh, KVType::F16, 131072, 1);
+      bench_attention_case(*be, sh, KVType::F16, 8192, 32);
+    }
+    for (const AttnShape& sh : {s8, s1}) {
+      for (int depth : {8192, 32768}) bench_attention_case(*be, sh, KVType::F16, depth, 1);
+      bench_attention_case(*be, sh, KVType::F16, 8192, 8);
+    }
+    for (const AttnShape& sh : {s8, s1})
+      for (int depth : {8192, 131072}) bench_attention_case(*be, sh, KVType::Q8_0, depth, 1);
+    for (const AttnShape& sh : {s8, s1}) bench_attention_case(*be, sh, KVType::Q8_0, 8192, 32);
+    return;
+  }
   for (const AttnShape& sh : {s8, s1})
     for (KVType t : {KVType::F16, KVType::Q8_0})
       for (int depth : {8192, 32768, 131072}) {
@@ -344,7 +359,6 @@ void bench_attention(bool quick) {
   for (const AttnShape& sh : {s8, s1})
     for (KVType t : {KVType::F16, KVType::Q8_0})
       for (int seqs : {8, 32}) bench_attention_case(*be, sh, t, 8192, seqs);
-  if (legacy_ab) return;  // the A/B run is about decode
   bench_prefill(*be, quick);
 }
 

@@ -20,16 +20,21 @@ echo "[dattn] built in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 ( cd build-cuda && HEADROOM_TEST_VERBOSE=1 timeout 150 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests.log" 2>&1 )
 rc=$?
-for m in 1 3; do  # the A/B variants of the fast kernel pass the same tests
-  ( cd build-cuda && HEADROOM_CUDA_ATTN_FAST_MODE=$m timeout 60 ./headroom_backend_tests --gtest_filter='CudaBackendOps.Attention*' > "$out/tests-mode$m.log" 2>&1 )
+# The A/B variants pass the same tests: the previous fast path for F16 too (tc0); DATTN_MODES=1 adds
+# attn_fast_kernel's modes 1 and 3.
+vars="HEADROOM_CUDA_ATTN_TC=0"
+[ "${DATTN_MODES:-0}" = 1 ] && vars="$vars HEADROOM_CUDA_ATTN_FAST_MODE=1 HEADROOM_CUDA_ATTN_FAST_MODE=3"
+for v in $vars; do
+  m=${v##*_}; m=${m,,}; m=${m/=/}
+  ( cd build-cuda && env $v timeout 60 ./headroom_backend_tests --gtest_filter='CudaBackendOps.Attention*' > "$out/tests-$m.log" 2>&1 )
   rcm=$?; [ $rc = 0 ] && rc=$rcm
-  echo "[dattn] fast mode $m tests rc $rcm ($(grep -c '^\[       OK' "$out/tests-mode$m.log") ok)"
-  grep -A8 "Failure" "$out/tests-mode$m.log" | head -20
+  echo "[dattn] $v tests rc $rcm ($(grep -c '^\[       OK' "$out/tests-$m.log") ok)"
+  grep -A8 "Failure" "$out/tests-$m.log" | head -20
 done
 echo "[dattn] tests rc $rc at $(( $(date +%s) - t0 )) s"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/tests.log" | head -40
 grep -B2 -A10 "Failure" "$out/tests.log" | head -60
-left=$(( 280 - ($(date +%s) - t0) ))
+left=$(( ${DATTN_BUDGET:-280} - ($(date +%s) - t0) ))
 [ $left -gt 20 ] && timeout $left ./build-cuda/bench_cuda ${@:---attention-ab} > "$out/bench.log" 2>&1
 echo "[dattn] bench rc $? at $(( $(date +%s) - t0 )) s"
 cat "$out/bench.log"

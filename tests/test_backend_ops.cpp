@@ -1898,13 +1898,18 @@ void check_cuda_attention(Backend& gpu, AttnCase c, std::mt19937& rng, std::vect
                                                              << " vs " << rg2.out[i];
     }
     ASSERT_EQ(rc.out.size(), rg.out.size());
+    double worst = 0;
     for (size_t i = 0; i < rc.out.size(); ++i) {
       if (std::isnan(rc.out[i])) {
         ASSERT_TRUE(std::isnan(rg.out[i])) << "the GPU wrote an output nobody owns, " << i;
         continue;
       }
       ASSERT_NEAR(rg.out[i], rc.out[i], 2e-5 * vmax + 1e-30) << "out[" << i << "] (row*head " << i / size_t(D) << ")";
+      if (vmax > 0) worst = std::max(worst, std::fabs(double(rg.out[i]) - double(rc.out[i])) / vmax);
     }
+    if (std::getenv("HEADROOM_TEST_VERBOSE"))
+      std::printf("  cuda attention %s head_dim %d group %d: worst |gpu - cpu| / max|v| = %.3g (bound 2e-5)\n",
+                  kv_type_name(t), D, ct.group, worst);
     for (size_t ji = 0; ji < rc.scores.size(); ++ji) {
       ASSERT_TRUE(bitwise_equal(rg.scores[ji], rg2.scores[ji])) << "two GPU runs differ (scores)";
       for (size_t s = 0; s < rc.scores[ji].size(); ++s)
@@ -2010,6 +2015,36 @@ TEST(CudaBackendOps, AttentionFastDecodeAgainstCpu) {
     c.jobs = {{0, 3, 0, a, 0, 512, true}};
     check_cuda_attention(*gpu, c, rng);
   }
+}
+
+// The tensor-core split pass (F16 KV, head_dim 64/128: the fast jobs, except score jobs on a store with slot
+// scores). Stores without slot scores (every fast job takes it) and with them (a score job on attn_fast_kernel
+// beside non-score jobs in one batch); GQA 1/2/4 with 1 to 4 pairs a job, many splits, both tiers, holes with NaN
+// garbage, sinks/window, an empty job. The other KV types run the same cases on attn_fast_kernel.
+TEST(CudaBackendOps, AttentionTensorCoreDecodeAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  std::mt19937 rng(108);
+  for (int D : {64, 128})
+    for (int G : {1, 2, 4})
+      for (bool scores : {false, true}) {
+        SCOPED_TRACE(testing::Message() << "head_dim " << D << " group " << G << (scores ? " slot scores" : ""));
+        AttnCase c;
+        c.layout = make_layout(KVType::F32, 32, D, 900, 500, false, scores);
+        const int rb = std::min(3, 4 / G);  // rows of job B (decode: < 4 rows; 3, 4, 4 pairs)
+        c.n_rows = 1 + rb + 1, c.n_kv = 2, c.group = G;
+        c.scale = 1.0f / std::sqrt(float(D));
+        c.q_pos = {20100};
+        for (int r = 0; r < rb; ++r) c.q_pos.push_back(9000 + r);
+        c.q_pos.push_back(50);
+        std::vector<int32_t> ids(1400);
+        std::iota(ids.begin(), ids.end(), 0);
+        std::shuffle(ids.begin(), ids.end(), rng);
+        const std::vector<int32_t> a(ids.begin(), ids.begin() + 640), bb(ids.begin() + 640, ids.begin() + 930);
+        fill_pages(c, a, iota_vec(20101), 0.02, rng);
+        fill_pages(c, bb, iota_vec(9000 + rb), 0.05, rng);
+        c.jobs = {{0, 1, 0, a, 0, 0, scores}, {1, rb, 1, bb, 16, 4000, false}, {1 + rb, 1, 0, {}, 0, 0, false}};
+        check_cuda_attention(*gpu, c, rng);
+      }
 }
 
 // A decode job's output and scores are bitwise the same alone and inside a batch of other jobs.

@@ -2,7 +2,9 @@
 //
 // Decode jobs with n_rows * n_group <= 4 (head_dim 64/128/256, pages of a multiple of 4 slots, 16-byte aligned
 // arrays) take the fast path (attn_fast_kernel + attn_fast_merge_kernel, below): pages streamed into shared
-// memory with bulk asynchronous copies, up to 128 splits per job. Every other job takes the legacy kernel
+// memory with bulk asynchronous copies, up to 128 splits per job. For F16 KV with head_dim 64/128 the split
+// pass is attn_tc_kernel instead (the same stream, QK^T and PV on tensor cores with hi/lo-split operands;
+// HEADROOM_CUDA_ATTN_TC=0 turns it off), except evict's score jobs. Every other job takes the legacy kernel
 // described here (HEADROOM_CUDA_ATTN_LEGACY=1 sends the decode jobs there too, for A/B runs).
 //
 // Grid (n_jobs, kAttnSplits = 64), 256 threads (8 warps). A block reads the job from the device job table (so
@@ -39,6 +41,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/common.cuh"
 
@@ -85,55 +88,6 @@ __device__ __forceinline__ void load_row(const uint8_t* row, int tig, int D, flo
     } else {
       o[c] = d0 < D ? kv_elem<T>(row, d0) : 0.0f;
     }
-  }
-}
-
-// Raw 8-element chunks (kept packed in registers until used): F32 8 words, F16/BF16 4, Q8_0 8 bytes + scale.
-template <int T>
-struct RawWords {
-  static constexpr int N = T == kKVF32 ? 8 : 4;
-};
-template <int T>
-__device__ __forceinline__ void load_raw8(const uint8_t* row, int d0, uint32_t* w) {
-  if constexpr (T == kKVF32) {
-    const uint4 a = *reinterpret_cast<const uint4*>(row + 4 * d0);
-    const uint4 b = *reinterpret_cast<const uint4*>(row + 4 * d0 + 16);
-    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-  } else if constexpr (T == kKVF16 || T == kKVBF16) {
-    const uint4 a = *reinterpret_cast<const uint4*>(row + 2 * d0);
-    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
-  } else {
-    const uint8_t* b = row + (d0 / 32) * 34;
-    const uint16_t* qs = reinterpret_cast<const uint16_t*>(b + 2 + d0 % 32);
-    w[0] = uint32_t(qs[0]) | uint32_t(qs[1]) << 16;
-    w[1] = uint32_t(qs[2]) | uint32_t(qs[3]) << 16;
-    w[2] = ld_u16(b);
-    w[3] = 0;
-  }
-}
-template <int T>
-__device__ __forceinline__ void unpack_raw8(const uint32_t* w, float* o) {
-  if constexpr (T == kKVF32) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = __uint_as_float(w[i]);
-  } else if constexpr (T == kKVF16) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      o[2 * i] = h2f(uint16_t(w[i] & 0xFFFF));
-      o[2 * i + 1] = h2f(uint16_t(w[i] >> 16));
-    }
-  } else if constexpr (T == kKVBF16) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      o[2 * i] = __uint_as_float(w[i] << 16);
-      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-  } else {
-    const float sc = h2f(uint16_t(w[2]));
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) o[4 * i + k] = sc * float(int8_t((w[i] >> (8 * k)) & 0xFF));
   }
 }
 
@@ -211,7 +165,6 @@ struct FastCfg {
   static_assert(CH % 4 == 0 && RB % 4 == 0 && STAGE % 16 == 0, "bulk copies need 16-byte pieces");
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
@@ -280,6 +233,174 @@ __device__ __forceinline__ void fast_row8(const uint8_t* row, int tig, float* o)
   }
 }
 
+// The stage stream of a fast-path block of NT threads: the split's slots [0, nslots) (pages pg_lo .. pg_lo + npg
+// of the job) through NS shared-memory stages of CH slots (K rows, V rows, positions), filled by bulk
+// asynchronous copies (cp.async.bulk, completing on one mbarrier per stage; one copy per page piece and array)
+// that thread 0 issues; host-tier pages (mapped pinned memory) and bad page ids are filled by ordinary
+// loads/stores of the whole block instead. Page ids are staged kFastIdWin at a time in shared memory. Every
+// thread of the block calls every member (they contain block barriers).
+template <int T, int D, int NT>
+struct FastStream {
+  using C = FastCfg<T, D>;
+  static constexpr int CH = C::CH, RB = C::RB, NS = C::NS;
+  const KVDev& kv;
+  const AttnBatch& b;
+  const AttnJob& job;
+  uint32_t* err;
+  uint8_t* fsm;
+  int32_t* sIds;
+  uint64_t* bar;
+  int P, pg_lo, npg, nslots;
+  int win0 = 0;          // first page (relative to pg_lo) whose id is in sIds
+  bool all_dev = false;  // every id of the window is a device-tier page (then thread 0 alone fills the stages)
+
+  __device__ __forceinline__ FastStream(const KVDev& kv_, const AttnBatch& b_, const AttnJob& j, uint32_t* e, uint8_t* sm,
+                                        int lo, int n)
+      : kv(kv_), b(b_), job(j), err(e), fsm(sm), sIds(reinterpret_cast<int32_t*>(sm + C::AREA)),
+        bar(reinterpret_cast<uint64_t*>(sm + C::AREA + kFastIdWin * 4)), P(kv_.page_size), pg_lo(lo), npg(n),
+        nslots(n * kv_.page_size) {}
+  __device__ __forceinline__ int stages() const { return (nslots + CH - 1) / CH; }
+  __device__ __forceinline__ uint8_t* k_of(int st) const { return fsm + st * C::STAGE; }
+  __device__ __forceinline__ uint8_t* v_of(int st) const { return fsm + st * C::STAGE + CH * RB; }
+  __device__ __forceinline__ int32_t* p_of(int st) const {
+    return reinterpret_cast<int32_t*>(fsm + st * C::STAGE + 2 * CH * RB);
+  }
+  // Loads the id window starting at page win0.
+  __device__ __forceinline__ void load_window() {
+    bool odd = false;
+    for (int i = threadIdx.x; i < min(kFastIdWin, npg - win0); i += NT) {
+      const int32_t id = b.page_ids[job.page0 + pg_lo + win0 + i];
+      sIds[i] = id;
+      odd |= id < 0 || id >= kv.dev_pages;
+    }
+    all_dev = __syncthreads_or(odd) == 0;
+  }
+  // The barriers, the first id window and the first NS stages; ends with a block barrier (generic fills of the
+  // first stages are visible).
+  __device__ __forceinline__ void start() {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < NS; ++i) mbar_init(&bar[i], 1);
+      fence_mbar_init();
+    }
+    load_window();
+    for (int t = 0; t < min(NS, stages()); ++t) issue(t);
+    __syncthreads();
+  }
+  __device__ __forceinline__ void wait(int t) { mbar_wait(&bar[t % NS], uint32_t(t / NS) & 1u); }
+  // Fills stage t % NS with the split's slots [t * CH, min(nslots, (t + 1) * CH)).
+  __device__ __forceinline__ void issue(int t) {
+    const int tid = threadIdx.x;
+    const int st = t % NS, i0 = t * CH, i1 = min(nslots, i0 + CH);
+    uint8_t* sK = k_of(st);
+    uint8_t* sV = v_of(st);
+    int32_t* sP = p_of(st);
+    const int pr0 = i0 / P, pr1 = (i1 - 1) / P;
+    if (pr0 < win0 || pr1 >= win0 + kFastIdWin) {  // uniform: every thread sees the same window
+      __syncthreads();
+      win0 = pr0;
+      load_window();
+    }
+    if (all_dev) {  // the common case: bulk copies only, issued by thread 0
+      if (tid == 0) {
+        mbar_arrive_tx(&bar[st], uint32_t(i1 - i0) * uint32_t(2 * RB + 4));
+        for (int i = i0; i < i1;) {
+          const int pr = i / P, a = i - pr * P, n = min(P - a, i1 - i), off = i - i0;
+          const int32_t id = sIds[pr - win0];
+          const int64_t sl = int64_t(id) * P + a;  // device tier (tier 0 named directly: no indexed kernel params)
+          bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+          bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
+          i += n;
+        }
+      }
+      return;
+    }
+    uint32_t dev_bytes = 0;
+    bool generic = false;
+    for (int i = i0; i < i1;) {
+      const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
+      const int32_t id = sIds[pr - win0];
+      if (id < 0 || id >= kv.total_pages) {
+        for (int j = tid; j < n; j += NT) sP[off + j] = -1;
+        if (tid == 0) atomicOr(err, kErrAttnPage);
+        generic = true;
+      } else if (id >= kv.dev_pages) {  // host tier: ordinary loads from mapped memory
+        const int64_t sl = int64_t(id - kv.dev_pages) * P + a;  // host tier
+        const uint4* k4 = reinterpret_cast<const uint4*>(kv.k[1] + sl * RB);
+        const uint4* v4 = reinterpret_cast<const uint4*>(kv.v[1] + sl * RB);
+        uint4* dk = reinterpret_cast<uint4*>(sK + off * RB);
+        uint4* dv = reinterpret_cast<uint4*>(sV + off * RB);
+        const int nw = n * RB / 16;
+        for (int j = tid; j < nw; j += NT) dk[j] = k4[j], dv[j] = v4[j];
+        const int32_t* ps = kv.pos[1] + sl;
+        for (int j = tid; j < n; j += NT) sP[off + j] = ps[j];
+        generic = true;
+      } else {
+        dev_bytes += uint32_t(n) * uint32_t(2 * RB + 4);
+      }
+      i += n;
+    }
+    if (generic) fence_proxy_async();
+    if (tid == 0) {
+      mbar_arrive_tx(&bar[st], dev_bytes);
+      if (dev_bytes)
+        for (int i = i0; i < i1;) {
+          const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
+          const int32_t id = sIds[pr - win0];
+          if (id >= 0 && id < kv.dev_pages) {
+            const int64_t sl = int64_t(id) * P + a;
+            bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
+            bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
+          }
+          i += n;
+        }
+    }
+  }
+};
+
+// Pair k of NG online-softmax states (sM, sL: [NG][NP]), merged in group order: the max and sum (sMLk[2k],
+// sMLk[2k + 1]) and each group's factor 2^(m_g - M) (sF, 0 for a group that saw nothing).
+template <int NG, int NP>
+__device__ __forceinline__ void merge_group_states(const float* sM, const float* sL, float* sF, float* sMLk, int k) {
+  float M = -INFINITY;
+  for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * NP + k]);
+  float L = 0.0f;
+  for (int g = 0; g < NG; ++g) {
+    const float mg = sM[g * NP + k];
+    const float f = (M == -INFINITY || mg == -INFINITY) ? 0.0f : exp2f(mg - M);
+    sF[g * NP + k] = f;
+    if (f != 0.0f) L = fmaf(sL[g * NP + k], f, L);
+  }
+  sMLk[2 * k] = M;
+  sMLk[2 * k + 1] = L;
+}
+
+// The end of a fast-path block (NT threads): merges the NG states (sM, sL [NG][kFastNP], sA [NG][kFastNP][D],
+// written before the call) in group order and writes the split's partial (max, sum, acc) of each pair to
+// part: ml [n_jobs][Sg][kFastNP][2], then acc [n_jobs][Sg][kFastNP][D].
+template <int NG, int NT, int D>
+__device__ __forceinline__ void fast_write_partial(const float* sM, const float* sL, const float* sA, float* sF,
+                                                   float* sMLk, float* part, int Sg, int npairs) {
+  __syncthreads();
+  if (threadIdx.x < kFastNP) merge_group_states<NG, kFastNP>(sM, sL, sF, sMLk, threadIdx.x);
+  __syncthreads();
+  const int64_t slot_base = (int64_t(blockIdx.x) * Sg + blockIdx.y) * kFastNP;
+  float* pml = part + slot_base * 2;
+  float* pacc = part + int64_t(gridDim.x) * Sg * kFastNP * 2 + slot_base * D;
+  for (int i = threadIdx.x; i < kFastNP * D; i += NT) {
+    const int k = i / D, d = i % D;
+    if (k >= npairs) break;
+    float A = 0.0f;
+    for (int g = 0; g < NG; ++g) {
+      const float f = sF[g * kFastNP + k];
+      if (f != 0.0f) A = fmaf(sA[(g * kFastNP + k) * D + d], f, A);
+    }
+    pacc[k * D + d] = A;
+    if (d == 0) pml[2 * k] = sMLk[2 * k], pml[2 * k + 1] = sMLk[2 * k + 1];
+  }
+}
+
 // Pass 1 of the fast path: block (job, split s) writes the split's partial (max, sum, acc) per pair to
 // part: ml [n_jobs][Sg][kFastNP][2], then acc [n_jobs][Sg][kFastNP][D].
 // MODE 0 (default): a group scores all U of its slots of a stage together (U * 4 independent dot/butterfly
@@ -287,12 +408,13 @@ __device__ __forceinline__ void fast_row8(const uint8_t* row, int tig, float* o)
 // version). MODE 2: a bandwidth probe that streams the stages and computes nothing (wrong results; benchmarks
 // only). Measured (2026-12-01, 8B F16 128k): MODE 0 251.7 us/layer, MODE 3 261.0, MODE 1 295.5, probe 4034 GB/s.
 template <int T, int D, int MODE>
-__global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBatch b, float* part, int Sg, uint32_t* err) {
+__global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBatch b, float* part, int Sg, int only_score,
+                                                                uint32_t* err) {
   using C = FastCfg<T, D>;
   constexpr int SUB = C::SUB, GPW = C::GPW, NG = C::NG, U = C::U, CH = C::CH, RB = C::RB, NS = C::NS;
   const AttnJob job = b.jobs[blockIdx.x];
   const int G = b.n_group, P = kv.page_size;
-  if (!fast_job(job, G)) return;
+  if (!fast_job(job, G) || (only_score && !job.score)) return;
   if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) {
     if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
     return;
@@ -301,11 +423,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
   if (s >= S) return;
   const int pps = fast_pps(job.n_pages, P);
   const int pg_lo = s * pps, npg = min(job.n_pages, pg_lo + pps) - pg_lo;
-  const int nslots = npg * P, nst = (nslots + CH - 1) / CH;
 
   extern __shared__ __align__(128) uint8_t fsm[];
-  int32_t* sIds = reinterpret_cast<int32_t*>(fsm + C::AREA);
-  uint64_t* bar = reinterpret_cast<uint64_t*>(fsm + C::AREA + kFastIdWin * 4);
   __shared__ float sM[NG * kFastNP], sL[NG * kFastNP], sF[NG * kFastNP], sMLk[2 * kFastNP];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
   const int tig = lane % SUB, grp = warp * GPW + lane / SUB;
@@ -332,98 +451,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     }
   }
 
-  if (tid == 0) {
-    for (int i = 0; i < NS; ++i) mbar_init(&bar[i], 1);
-    fence_mbar_init();
-  }
-  int win0 = 0;  // first page (relative to pg_lo) whose id is in sIds
-  // Loads the window's ids; all_dev: every one is a device-tier page (then thread 0 alone fills the stages).
-#define HR_FAST_LOAD_WINDOW()                                                    \
-  do {                                                                           \
-    bool odd = false;                                                            \
-    for (int i = tid; i < min(kFastIdWin, npg - win0); i += kThreads) {          \
-      const int32_t id = b.page_ids[job.page0 + pg_lo + win0 + i];               \
-      sIds[i] = id;                                                              \
-      odd |= id < 0 || id >= kv.dev_pages;                                       \
-    }                                                                            \
-    all_dev = __syncthreads_or(odd) == 0;                                        \
-  } while (0)
-  bool all_dev = false;
-  HR_FAST_LOAD_WINDOW();
-
-  // Fills stage t % NS with the split's slots [t * CH, min(nslots, (t + 1) * CH)). Called by every thread.
-  auto issue = [&](int t) {
-    const int st = t % NS, i0 = t * CH, i1 = min(nslots, i0 + CH);
-    uint8_t* sK = fsm + st * C::STAGE;
-    uint8_t* sV = sK + CH * RB;
-    int32_t* sP = reinterpret_cast<int32_t*>(sV + CH * RB);
-    const int pr0 = i0 / P, pr1 = (i1 - 1) / P;
-    if (pr0 < win0 || pr1 >= win0 + kFastIdWin) {  // uniform: every thread sees the same window
-      __syncthreads();
-      win0 = pr0;
-      HR_FAST_LOAD_WINDOW();
-    }
-    if (all_dev) {  // the common case: bulk copies only, issued by thread 0
-      if (tid == 0) {
-        mbar_arrive_tx(&bar[st], uint32_t(i1 - i0) * uint32_t(2 * RB + 4));
-        for (int i = i0; i < i1;) {
-          const int pr = i / P, a = i - pr * P, n = min(P - a, i1 - i), off = i - i0;
-          const int32_t id = sIds[pr - win0];
-          const int64_t sl = int64_t(id) * P + a;  // device tier (tier 0 named directly: no indexed kernel params)
-          bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
-          bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
-          bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
-          i += n;
-        }
-      }
-      return;
-    }
-    uint32_t dev_bytes = 0;
-    bool generic = false;
-    for (int i = i0; i < i1;) {
-      const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
-      const int32_t id = sIds[pr - win0];
-      if (id < 0 || id >= kv.total_pages) {
-        for (int j = tid; j < n; j += kThreads) sP[off + j] = -1;
-        if (tid == 0) atomicOr(err, kErrAttnPage);
-        generic = true;
-      } else if (id >= kv.dev_pages) {  // host tier: ordinary loads from mapped memory
-        const int64_t sl = int64_t(id - kv.dev_pages) * P + a;  // host tier
-        const uint4* k4 = reinterpret_cast<const uint4*>(kv.k[1] + sl * RB);
-        const uint4* v4 = reinterpret_cast<const uint4*>(kv.v[1] + sl * RB);
-        uint4* dk = reinterpret_cast<uint4*>(sK + off * RB);
-        uint4* dv = reinterpret_cast<uint4*>(sV + off * RB);
-        const int nw = n * RB / 16;
-        for (int j = tid; j < nw; j += kThreads) dk[j] = k4[j], dv[j] = v4[j];
-        const int32_t* ps = kv.pos[1] + sl;
-        for (int j = tid; j < n; j += kThreads) sP[off + j] = ps[j];
-        generic = true;
-      } else {
-        dev_bytes += uint32_t(n) * uint32_t(2 * RB + 4);
-      }
-      i += n;
-    }
-    if (generic) fence_proxy_async();
-    if (tid == 0) {
-      mbar_arrive_tx(&bar[st], dev_bytes);
-      if (dev_bytes)
-        for (int i = i0; i < i1;) {
-          const int pr = i / P, a = i % P, n = min(P - a, i1 - i), off = i - i0;
-          const int32_t id = sIds[pr - win0];
-          if (id >= 0 && id < kv.dev_pages) {
-            const int64_t sl = int64_t(id) * P + a;
-            bulk_load(sK + off * RB, kv.k[0] + sl * RB, uint32_t(n * RB), &bar[st]);
-            bulk_load(sV + off * RB, kv.v[0] + sl * RB, uint32_t(n * RB), &bar[st]);
-            bulk_load(sP + off, kv.pos[0] + sl, uint32_t(n * 4), &bar[st]);
-          }
-          i += n;
-        }
-    }
-  };
-
-#undef HR_FAST_LOAD_WINDOW
-  for (int t = 0; t < min(NS, nst); ++t) issue(t);
-  __syncthreads();  // generic fills of the first stages are visible
+  FastStream<T, D, kThreads> fs(kv, b, job, err, fsm, pg_lo, npg);
+  fs.start();
+  const int nslots = fs.nslots, nst = fs.stages();
 
   float m[kFastNP], l[kFastNP], acc[kFastNP][8];
 #pragma unroll
@@ -435,10 +465,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
   }
   for (int t = 0; t < nst; ++t) {
     const int st = t % NS, cnt = min(CH, nslots - t * CH);
-    const uint8_t* sK = fsm + st * C::STAGE;
-    const uint8_t* sV = sK + CH * RB;
-    const int32_t* sP = reinterpret_cast<const int32_t*>(sV + CH * RB);
-    mbar_wait(&bar[st], uint32_t(t / NS) & 1u);
+    const uint8_t* sK = fs.k_of(st);
+    const uint8_t* sV = fs.v_of(st);
+    const int32_t* sP = fs.p_of(st);
+    fs.wait(t);
     if constexpr (MODE == 0 || MODE == 3) {
       // Scores of UB of the group's slots at a time for the pairs, as UB * kFastNP independent chains (slots past
       // the stage or not allowed are computed on whatever the buffer holds and masked out; never used).
@@ -543,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     }
     }
     __syncthreads();  // stage st is free
-    if (t + NS < nst) issue(t + NS);
+    if (t + NS < nst) fs.issue(t + NS);
   }
 
   // Merge the NG group states in group order (the stage area is free: every stage was consumed).
@@ -558,36 +588,249 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fast_kernel(KVDev kv, AttnBa
     a4[0] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
     a4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
   }
-  __syncthreads();
-  if (tid < kFastNP) {
-    const int k = tid;
-    float M = -INFINITY;
-    for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * kFastNP + k]);
-    float L = 0.0f;
-    for (int g = 0; g < NG; ++g) {
-      const float mg = sM[g * kFastNP + k];
-      const float f = (M == -INFINITY || mg == -INFINITY) ? 0.0f : exp2f(mg - M);
-      sF[g * kFastNP + k] = f;
-      if (f != 0.0f) L = fmaf(sL[g * kFastNP + k], f, L);
-    }
-    sMLk[2 * k] = M;
-    sMLk[2 * k + 1] = L;
+  fast_write_partial<NG, kThreads, D>(sM, sL, sA, sF, sMLk, part, Sg, npairs);
+}
+
+// ---- Tensor-core decode path (F16 KV, head_dim 64/128, the fast jobs) -----------------------------------------
+//
+// The same stage stream, split rule and partial layout as attn_fast_kernel (attn_fast_merge_kernel combines the
+// splits), but 4 warps a block (2 blocks an SM) and the per-slot work on tensor cores (mma.sync m16n8k16, F16
+// operands, F32 accumulation). A warp takes 16-slot tiles of each stage; its M rows are the job's (up to 4)
+// pairs, twice: row k holds the high F16 part and row k + 8 the low part of an F32 operand, so one mma computes
+// both halves and a thread holds both in its own accumulators (c0/c1 and c2/c3), summed in F32 afterwards.
+//   * S = Q K^T: Q is q * scale * log2(e), scaled per pair by a power of two 2^e (max |q| in [2^14, 2^15): the
+//     low part stays a normal F16) and split q = hi + lo; K (F16, exact) is the B operand, read from the stage
+//     with 16-byte loads (thread (r, c) of the warp: slot r of the n-tile, dims 8 (c + 4 i) .. + 7; a k-step
+//     takes 4 of them, the same dims in Q's fragment). s = (S_hi + S_lo) * 2^-e: the score in log2 units.
+//   * Online softmax per pair in F32 (the 4 threads of a quad share a pair: max by two shuffles; each keeps its
+//     own partial sum, added in a fixed order at the end), p = 2^(s - m).
+//   * O += P V: P * 2^14 split into hi + lo (rows k and k + 8 again), straight from the score fragments (the
+//     FA2 layout); V (F16, exact) is the B operand: thread (r, c) packs dims 8 (r + 8 h) .. + 7 of its 4 slots
+//     into half2 pairs with byte permutes. Slots no pair may see (holes, padding past the stage) have their V
+//     words zeroed, so NaN garbage never meets a zero probability. O * 2^-14 at the end.
+// The four warps' states are merged in warp order, as the groups of attn_fast_kernel. Deterministic: no atomics,
+// every order fixed. Results differ from attn_fast_kernel's by rounding (tensor-core accumulation), within the
+// exact-attention tolerance; evict's score jobs (stores with slot scores) stay on attn_fast_kernel, whose scores
+// the score pass recomputes bit for bit. HEADROOM_CUDA_ATTN_TC=0 turns it off (A/B runs).
+constexpr int kTcWarps = 4, kTcThreads = 32 * kTcWarps;
+constexpr float kTcPScale = 16384.0f, kTcPInv = 1.0f / 16384.0f;
+
+__device__ __forceinline__ uint32_t pack_h2(__half lo, __half hi) {
+  return uint32_t(__half_as_ushort(lo)) | uint32_t(__half_as_ushort(hi)) << 16;
+}
+// x = hi + lo (+ a rounding of lo): hi = f16(x), lo = f16(x - hi) (x - hi exact in F32).
+__device__ __forceinline__ void split_f16(float x, __half& hi, __half& lo) {
+  hi = __float2half_rn(x);
+  lo = __float2half_rn(x - __half2float(hi));
+}
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+template <int D>
+__global__ void __launch_bounds__(kTcThreads, 2) attn_tc_kernel(KVDev kv, AttnBatch b, float* part, int Sg, int skip_score,
+                                                                 uint32_t* err) {
+  using Stream = FastStream<kKVF16, D, kTcThreads>;
+  constexpr int CH = Stream::CH, RB = Stream::RB, NS = Stream::NS;
+  constexpr int TPW = CH / (16 * kTcWarps);  // 16-slot tiles per warp per stage
+  static_assert(TPW >= 1 && CH % (16 * kTcWarps) == 0, "whole tiles per warp");
+  constexpr int KS = D / 16, NV = D / 8, NCK = D / 32, NCV = D / 64;  // QK k-steps, PV n-tiles, K / V chunks
+  static_assert(kTcWarps * kFastNP * D * 4 <= FastCfg<kKVF16, D>::AREA, "the warp merge reuses the stage area");
+  const AttnJob job = b.jobs[blockIdx.x];
+  const int G = b.n_group, P = kv.page_size;
+  if (!fast_job(job, G) || (skip_score && job.score)) return;
+  if (job.row0 < 0 || job.page0 < 0 || job.n_pages < 0 || job.kv_head < 0) {
+    if (threadIdx.x == 0 && blockIdx.y == 0) atomicOr(err, kErrAttnShape);
+    return;
   }
-  __syncthreads();
-  const int64_t slot_base = (int64_t(blockIdx.x) * Sg + s) * kFastNP;
-  float* pml = part + slot_base * 2;
-  float* pacc = part + int64_t(gridDim.x) * Sg * kFastNP * 2 + slot_base * D;
-  for (int i = tid; i < kFastNP * D; i += kThreads) {
-    const int k = i / D, d = i % D;
-    if (k >= npairs) break;
-    float A = 0.0f;
-    for (int g = 0; g < NG; ++g) {
-      const float f = sF[g * kFastNP + k];
-      if (f != 0.0f) A = fmaf(sA[(g * kFastNP + k) * D + d], f, A);
-    }
-    pacc[k * D + d] = A;
-    if (d == 0) pml[2 * k] = sMLk[2 * k], pml[2 * k + 1] = sMLk[2 * k + 1];
+  const int S = fast_splits(job.n_pages, P), s = blockIdx.y;
+  if (s >= S) return;
+  const int pps = fast_pps(job.n_pages, P);
+  const int pg_lo = s * pps, npg = min(job.n_pages, pg_lo + pps) - pg_lo;
+
+  extern __shared__ __align__(128) uint8_t fsm[];
+  __shared__ float sM[kTcWarps * kFastNP], sL[kTcWarps * kFastNP], sF[kTcWarps * kFastNP], sMLk[2 * kFastNP];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+  const int r = lane >> 2, c = lane & 3;  // the mma fragment's group (row / column) and thread in group
+  const float sc2 = b.scale * kLog2e;
+  const int npairs = job.n_rows * G;
+  const bool mine = r < npairs;  // this thread's row r is pair r (lanes 16..31: rows 4..7, never a pair)
+  int32_t qp[kFastNP];
+  int32_t myqp = INT_MIN;
+#pragma unroll
+  for (int k = 0; k < kFastNP; ++k) {
+    qp[k] = k < npairs ? b.q_pos[job.row0 + k / G] : INT_MIN;
+    if (k == r) myqp = qp[k];
   }
+
+  // Q fragments of pair r: k-step t takes dims d0 .. d0 + 3, d0 = 8 (c + 4 (t / 2)) + 4 (t % 2). The loads are
+  // issued before the stream starts (page ids, first stages), and used after it, so the latencies overlap.
+  float4 qv[KS];
+  {
+    const int row = job.row0 + (mine ? r / G : 0), head = job.kv_head * G + (mine ? r % G : 0);
+    const float* qrow = b.q + int64_t(row) * b.q_stride + int64_t(head) * D;
+#pragma unroll
+    for (int t = 0; t < KS; ++t)
+      qv[t] = mine ? *reinterpret_cast<const float4*>(qrow + 8 * (c + 4 * (t / 2)) + 4 * (t % 2))
+                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+
+  Stream fs(kv, b, job, err, fsm, pg_lo, npg);
+  fs.start();
+  const int nslots = fs.nslots, nst = fs.stages();
+
+  uint32_t qa[KS][4];
+  float qinv = 1.0f;
+  {
+    float x[KS][4];
+    float mx = 0.0f;
+#pragma unroll
+    for (int t = 0; t < KS; ++t) {
+      x[t][0] = __fmul_rn(qv[t].x, sc2), x[t][1] = __fmul_rn(qv[t].y, sc2), x[t][2] = __fmul_rn(qv[t].z, sc2),
+      x[t][3] = __fmul_rn(qv[t].w, sc2);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(x[t][e]));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+    int ex = 0;
+    if (mx > 0.0f && mx <= 3.0e38f) {
+      frexpf(mx, &ex);                    // mx in [2^(ex - 1), 2^ex)
+      ex = min(max(15 - ex, -100), 100);  // mx * 2^ex in [2^14, 2^15)
+    }
+    const float qs = ldexpf(1.0f, ex);  // exact powers of two
+    qinv = ldexpf(1.0f, -ex);
+#pragma unroll
+    for (int t = 0; t < KS; ++t) {
+      __half h[4], lo[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) split_f16(__fmul_rn(x[t][e], qs), h[e], lo[e]);
+      qa[t][0] = pack_h2(h[0], h[1]);    // row r (hi), k 2c, 2c + 1: dims d0, d0 + 1
+      qa[t][1] = pack_h2(lo[0], lo[1]);  // row r + 8 (lo)
+      qa[t][2] = pack_h2(h[2], h[3]);    // row r, k 2c + 8, 2c + 9: dims d0 + 2, d0 + 3
+      qa[t][3] = pack_h2(lo[2], lo[3]);
+    }
+  }
+
+  float m = -INFINITY, l = 0.0f;
+  float o[NV][4];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  for (int t = 0; t < nst; ++t) {
+    const int st = t % NS, cnt = min(CH, nslots - t * CH);
+    const uint8_t* sK = fs.k_of(st);
+    const uint8_t* sV = fs.v_of(st);
+    const int32_t* sP = fs.p_of(st);
+    fs.wait(t);
+#pragma unroll
+    for (int tt = 0; tt < TPW; ++tt) {
+      const int base = (tt * kTcWarps + warp) * 16;
+      if (base >= cnt) continue;  // past the stage's slots (uniform in the warp)
+      // Slots some pair may see: lane l < 16 tests slot base + l (bit l of seen).
+      unsigned seen;
+      {
+        const int32_t ps = lane < 16 && base + lane < cnt ? sP[base + lane] : -1;
+        bool a = false;
+#pragma unroll
+        for (int k = 0; k < kFastNP; ++k) a |= fast_allowed(ps, qp[k], job.sinks, job.window);
+        seen = __ballot_sync(0xFFFFFFFFu, a);
+      }
+      // This thread's 4 slots (score columns and P / V rows): u = 2 j + e is slot base + 8 j + 2 c + e.
+      bool al[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = base + 8 * (u / 2) + 2 * c + (u % 2);
+        const int32_t ps = j < cnt ? sP[j] : -1;
+        al[u] = mine && fast_allowed(ps, myqp, job.sinks, job.window);
+      }
+      // S = Q K^T for the tile's two n-tiles of 8 slots.
+      uint4 kw[2][NCK];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < NCK; ++i)
+          kw[j][i] = *reinterpret_cast<const uint4*>(sK + (base + 8 * j + r) * RB + 16 * (c + 4 * i));
+      float sacc[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.0f;
+#pragma unroll
+        for (int kt = 0; kt < KS; ++kt) {
+          const uint4& w = kw[j][kt / 2];
+          mma16816<false>(sacc[j], qa[kt], kt % 2 ? w.z : w.x, kt % 2 ? w.w : w.y);
+        }
+      }
+      // V rows of the 4 slots (chunks r + 8 h), loaded before the softmax so they are in flight meanwhile.
+      uint4 vw[4][NCV];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int h = 0; h < NCV; ++h)
+          vw[u][h] = *reinterpret_cast<const uint4*>(sV + (base + 8 * (u / 2) + 2 * c + (u % 2)) * RB + 16 * (r + 8 * h));
+      float sv[4];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = u / 2, e = u % 2;
+        sv[u] = al[u] ? (sacc[j][e] + sacc[j][e + 2]) * qinv : -INFINITY;
+        mx = fmaxf(mx, sv[u]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+      const float mn = fmaxf(m, mx);
+      const float f = mn > m ? exp2f(m - mn) : 1.0f;
+      if (__any_sync(0xFFFFFFFFu, mn > m)) {
+#pragma unroll
+        for (int i = 0; i < NV; ++i) o[i][0] *= f, o[i][1] *= f, o[i][2] *= f, o[i][3] *= f;
+      }
+      l *= f;
+      m = mn;
+      float p[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) p[u] = al[u] ? exp2f(sv[u] - mn) : 0.0f;
+      l += (p[0] + p[1]) + (p[2] + p[3]);
+      uint32_t pa[4];
+      {
+        __half h[4], lo[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) split_f16(p[u] * kTcPScale, h[u], lo[u]);
+        pa[0] = pack_h2(h[0], h[1]);    // row r (hi), k 2c, 2c + 1: slots u = 0, 1
+        pa[1] = pack_h2(lo[0], lo[1]);  // row r + 8 (lo)
+        pa[2] = pack_h2(h[2], h[3]);    // row r, k 2c + 8, 2c + 9: slots u = 2, 3
+        pa[3] = pack_h2(lo[2], lo[3]);
+      }
+      if (seen != 0xFFFFu) {  // uniform
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int h = 0; h < NCV; ++h)
+            if (!(seen >> (8 * (u / 2) + 2 * c + u % 2) & 1u)) vw[u][h] = make_uint4(0u, 0u, 0u, 0u);
+      }
+      // O += P V: n-tile i holds dims 8 (n + 8 (i / 8)) + i % 8 in its column n.
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int h = i / 8, e = i % 8;
+        const unsigned sel = e % 2 ? 0x7632u : 0x5410u;
+        const uint32_t b0 = __byte_perm(word_of(vw[0][h], e / 2), word_of(vw[1][h], e / 2), sel);
+        const uint32_t b1 = __byte_perm(word_of(vw[2][h], e / 2), word_of(vw[3][h], e / 2), sel);
+        mma16816<false>(o[i], pa, b0, b1);
+      }
+    }
+    __syncthreads();  // stage st is free
+    if (t + NS < nst) fs.issue(t + NS);
+  }
+
+  // The warp's state of pair r: l summed over the quad (the same bits in its 4 lanes), O = (hi + lo) * 2^-14.
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 1);
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 2);
+  float* sA = reinterpret_cast<float*>(fsm);  // [kTcWarps][kFastNP][D]; the stage area is free
+  if (r < kFastNP) {
+    if (c == 0) sM[warp * kFastNP + r] = m, sL[warp * kFastNP + r] = l;
+    float* a = sA + (warp * kFastNP + r) * D;
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) a[8 * (2 * c + e + 8 * (i / 8)) + i % 8] = (o[i][e] + o[i][e + 2]) * kTcPInv;
+  }
+  fast_write_partial<kTcWarps, kTcThreads, D>(sM, sL, sA, sF, sMLk, part, Sg, npairs);
 }
 
 // Combines a fast job's splits: block (job, pair k * (D / 32) + dim chunk), 256 threads. The (max, sum) of the
@@ -871,20 +1114,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(KVDev kv, AttnBatch b
     }
     __syncthreads();
     // Per pair: the merged max and sum, and each group's factor 2^(m_g - M) (0 for a group that saw nothing).
-    if (threadIdx.x < kNP) {
-      const int k = threadIdx.x;
-      float M = -INFINITY;
-      for (int g = 0; g < NG; ++g) M = fmaxf(M, sM[g * kNP + k]);
-      float L = 0.0f;
-      for (int g = 0; g < NG; ++g) {
-        const float mg = sM[g * kNP + k];
-        const float f = (M == -INFINITY || mg == -INFINITY) ? 0.0f : exp2f(mg - M);
-        sF[g * kNP + k] = f;
-        if (f != 0.0f) L = fmaf(sL[g * kNP + k], f, L);
-      }
-      sMLk[2 * k] = M;
-      sMLk[2 * k + 1] = L;
-    }
+    if (threadIdx.x < kNP) merge_group_states<NG, kNP>(sM, sL, sF, sMLk, threadIdx.x);
     __syncthreads();
     for (int i = threadIdx.x; i < kNP * D; i += kThreads) {
       const int k = i / D, d = i % D;
@@ -1070,9 +1300,10 @@ size_t legacy_partial_floats(int n_jobs, int n_group, int head_dim) {
   return (n + 3) & ~size_t(3);  // the fast partials start 16-byte aligned behind these
 }
 
+// Pass 1 of attn_fast_kernel (only_score: the jobs with `score` alone).
 template <int T, int D, int MODE>
-cudaError_t run_fast_mode(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq,
-                          uint32_t* err, cudaStream_t s) {
+cudaError_t fast_pass1(const KVDev& kv, const AttnBatch& b, const Plan& pl, float* part, int only_score, uint32_t* err,
+                       cudaStream_t s) {
   using C = FastCfg<T, D>;
   static bool attr = false;
   if (!attr) {
@@ -1084,30 +1315,70 @@ cudaError_t run_fast_mode(const KVDev& kv, const AttnBatch& b, const Plan& pl, c
     if (e != cudaSuccess) return e;
     attr = true;
   }
-  float* part = scr.partial + legacy_partial_floats(b.n_jobs, b.n_group, b.head_dim);
-  attn_fast_kernel<T, D, MODE><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, err);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  attn_fast_merge_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.fast_pairs * (D / 32))), kThreads, 0, s>>>(
-      b, part, pl.Sg, kv.page_size, scr, hq, err);
+  attn_fast_kernel<T, D, MODE><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg,
+                                                                                                  only_score, err);
   return cudaGetLastError();
 }
 
-// HEADROOM_CUDA_ATTN_FAST_MODE=1|2|3 (A/B runs; F16/Q8_0 with head_dim 64/128 only): the kernel's MODE.
+// Pass 1 of attn_tc_kernel (skip_score: leave the jobs with `score` to attn_fast_kernel).
+template <int D>
+cudaError_t tc_pass1(const KVDev& kv, const AttnBatch& b, const Plan& pl, float* part, int skip_score, uint32_t* err,
+                     cudaStream_t s) {
+  using C = FastCfg<kKVF16, D>;
+  static bool attr = false;
+  if (!attr) {
+    cudaError_t e = cudaFuncSetAttribute(attn_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::SMEM));
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(attn_tc_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared));
+    if (e != cudaSuccess) return e;
+    attr = true;
+  }
+  attn_tc_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kTcThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, skip_score,
+                                                                                           err);
+  return cudaGetLastError();
+}
+
+// HEADROOM_CUDA_ATTN_FAST_MODE=1|2|3 (A/B runs; F16/Q8_0 with head_dim 64/128 only): attn_fast_kernel's MODE
+// (and the tensor-core kernel off).
 int fast_mode() {
   const char* v = std::getenv("HEADROOM_CUDA_ATTN_FAST_MODE");
   return v ? std::atoi(v) : 0;
+}
+// HEADROOM_CUDA_ATTN_TC=0: F16 fast jobs on attn_fast_kernel instead of the tensor-core kernel (A/B runs; read
+// per call).
+bool tc_enabled() {
+  const char* v = std::getenv("HEADROOM_CUDA_ATTN_TC");
+  return !(v && std::strcmp(v, "0") == 0) && fast_mode() == 0;
 }
 
 template <int T, int D>
 cudaError_t run_fast(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnScratch& scr, int hq, uint32_t* err,
                      cudaStream_t s) {
-  if constexpr ((T == kKVF16 || T == kKVQ8) && D <= 128) {
-    const int mode = fast_mode();
-    if (mode == 1) return run_fast_mode<T, D, 1>(kv, b, pl, scr, hq, err, s);
-    if (mode == 2) return run_fast_mode<T, D, 2>(kv, b, pl, scr, hq, err, s);
-    if (mode == 3) return run_fast_mode<T, D, 3>(kv, b, pl, scr, hq, err, s);
+  float* part = scr.partial + legacy_partial_floats(b.n_jobs, b.n_group, b.head_dim);
+  cudaError_t e = cudaSuccess;
+  bool done = false;
+  if constexpr (T == kKVF16 && D <= 128) {
+    if (tc_enabled()) {
+      const bool scores = kv.sc[0] || kv.sc[1];  // evict's score jobs stay on the exact kernel
+      e = tc_pass1<D>(kv, b, pl, part, scores ? 1 : 0, err, s);
+      if (e == cudaSuccess && scores) e = fast_pass1<T, D, 0>(kv, b, pl, part, 1, err, s);
+      done = true;
+    }
   }
-  return run_fast_mode<T, D, 0>(kv, b, pl, scr, hq, err, s);
+  if constexpr ((T == kKVF16 || T == kKVQ8) && D <= 128) {
+    if (!done) {
+      const int mode = fast_mode();
+      if (mode == 1) e = fast_pass1<T, D, 1>(kv, b, pl, part, 0, err, s), done = true;
+      if (mode == 2) e = fast_pass1<T, D, 2>(kv, b, pl, part, 0, err, s), done = true;
+      if (mode == 3) e = fast_pass1<T, D, 3>(kv, b, pl, part, 0, err, s), done = true;
+    }
+  }
+  if (!done) e = fast_pass1<T, D, 0>(kv, b, pl, part, 0, err, s);
+  if (e != cudaSuccess) return e;
+  attn_fast_merge_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.fast_pairs * (D / 32))), kThreads, 0, s>>>(
+      b, part, pl.Sg, kv.page_size, scr, hq, err);
+  return cudaGetLastError();
 }
 
 template <int T, int D, int MODE>
@@ -1173,6 +1444,17 @@ cudaError_t run_type(const KVDev& kv, const AttnBatch& b, const Plan& pl, const 
 }
 
 }  // namespace
+
+int attn_tc_blocks_per_sm(int head_dim) {
+  int n = 0;
+  auto occ = [&](auto kern, size_t smem) {
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess) return -1;
+    cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kTcThreads, smem) != cudaSuccess) return -1;
+    return n;
+  };
+  return head_dim == 64 ? occ(attn_tc_kernel<64>, FastCfg<kKVF16, 64>::SMEM) : occ(attn_tc_kernel<128>, FastCfg<kKVF16, 128>::SMEM);
+}
 
 int attn_fast_blocks_per_sm(int kv_type, int head_dim) {
   if (head_dim == 64) return kv_type == kKVQ8 ? fast_occupancy<kKVQ8, 64, 0>() : fast_occupancy<kKVF16, 64, 0>();

@@ -69,36 +69,82 @@ __device__ __forceinline__ float kv_elem_rt(int t, const uint8_t* row, int d) {
   }
 }
 
-// Elements [d, d + 8) of a stored row (d % 8 == 0; F16/BF16 rows 16-byte aligned, F32 32-byte aligned).
+// Raw 8-element chunks of a stored row (kept packed in registers until used): F32 8 words, F16/BF16 4, Q8_0 8
+// bytes + scale. Elements [d0, d0 + 8) (d0 % 8 == 0; F16/BF16 rows 16-byte aligned, F32 32-byte aligned, Q8_0
+// 2-byte aligned blocks).
+template <int T>
+struct RawWords {
+  static constexpr int N = T == kKVF32 ? 8 : 4;
+};
+template <int T>
+__device__ __forceinline__ void load_raw8(const uint8_t* row, int d0, uint32_t* w) {
+  if constexpr (T == kKVF32) {
+    const uint4 a = *reinterpret_cast<const uint4*>(row + 4 * d0);
+    const uint4 b = *reinterpret_cast<const uint4*>(row + 4 * d0 + 16);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+  } else if constexpr (T == kKVF16 || T == kKVBF16) {
+    const uint4 a = *reinterpret_cast<const uint4*>(row + 2 * d0);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
+  } else {
+    const uint8_t* b = row + (d0 / 32) * 34;
+    const uint16_t* qs = reinterpret_cast<const uint16_t*>(b + 2 + d0 % 32);
+    w[0] = uint32_t(qs[0]) | uint32_t(qs[1]) << 16;
+    w[1] = uint32_t(qs[2]) | uint32_t(qs[3]) << 16;
+    w[2] = ld_u16(b);
+    w[3] = 0;
+  }
+}
+// The chunk's 8 values, converted exactly.
+template <int T>
+__device__ __forceinline__ void unpack_raw8(const uint32_t* w, float* o) {
+  if constexpr (T == kKVF32) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = __uint_as_float(w[i]);
+  } else if constexpr (T == kKVF16) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = h2f(uint16_t(w[i] & 0xFFFF));
+      o[2 * i + 1] = h2f(uint16_t(w[i] >> 16));
+    }
+  } else if constexpr (T == kKVBF16) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = __uint_as_float(w[i] << 16);
+      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  } else {
+    const float sc = h2f(uint16_t(w[2]));
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o[4 * i + k] = sc * float(int8_t((w[i] >> (8 * k)) & 0xFF));
+  }
+}
+// Elements [d, d + 8) of a stored row, converted exactly.
 template <int T>
 __device__ __forceinline__ void kv_load8(const uint8_t* row, int d, float* o) {
-  if constexpr (T == kKVF32) {
-    const float4 a = *reinterpret_cast<const float4*>(row + 4 * d);
-    const float4 b = *reinterpret_cast<const float4*>(row + 4 * d + 16);
-    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
-  } else if constexpr (T == kKVF16 || T == kKVBF16) {
-    const uint4 u = *reinterpret_cast<const uint4*>(row + 2 * d);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (T == kKVF16) {
-        o[2 * i] = h2f(uint16_t(w[i] & 0xFFFF));
-        o[2 * i + 1] = h2f(uint16_t(w[i] >> 16));
-      } else {
-        o[2 * i] = __uint_as_float(w[i] << 16);
-        o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-      }
-    }
-  } else {  // Q8_0: 2-byte aligned block (fp16 scale, 32 int8)
-    const uint8_t* b = row + (d / 32) * 34;
-    const float sc = h2f(ld_u16(b));
-    const uint16_t* qs = reinterpret_cast<const uint16_t*>(b + 2 + d % 32);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint16_t q = qs[i];
-      o[2 * i] = sc * float(int8_t(q & 0xFF));
-      o[2 * i + 1] = sc * float(int8_t(q >> 8));
-    }
+  uint32_t w[RawWords<T>::N];
+  load_raw8<T>(row, d, w);
+  unpack_raw8<T>(w, o);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// d += a * b, mma.sync m16n8k16, F32 accumulate; BF: bf16 operands, else f16.
+template <bool BF>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (BF) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 

@@ -110,6 +110,8 @@ HR_HD inline bool prefill_takes(const AttnJob& j, bool store_has_scores) {
 }
 // Resident blocks per SM of the fast decode kernel (F16 or Q8_0, head_dim 64 or 128; for the benchmarks).
 int attn_fast_blocks_per_sm(int kv_type, int head_dim);
+// Blocks per SM of the tensor-core decode kernel (F16 KV, head_dim 64 or 128), for the benchmark.
+int attn_tc_blocks_per_sm(int head_dim);
 // Floats of `partial` that launch_attention needs for this batch (host-known: the batch's shape hints, the store).
 size_t attn_partial_floats(const KVDev& kv, const AttnBatch& b);
 // Runs every job: pass 1 (split partials or whole rows), merge, and (if the store keeps slot scores) the
