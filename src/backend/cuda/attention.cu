@@ -1305,15 +1305,15 @@ template <int T, int D, int MODE>
 cudaError_t fast_pass1(const KVDev& kv, const AttnBatch& b, const Plan& pl, float* part, int only_score, uint32_t* err,
                        cudaStream_t s) {
   using C = FastCfg<T, D>;
-  static bool attr = false;
-  if (!attr) {
+  static PerDeviceOnce attr;
+  if (const int dev = current_device(); attr.needed(dev)) {
     cudaError_t e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(C::SMEM));
     if (e == cudaSuccess)  // two blocks per SM need the largest shared-memory carveout
       e = cudaFuncSetAttribute(attn_fast_kernel<T, D, MODE>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                int(cudaSharedmemCarveoutMaxShared));
     if (e != cudaSuccess) return e;
-    attr = true;
+    attr.done(dev);
   }
   attn_fast_kernel<T, D, MODE><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kThreads, C::SMEM, s>>>(kv, b, part, pl.Sg,
                                                                                                   only_score, err);
@@ -1325,14 +1325,14 @@ template <int D>
 cudaError_t tc_pass1(const KVDev& kv, const AttnBatch& b, const Plan& pl, float* part, int skip_score, uint32_t* err,
                      cudaStream_t s) {
   using C = FastCfg<kKVF16, D>;
-  static bool attr = false;
-  if (!attr) {
+  static PerDeviceOnce attr;
+  if (const int dev = current_device(); attr.needed(dev)) {
     cudaError_t e = cudaFuncSetAttribute(attn_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::SMEM));
     if (e == cudaSuccess)
       e = cudaFuncSetAttribute(attn_tc_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                int(cudaSharedmemCarveoutMaxShared));
     if (e != cudaSuccess) return e;
-    attr = true;
+    attr.done(dev);
   }
   attn_tc_kernel<D><<<dim3(unsigned(b.n_jobs), unsigned(pl.Sg)), kTcThreads, C::SMEM, s>>>(kv, b, part, pl.Sg, skip_score,
                                                                                            err);
@@ -1411,12 +1411,12 @@ cudaError_t run(const KVDev& kv, const AttnBatch& b, const Plan& pl, const AttnS
   const int fast = pl.fast ? 1 : 0;
   if (pl.legacy) {
     const size_t smem = attn_smem<SUB, W, CH>(b.head_dim);
-    static bool attr = false;
-    if (!attr) {
+    static PerDeviceOnce attr;
+    if (const int dev = current_device(); attr.needed(dev)) {
       cudaError_t e = cudaFuncSetAttribute(attn_kernel<T, SUB, W, CH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(attn_smem<SUB, W, CH>(256)));
       if (e != cudaSuccess) return e;
-      attr = true;
+      attr.done(dev);
     }
     attn_kernel<T, SUB, W, CH><<<grid, kThreads, smem, s>>>(kv, b, scr, hq, fast, err);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;

@@ -466,11 +466,11 @@ template <int T, int D, int NW>
 cudaError_t run_prefill(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, int hq, uint32_t* err,
                         cudaStream_t s) {
   constexpr size_t smem = pf_smem<D>();
-  static bool attr = false;
-  if (!attr) {
+  static PerDeviceOnce attr;
+  if (const int dev = current_device(); attr.needed(dev)) {
     cudaError_t e = cudaFuncSetAttribute(attn_prefill_kernel<T, D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
-    attr = true;
+    attr.done(dev);
   }
   const int RB = 16 * NW / b.n_group;
   const int n_tiles = (b.max_rows + RB - 1) / RB;

@@ -1,6 +1,9 @@
 // CUDA backend: device helpers shared by the kernel files (conversions, KV row access, reductions).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -10,6 +13,23 @@
 #include "backend/cuda/kernels.h"
 
 namespace headroom::cuda {
+
+// Function attributes (dynamic shared memory, carveout) are set per GPU: a call site's flag for each device
+// (a tensor-parallel process drives several). Usage:
+//   static PerDeviceOnce attr;
+//   if (const int dev = current_device(); attr.needed(dev)) { ...cudaFuncSetAttribute...; attr.done(dev); }
+inline int current_device() {
+  int d = 0;
+  cudaGetDevice(&d);
+  return d;
+}
+struct PerDeviceOnce {
+  std::atomic<uint64_t> bits{0};
+  bool needed(int dev) const { return dev < 0 || dev >= 64 || !(bits.load() & (uint64_t(1) << dev)); }
+  void done(int dev) {
+    if (dev >= 0 && dev < 64) bits.fetch_or(uint64_t(1) << dev);
+  }
+};
 
 constexpr int kKVF32 = int(KVType::F32), kKVF16 = int(KVType::F16), kKVBF16 = int(KVType::BF16),
               kKVQ8 = int(KVType::Q8_0);

@@ -462,11 +462,11 @@ cudaError_t launch_kv_copy_slots(const KVDev& kv, const SlotCopy* copies, int n,
 cudaError_t launch_select_pages(const KVDev& kv, const AttnBatch& b, uint32_t* err, cudaStream_t s) {
   if (b.n_jobs <= 0) return cudaSuccess;
   const size_t smem = size_t(b.n_group) * size_t(b.head_dim) * 4 + size_t(kSelCache) * 4;
-  static bool attr = false;
-  if (!attr) {
+  static PerDeviceOnce attr;
+  if (const int dev = current_device(); attr.needed(dev)) {
     const cudaError_t e = cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (e != cudaSuccess) return e;
-    attr = true;
+    attr.done(dev);
   }
   select_kernel<<<unsigned(b.n_jobs), kSelThreads, smem, s>>>(kv, b, err);
   return cudaGetLastError();
