@@ -1,26 +1,52 @@
 #!/usr/bin/env bash
-# On the GPU machine (like gpu_test.sh): build, the matmul op tests, then the matmul benchmark rows with the
-# tensor-core skinny GEMM (default) and a baseline pass with it off (HEADROOM_CUDA_SKINNY_MAX=0: GEMV / cuBLAS).
-#   usage: bash scripts/gpu_gemm.sh [gtest filter] [bench args for the main pass] [bench args for the baseline]
+# On the GPU machine (like gpu_test.sh): build the two targets, the matmul op tests, then the matmul benchmark
+# rows with the pipelined skinny GEMM (default), the same rows with the previous skinny kernel
+# (HEADROOM_CUDA_SKINNY_V1=1) and a baseline pass with the skinny kernel off (HEADROOM_CUDA_SKINNY_MAX=0: GEMV / cuBLAS).
+#   usage: bash scripts/gpu_gemm.sh [gtest filter] [bench args for the main and V1 passes] [bench args for the baseline]
+#   An empty argument skips that pass (for the V1 pass: GEMM_V1=0).
 set -uo pipefail
 out=${OUT:-/tmp}
-filter=${1:-CudaBackendOps.Matmul*:BackendOps.Matmul*}
-main_args=${2:---gemv --ns 1,2,4,8,16,32,64,128}
-base_args=${3:---gemv --ns 1,64 --types f16,bf16,q8_0}
-# Only the two targets (a failure elsewhere in the tree must not stop this run).
-if ! bash .gpu/build.sh -DHEADROOM_SERVER=OFF > "$out/build.log" 2>&1; then
-  grep -A12 "FAILED" /tmp/headroom-build.log | grep -v "ptxas warning" | head -30
-  source .gpu/env.sh
-  ninja -C build-cuda -j16 headroom_backend_tests bench_cuda > "$out/build2.log" 2>&1 || { grep -v "ptxas warning" "$out/build2.log" | grep -A12 FAILED | head -40; exit 1; }
-fi
+filter=${1-CudaBackendOps.Matmul*:BackendOps.Matmul*}
+main_args=${2---gemv --ns 1,2,4,8,16,32,64,128}
+base_args=${3---gemv --ns 1,64 --types f16,bf16,q8_0}
+t0=$(date +%s)
+# Only the two targets (a failure elsewhere in the tree must not stop this run). The deps and env.sh as .gpu/build.sh.
+D=/opt/deps; mkdir -p $D
+for f in .gpu/debs/*.deb; do dpkg -x "$f" $D; done
+cat > .gpu/env.sh <<EOT
+export PATH=/usr/local/cuda/bin:\$PATH LD_LIBRARY_PATH=$D/usr/lib/x86_64-linux-gnu:\${LD_LIBRARY_PATH:-}
+export PKG_CONFIG_SYSROOT_DIR=$D PKG_CONFIG_PATH=$D/usr/lib/x86_64-linux-gnu/pkgconfig:$D/usr/share/pkgconfig
+export CMAKE_PREFIX_PATH=$D/usr
+EOT
 source .gpu/env.sh
+[ -e ../shared ] || ln -s "$PWD/.gpu/shared" ../shared
+cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DHEADROOM_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+  -DSTB_INCLUDE_DIR=$D/usr/include/stb -DHEADROOM_SERVER=OFF > "$out/cmake.log" 2>&1 || { tail -20 "$out/cmake.log"; exit 1; }
+ninja -C build-cuda -j16 headroom_backend_tests bench_cuda > "$out/build.log" 2>&1 || { grep -v "ptxas warning" "$out/build.log" | grep -A12 FAILED | head -40; exit 1; }
+echo "[built in $(( $(date +%s) - t0 )) s]"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
-( cd build-cuda && HEADROOM_TEST_VERBOSE=1 timeout 60 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests.log" 2>&1 )
-rc=$?
-grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/tests.log" | head -20
-grep -B2 -A12 "Failure" "$out/tests.log" | head -50
-grep "worst error" "$out/tests.log" | sort -t= -k3 -g | tail -4
-timeout 130 ./build-cuda/bench_cuda $main_args > "$out/bench.log" 2>&1; echo "bench rc $?"
-HEADROOM_CUDA_SKINNY_MAX=0 timeout 40 ./build-cuda/bench_cuda $base_args > "$out/bench_base.log" 2>&1; echo "base rc $?"
-cat "$out/bench.log" "$out/bench_base.log"
+rc=0
+if [ -n "$filter" ]; then
+  ( cd build-cuda && HEADROOM_TEST_VERBOSE=1 timeout 90 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests.log" 2>&1 )
+  rc=$?
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/tests.log" | head -20
+  grep -B2 -A12 "Failure" "$out/tests.log" | head -50
+  grep "worst error" "$out/tests.log" | sort -t= -k2 -g | tail -4
+  echo "[tests done at $(( $(date +%s) - t0 )) s]"
+fi
+if [ -n "$main_args" ]; then
+  timeout 130 ./build-cuda/bench_cuda $main_args > "$out/bench.log" 2>&1; echo "bench rc $?"
+  if [ "${GEMM_V1:-1}" != 0 ]; then
+    HEADROOM_CUDA_SKINNY_V1=1 timeout 130 ./build-cuda/bench_cuda $main_args > "$out/bench_v1.log" 2>&1; echo "v1 rc $?"
+  fi
+fi
+if [ -n "${GEMM_MT_ARGS:-}" ]; then HEADROOM_CUDA_SKINNY_MT=2 timeout 60 ./build-cuda/bench_cuda $GEMM_MT_ARGS > "$out/bench_mt2.log" 2>&1; echo "mt2 rc $?"; fi
+[ -n "$base_args" ] && { HEADROOM_CUDA_SKINNY_MAX=0 timeout 40 ./build-cuda/bench_cuda $base_args > "$out/bench_base.log" 2>&1; echo "base rc $?"; }
+echo "[all done at $(( $(date +%s) - t0 )) s]"
+# Side by side: new GB/s, previous kernel's GB/s (same run).
+if [ -f "$out/bench.log" ] && [ -f "$out/bench_v1.log" ]; then
+  paste <(grep -E "^[18]B " "$out/bench.log") <(grep -E "^[18]B " "$out/bench_v1.log" | awk '{print $(NF-2), $(NF-1)}') |
+    awk '{printf "%-24s %-5s %4s  new %8s us %6s GB/s   v1 %8s us %6s GB/s\n", $1" "$2" "$3, $4, $5, $6, $7, $9, $10}'
+fi
+for f in bench_mt2 bench_base; do [ -f "$out/$f.log" ] && { echo "== $f"; grep -E "^[18]B " "$out/$f.log"; }; done
 exit $rc

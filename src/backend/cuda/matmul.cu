@@ -14,7 +14,15 @@
 // d_w * d_x in float, as on the CPU (the float sums run in another order: results differ by rounding). F32/F16/BF16 multiply float activations in float (FMA).
 // Shapes the vector kernel cannot take (cols not a multiple of the unit, x not 16-byte aligned) run a simple
 // warp-per-output kernel (also batch invariant).
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+
+#include <cooperative_groups.h>
+
 #include "backend/cuda/common.cuh"
+
+namespace cg = cooperative_groups;
 
 namespace headroom::cuda {
 
@@ -481,6 +489,15 @@ __global__ void skinny_sum_kernel(const float* __restrict__ part, int kb, int64_
   }
 }
 
+// HEADROOM_CUDA_SKINNY_V1=1: the unpipelined kernel (pre-pass, skinny_kernel, split-K sum launch), for A/B runs.
+bool skinny_v1() {
+  static const bool v = [] {
+    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_V1");
+    return e && std::atoi(e) != 0;
+  }();
+  return v;
+}
+
 size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
 
 struct SkinnyLayout {
@@ -515,6 +532,379 @@ cudaError_t skinny_dispatch(const void* w, int64_t rows, int64_t cols, const uin
   if (n <= 16) return skinny_main<T, 2>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
   if (n <= 32) return skinny_main<T, 4>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
   return skinny_main<T, 8>(w, rows, cols, xs, xscale, xq, xd, n, out, kb, s);
+}
+
+
+// ---- skinny GEMM, pipelined (the default; HEADROOM_CUDA_SKINNY_V1=1 runs the kernel above) -----------------
+//
+// The same mma layout, warp grid (2 along M x 4 along K, warp wk takes chunks wk, wk + 4, ... of its K piece)
+// and per-output reduction order as skinny_kernel, with three changes:
+// * Every operand a thread feeds its mma comes through a per-warp ring of S shared-memory stages filled by
+//   cp.async, S - 1 chunks ahead. Each thread copies exactly the bytes it later reads itself (its 16-byte weight
+//   units, its activation values), so the ring needs no barriers: cp.async.wait_group alone orders it.
+// * No pre-pass for F16/BF16: the kernel reads the float activations and splits them in registers. BF16: hi +
+//   mid + lo as before (the same bits as skinny_kernel). F16: the power-of-two scale is per (activation row,
+//   32-column chunk) instead of per row (amax of the chunk in [2^14, 2^15)); each chunk's two-term mma sum starts
+//   from zero and is added to the accumulator times 2^-s (exact scaling, one rounding per chunk). A row's
+//   chunks depend on that row only, so this stays batch invariant. Q8_0 keeps its quantization pre-pass.
+// * Split-K (kb > 1) is reduced inside the launch: the kb blocks of a row block form a thread-block cluster,
+//   each leaves its block sum in shared memory, and after a cluster barrier block r adds the kb sums in piece
+//   order (0, 1, ..., kb - 1, as skinny_sum_kernel) for its 1/kb of the outputs, reading the others' shared
+//   memory (DSMEM). No partials in global memory, no second launch. kb <= 8 (portable cluster size).
+// Per output the order is fixed by the weight shape (kb) alone; MT (rows per warp) does not enter it, so MT is
+// picked per shape (skinny2_mt) for occupancy.
+__device__ __forceinline__ void cp_async16(uint32_t s, const void* g) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t s, const void* g) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t s, const void* g) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint32_t h2bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ uint32_t b2bits(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+constexpr int kSk2Ring = 200 * 1024;  // shared-memory budget of the stage rings (one block per SM)
+
+template <int T, int MT, int NT>
+struct Sk2 {
+  static constexpr bool Q8 = T == int(WT::Q8_0);
+  // Per lane and stage, bytes: weight units, weight scale words (Q8_0), activations, activation scales (Q8_0).
+  static constexpr int W = Q8 ? MT * 2 * 8 : MT * 2 * 16;
+  static constexpr int WS = Q8 ? MT * 2 * 4 : 0;
+  static constexpr int X = Q8 ? NT * 8 : NT * 32;
+  static constexpr int XD = Q8 ? NT * 2 * 4 : 0;
+  static constexpr int STAGE = 32 * (W + WS + X + XD);  // one warp's stage
+  static constexpr int S0 = kSk2Ring / (kSkThreads / 32 * STAGE);
+  static constexpr int S = S0 < 2 ? 2 : S0 > 8 ? 8 : S0;
+  static constexpr int BR = kSkWM * MT * 16;  // weight rows per block
+  static constexpr int RED = (kSkWK - 1) * kSkWM * MT * 16 * NT * 8 * 4;
+  static constexpr int TILE = NT * 8 * BR * 4;
+  static constexpr int RING = kSkThreads / 32 * S * STAGE;
+  static constexpr int SMEM = RING > RED + TILE ? RING : RED + TILE;
+};
+
+template <int T, int MT, int NT>
+__global__ void __launch_bounds__(kSkThreads, 1)
+    skinny2_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols, const float* __restrict__ x,
+                   const int8_t* __restrict__ xq, const float* __restrict__ xd, int n, float* __restrict__ y, int kb) {
+  using P = Sk2<T, MT, NT>;
+  constexpr int S = P::S;
+  extern __shared__ __align__(16) uint8_t sk2_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wk = warp % kSkWK, wm = warp / kSkWK;
+  const int64_t r0 = int64_t(blockIdx.x) * P::BR + wm * (MT * 16);
+  const int64_t C = cols / 32;
+  const int64_t cb = C * blockIdx.y / kb, ce = C * (blockIdx.y + 1) / kb;
+  int64_t wrow[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wrow[mt][h] = min(r0 + mt * 16 + h * 8 + g, rows - 1);
+  int64_t xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = min(nt * 8 + g, n - 1);
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+
+  uint8_t* ring = sk2_smem + warp * (S * P::STAGE);
+  const uint32_t sring = uint32_t(__cvta_generic_to_shared(ring));
+  // Offsets inside a stage: [W slots][WS slots][X slots][XD slots], each slot 32 lanes wide.
+  constexpr int oWS = 32 * P::W, oX = oWS + 32 * P::WS, oXD = oX + 32 * P::X;
+  const uint16_t* wsc = P::Q8 ? reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols)) : nullptr;
+  int64_t drow[NT][2];  // Q8_0: the activation rows of this thread's accumulator columns (2t, 2t + 1)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) drow[nt][e] = min(nt * 8 + 2 * t + e, n - 1);
+
+  auto issue = [&](int64_t c, int st) {
+    const uint32_t sb = sring + st * P::STAGE;
+    const int64_t k0 = c * 32 + 8 * t;
+    if constexpr (!P::Q8) {
+      const uint16_t* W = reinterpret_cast<const uint16_t*>(w);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) cp_async16(sb + ((mt * 2 + h) * 32 + lane) * 16, W + wrow[mt][h] * cols + k0);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int p = 0; p < 2; ++p) cp_async16(sb + oX + ((nt * 2 + p) * 32 + lane) * 16, x + xrow[nt] * cols + k0 + 4 * p);
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          cp_async8(sb + ((mt * 2 + h) * 32 + lane) * 8, w + wrow[mt][h] * cols + k0);
+          cp_async4(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4, wsc + ((wrow[mt][h] * C + c) & ~int64_t(1)));
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        cp_async8(sb + oX + (nt * 32 + lane) * 8, xq + xrow[nt] * cols + k0);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) cp_async4(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4, xd + drow[nt][e] * C + c);
+      }
+    }
+  };
+
+  const int64_t c0 = cb + wk;
+  const int nc = c0 < ce ? int((ce - c0 + kSkWK - 1) / kSkWK) : 0;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nc) issue(c0 + int64_t(s) * kSkWK, s);
+    cp_commit();
+  }
+  int st = 0, st_next = S - 1;
+#pragma unroll 1
+  for (int i = 0; i < nc; ++i) {
+    cp_wait<S - 2>();  // chunk i has landed (this thread's copies)
+    if (i + S - 1 < nc) issue(c0 + int64_t(i + S - 1) * kSkWK, st_next);  // into the stage read last iteration
+    cp_commit();
+    st_next = st_next + 1 == S ? 0 : st_next + 1;
+    const uint8_t* sb = ring + st * P::STAGE;
+    st = st + 1 == S ? 0 : st + 1;
+    const int64_t c = c0 + int64_t(i) * kSkWK;
+    if constexpr (!P::Q8) {
+      constexpr int TERMS = T == int(WT::BF16) ? 3 : 2;
+      uint4 wv[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wv[mt][h] = *reinterpret_cast<const uint4*>(sb + ((mt * 2 + h) * 32 + lane) * 16);
+      uint32_t xv[NT][TERMS][4];
+      float inv[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float4 v0 = *reinterpret_cast<const float4*>(sb + oX + ((nt * 2) * 32 + lane) * 16);
+        const float4 v1 = *reinterpret_cast<const float4*>(sb + oX + ((nt * 2 + 1) * 32 + lane) * 16);
+        float xf[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        if constexpr (T == int(WT::F16)) {
+          float m = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(xf[e]));
+          m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
+          m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 2));
+          const int be = int(__float_as_uint(m) >> 23);  // m >= 0: the biased exponent; m < 2^(be - 126)
+          const int sh = (m == 0.0f || be >= 255) ? 0 : min(126, 141 - be);
+          const float sc = __uint_as_float(uint32_t(127 + sh) << 23);
+          const float is = __uint_as_float(uint32_t(127 - sh) << 23);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float a0 = xf[2 * e] * sc, a1 = xf[2 * e + 1] * sc;
+            const __half2 hi = __floats2half2_rn(a0, a1);
+            const float2 hf = __half22float2(hi);
+            xv[nt][0][e] = h2bits(hi);
+            xv[nt][1][e] = h2bits(__floats2half2_rn(a0 - hf.x, a1 - hf.y));
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) inv[nt][e] = __shfl_sync(0xFFFFFFFFu, is, (2 * t + e) * 4);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float a0 = xf[2 * e], a1 = xf[2 * e + 1];
+            const __nv_bfloat162 hi = __floats2bfloat162_rn(a0, a1);
+            const float2 hf = __bfloat1622float2(hi);
+            const float m0 = a0 - hf.x, m1 = a1 - hf.y;
+            const __nv_bfloat162 mid = __floats2bfloat162_rn(m0, m1);
+            const float2 mf = __bfloat1622float2(mid);
+            xv[nt][0][e] = b2bits(hi);
+            xv[nt][1][e] = b2bits(mid);
+            xv[nt][2][e] = b2bits(__floats2bfloat162_rn(m0 - mf.x, m1 - mf.y));
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          a[s][0] = u4get(wv[mt][0], 2 * s), a[s][1] = u4get(wv[mt][1], 2 * s);
+          a[s][2] = u4get(wv[mt][0], 2 * s + 1), a[s][3] = u4get(wv[mt][1], 2 * s + 1);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if constexpr (T == int(WT::BF16)) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+#pragma unroll
+              for (int q = 0; q < TERMS; ++q)
+                mma_bf16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
+          } else {
+            float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+#pragma unroll
+              for (int q = 0; q < TERMS; ++q)
+                mma_f16(f, a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
+#pragma unroll
+            for (int i2 = 0; i2 < 4; ++i2) acc[mt][nt][i2] = fmaf(f[i2], inv[nt][i2 & 1], acc[mt][nt][i2]);
+          }
+        }
+      }
+    } else {
+      uint2 wv[MT][2];
+      float wd[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wv[mt][h] = *reinterpret_cast<const uint2*>(sb + ((mt * 2 + h) * 32 + lane) * 8);
+          const uint32_t word = *reinterpret_cast<const uint32_t*>(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4);
+          wd[mt][h] = h2f(uint16_t(((wrow[mt][h] * C + c) & 1) ? word >> 16 : word & 0xFFFF));
+        }
+      uint2 xv[NT];
+      float dx[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        xv[nt] = *reinterpret_cast<const uint2*>(sb + oX + (nt * 32 + lane) * 8);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) dx[nt][e] = *reinterpret_cast<const float*>(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          int ci[4] = {0, 0, 0, 0};
+          mma_s8(ci, wv[mt][0].x, wv[mt][1].x, wv[mt][0].y, wv[mt][1].y, xv[nt].x, xv[nt].y);
+#pragma unroll
+          for (int i2 = 0; i2 < 4; ++i2)
+            acc[mt][nt][i2] = fmaf(__fmul_rn(wd[mt][i2 >> 1], dx[nt][i2 & 1]), float(ci[i2]), acc[mt][nt][i2]);
+        }
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();  // the rings are reused below
+
+  // The 4 K-warps' partials, summed in warp order by warp wk = 0 (as skinny_kernel).
+  auto red = reinterpret_cast<float(*)[kSkWM][MT * 16][NT * 8]>(sk2_smem);
+  float* tile = reinterpret_cast<float*>(sk2_smem + P::RED);  // [NT * 8][BR]: this block's sums (kb > 1)
+  if (wk > 0)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[wk - 1][wm][mt * 16 + g + (i >> 1) * 8][nt * 8 + 2 * t + (i & 1)] = acc[mt][nt][i];
+  __syncthreads();
+  if (wk == 0)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int rl = mt * 16 + g + (i >> 1) * 8, cl = nt * 8 + 2 * t + (i & 1);
+          float v = acc[mt][nt][i];
+#pragma unroll
+          for (int k = 0; k < kSkWK - 1; ++k) v += red[k][wm][rl][cl];
+          if (kb == 1) {
+            const int64_t row = r0 + rl;
+            if (row < rows && cl < n) y[int64_t(cl) * rows + row] = v;
+          } else {
+            tile[cl * P::BR + wm * (MT * 16) + rl] = v;
+          }
+        }
+  if (kb == 1) return;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int rank = int(cluster.block_rank());
+  const int used = n * P::BR, eb = used * rank / kb, ee = used * (rank + 1) / kb;
+  for (int e = eb + int(threadIdx.x); e < ee; e += kSkThreads) {
+    float v = cluster.map_shared_rank(tile, 0)[e];
+    for (int k = 1; k < kb; ++k) v += cluster.map_shared_rank(tile, k)[e];
+    const int cl = e / P::BR;
+    const int64_t row = int64_t(blockIdx.x) * P::BR + e % P::BR;
+    if (row < rows) y[int64_t(cl) * rows + row] = v;
+  }
+  cluster.sync();  // the other blocks may still read this block's tile
+}
+
+// Split-K factor of the pipelined kernel: skinny_splits capped at the portable cluster size.
+int skinny2_splits(int64_t rows, int64_t cols) { return std::min(8, skinny_splits(rows, cols)); }
+// Rows per warp (x 16): 4, or 2 where 4 leaves most SMs idle (does not change any result).
+// HEADROOM_CUDA_SKINNY_MT=2|4 forces it (measurements).
+int skinny2_mt(int64_t rows, int64_t cols, int nt) {
+  if (nt > 4) return 2;
+  static const int forced = [] {
+    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_MT");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (forced == 2 || forced == 4) return forced;
+  return (rows + 127) / 128 * skinny2_splits(rows, cols) >= 96 ? 4 : 2;
+}
+
+template <int T, int MT, int NT>
+cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
+                           const float* xd, int n, float* y, int kb, cudaStream_t s) {
+  using P = Sk2<T, MT, NT>;
+  auto kern = skinny2_kernel<T, MT, NT>;
+  static std::atomic<uint32_t> ready{0};  // per device: the shared-memory attribute is set
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  const uint32_t bit = 1u << (dev & 31);
+  if (!(ready.load(std::memory_order_acquire) & bit)) {
+    if (cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, P::SMEM); e != cudaSuccess)
+      return e;
+    ready.fetch_or(bit, std::memory_order_release);
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned((rows + P::BR - 1) / P::BR), unsigned(kb));
+  cfg.blockDim = dim3(kSkThreads);
+  cfg.dynamicSmemBytes = P::SMEM;
+  cfg.stream = s;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = 1;
+  at[0].val.clusterDim.y = unsigned(kb);
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  // Can a cluster of kb such blocks be resident at all? (Asked once per split factor; if not, the caller
+  // falls back to skinny_kernel: a function of the device, not of the batch.)
+  static std::atomic<int> fits[9] = {};  // 0 unknown, 1 yes, 2 no
+  if (kb > 1 && fits[kb].load(std::memory_order_relaxed) == 0) {
+    int clusters = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg);
+    fits[kb].store(e == cudaSuccess && clusters > 0 ? 1 : 2, std::memory_order_relaxed);
+    if (e != cudaSuccess || clusters <= 0) {
+      (void)cudaGetLastError();
+      std::fprintf(stderr, "cuda skinny GEMM: a cluster of %d blocks does not fit (%s); using the unpipelined kernel\n", kb,
+                   e != cudaSuccess ? cudaGetErrorString(e) : "0 clusters");
+    }
+  }
+  if (kb > 1 && fits[kb].load(std::memory_order_relaxed) == 2) return cudaErrorNotSupported;
+  return cudaLaunchKernelEx(&cfg, kern, static_cast<const uint8_t*>(w), rows, cols, x, xq, xd, n, y, kb);
+}
+
+template <int T>
+cudaError_t skinny2_dispatch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
+                             const float* xd, int n, float* y, cudaStream_t s) {
+  const int kb = skinny2_splits(rows, cols);
+  const int nt = n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8;
+  const bool m4 = skinny2_mt(rows, cols, nt) == 4;
+  switch (nt) {
+    case 1: return m4 ? skinny2_launch<T, 4, 1>(w, rows, cols, x, xq, xd, n, y, kb, s)
+                      : skinny2_launch<T, 2, 1>(w, rows, cols, x, xq, xd, n, y, kb, s);
+    case 2: return m4 ? skinny2_launch<T, 4, 2>(w, rows, cols, x, xq, xd, n, y, kb, s)
+                      : skinny2_launch<T, 2, 2>(w, rows, cols, x, xq, xd, n, y, kb, s);
+    case 4: return m4 ? skinny2_launch<T, 4, 4>(w, rows, cols, x, xq, xd, n, y, kb, s)
+                      : skinny2_launch<T, 2, 4>(w, rows, cols, x, xq, xd, n, y, kb, s);
+    default:
+      if constexpr (T == int(WT::Q8_0)) return skinny2_launch<T, 2, 8>(w, rows, cols, x, xq, xd, n, y, kb, s);
+      return cudaErrorInvalidValue;  // F16/BF16 stop at 32 rows (kSkinnyMaxRows applies to Q8_0)
+  }
 }
 
 }  // namespace
@@ -575,16 +965,41 @@ bool skinny_takes(WT t, int64_t cols, int64_t n, const float* x) {
          cols % 32 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 }
 
-size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n) { return skinny_layout(t, rows, cols, n).total; }
+size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n) {
+  // (The pipelined kernel needs only Q8_0's quantized activations; the full layout is kept for its fallback.)
+  return skinny_layout(t, rows, cols, n).total;
+}
 
 cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
                           void* scratch, cudaStream_t s) {
   if (n <= 0 || rows <= 0) return cudaSuccess;
   const SkinnyLayout l = skinny_layout(t, rows, cols, n);
   auto* base = static_cast<uint8_t*>(scratch);
+  cudaError_t e = cudaSuccess;
+  if (!skinny_v1() && (t == WT::Q8_0 || n <= 32)) {  // the pipelined kernel (F16/BF16 n > 32: skinny_kernel)
+    if (t == WT::Q8_0) {
+      auto* xq = reinterpret_cast<int8_t*>(base + l.xs);
+      auto* xd = reinterpret_cast<float*>(base + l.xscale);
+      const int64_t nb = n * cols / 32;
+      quantize_q8_kernel<<<grid1d(nb, 128), 128, 0, s>>>(x, nb, xq, xd);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      e = skinny2_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, xq, xd, int(n), y, s);
+      if (e != cudaErrorNotSupported) return e;
+      // (no cluster of kb fits: the unpipelined kernel below, on the activations already quantized)
+      const int kb = skinny_splits(rows, cols);
+      float* out = kb > 1 ? reinterpret_cast<float*>(base + l.part) : y;
+      e = skinny_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, nullptr, xq, xd, int(n), out, kb, s);
+      if (e != cudaSuccess || kb == 1) return e;
+      const int64_t count = n * rows;
+      skinny_sum_kernel<<<unsigned(std::min<int64_t>(4096, (count + 255) / 256)), 256, 0, s>>>(out, kb, count, y);
+      return cudaGetLastError();
+    }
+    e = t == WT::F16 ? skinny2_dispatch<int(WT::F16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s)
+                     : skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s);
+    if (e != cudaErrorNotSupported) return e;
+  }
   const int kb = skinny_splits(rows, cols);
   float* out = kb > 1 ? reinterpret_cast<float*>(base + l.part) : y;
-  cudaError_t e = cudaSuccess;
   if (t == WT::Q8_0) {
     auto* xq = reinterpret_cast<int8_t*>(base + l.xs);
     auto* xd = reinterpret_cast<float*>(base + l.xscale);
