@@ -34,19 +34,25 @@ if [ -n "$filter" ]; then
   grep "worst error" "$out/tests.log" | sort -t= -k2 -g | tail -4
   echo "[tests done at $(( $(date +%s) - t0 )) s]"
 fi
+# Passes over the same rows: the default kernel, then each "NAME:VAR=VALUE" of GEMM_PASSES (default: the previous
+# kernel, v1:HEADROOM_CUDA_SKINNY_V1=1), printed side by side (us and GB/s per pass).
+passes=("new:" ${GEMM_PASSES-v1:HEADROOM_CUDA_SKINNY_V1=1})
 if [ -n "$main_args" ]; then
-  timeout 130 ./build-cuda/bench_cuda $main_args > "$out/bench.log" 2>&1; echo "bench rc $?"
-  if [ "${GEMM_V1:-1}" != 0 ]; then
-    HEADROOM_CUDA_SKINNY_V1=1 timeout 130 ./build-cuda/bench_cuda $main_args > "$out/bench_v1.log" 2>&1; echo "v1 rc $?"
-  fi
+  for p in "${passes[@]}"; do
+    name=${p%%:*}; var=${p#*:}
+    env $var timeout 100 ./build-cuda/bench_cuda $main_args > "$out/bench_$name.log" 2>&1; echo "$name ($var) rc $?"
+  done
 fi
-if [ -n "${GEMM_MT_ARGS:-}" ]; then HEADROOM_CUDA_SKINNY_MT=2 timeout 60 ./build-cuda/bench_cuda $GEMM_MT_ARGS > "$out/bench_mt2.log" 2>&1; echo "mt2 rc $?"; fi
 [ -n "$base_args" ] && { HEADROOM_CUDA_SKINNY_MAX=0 timeout 40 ./build-cuda/bench_cuda $base_args > "$out/bench_base.log" 2>&1; echo "base rc $?"; }
 echo "[all done at $(( $(date +%s) - t0 )) s]"
-# Side by side: new GB/s, previous kernel's GB/s (same run).
-if [ -f "$out/bench.log" ] && [ -f "$out/bench_v1.log" ]; then
-  paste <(grep -E "^[18]B " "$out/bench.log") <(grep -E "^[18]B " "$out/bench_v1.log" | awk '{print $(NF-2), $(NF-1)}') |
-    awk '{printf "%-24s %-5s %4s  new %8s us %6s GB/s   v1 %8s us %6s GB/s\n", $1" "$2" "$3, $4, $5, $6, $7, $9, $10}'
+if [ -n "$main_args" ]; then
+  hdr="shape type n"; cols=()
+  for p in "${passes[@]}"; do
+    name=${p%%:*}; hdr="$hdr | $name us GB/s"
+    grep -E "^[18]B " "$out/bench_$name.log" | awk '{print $(NF-2), $(NF-1)}' > "/tmp/gemm_col_$name"; cols+=("/tmp/gemm_col_$name")
+  done
+  echo "$hdr"
+  paste -d' ' <(grep -E "^[18]B " "$out/bench_new.log" | awk '{printf "%s_%s_%s %s %s\n", $1, $2, $3, $4, $5}') "${cols[@]}" | awk '{printf "%-28s", $1; for (i = 2; i <= NF; ++i) printf " %7s", $i; print ""}'
 fi
-for f in bench_mt2 bench_base; do [ -f "$out/$f.log" ] && { echo "== $f"; grep -E "^[18]B " "$out/$f.log"; }; done
+[ -f "$out/bench_base.log" ] && grep -E "^[18]B " "$out/bench_base.log"
 exit $rc

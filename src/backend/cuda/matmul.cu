@@ -498,6 +498,15 @@ bool skinny_v1() {
   return v;
 }
 
+// HEADROOM_CUDA_SKINNY_PRE=1: F16 activations split by the pre-pass (per-row scale) instead of in the kernel.
+bool skinny_pre() {
+  static const bool v = [] {
+    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_PRE");
+    return e && std::atoi(e) != 0;
+  }();
+  return v;
+}
+
 size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
 
 struct SkinnyLayout {
@@ -556,6 +565,9 @@ cudaError_t skinny_dispatch(const void* w, int64_t rows, int64_t cols, const uin
 __device__ __forceinline__ void cp_async16(uint32_t s, const void* g) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
 }
+__device__ __forceinline__ void cp_async16_ca(uint32_t s, const void* g) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
+}
 __device__ __forceinline__ void cp_async8(uint32_t s, const void* g) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(g) : "memory");
 }
@@ -590,12 +602,12 @@ struct Sk2 {
   static constexpr int SMEM = RING > RED + TILE ? RING : RED + TILE;
 };
 
-template <int T, int MT, int NT>
+template <int T, int MT, int NT, bool PRE>
 __global__ void __launch_bounds__(kSkThreads, 1)
     skinny2_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols, const float* __restrict__ x,
-                   const int8_t* __restrict__ xq, const float* __restrict__ xd, int n, float* __restrict__ y, int kb) {
-  using P = Sk2<T, MT, NT>;
-  constexpr int S = P::S;
+                   const int8_t* __restrict__ xq, const float* __restrict__ xd, const uint16_t* __restrict__ xs,
+                   const float* __restrict__ xscale, int n, float* __restrict__ y, int kb, int S, int probe) {
+  using P = Sk2<T, MT, NT>;  // S: the ring's stages, 2..P::S
   extern __shared__ __align__(16) uint8_t sk2_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wk = warp % kSkWK, wm = warp / kSkWK;
@@ -628,6 +640,17 @@ __global__ void __launch_bounds__(kSkThreads, 1)
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) drow[nt][e] = min(nt * 8 + 2 * t + e, n - 1);
+  // Each activation value is copied once per warp: lane (g, t) of tile nt copies row nt * 8 + g if it exists; the
+  // padded rows (>= n) read row n - 1's slot (tile (n - 1) / 8, lane ((n - 1) % 8) * 4 + t). Q8_0 scales: lanes
+  // t = 0 copy the weight scale words (read by the 4 lanes of their g), lanes g = 0 the activation scales.
+  bool xown[NT];
+  int xslot[NT];  // the (tile * 2 or tile, lane) this lane reads its activations from, as tile * 64 + lane
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    xown[nt] = nt * 8 + g < n;
+    const int r = int(xrow[nt]);
+    xslot[nt] = (r >> 3) * 64 + (r & 7) * 4 + t;
+  }
 
   auto issue = [&](int64_t c, int st) {
     const uint32_t sb = sring + st * P::STAGE;
@@ -640,28 +663,36 @@ __global__ void __launch_bounds__(kSkThreads, 1)
         for (int h = 0; h < 2; ++h) cp_async16(sb + ((mt * 2 + h) * 32 + lane) * 16, W + wrow[mt][h] * cols + k0);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
+        if (xown[nt]) {
 #pragma unroll
-        for (int p = 0; p < 2; ++p) cp_async16(sb + oX + ((nt * 2 + p) * 32 + lane) * 16, x + xrow[nt] * cols + k0 + 4 * p);
+          for (int p = 0; p < 2; ++p) {
+            const void* src;
+            if constexpr (PRE) src = xs + p * (int64_t(n) * cols) + xrow[nt] * cols + k0;  // F16 hi / lo plane
+            else src = x + xrow[nt] * cols + k0 + 4 * p;
+            cp_async16_ca(sb + oX + ((nt * 2 + p) * 32 + lane) * 16, src);
+          }
+        }
     } else {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           cp_async8(sb + ((mt * 2 + h) * 32 + lane) * 8, w + wrow[mt][h] * cols + k0);
-          cp_async4(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4, wsc + ((wrow[mt][h] * C + c) & ~int64_t(1)));
+          if (t == 0) cp_async4(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4, wsc + ((wrow[mt][h] * C + c) & ~int64_t(1)));
         }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        cp_async8(sb + oX + (nt * 32 + lane) * 8, xq + xrow[nt] * cols + k0);
+        if (xown[nt]) cp_async8(sb + oX + (nt * 32 + lane) * 8, xq + xrow[nt] * cols + k0);
+        if (g == 0)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) cp_async4(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4, xd + drow[nt][e] * C + c);
+          for (int e = 0; e < 2; ++e) cp_async4(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4, xd + drow[nt][e] * C + c);
       }
     }
   };
 
   const int64_t c0 = cb + wk;
   const int nc = c0 < ce ? int((ce - c0 + kSkWK - 1) / kSkWK) : 0;
-#pragma unroll
+#pragma unroll 1
   for (int s = 0; s < S - 1; ++s) {
     if (s < nc) issue(c0 + int64_t(s) * kSkWK, s);
     cp_commit();
@@ -669,13 +700,26 @@ __global__ void __launch_bounds__(kSkThreads, 1)
   int st = 0, st_next = S - 1;
 #pragma unroll 1
   for (int i = 0; i < nc; ++i) {
-    cp_wait<S - 2>();  // chunk i has landed (this thread's copies)
+    switch (S) {  // chunk i has landed (this thread's copies)
+      case 2: cp_wait<0>(); break;
+      case 3: cp_wait<1>(); break;
+      case 4: cp_wait<2>(); break;
+      case 5: cp_wait<3>(); break;
+      case 6: cp_wait<4>(); break;
+      case 7: cp_wait<5>(); break;
+      default: cp_wait<6>(); break;
+    }
+    __syncwarp();      // ... and the other lanes' (shared values); the stage refilled below was read by all
     if (i + S - 1 < nc) issue(c0 + int64_t(i + S - 1) * kSkWK, st_next);  // into the stage read last iteration
     cp_commit();
     st_next = st_next + 1 == S ? 0 : st_next + 1;
     const uint8_t* sb = ring + st * P::STAGE;
     st = st + 1 == S ? 0 : st + 1;
     const int64_t c = c0 + int64_t(i) * kSkWK;
+    if (probe) {  // measurements only: the copies without the arithmetic (wrong results)
+      acc[0][0][0] += float(*reinterpret_cast<const uint32_t*>(sb + lane * 4) & 1);
+      continue;
+    }
     if constexpr (!P::Q8) {
       constexpr int TERMS = T == int(WT::BF16) ? 3 : 2;
       uint4 wv[MT][2];
@@ -687,9 +731,15 @@ __global__ void __launch_bounds__(kSkThreads, 1)
       float inv[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float4 v0 = *reinterpret_cast<const float4*>(sb + oX + ((nt * 2) * 32 + lane) * 16);
-        const float4 v1 = *reinterpret_cast<const float4*>(sb + oX + ((nt * 2 + 1) * 32 + lane) * 16);
-        float xf[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        const uint8_t* xp = sb + oX + xslot[nt] * 16;  // slot (tile * 2 + p, lane): tile * 1024 + p * 512 + lane * 16
+        const uint4 u0 = *reinterpret_cast<const uint4*>(xp), u1 = *reinterpret_cast<const uint4*>(xp + 512);
+        if constexpr (PRE) {
+          xv[nt][0][0] = u0.x, xv[nt][0][1] = u0.y, xv[nt][0][2] = u0.z, xv[nt][0][3] = u0.w;
+          xv[nt][1][0] = u1.x, xv[nt][1][1] = u1.y, xv[nt][1][2] = u1.z, xv[nt][1][3] = u1.w;
+          continue;
+        }
+        float xf[8] = {__uint_as_float(u0.x), __uint_as_float(u0.y), __uint_as_float(u0.z), __uint_as_float(u0.w),
+                       __uint_as_float(u1.x), __uint_as_float(u1.y), __uint_as_float(u1.z), __uint_as_float(u1.w)};
         if constexpr (T == int(WT::F16)) {
           float m = 0.0f;
 #pragma unroll
@@ -735,12 +785,13 @@ __global__ void __launch_bounds__(kSkThreads, 1)
         }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          if constexpr (T == int(WT::BF16)) {
+          if constexpr (T == int(WT::BF16) || PRE) {
 #pragma unroll
             for (int s = 0; s < 2; ++s)
 #pragma unroll
               for (int q = 0; q < TERMS; ++q)
-                mma_bf16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
+                if constexpr (PRE) mma_f16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
+                else mma_bf16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
           } else {
             float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -761,16 +812,16 @@ __global__ void __launch_bounds__(kSkThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           wv[mt][h] = *reinterpret_cast<const uint2*>(sb + ((mt * 2 + h) * 32 + lane) * 8);
-          const uint32_t word = *reinterpret_cast<const uint32_t*>(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4);
+          const uint32_t word = *reinterpret_cast<const uint32_t*>(sb + oWS + ((mt * 2 + h) * 32 + g * 4) * 4);
           wd[mt][h] = h2f(uint16_t(((wrow[mt][h] * C + c) & 1) ? word >> 16 : word & 0xFFFF));
         }
       uint2 xv[NT];
       float dx[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        xv[nt] = *reinterpret_cast<const uint2*>(sb + oX + (nt * 32 + lane) * 8);
+        xv[nt] = *reinterpret_cast<const uint2*>(sb + oX + ((xslot[nt] >> 6) * 32 + (xslot[nt] & 63)) * 8);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) dx[nt][e] = *reinterpret_cast<const float*>(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4);
+        for (int e = 0; e < 2; ++e) dx[nt][e] = *reinterpret_cast<const float*>(sb + oXD + ((nt * 2 + e) * 32 + t) * 4);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -809,6 +860,7 @@ __global__ void __launch_bounds__(kSkThreads, 1)
           float v = acc[mt][nt][i];
 #pragma unroll
           for (int k = 0; k < kSkWK - 1; ++k) v += red[k][wm][rl][cl];
+          if constexpr (PRE) v *= xscale[min(cl, n - 1)];
           if (kb == 1) {
             const int64_t row = r0 + rl;
             if (row < rows && cl < n) y[int64_t(cl) * rows + row] = v;
@@ -845,11 +897,12 @@ int skinny2_mt(int64_t rows, int64_t cols, int nt) {
   return (rows + 127) / 128 * skinny2_splits(rows, cols) >= 96 ? 4 : 2;
 }
 
-template <int T, int MT, int NT>
+template <int T, int MT, int NT, bool PRE>
 cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
-                           const float* xd, int n, float* y, int kb, cudaStream_t s) {
+                           const float* xd, const uint16_t* xs, const float* xscale, int n, float* y, int kb,
+                           cudaStream_t s) {
   using P = Sk2<T, MT, NT>;
-  auto kern = skinny2_kernel<T, MT, NT>;
+  auto kern = skinny2_kernel<T, MT, NT, PRE>;
   static std::atomic<uint32_t> ready{0};  // per device: the shared-memory attribute is set
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
@@ -862,7 +915,17 @@ cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const floa
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned((rows + P::BR - 1) / P::BR), unsigned(kb));
   cfg.blockDim = dim3(kSkThreads);
-  cfg.dynamicSmemBytes = P::SMEM;
+  // HEADROOM_CUDA_SKINNY_STAGES=k caps the ring at k stages (measurements; no effect on results).
+  static const int cap = [] {
+    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_STAGES");
+    return e ? std::max(2, std::atoi(e)) : 8;
+  }();
+  const int S = std::min(cap, P::S);
+  static const int probe = [] {  // HEADROOM_CUDA_SKINNY_PROBE=1: the copies alone (wrong results; bandwidth probe)
+    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_PROBE");
+    return e ? std::atoi(e) : 0;
+  }();
+  cfg.dynamicSmemBytes = std::max(kSkThreads / 32 * S * P::STAGE, P::RED + P::TILE);
   cfg.stream = s;
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeClusterDimension;
@@ -885,26 +948,25 @@ cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const floa
     }
   }
   if (kb > 1 && fits[kb].load(std::memory_order_relaxed) == 2) return cudaErrorNotSupported;
-  return cudaLaunchKernelEx(&cfg, kern, static_cast<const uint8_t*>(w), rows, cols, x, xq, xd, n, y, kb);
+  return cudaLaunchKernelEx(&cfg, kern, static_cast<const uint8_t*>(w), rows, cols, x, xq, xd, xs, xscale, n, y, kb, S, probe);
 }
 
-template <int T>
+template <int T, bool PRE = false>
 cudaError_t skinny2_dispatch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
-                             const float* xd, int n, float* y, cudaStream_t s) {
+                             const float* xd, const uint16_t* xs, const float* xscale, int n, float* y, cudaStream_t s) {
   const int kb = skinny2_splits(rows, cols);
   const int nt = n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8;
   const bool m4 = skinny2_mt(rows, cols, nt) == 4;
+#define SK2(MT, NT) skinny2_launch<T, MT, NT, PRE>(w, rows, cols, x, xq, xd, xs, xscale, n, y, kb, s)
   switch (nt) {
-    case 1: return m4 ? skinny2_launch<T, 4, 1>(w, rows, cols, x, xq, xd, n, y, kb, s)
-                      : skinny2_launch<T, 2, 1>(w, rows, cols, x, xq, xd, n, y, kb, s);
-    case 2: return m4 ? skinny2_launch<T, 4, 2>(w, rows, cols, x, xq, xd, n, y, kb, s)
-                      : skinny2_launch<T, 2, 2>(w, rows, cols, x, xq, xd, n, y, kb, s);
-    case 4: return m4 ? skinny2_launch<T, 4, 4>(w, rows, cols, x, xq, xd, n, y, kb, s)
-                      : skinny2_launch<T, 2, 4>(w, rows, cols, x, xq, xd, n, y, kb, s);
+    case 1: return m4 ? SK2(4, 1) : SK2(2, 1);
+    case 2: return m4 ? SK2(4, 2) : SK2(2, 2);
+    case 4: return m4 ? SK2(4, 4) : SK2(2, 4);
     default:
-      if constexpr (T == int(WT::Q8_0)) return skinny2_launch<T, 2, 8>(w, rows, cols, x, xq, xd, n, y, kb, s);
+      if constexpr (T == int(WT::Q8_0)) return SK2(2, 8);
       return cudaErrorInvalidValue;  // F16/BF16 stop at 32 rows (kSkinnyMaxRows applies to Q8_0)
   }
+#undef SK2
 }
 
 }  // namespace
@@ -983,7 +1045,7 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
       const int64_t nb = n * cols / 32;
       quantize_q8_kernel<<<grid1d(nb, 128), 128, 0, s>>>(x, nb, xq, xd);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
-      e = skinny2_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, xq, xd, int(n), y, s);
+      e = skinny2_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, xq, xd, nullptr, nullptr, int(n), y, s);
       if (e != cudaErrorNotSupported) return e;
       // (no cluster of kb fits: the unpipelined kernel below, on the activations already quantized)
       const int kb = skinny_splits(rows, cols);
@@ -994,8 +1056,17 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
       skinny_sum_kernel<<<unsigned(std::min<int64_t>(4096, (count + 255) / 256)), 256, 0, s>>>(out, kb, count, y);
       return cudaGetLastError();
     }
-    e = t == WT::F16 ? skinny2_dispatch<int(WT::F16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s)
-                     : skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s);
+    if (t == WT::F16 && skinny_pre()) {  // F16 through the pre-pass planes (per-row scale), as skinny_kernel
+      auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
+      auto* xscale = reinterpret_cast<float*>(base + l.xscale);
+      const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 4 + 31) / 32 * 32)));
+      skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      e = skinny2_dispatch<int(WT::F16), true>(w, rows, cols, nullptr, nullptr, nullptr, xs, xscale, int(n), y, s);
+    } else {
+      e = t == WT::F16 ? skinny2_dispatch<int(WT::F16)>(w, rows, cols, x, nullptr, nullptr, nullptr, nullptr, int(n), y, s)
+                       : skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, nullptr, nullptr, int(n), y, s);
+    }
     if (e != cudaErrorNotSupported) return e;
   }
   const int kb = skinny_splits(rows, cols);
