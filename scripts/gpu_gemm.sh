@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On the GPU machine (like gpu_test.sh): build the two targets, the matmul op tests, then the matmul benchmark
-# rows with the pipelined skinny GEMM (default), the same rows with the previous skinny kernel
-# (HEADROOM_CUDA_SKINNY_V1=1) and a baseline pass with the skinny kernel off (HEADROOM_CUDA_SKINNY_MAX=0: GEMV / cuBLAS).
-#   usage: bash scripts/gpu_gemm.sh [gtest filter] [bench args for the main and V1 passes] [bench args for the baseline]
-#   An empty argument skips that pass (for the V1 pass: GEMM_V1=0).
+# On the GPU machine (like gpu_test.sh): build the two targets, the matmul op tests (again under each
+# "VAR=VALUE" of GEMM_TEST_ENVS), then the matmul benchmark rows once per pass of GEMM_PASSES (side by side) and a
+# baseline pass with the skinny kernels off (HEADROOM_CUDA_SKINNY_MAX=0: GEMV / cuBLAS).
+#   usage: bash scripts/gpu_gemm.sh [gtest filter] [bench args for the passes] [bench args for the baseline]
+#   An empty argument skips that part.
 set -uo pipefail
 out=${OUT:-/tmp}
 filter=${1-CudaBackendOps.Matmul*:BackendOps.Matmul*}
@@ -32,15 +32,21 @@ if [ -n "$filter" ]; then
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[       OK \]|^\[  FAILED  \]" "$out/tests.log" | head -20
   grep -B2 -A12 "Failure" "$out/tests.log" | head -50
   grep "worst error" "$out/tests.log" | sort -t= -k2 -g | tail -4
+  for v in ${GEMM_TEST_ENVS:-}; do
+    ( cd build-cuda && env $v HEADROOM_TEST_VERBOSE=1 timeout 90 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests_$v.log" 2>&1 )
+    r=$?; [ $r = 0 ] || rc=$r
+    echo "-- tests with $v: rc $r"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$out/tests_$v.log" | head -5
+    grep -B2 -A12 "Failure" "$out/tests_$v.log" | head -30
+  done
   echo "[tests done at $(( $(date +%s) - t0 )) s]"
 fi
-# Passes over the same rows: the default kernel, then each "NAME:VAR=VALUE" of GEMM_PASSES (default: the previous
-# kernel, v1:HEADROOM_CUDA_SKINNY_V1=1), printed side by side (us and GB/s per pass).
-passes=("new:" ${GEMM_PASSES-v1:HEADROOM_CUDA_SKINNY_V1=1})
+# Passes over the same rows: the default kernel, then each "NAME:VAR=VALUE[,VAR=VALUE]" of GEMM_PASSES (default: the previous
+# kernel alone, v1:HEADROOM_CUDA_SKINNY_V2=0), printed side by side (us and GB/s per pass).
+passes=("new:" ${GEMM_PASSES-v1:HEADROOM_CUDA_SKINNY_V2=0})
 if [ -n "$main_args" ]; then
   for p in "${passes[@]}"; do
     name=${p%%:*}; var=${p#*:}
-    env $var timeout 100 ./build-cuda/bench_cuda $main_args > "$out/bench_$name.log" 2>&1; echo "$name ($var) rc $?"
+    env ${var//,/ } timeout 100 ./build-cuda/bench_cuda $main_args > "$out/bench_$name.log" 2>&1; echo "$name ($var) rc $?"
   done
 fi
 [ -n "$base_args" ] && { HEADROOM_CUDA_SKINNY_MAX=0 timeout 40 ./build-cuda/bench_cuda $base_args > "$out/bench_base.log" 2>&1; echo "base rc $?"; }

@@ -15,7 +15,6 @@
 // Shapes the vector kernel cannot take (cols not a multiple of the unit, x not 16-byte aligned) run a simple
 // warp-per-output kernel (also batch invariant).
 #include <atomic>
-#include <cstdio>
 #include <cstdlib>
 
 #include <cooperative_groups.h>
@@ -489,24 +488,6 @@ __global__ void skinny_sum_kernel(const float* __restrict__ part, int kb, int64_
   }
 }
 
-// HEADROOM_CUDA_SKINNY_V1=1: the unpipelined kernel (pre-pass, skinny_kernel, split-K sum launch), for A/B runs.
-bool skinny_v1() {
-  static const bool v = [] {
-    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_V1");
-    return e && std::atoi(e) != 0;
-  }();
-  return v;
-}
-
-// HEADROOM_CUDA_SKINNY_PRE=1: F16 activations split by the pre-pass (per-row scale) instead of in the kernel.
-bool skinny_pre() {
-  static const bool v = [] {
-    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_PRE");
-    return e && std::atoi(e) != 0;
-  }();
-  return v;
-}
-
 size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
 
 struct SkinnyLayout {
@@ -544,84 +525,77 @@ cudaError_t skinny_dispatch(const void* w, int64_t rows, int64_t cols, const uin
 }
 
 
-// ---- skinny GEMM, pipelined (the default; HEADROOM_CUDA_SKINNY_V1=1 runs the kernel above) -----------------
+// ---- skinny GEMM, pipelined variant (F16/BF16; chosen per shape and n by skinny_use_v2) ----------------------
 //
-// The same mma layout, warp grid (2 along M x 4 along K, warp wk takes chunks wk, wk + 4, ... of its K piece)
-// and per-output reduction order as skinny_kernel, with three changes:
-// * Every operand a thread feeds its mma comes through a per-warp ring of S shared-memory stages filled by
-//   cp.async, S - 1 chunks ahead. Each thread copies exactly the bytes it later reads itself (its 16-byte weight
-//   units, its activation values), so the ring needs no barriers: cp.async.wait_group alone orders it.
-// * No pre-pass for F16/BF16: the kernel reads the float activations and splits them in registers. BF16: hi +
-//   mid + lo as before (the same bits as skinny_kernel). F16: the power-of-two scale is per (activation row,
-//   32-column chunk) instead of per row (amax of the chunk in [2^14, 2^15)); each chunk's two-term mma sum starts
-//   from zero and is added to the accumulator times 2^-s (exact scaling, one rounding per chunk). A row's
-//   chunks depend on that row only, so this stays batch invariant. Q8_0 keeps its quantization pre-pass.
-// * Split-K (kb > 1) is reduced inside the launch: the kb blocks of a row block form a thread-block cluster,
-//   each leaves its block sum in shared memory, and after a cluster barrier block r adds the kb sums in piece
-//   order (0, 1, ..., kb - 1, as skinny_sum_kernel) for its 1/kb of the outputs, reading the others' shared
-//   memory (DSMEM). No partials in global memory, no second launch. kb <= 8 (portable cluster size).
-// Per output the order is fixed by the weight shape (kb) alone; MT (rows per warp) does not enter it, so MT is
-// picked per shape (skinny2_mt) for occupancy.
+// The same mma layout, warp grid (2 along M x 4 along K, warp wk takes chunks wk, wk + 4, ... of its K piece),
+// operands and per-output summation order as skinny_kernel, so both kernels give the same bits and may be mixed
+// across n without breaking batch invariance (the tests compare n-row calls on this kernel with 2-row calls on
+// skinny_kernel bitwise). What differs:
+// * The operands come through a per-warp ring of S shared-memory stages filled by cp.async, S - 1 chunks ahead:
+//   weights (cp.async.cg, L2 only), activations (cp.async.ca, through L1: the two M warps read the same ones).
+//   A lane copies its own 16-byte weight units; an activation unit is copied once per warp (by the lane whose
+//   row it is; padded rows read row n - 1's slot), so a __syncwarp after the wait orders the ring.
+// * BF16 needs no pre-pass: the float activations are split into hi + mid + lo in registers (round to nearest
+//   even, as the pre-pass). F16 reads the pre-pass planes (per-row power-of-two scale), as skinny_kernel.
+// * Split-K (kb > 1) is summed inside the launch: the kb blocks of a row block form a thread-block cluster,
+//   each leaves its (scaled) block sum in shared memory, and after a cluster barrier block r adds the kb sums
+//   in piece order 0, 1, ..., kb - 1 (as skinny_sum_kernel) for its 1/kb of the outputs through DSMEM.
 __device__ __forceinline__ void cp_async16(uint32_t s, const void* g) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
 }
 __device__ __forceinline__ void cp_async16_ca(uint32_t s, const void* g) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
 }
-__device__ __forceinline__ void cp_async8(uint32_t s, const void* g) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(g) : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t s, const void* g) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(g) : "memory");
-}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ uint32_t h2bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ uint32_t b2bits(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
-constexpr int kSk2Ring = 200 * 1024;  // shared-memory budget of the stage rings (one block per SM)
+constexpr int kSk2Ring = 200 * 1024;  // shared-memory bound of the stage rings (one block per SM)
 
-template <int T, int MT, int NT>
+template <int MT, int NT>
 struct Sk2 {
-  static constexpr bool Q8 = T == int(WT::Q8_0);
-  // Per lane and stage, bytes: weight units, weight scale words (Q8_0), activations, activation scales (Q8_0).
-  static constexpr int W = Q8 ? MT * 2 * 8 : MT * 2 * 16;
-  static constexpr int WS = Q8 ? MT * 2 * 4 : 0;
-  static constexpr int X = Q8 ? NT * 8 : NT * 32;
-  static constexpr int XD = Q8 ? NT * 2 * 4 : 0;
-  static constexpr int STAGE = 32 * (W + WS + X + XD);  // one warp's stage
+  static constexpr int W = MT * 2 * 16, X = NT * 32;  // bytes per lane and stage: weight units, activations
+  static constexpr int STAGE = 32 * (W + X);          // one warp's stage
   static constexpr int S0 = kSk2Ring / (kSkThreads / 32 * STAGE);
-  static constexpr int S = S0 < 2 ? 2 : S0 > 8 ? 8 : S0;
-  static constexpr int BR = kSkWM * MT * 16;  // weight rows per block
+  static constexpr int S = S0 < 2 ? 2 : S0 > 8 ? 8 : S0;  // the most stages that fit
+  static constexpr int BR = kSkWM * MT * 16;               // weight rows per block
   static constexpr int RED = (kSkWK - 1) * kSkWM * MT * 16 * NT * 8 * 4;
   static constexpr int TILE = NT * 8 * BR * 4;
-  static constexpr int RING = kSkThreads / 32 * S * STAGE;
-  static constexpr int SMEM = RING > RED + TILE ? RING : RED + TILE;
 };
 
-template <int T, int MT, int NT, bool PRE>
+template <int T, int MT, int NT>
 __global__ void __launch_bounds__(kSkThreads, 1)
     skinny2_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols, const float* __restrict__ x,
-                   const int8_t* __restrict__ xq, const float* __restrict__ xd, const uint16_t* __restrict__ xs,
-                   const float* __restrict__ xscale, int n, float* __restrict__ y, int kb, int S, int probe) {
-  using P = Sk2<T, MT, NT>;  // S: the ring's stages, 2..P::S
+                   const uint16_t* __restrict__ xs, const float* __restrict__ xscale, int n, float* __restrict__ y,
+                   int kb, int S) {
+  using P = Sk2<MT, NT>;  // S: the ring's stages, 2..P::S
+  constexpr bool BF = T == int(WT::BF16);
+  constexpr int TERMS = BF ? 3 : 2;
   extern __shared__ __align__(16) uint8_t sk2_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wk = warp % kSkWK, wm = warp / kSkWK;
   const int64_t r0 = int64_t(blockIdx.x) * P::BR + wm * (MT * 16);
   const int64_t C = cols / 32;
   const int64_t cb = C * blockIdx.y / kb, ce = C * (blockIdx.y + 1) / kb;
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w);
   int64_t wrow[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) wrow[mt][h] = min(r0 + mt * 16 + h * 8 + g, rows - 1);
   int64_t xrow[NT];
+  bool xown[NT];  // this lane copies row nt * 8 + g (it exists)
+  int xslot[NT];  // where this lane reads its activation row: tile * 64 + lane of row min(nt * 8 + g, n - 1)
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xrow[nt] = min(nt * 8 + g, n - 1);
+  for (int nt = 0; nt < NT; ++nt) {
+    xrow[nt] = min(nt * 8 + g, n - 1);
+    xown[nt] = nt * 8 + g < n;
+    const int r = int(xrow[nt]);
+    xslot[nt] = (r >> 3) * 64 + (r & 7) * 4 + t;
+  }
   float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -630,64 +604,28 @@ __global__ void __launch_bounds__(kSkThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
+  // A stage: [MT * 2 weight slots][NT * 2 activation slots], each slot 32 lanes x 16 bytes.
   uint8_t* ring = sk2_smem + warp * (S * P::STAGE);
   const uint32_t sring = uint32_t(__cvta_generic_to_shared(ring));
-  // Offsets inside a stage: [W slots][WS slots][X slots][XD slots], each slot 32 lanes wide.
-  constexpr int oWS = 32 * P::W, oX = oWS + 32 * P::WS, oXD = oX + 32 * P::X;
-  const uint16_t* wsc = P::Q8 ? reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols)) : nullptr;
-  int64_t drow[NT][2];  // Q8_0: the activation rows of this thread's accumulator columns (2t, 2t + 1)
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) drow[nt][e] = min(nt * 8 + 2 * t + e, n - 1);
-  // Each activation value is copied once per warp: lane (g, t) of tile nt copies row nt * 8 + g if it exists; the
-  // padded rows (>= n) read row n - 1's slot (tile (n - 1) / 8, lane ((n - 1) % 8) * 4 + t). Q8_0 scales: lanes
-  // t = 0 copy the weight scale words (read by the 4 lanes of their g), lanes g = 0 the activation scales.
-  bool xown[NT];
-  int xslot[NT];  // the (tile * 2 or tile, lane) this lane reads its activations from, as tile * 64 + lane
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    xown[nt] = nt * 8 + g < n;
-    const int r = int(xrow[nt]);
-    xslot[nt] = (r >> 3) * 64 + (r & 7) * 4 + t;
-  }
-
+  constexpr int oX = 32 * P::W;
+  const int64_t plane = int64_t(n) * cols;
   auto issue = [&](int64_t c, int st) {
     const uint32_t sb = sring + st * P::STAGE;
     const int64_t k0 = c * 32 + 8 * t;
-    if constexpr (!P::Q8) {
-      const uint16_t* W = reinterpret_cast<const uint16_t*>(w);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) cp_async16(sb + ((mt * 2 + h) * 32 + lane) * 16, W + wrow[mt][h] * cols + k0);
+      for (int h = 0; h < 2; ++h) cp_async16(sb + ((mt * 2 + h) * 32 + lane) * 16, W + wrow[mt][h] * cols + k0);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        if (xown[nt]) {
+    for (int nt = 0; nt < NT; ++nt)
+      if (xown[nt])
 #pragma unroll
-          for (int p = 0; p < 2; ++p) {
-            const void* src;
-            if constexpr (PRE) src = xs + p * (int64_t(n) * cols) + xrow[nt] * cols + k0;  // F16 hi / lo plane
-            else src = x + xrow[nt] * cols + k0 + 4 * p;
-            cp_async16_ca(sb + oX + ((nt * 2 + p) * 32 + lane) * 16, src);
-          }
+        for (int p = 0; p < 2; ++p) {
+          const void* src;
+          if constexpr (BF) src = x + xrow[nt] * cols + k0 + 4 * p;  // 8 floats
+          else src = xs + p * plane + xrow[nt] * cols + k0;          // F16 hi, lo planes: 8 halves each
+          cp_async16_ca(sb + oX + ((nt * 2 + p) * 32 + lane) * 16, src);
         }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          cp_async8(sb + ((mt * 2 + h) * 32 + lane) * 8, w + wrow[mt][h] * cols + k0);
-          if (t == 0) cp_async4(sb + oWS + ((mt * 2 + h) * 32 + lane) * 4, wsc + ((wrow[mt][h] * C + c) & ~int64_t(1)));
-        }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (xown[nt]) cp_async8(sb + oX + (nt * 32 + lane) * 8, xq + xrow[nt] * cols + k0);
-        if (g == 0)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) cp_async4(sb + oXD + ((nt * 2 + e) * 32 + lane) * 4, xd + drow[nt][e] * C + c);
-      }
-    }
   };
 
   const int64_t c0 = cb + wk;
@@ -700,7 +638,7 @@ __global__ void __launch_bounds__(kSkThreads, 1)
   int st = 0, st_next = S - 1;
 #pragma unroll 1
   for (int i = 0; i < nc; ++i) {
-    switch (S) {  // chunk i has landed (this thread's copies)
+    switch (S) {  // chunk i has landed (this thread's copies) ...
       case 2: cp_wait<0>(); break;
       case 3: cp_wait<1>(); break;
       case 4: cp_wait<2>(); break;
@@ -709,130 +647,60 @@ __global__ void __launch_bounds__(kSkThreads, 1)
       case 7: cp_wait<5>(); break;
       default: cp_wait<6>(); break;
     }
-    __syncwarp();      // ... and the other lanes' (shared values); the stage refilled below was read by all
-    if (i + S - 1 < nc) issue(c0 + int64_t(i + S - 1) * kSkWK, st_next);  // into the stage read last iteration
+    __syncwarp();  // ... and the other lanes' (shared activations); the stage refilled below was read by all
+    if (i + S - 1 < nc) issue(c0 + int64_t(i + S - 1) * kSkWK, st_next);
     cp_commit();
     st_next = st_next + 1 == S ? 0 : st_next + 1;
     const uint8_t* sb = ring + st * P::STAGE;
     st = st + 1 == S ? 0 : st + 1;
-    const int64_t c = c0 + int64_t(i) * kSkWK;
-    if (probe) {  // measurements only: the copies without the arithmetic (wrong results)
-      acc[0][0][0] += float(*reinterpret_cast<const uint32_t*>(sb + lane * 4) & 1);
-      continue;
+    uint4 wv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wv[mt][h] = *reinterpret_cast<const uint4*>(sb + ((mt * 2 + h) * 32 + lane) * 16);
+    uint32_t xv[NT][TERMS][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint8_t* xp = sb + oX + xslot[nt] * 16;  // slot (tile * 2 + p, lane) = tile * 1024 + p * 512 + lane * 16
+      const uint4 u0 = *reinterpret_cast<const uint4*>(xp), u1 = *reinterpret_cast<const uint4*>(xp + 512);
+      if constexpr (!BF) {
+        xv[nt][0][0] = u0.x, xv[nt][0][1] = u0.y, xv[nt][0][2] = u0.z, xv[nt][0][3] = u0.w;
+        xv[nt][1][0] = u1.x, xv[nt][1][1] = u1.y, xv[nt][1][2] = u1.z, xv[nt][1][3] = u1.w;
+      } else {
+        const float xf[8] = {__uint_as_float(u0.x), __uint_as_float(u0.y), __uint_as_float(u0.z), __uint_as_float(u0.w),
+                             __uint_as_float(u1.x), __uint_as_float(u1.y), __uint_as_float(u1.z), __uint_as_float(u1.w)};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // hi + mid + lo, each rounded to nearest even (skinny_split_kernel<true>)
+          const float a0 = xf[2 * e], a1 = xf[2 * e + 1];
+          const __nv_bfloat162 hi = __floats2bfloat162_rn(a0, a1);
+          const float2 hf = __bfloat1622float2(hi);
+          const float m0 = a0 - hf.x, m1 = a1 - hf.y;
+          const __nv_bfloat162 mid = __floats2bfloat162_rn(m0, m1);
+          const float2 mf = __bfloat1622float2(mid);
+          xv[nt][0][e] = b2bits(hi);
+          xv[nt][1][e] = b2bits(mid);
+          xv[nt][2][e] = b2bits(__floats2bfloat162_rn(m0 - mf.x, m1 - mf.y));
+        }
+      }
     }
-    if constexpr (!P::Q8) {
-      constexpr int TERMS = T == int(WT::BF16) ? 3 : 2;
-      uint4 wv[MT][2];
+    // Per accumulator: k16 step s = 0, 1, terms in order (as skinny_kernel).
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+      uint32_t a[2][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) wv[mt][h] = *reinterpret_cast<const uint4*>(sb + ((mt * 2 + h) * 32 + lane) * 16);
-      uint32_t xv[NT][TERMS][4];
-      float inv[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint8_t* xp = sb + oX + xslot[nt] * 16;  // slot (tile * 2 + p, lane): tile * 1024 + p * 512 + lane * 16
-        const uint4 u0 = *reinterpret_cast<const uint4*>(xp), u1 = *reinterpret_cast<const uint4*>(xp + 512);
-        if constexpr (PRE) {
-          xv[nt][0][0] = u0.x, xv[nt][0][1] = u0.y, xv[nt][0][2] = u0.z, xv[nt][0][3] = u0.w;
-          xv[nt][1][0] = u1.x, xv[nt][1][1] = u1.y, xv[nt][1][2] = u1.z, xv[nt][1][3] = u1.w;
-          continue;
-        }
-        float xf[8] = {__uint_as_float(u0.x), __uint_as_float(u0.y), __uint_as_float(u0.z), __uint_as_float(u0.w),
-                       __uint_as_float(u1.x), __uint_as_float(u1.y), __uint_as_float(u1.z), __uint_as_float(u1.w)};
-        if constexpr (T == int(WT::F16)) {
-          float m = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(xf[e]));
-          m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
-          m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 2));
-          const int be = int(__float_as_uint(m) >> 23);  // m >= 0: the biased exponent; m < 2^(be - 126)
-          const int sh = (m == 0.0f || be >= 255) ? 0 : min(126, 141 - be);
-          const float sc = __uint_as_float(uint32_t(127 + sh) << 23);
-          const float is = __uint_as_float(uint32_t(127 - sh) << 23);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float a0 = xf[2 * e] * sc, a1 = xf[2 * e + 1] * sc;
-            const __half2 hi = __floats2half2_rn(a0, a1);
-            const float2 hf = __half22float2(hi);
-            xv[nt][0][e] = h2bits(hi);
-            xv[nt][1][e] = h2bits(__floats2half2_rn(a0 - hf.x, a1 - hf.y));
-          }
-#pragma unroll
-          for (int e = 0; e < 2; ++e) inv[nt][e] = __shfl_sync(0xFFFFFFFFu, is, (2 * t + e) * 4);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float a0 = xf[2 * e], a1 = xf[2 * e + 1];
-            const __nv_bfloat162 hi = __floats2bfloat162_rn(a0, a1);
-            const float2 hf = __bfloat1622float2(hi);
-            const float m0 = a0 - hf.x, m1 = a1 - hf.y;
-            const __nv_bfloat162 mid = __floats2bfloat162_rn(m0, m1);
-            const float2 mf = __bfloat1622float2(mid);
-            xv[nt][0][e] = b2bits(hi);
-            xv[nt][1][e] = b2bits(mid);
-            xv[nt][2][e] = b2bits(__floats2bfloat162_rn(m0 - mf.x, m1 - mf.y));
-          }
-        }
+      for (int s = 0; s < 2; ++s) {
+        a[s][0] = u4get(wv[mt][0], 2 * s), a[s][1] = u4get(wv[mt][1], 2 * s);
+        a[s][2] = u4get(wv[mt][0], 2 * s + 1), a[s][3] = u4get(wv[mt][1], 2 * s + 1);
       }
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        uint32_t a[2][4];
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          a[s][0] = u4get(wv[mt][0], 2 * s), a[s][1] = u4get(wv[mt][1], 2 * s);
-          a[s][2] = u4get(wv[mt][0], 2 * s + 1), a[s][3] = u4get(wv[mt][1], 2 * s + 1);
-        }
+        for (int s = 0; s < 2; ++s)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if constexpr (T == int(WT::BF16) || PRE) {
-#pragma unroll
-            for (int s = 0; s < 2; ++s)
-#pragma unroll
-              for (int q = 0; q < TERMS; ++q)
-                if constexpr (PRE) mma_f16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
-                else mma_bf16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
-          } else {
-            float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int s = 0; s < 2; ++s)
-#pragma unroll
-              for (int q = 0; q < TERMS; ++q)
-                mma_f16(f, a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
-#pragma unroll
-            for (int i2 = 0; i2 < 4; ++i2) acc[mt][nt][i2] = fmaf(f[i2], inv[nt][i2 & 1], acc[mt][nt][i2]);
+          for (int q = 0; q < TERMS; ++q) {
+            if constexpr (BF) mma_bf16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
+            else mma_f16(acc[mt][nt], a[s][0], a[s][1], a[s][2], a[s][3], xv[nt][q][2 * s], xv[nt][q][2 * s + 1]);
           }
-        }
-      }
-    } else {
-      uint2 wv[MT][2];
-      float wd[MT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          wv[mt][h] = *reinterpret_cast<const uint2*>(sb + ((mt * 2 + h) * 32 + lane) * 8);
-          const uint32_t word = *reinterpret_cast<const uint32_t*>(sb + oWS + ((mt * 2 + h) * 32 + g * 4) * 4);
-          wd[mt][h] = h2f(uint16_t(((wrow[mt][h] * C + c) & 1) ? word >> 16 : word & 0xFFFF));
-        }
-      uint2 xv[NT];
-      float dx[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        xv[nt] = *reinterpret_cast<const uint2*>(sb + oX + ((xslot[nt] >> 6) * 32 + (xslot[nt] & 63)) * 8);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) dx[nt][e] = *reinterpret_cast<const float*>(sb + oXD + ((nt * 2 + e) * 32 + t) * 4);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          int ci[4] = {0, 0, 0, 0};
-          mma_s8(ci, wv[mt][0].x, wv[mt][1].x, wv[mt][0].y, wv[mt][1].y, xv[nt].x, xv[nt].y);
-#pragma unroll
-          for (int i2 = 0; i2 < 4; ++i2)
-            acc[mt][nt][i2] = fmaf(__fmul_rn(wd[mt][i2 >> 1], dx[nt][i2 & 1]), float(ci[i2]), acc[mt][nt][i2]);
-        }
     }
   }
   cp_wait<0>();
@@ -860,7 +728,7 @@ __global__ void __launch_bounds__(kSkThreads, 1)
           float v = acc[mt][nt][i];
 #pragma unroll
           for (int k = 0; k < kSkWK - 1; ++k) v += red[k][wm][rl][cl];
-          if constexpr (PRE) v *= xscale[min(cl, n - 1)];
+          if constexpr (!BF) v *= xscale[min(cl, n - 1)];
           if (kb == 1) {
             const int64_t row = r0 + rl;
             if (row < rows && cl < n) y[int64_t(cl) * rows + row] = v;
@@ -883,49 +751,38 @@ __global__ void __launch_bounds__(kSkThreads, 1)
   cluster.sync();  // the other blocks may still read this block's tile
 }
 
-// Split-K factor of the pipelined kernel: skinny_splits capped at the portable cluster size.
-int skinny2_splits(int64_t rows, int64_t cols) { return std::min(8, skinny_splits(rows, cols)); }
 // Rows per warp (x 16): 4, or 2 where 4 leaves most SMs idle (does not change any result).
-// HEADROOM_CUDA_SKINNY_MT=2|4 forces it (measurements).
-int skinny2_mt(int64_t rows, int64_t cols, int nt) {
-  if (nt > 4) return 2;
-  static const int forced = [] {
-    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_MT");
-    return e ? std::atoi(e) : 0;
-  }();
-  if (forced == 2 || forced == 4) return forced;
-  return (rows + 127) / 128 * skinny2_splits(rows, cols) >= 96 ? 4 : 2;
+int skinny2_mt(int64_t rows, int64_t cols) { return (rows + 127) / 128 * skinny_splits(rows, cols) >= 96 ? 4 : 2; }
+
+int env_int(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : dflt;
 }
 
-template <int T, int MT, int NT, bool PRE>
-cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
-                           const float* xd, const uint16_t* xs, const float* xscale, int n, float* y, int kb,
-                           cudaStream_t s) {
-  using P = Sk2<T, MT, NT>;
-  auto kern = skinny2_kernel<T, MT, NT, PRE>;
+// Returns cudaErrorNotSupported (nothing launched) where a cluster of kb blocks cannot be resident.
+template <int T, int MT, int NT>
+cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const float* x, const uint16_t* xs,
+                           const float* xscale, int n, float* y, int kb, cudaStream_t s) {
+  using P = Sk2<MT, NT>;
+  auto kern = skinny2_kernel<T, MT, NT>;
+  // HEADROOM_CUDA_SKINNY_STAGES=k: at most k stages (measurements; no effect on results).
+  static const int cap = std::max(2, env_int("HEADROOM_CUDA_SKINNY_STAGES", 8));
+  const int S = std::min(cap, P::S);
+  const int smem = std::max(kSkThreads / 32 * S * P::STAGE, P::RED + P::TILE);
   static std::atomic<uint32_t> ready{0};  // per device: the shared-memory attribute is set
   int dev = 0;
   if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
   const uint32_t bit = 1u << (dev & 31);
   if (!(ready.load(std::memory_order_acquire) & bit)) {
-    if (cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, P::SMEM); e != cudaSuccess)
+    const int most = std::max(kSkThreads / 32 * P::S * P::STAGE, P::RED + P::TILE);
+    if (cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, most); e != cudaSuccess)
       return e;
     ready.fetch_or(bit, std::memory_order_release);
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned((rows + P::BR - 1) / P::BR), unsigned(kb));
   cfg.blockDim = dim3(kSkThreads);
-  // HEADROOM_CUDA_SKINNY_STAGES=k caps the ring at k stages (measurements; no effect on results).
-  static const int cap = [] {
-    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_STAGES");
-    return e ? std::max(2, std::atoi(e)) : 8;
-  }();
-  const int S = std::min(cap, P::S);
-  static const int probe = [] {  // HEADROOM_CUDA_SKINNY_PROBE=1: the copies alone (wrong results; bandwidth probe)
-    const char* e = std::getenv("HEADROOM_CUDA_SKINNY_PROBE");
-    return e ? std::atoi(e) : 0;
-  }();
-  cfg.dynamicSmemBytes = std::max(kSkThreads / 32 * S * P::STAGE, P::RED + P::TILE);
+  cfg.dynamicSmemBytes = size_t(smem);
   cfg.stream = s;
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeClusterDimension;
@@ -934,39 +791,39 @@ cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const floa
   at[0].val.clusterDim.z = 1;
   cfg.attrs = at;
   cfg.numAttrs = 1;
-  // Can a cluster of kb such blocks be resident at all? (Asked once per split factor; if not, the caller
-  // falls back to skinny_kernel: a function of the device, not of the batch.)
+  // Can a cluster of kb such blocks be resident at all? (Asked once per split factor; if not, the caller runs
+  // skinny_kernel, which gives the same bits.)
   static std::atomic<int> fits[9] = {};  // 0 unknown, 1 yes, 2 no
   if (kb > 1 && fits[kb].load(std::memory_order_relaxed) == 0) {
     int clusters = 0;
     const cudaError_t e = cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg);
     fits[kb].store(e == cudaSuccess && clusters > 0 ? 1 : 2, std::memory_order_relaxed);
-    if (e != cudaSuccess || clusters <= 0) {
-      (void)cudaGetLastError();
-      std::fprintf(stderr, "cuda skinny GEMM: a cluster of %d blocks does not fit (%s); using the unpipelined kernel\n", kb,
-                   e != cudaSuccess ? cudaGetErrorString(e) : "0 clusters");
-    }
+    if (e != cudaSuccess || clusters <= 0) (void)cudaGetLastError();
   }
   if (kb > 1 && fits[kb].load(std::memory_order_relaxed) == 2) return cudaErrorNotSupported;
-  return cudaLaunchKernelEx(&cfg, kern, static_cast<const uint8_t*>(w), rows, cols, x, xq, xd, xs, xscale, n, y, kb, S, probe);
+  return cudaLaunchKernelEx(&cfg, kern, static_cast<const uint8_t*>(w), rows, cols, x, xs, xscale, n, y, kb, S);
 }
 
-template <int T, bool PRE = false>
-cudaError_t skinny2_dispatch(const void* w, int64_t rows, int64_t cols, const float* x, const int8_t* xq,
-                             const float* xd, const uint16_t* xs, const float* xscale, int n, float* y, cudaStream_t s) {
-  const int kb = skinny2_splits(rows, cols);
-  const int nt = n <= 8 ? 1 : n <= 16 ? 2 : n <= 32 ? 4 : 8;
-  const bool m4 = skinny2_mt(rows, cols, nt) == 4;
-#define SK2(MT, NT) skinny2_launch<T, MT, NT, PRE>(w, rows, cols, x, xq, xd, xs, xscale, n, y, kb, s)
-  switch (nt) {
-    case 1: return m4 ? SK2(4, 1) : SK2(2, 1);
-    case 2: return m4 ? SK2(4, 2) : SK2(2, 2);
-    case 4: return m4 ? SK2(4, 4) : SK2(2, 4);
-    default:
-      if constexpr (T == int(WT::Q8_0)) return SK2(2, 8);
-      return cudaErrorInvalidValue;  // F16/BF16 stop at 32 rows (kSkinnyMaxRows applies to Q8_0)
-  }
+template <int T>
+cudaError_t skinny2_dispatch(const void* w, int64_t rows, int64_t cols, const float* x, const uint16_t* xs,
+                             const float* xscale, int n, float* y, cudaStream_t s) {
+  const int kb = skinny_splits(rows, cols);
+  const bool m4 = skinny2_mt(rows, cols) == 4;
+#define SK2(MT, NT) skinny2_launch<T, MT, NT>(w, rows, cols, x, xs, xscale, n, y, kb, s)
+  if (n <= 8) return m4 ? SK2(4, 1) : SK2(2, 1);
+  if (n <= 16) return m4 ? SK2(4, 2) : SK2(2, 2);
+  return m4 ? SK2(4, 4) : SK2(2, 4);
 #undef SK2
+}
+
+// Which kernel runs an F16/BF16 call of n <= 32 rows (both give the same bits). HEADROOM_CUDA_SKINNY_V2=0 / 1:
+// always skinny_kernel / always the pipelined one; default: the pipelined one where it measured faster on the
+// H200 (one K piece, n > 16).
+bool skinny_use_v2(int64_t rows, int64_t cols, int64_t n) {
+  static const int mode = env_int("HEADROOM_CUDA_SKINNY_V2", -1);
+  if (n > 32) return false;
+  if (mode >= 0) return mode != 0;
+  return skinny_splits(rows, cols) == 1 && n > 16;
 }
 
 }  // namespace
@@ -1009,7 +866,7 @@ int skinny_splits(int64_t rows, int64_t cols) {
   const int64_t rb = (rows + 127) / 128, C = cols / 32;
   int best = 1;
   double best_cost = 1e300;
-  for (int kb = 1; kb <= 16; kb *= 2) {
+  for (int kb = 1; kb <= 8; kb *= 2) {  // <= 8: the pipelined kernel's cluster (portable size)
     if (kb > 1 && C / kb < 8) break;
     const int64_t tiles = rb * kb;
     const double waves = double((tiles + kSkModelSMs - 1) / kSkModelSMs);
@@ -1027,10 +884,7 @@ bool skinny_takes(WT t, int64_t cols, int64_t n, const float* x) {
          cols % 32 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 }
 
-size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n) {
-  // (The pipelined kernel needs only Q8_0's quantized activations; the full layout is kept for its fallback.)
-  return skinny_layout(t, rows, cols, n).total;
-}
+size_t skinny_scratch_bytes(WT t, int64_t rows, int64_t cols, int64_t n) { return skinny_layout(t, rows, cols, n).total; }
 
 cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
                           void* scratch, cudaStream_t s) {
@@ -1038,36 +892,20 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
   const SkinnyLayout l = skinny_layout(t, rows, cols, n);
   auto* base = static_cast<uint8_t*>(scratch);
   cudaError_t e = cudaSuccess;
-  if (!skinny_v1() && (t == WT::Q8_0 || n <= 32)) {  // the pipelined kernel (F16/BF16 n > 32: skinny_kernel)
-    if (t == WT::Q8_0) {
-      auto* xq = reinterpret_cast<int8_t*>(base + l.xs);
-      auto* xd = reinterpret_cast<float*>(base + l.xscale);
-      const int64_t nb = n * cols / 32;
-      quantize_q8_kernel<<<grid1d(nb, 128), 128, 0, s>>>(x, nb, xq, xd);
-      if ((e = cudaGetLastError()) != cudaSuccess) return e;
-      e = skinny2_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, xq, xd, nullptr, nullptr, int(n), y, s);
-      if (e != cudaErrorNotSupported) return e;
-      // (no cluster of kb fits: the unpipelined kernel below, on the activations already quantized)
-      const int kb = skinny_splits(rows, cols);
-      float* out = kb > 1 ? reinterpret_cast<float*>(base + l.part) : y;
-      e = skinny_dispatch<int(WT::Q8_0)>(w, rows, cols, nullptr, nullptr, xq, xd, int(n), out, kb, s);
-      if (e != cudaSuccess || kb == 1) return e;
-      const int64_t count = n * rows;
-      skinny_sum_kernel<<<unsigned(std::min<int64_t>(4096, (count + 255) / 256)), 256, 0, s>>>(out, kb, count, y);
-      return cudaGetLastError();
-    }
-    if (t == WT::F16 && skinny_pre()) {  // F16 through the pre-pass planes (per-row scale), as skinny_kernel
-      auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
-      auto* xscale = reinterpret_cast<float*>(base + l.xscale);
+  bool split_done = false;
+  if (t != WT::Q8_0 && skinny_use_v2(rows, cols, n)) {
+    auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
+    auto* xscale = reinterpret_cast<float*>(base + l.xscale);
+    if (t == WT::F16) {
       const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 4 + 31) / 32 * 32)));
       skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
-      e = skinny2_dispatch<int(WT::F16), true>(w, rows, cols, nullptr, nullptr, nullptr, xs, xscale, int(n), y, s);
+      split_done = true;
+      e = skinny2_dispatch<int(WT::F16)>(w, rows, cols, nullptr, xs, xscale, int(n), y, s);
     } else {
-      e = t == WT::F16 ? skinny2_dispatch<int(WT::F16)>(w, rows, cols, x, nullptr, nullptr, nullptr, nullptr, int(n), y, s)
-                       : skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, nullptr, nullptr, int(n), y, s);
+      e = skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s);
     }
-    if (e != cudaErrorNotSupported) return e;
+    if (e != cudaErrorNotSupported) return e;  // else (no cluster of kb fits) skinny_kernel, same bits
   }
   const int kb = skinny_splits(rows, cols);
   float* out = kb > 1 ? reinterpret_cast<float*>(base + l.part) : y;
@@ -1082,8 +920,11 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
     auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
     auto* xscale = reinterpret_cast<float*>(base + l.xscale);
     const int threads = int(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 4 + 31) / 32 * 32)));
-    if (t == WT::F16) skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
-    else skinny_split_kernel<true><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, nullptr);
+    if (t == WT::F16) {
+      if (!split_done) skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
+    } else {
+      skinny_split_kernel<true><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, nullptr);
+    }
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     e = t == WT::F16 ? skinny_dispatch<int(WT::F16)>(w, rows, cols, xs, xscale, nullptr, nullptr, int(n), out, kb, s)
                      : skinny_dispatch<int(WT::BF16)>(w, rows, cols, xs, nullptr, nullptr, nullptr, int(n), out, kb, s);
