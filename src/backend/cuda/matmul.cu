@@ -257,10 +257,11 @@ cudaError_t gemv_pass(const void* w, int64_t rows, int64_t cols, const float* x,
 //
 // Batch invariance. A block is 8 warps: 2 along M (each MT x 16 weight rows) x 4 along K (warp wk takes
 // chunks wk, wk + 4, ... of the block's K range); the K range of the whole matrix is cut into kb ranges
-// (skinny_splits: a function of the weight shape only). Per output: an mma chain over the warp's chunks in
-// order, the 4 warp partials summed in warp order, then (kb > 1) the kb partials summed in order by a second
-// kernel. None of this depends on n, on the N tiling or on MT, so a row's result has the same bits
-// whatever the batch is (tested).
+// (skinny_splits: a function of the weight shape only, kb <= 8). Per output: an mma chain over the warp's
+// chunks in order, the 4 warp partials summed in warp order, then (kb > 1) the kb partials summed in order by a
+// second kernel. None of this depends on n, on the N tiling or on MT, so a row's result has the same bits
+// whatever the batch is (tested). The pipelined variant further down (skinny2_kernel) computes the same sums in
+// the same order, so the two may be chosen per call (skinny_v2_stages).
 constexpr int kSkWK = 4, kSkWM = 2, kSkThreads = 32 * kSkWK * kSkWM;
 constexpr int kSkModelSMs = 132;  // the split model's SM count (fixed, so results depend on the shape only)
 
@@ -525,7 +526,7 @@ cudaError_t skinny_dispatch(const void* w, int64_t rows, int64_t cols, const uin
 }
 
 
-// ---- skinny GEMM, pipelined variant (F16/BF16; chosen per shape and n by skinny_use_v2) ----------------------
+// ---- skinny GEMM, pipelined variant (F16/BF16; chosen per shape and n by skinny_v2_stages) -------------------
 //
 // The same mma layout, warp grid (2 along M x 4 along K, warp wk takes chunks wk, wk + 4, ... of its K piece),
 // operands and per-output summation order as skinny_kernel, so both kernels give the same bits and may be mixed
@@ -762,12 +763,10 @@ int env_int(const char* name, int dflt) {
 // Returns cudaErrorNotSupported (nothing launched) where a cluster of kb blocks cannot be resident.
 template <int T, int MT, int NT>
 cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const float* x, const uint16_t* xs,
-                           const float* xscale, int n, float* y, int kb, cudaStream_t s) {
+                           const float* xscale, int n, float* y, int kb, int stages, cudaStream_t s) {
   using P = Sk2<MT, NT>;
   auto kern = skinny2_kernel<T, MT, NT>;
-  // HEADROOM_CUDA_SKINNY_STAGES=k: at most k stages (measurements; no effect on results).
-  static const int cap = std::max(2, env_int("HEADROOM_CUDA_SKINNY_STAGES", 8));
-  const int S = std::min(cap, P::S);
+  const int S = std::max(2, std::min(stages, P::S));
   const int smem = std::max(kSkThreads / 32 * S * P::STAGE, P::RED + P::TILE);
   static std::atomic<uint32_t> ready{0};  // per device: the shared-memory attribute is set
   int dev = 0;
@@ -806,26 +805,37 @@ cudaError_t skinny2_launch(const void* w, int64_t rows, int64_t cols, const floa
 
 template <int T>
 cudaError_t skinny2_dispatch(const void* w, int64_t rows, int64_t cols, const float* x, const uint16_t* xs,
-                             const float* xscale, int n, float* y, cudaStream_t s) {
+                             const float* xscale, int n, float* y, int stages, cudaStream_t s) {
   const int kb = skinny_splits(rows, cols);
   const bool m4 = skinny2_mt(rows, cols) == 4;
-#define SK2(MT, NT) skinny2_launch<T, MT, NT>(w, rows, cols, x, xs, xscale, n, y, kb, s)
+#define SK2(MT, NT) skinny2_launch<T, MT, NT>(w, rows, cols, x, xs, xscale, n, y, kb, stages, s)
   if (n <= 8) return m4 ? SK2(4, 1) : SK2(2, 1);
   if (n <= 16) return m4 ? SK2(4, 2) : SK2(2, 2);
   return m4 ? SK2(4, 4) : SK2(2, 4);
 #undef SK2
 }
 
-// Which kernel runs an F16/BF16 call of n <= 32 rows (both give the same bits). HEADROOM_CUDA_SKINNY_V2=0 / 1:
-// always skinny_kernel / always the pipelined one; 2: the pipelined one for n > 2 (the tests' batch invariance
-// check, which compares with 2-row calls, then compares the two kernels bitwise); default: the pipelined one
-// where it measured faster on the H200 (one K piece, n > 16).
-bool skinny_use_v2(int64_t rows, int64_t cols, int64_t n) {
+// Which kernel runs an F16/BF16 call of n <= 32 rows, and with how many stages (0: skinny_kernel). Both kernels
+// give the same bits, so this may depend on anything. Default, from the H200 passes of 2026-12-01 16:58 UTC that
+// forced each configuration (docs/cuda.md): one K piece (kb = 1: gate/up, output) -> pipelined, 3 stages; kb = 8
+// (few rows, e.g. 1024x4096) and n <= 16 -> pipelined, 3 stages; BF16 (no pre-pass then) with n <= 8 ->
+// pipelined, 2 stages; else skinny_kernel. HEADROOM_CUDA_SKINNY_V2=0 / 1: always skinny_kernel / always the
+// pipelined one; 2: the pipelined one for n > 2 (the tests' batch invariance check, which compares with 2-row
+// calls, then compares the two kernels bitwise); HEADROOM_CUDA_SKINNY_STAGES=k sets the stages (forced modes
+// default to the most that fit).
+int skinny_v2_stages(WT t, int64_t rows, int64_t cols, int64_t n) {
   static const int mode = env_int("HEADROOM_CUDA_SKINNY_V2", -1);
-  if (n > 32) return false;
-  if (mode == 2) return n > 2;
-  if (mode >= 0) return mode != 0;
-  return skinny_splits(rows, cols) == 1 && n > 16;
+  static const int stages = env_int("HEADROOM_CUDA_SKINNY_STAGES", 0);
+  if (n > 32 || t == WT::Q8_0) return 0;
+  int st = 0;
+  if (mode == 0) st = 0;
+  else if (mode == 1) st = 8;
+  else if (mode == 2) st = n > 2 ? 8 : 0;
+  else {
+    const int kb = skinny_splits(rows, cols);
+    st = kb == 1 ? 3 : kb >= 8 && n <= 16 ? 3 : t == WT::BF16 && n <= 8 ? 2 : 0;
+  }
+  return st > 0 && stages > 0 ? std::max(2, stages) : st;
 }
 
 }  // namespace
@@ -895,7 +905,7 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
   auto* base = static_cast<uint8_t*>(scratch);
   cudaError_t e = cudaSuccess;
   bool split_done = false;
-  if (t != WT::Q8_0 && skinny_use_v2(rows, cols, n)) {
+  if (const int stages = skinny_v2_stages(t, rows, cols, n); stages > 0) {
     auto* xs = reinterpret_cast<uint16_t*>(base + l.xs);
     auto* xscale = reinterpret_cast<float*>(base + l.xscale);
     if (t == WT::F16) {
@@ -903,9 +913,9 @@ cudaError_t launch_skinny(WT t, const void* w, int64_t rows, int64_t cols, const
       skinny_split_kernel<false><<<unsigned(n), threads, 0, s>>>(x, cols, n, xs, xscale);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       split_done = true;
-      e = skinny2_dispatch<int(WT::F16)>(w, rows, cols, nullptr, xs, xscale, int(n), y, s);
+      e = skinny2_dispatch<int(WT::F16)>(w, rows, cols, nullptr, xs, xscale, int(n), y, stages, s);
     } else {
-      e = skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, s);
+      e = skinny2_dispatch<int(WT::BF16)>(w, rows, cols, x, nullptr, nullptr, int(n), y, stages, s);
     }
     if (e != cudaErrorNotSupported) return e;  // else (no cluster of kb fits) skinny_kernel, same bits
   }
