@@ -33,10 +33,11 @@ if [ -n "$filter" ]; then
   grep -B2 -A12 "Failure" "$out/tests.log" | head -50
   grep "worst error" "$out/tests.log" | sort -t= -k2 -g | tail -4
   for v in ${GEMM_TEST_ENVS:-}; do
-    ( cd build-cuda && env $v HEADROOM_TEST_VERBOSE=1 timeout 90 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests_$v.log" 2>&1 )
+    lg="$out/tests_$(echo "$v" | tr -c 'A-Za-z0-9_\n' '_').log"  # names the device tool brings back
+    ( cd build-cuda && env $v HEADROOM_TEST_VERBOSE=1 timeout 90 ./headroom_backend_tests --gtest_filter="$filter" > "$lg" 2>&1 )
     r=$?; [ $r = 0 ] || rc=$r
-    echo "-- tests with $v: rc $r"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$out/tests_$v.log" | head -5
-    grep -B2 -A12 "Failure" "$out/tests_$v.log" | head -30
+    echo "-- tests with $v: rc $r"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]" "$lg" | head -5
+    grep -B2 -A12 "Failure" "$lg" | head -30
   done
   echo "[tests done at $(( $(date +%s) - t0 )) s]"
 fi
