@@ -3,7 +3,8 @@
 # (scripts/gpu_stage_server.sh) sent along: builds with CUDA and the server, then checks the model end to end
 # against the CPU backend and measures, most important first. Meant to run detached:
 #   setsid nohup bash scripts/gpu_e2e.sh > /tmp/e2e.out 2>&1 &     then poll $OUT/e2e.log (or /tmp/e2e/e2e.log)
-# Stages (E2E_STAGES, default all): build parity tp bench8 map8 par8 serve bench1 kvq8 eval
+# Stages (E2E_STAGES, default all): build parity tp bench8 map8 par8 serve bench1 kvq8 eval. E2E_SHORT=1 drops
+# the A/B extras (graphs off, --chunk 2048, the full-KV server); E2E_DEPTHS8 / E2E_DEPTHS1 pick the bench depths.
 set -uo pipefail
 out=${OUT:-/tmp/e2e}; mkdir -p "$out"
 log=$out/e2e.log
@@ -68,8 +69,8 @@ stamp() { echo "== $1 $(date +%T)"; }
   wait $synth; tail -1 "$out/synth8.log"
   if on bench8; then
     stamp bench8
-    $B bench -m $S --device cuda -p 2048 -n 64 -d 0,8192,32768,131072 -r 2
-    HEADROOM_CUDA_GRAPHS=0 $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (graphs off)/'
+    $B bench -m $S --device cuda -p 2048 -n 64 -d ${E2E_DEPTHS8:-0,8192,32768,131072} -r 2
+    [ -n "${E2E_SHORT:-}" ] || HEADROOM_CUDA_GRAPHS=0 $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (graphs off)/'
     HEADROOM_TP_COMM=nccl $B bench -m $S --device cuda -p 0 -n 64 -d 0 -r 2 | tail -1 | sed 's/$/  (NCCL world 1)/'
   fi
   if on map8; then
@@ -77,7 +78,7 @@ stamp() { echo "== $1 $(date +%T)"; }
     $B bench -m $S --device cuda -p 2048 -n 64 -d 131072 -r 2 --head-map /tmp/l8b-map.json
     # prefill split-KV off (the A/B), and chunks of 2048 rows (llama.cpp's n_batch) with it on
     HEADROOM_CUDA_PF_SPLIT=0 $B bench -m $S --device cuda -p 2048 -n 0 -d 131072 -r 2 --head-map /tmp/l8b-map.json | tail -1 | sed 's/$/  (prefill split-KV off)/'
-    $B bench -m $S --device cuda -p 2048 -n 0 -d 131072 -r 2 --head-map /tmp/l8b-map.json --chunk 2048 | tail -1 | sed 's/$/  (--chunk 2048)/'
+    [ -n "${E2E_SHORT:-}" ] || $B bench -m $S --device cuda -p 2048 -n 0 -d 131072 -r 2 --head-map /tmp/l8b-map.json --chunk 2048 | tail -1 | sed 's/$/  (--chunk 2048)/'
   fi
   if on par8; then
     stamp par8
@@ -91,15 +92,17 @@ stamp() { echo "== $1 $(date +%T)"; }
     $B bench --server http://127.0.0.1:8090 --clients 1,4,16,32 --requests 2 --prompt-words 1500 -n 128
     curl -s http://127.0.0.1:8090/metrics | grep -E "^headroom_kv_pages|^headroom_requests" | head -12
     kill -TERM $srv; wait $srv; echo "serve exit $?"
-    $B serve -m $S --device cuda --port 8091 -c 4096 --parallel 32 > "$out/serve_full.log" 2>&1 &
-    srv=$!
-    for i in $(seq 60); do curl -sf http://127.0.0.1:8091/health >/dev/null && break; sleep 1; done
-    $B bench --server http://127.0.0.1:8091 --clients 16,32 --requests 2 --prompt-words 1500 -n 128 | sed 's/$/  (full KV)/'
-    kill -TERM $srv; wait $srv
+    if [ -z "${E2E_SHORT:-}" ]; then
+      $B serve -m $S --device cuda --port 8091 -c 4096 --parallel 32 > "$out/serve_full.log" 2>&1 &
+      srv=$!
+      for i in $(seq 60); do curl -sf http://127.0.0.1:8091/health >/dev/null && break; sleep 1; done
+      $B bench --server http://127.0.0.1:8091 --clients 16,32 --requests 2 --prompt-words 1500 -n 128 | sed 's/$/  (full KV)/'
+      kill -TERM $srv; wait $srv
+    fi
   fi
   if on bench1; then
     stamp bench1
-    $B bench -m /tmp/l1b-f16.gguf --device cuda -p 2048 -n 64 -d 0,32768,131072 -r 2
+    $B bench -m /tmp/l1b-f16.gguf --device cuda -p 2048 -n 64 -d ${E2E_DEPTHS1:-0,32768,131072} -r 2
     $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 131072 -r 2 --head-map /tmp/l1b-map.json
   fi
   if on kvq8; then
