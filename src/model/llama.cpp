@@ -41,6 +41,15 @@
 
 namespace headroom {
 
+// HEADROOM_FUSE=0 runs the forward pass on the unfused ops (for A/B measurements: the results are the same).
+static bool fused_ops() {
+  static const bool on = [] {
+    const char* e = std::getenv("HEADROOM_FUSE");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
 // ---- weight slices (model/slice.h) ----------------------------------------------------------------------
 
 // One rank: its backend, its weight slices and activations, and its copy of the step's tables.
@@ -491,24 +500,38 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
   be.embed(rk.tok_embd, rk.tokens_dev.get(), n, x);
   all_reduce(x, int64_t(n) * D);  // vocabulary split: each row from its rank, zeros from the others
 
+  // Fused ops (backend.h) cut the launches per layer: each residual add runs with the norm after it, q/k/v as
+  // one grouped matmul, RoPE with the KV store, gate/up with SwiGLU. The results are the unfused ops' bits.
+  const bool fuse = fused_ops();
+  if (fuse) be.rmsnorm(x, rk.w[0].attn_norm, n, D, c.rms_eps, xn);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = rk.w[size_t(l)];
     const int n_kv = int(rk.heads[size_t(l)].size()), n_head = n_kv * c.n_group();  // this rank's heads
     const int64_t QD = int64_t(n_head) * HD, KVD = int64_t(n_kv) * HD;
+    const int32_t* slots = rk.slots_dev.get() + rk.slot0[size_t(l)];
 
-    // Attention block.
-    be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
-    be.matmul(L.wq, xn, n, q);
-    be.matmul(L.wk, xn, n, rk.k.get());
-    be.matmul(L.wv, xn, n, rk.v.get());
+    // Attention block (xn = rmsnorm(x) * attn_norm: the step's first, or fused with the previous layer's add).
+    if (fuse) {
+      const MatmulPart qkv[] = {{L.wq, q}, {L.wk, rk.k.get()}, {L.wv, rk.v.get()}};
+      be.matmul_group(qkv, xn, n);
+    } else {
+      be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
+      be.matmul(L.wq, xn, n, q);
+      be.matmul(L.wk, xn, n, rk.k.get());
+      be.matmul(L.wv, xn, n, rk.v.get());
+    }
     if (L.bq) {
       be.add_bias(q, L.bq, n, QD);
       be.add_bias(rk.k.get(), L.bk, n, KVD);
       be.add_bias(rk.v.get(), L.bv, n, KVD);
     }
-    be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
-    be.rope(rk.k.get(), n, n_kv, HD, rk.pos_dev.get(), rk.rope);
-    be.kv_store(store, rk.k.get(), rk.v.get(), n, n_kv, rk.slots_dev.get() + rk.slot0[size_t(l)], rk.pos_dev.get());
+    if (fuse) {
+      be.rope_store(store, AttnRows{q, rk.k.get(), rk.v.get(), n, n_head, n_kv, HD, rk.pos_dev.get()}, slots, rk.rope);
+    } else {
+      be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
+      be.rope(rk.k.get(), n, n_kv, HD, rk.pos_dev.get(), rk.rope);
+      be.kv_store(store, rk.k.get(), rk.v.get(), n, n_kv, slots, rk.pos_dev.get());
+    }
     if (obs) {
       rk.q_host.resize(size_t(n) * size_t(QD));
       be.download(rk.q_host.data(), q, rk.q_host.size() * sizeof(float));
@@ -538,17 +561,23 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
     }
     be.matmul(L.wo, att, n, xn);
     all_reduce(xn, int64_t(n) * D);  // the attention output: the sum over the ranks' heads
-    be.add(x, xn, int64_t(n) * D);
 
     // Feed-forward block (SwiGLU).
     const int64_t FF = rk.f1 - rk.f0;  // this rank's columns
-    be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
-    be.matmul(L.gate, xn, n, rk.gate.get());
-    be.matmul(L.up, xn, n, rk.up.get());
-    be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
+    if (fuse) {
+      be.add_rmsnorm(x, xn, L.ffn_norm, n, D, c.rms_eps, xn);
+      be.matmul_swiglu(L.gate, L.up, xn, n, rk.gate.get(), rk.up.get());
+    } else {
+      be.add(x, xn, int64_t(n) * D);
+      be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
+      be.matmul(L.gate, xn, n, rk.gate.get());
+      be.matmul(L.up, xn, n, rk.up.get());
+      be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
+    }
     be.matmul(L.down, rk.gate.get(), n, xn);
     all_reduce(xn, int64_t(n) * D);  // the MLP output: the sum over the ranks' columns
-    be.add(x, xn, int64_t(n) * D);
+    if (fuse && l + 1 < c.n_layer) be.add_rmsnorm(x, xn, rk.w[size_t(l) + 1].attn_norm, n, D, c.rms_eps, xn);
+    else be.add(x, xn, int64_t(n) * D);  // the last layer's: the output norm takes only the logit rows
   }
 
   // Logits of the rows the sequences asked for (this rank's vocabulary columns): their final norms gathered

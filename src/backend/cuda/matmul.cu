@@ -38,11 +38,13 @@ __device__ __forceinline__ void unpack8(uint4 u, bool bf, float* o) {
   }
 }
 
+// The block's sums for weight rows [row0, row0 + kBR) and NR activation rows: thread t < kBR * NR returns the
+// sum of weight row row0 + t / NR (rows past the end repeat the last) with activation row t % NR; the others 0.
+// (The GEMV kernels below are this and a store: the fused ones give each output the same bits.)
 template <int T, int NR>
-__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols,
-                                                        const float* __restrict__ x, int n, float* __restrict__ y,
-                                                        const int8_t* __restrict__ xq, const float* __restrict__ xd) {
-  const int64_t row0 = int64_t(blockIdx.x) * kBR;
+__device__ __forceinline__ float gemv_rows(const uint8_t* __restrict__ w, int64_t rows, int64_t cols,
+                                           const float* __restrict__ x, int n, const int8_t* __restrict__ xq,
+                                           const float* __restrict__ xd, int64_t row0) {
   int64_t wr[kBR];
 #pragma unroll
   for (int i = 0; i < kBR; ++i) wr[i] = min(row0 + i, rows - 1);
@@ -143,13 +145,52 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
       if (lane == 0) red[warp][i * NR + j] = v;
     }
   __syncthreads();
+  float s = 0.0f;
   if (threadIdx.x < kBR * NR) {
-    const int i = threadIdx.x / NR, j = threadIdx.x % NR;
-    float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) s += red[k][threadIdx.x];
-    if (j < n && row0 + i < rows) y[int64_t(j) * rows + row0 + i] = s;
   }
+  __syncthreads();  // red is free for the block's next call
+  return s;
+}
+
+template <int T, int NR>
+__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols,
+                                                        const float* __restrict__ x, int n, float* __restrict__ y,
+                                                        const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  const int64_t row0 = int64_t(blockIdx.x) * kBR;
+  const float s = gemv_rows<T, NR>(w, rows, cols, x, n, xq, xd, row0);
+  const int i = threadIdx.x / NR, j = threadIdx.x % NR;
+  if (threadIdx.x < kBR * NR && j < n && row0 + i < rows) y[int64_t(j) * rows + row0 + i] = s;
+}
+
+// Fused GEMVs (one activation row). A grouped launch: block b belongs to the part p with block0[p] <= b.
+struct GemvGroup {
+  GemvPart part[kGemvGroupMax];
+  unsigned block0[kGemvGroupMax + 1] = {};
+  int n_parts = 0;
+};
+
+template <int T>
+__global__ void __launch_bounds__(kThreads, 2) gemv_group_kernel(GemvGroup g, int64_t cols, const float* __restrict__ x,
+                                                              const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  int p = 0;
+  while (p + 1 < g.n_parts && blockIdx.x >= g.block0[p + 1]) ++p;
+  const int64_t rows = g.part[p].rows, row0 = int64_t(blockIdx.x - g.block0[p]) * kBR;
+  const float s = gemv_rows<T, 1>(static_cast<const uint8_t*>(g.part[p].w), rows, cols, x, 1, xq, xd, row0);
+  if (threadIdx.x < kBR && row0 + threadIdx.x < rows) g.part[p].y[row0 + threadIdx.x] = s;
+}
+
+// Gate and up rows [row0, row0 + kBR) in one block, one after the other, then silu(gate) * up.
+template <int T>
+__global__ void __launch_bounds__(kThreads, 2) gemv_swiglu_kernel(const uint8_t* __restrict__ gw,
+                                                               const uint8_t* __restrict__ uw, int64_t rows, int64_t cols,
+                                                               const float* __restrict__ x, float* __restrict__ out,
+                                                               const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  const int64_t row0 = int64_t(blockIdx.x) * kBR;
+  const float g = gemv_rows<T, 1>(gw, rows, cols, x, 1, xq, xd, row0);
+  const float u = gemv_rows<T, 1>(uw, rows, cols, x, 1, xq, xd, row0);
+  if (threadIdx.x < kBR && row0 + threadIdx.x < rows) out[row0 + threadIdx.x] = silu_mul(g, u);
 }
 
 // Any shape, float weight types: one warp per output element.
@@ -549,6 +590,63 @@ cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const f
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+bool gemv_fits(WT t, int64_t cols, const float* x) {
+  return t == WT::Q8_0 || ((reinterpret_cast<uintptr_t>(x) & 15) == 0 && cols % (t == WT::F32 ? 4 : 8) == 0);
+}
+
+// Q8_0: x quantized to Q8_0 blocks once, for every weight of a fused GEMV.
+static cudaError_t quantize_for_gemv(WT t, const float* x, int64_t cols, int8_t* xq, float* xd, cudaStream_t s) {
+  if (t != WT::Q8_0) return cudaSuccess;
+  quantize_q8_kernel<<<grid1d(cols / 32, 128), 128, 0, s>>>(x, cols / 32, xq, xd);
+  return cudaGetLastError();
+}
+
+template <int T>
+static void gemv_group_as(const GemvGroup& g, int64_t cols, const float* x, const int8_t* xq, const float* xd, cudaStream_t s) {
+  gemv_group_kernel<T><<<g.block0[g.n_parts], kThreads, 0, s>>>(g, cols, x, xq, xd);
+}
+
+cudaError_t launch_gemv_group(WT t, const GemvPart* parts, int n_parts, int64_t cols, const float* x, int8_t* xq, float* xd,
+                              cudaStream_t s) {
+  if (n_parts <= 0 || n_parts > kGemvGroupMax || !gemv_fits(t, cols, x)) return cudaErrorInvalidValue;
+  GemvGroup g;
+  g.n_parts = n_parts;
+  for (int p = 0; p < n_parts; ++p) {
+    g.part[p] = parts[p];
+    g.block0[p + 1] = g.block0[p] + unsigned((parts[p].rows + kBR - 1) / kBR);
+  }
+  if (g.block0[n_parts] == 0) return cudaSuccess;
+  if (cudaError_t e = quantize_for_gemv(t, x, cols, xq, xd, s); e != cudaSuccess) return e;
+  switch (t) {
+    case WT::F32: gemv_group_as<int(WT::F32)>(g, cols, x, xq, xd, s); break;
+    case WT::F16: gemv_group_as<int(WT::F16)>(g, cols, x, xq, xd, s); break;
+    case WT::BF16: gemv_group_as<int(WT::BF16)>(g, cols, x, xq, xd, s); break;
+    default: gemv_group_as<int(WT::Q8_0)>(g, cols, x, xq, xd, s); break;
+  }
+  return cudaGetLastError();
+}
+
+template <int T>
+static void gemv_swiglu_as(const void* gate, const void* up, int64_t rows, int64_t cols, const float* x, float* out,
+                           const int8_t* xq, const float* xd, cudaStream_t s) {
+  gemv_swiglu_kernel<T><<<unsigned((rows + kBR - 1) / kBR), kThreads, 0, s>>>(
+      static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), rows, cols, x, out, xq, xd);
+}
+
+cudaError_t launch_gemv_swiglu(WT t, const void* gate, const void* up, int64_t rows, int64_t cols, const float* x,
+                               float* out, int8_t* xq, float* xd, cudaStream_t s) {
+  if (!gemv_fits(t, cols, x)) return cudaErrorInvalidValue;
+  if (rows <= 0) return cudaSuccess;
+  if (cudaError_t e = quantize_for_gemv(t, x, cols, xq, xd, s); e != cudaSuccess) return e;
+  switch (t) {
+    case WT::F32: gemv_swiglu_as<int(WT::F32)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    case WT::F16: gemv_swiglu_as<int(WT::F16)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    case WT::BF16: gemv_swiglu_as<int(WT::BF16)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    default: gemv_swiglu_as<int(WT::Q8_0)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+  }
+  return cudaGetLastError();
 }
 
 int skinny_splits(int64_t rows, int64_t cols) {
