@@ -3,8 +3,11 @@
 # the CUDA op tests, checks greedy text CPU vs CUDA and fused vs unfused (HEADROOM_FUSE=0), then measures tg64
 # of the 8B and 1B F16 synthetic models fused and unfused in the same run (alternating, 2 repetitions each), and
 # with nsys (if the machine has it) counts kernels per decode step. Log: $OUT/fuse.log (or /tmp/fuse/fuse.log).
-#   usage: bash scripts/gpu_fuse.sh
+# FUSE_QUICK=1: only the fused CUDA op tests and the matmul ones, parity on two models, and the 8B A/B also
+# with each fusion left out in turn (HEADROOM_FUSE names the ones used).
+#   usage: [FUSE_QUICK=1] bash scripts/gpu_fuse.sh
 set -uo pipefail
+quick=${FUSE_QUICK:-0}
 out=${OUT:-/tmp/fuse}; mkdir -p "$out"
 stamp() { echo "== $1 $(date -u +%FT%TZ)"; }
 {
@@ -18,12 +21,15 @@ stamp() { echo "== $1 $(date -u +%FT%TZ)"; }
   synth=$!
 
   stamp tests
-  ( cd build-cuda && timeout 150 ./headroom_backend_tests --gtest_filter='CudaBackendOps.*:BackendOps.Fused*' > "$out/tests.log" 2>&1; echo "backend tests rc $?" )
+  ( cd build-cuda && filter='CudaBackendOps.*:BackendOps.Fused*'; [ $quick = 1 ] && filter='CudaBackendOps.Fused*:CudaBackendOps.Matmul*'
+    timeout 150 ./headroom_backend_tests --gtest_filter="$filter" > "$out/tests.log" 2>&1; echo "backend tests rc $?" )
   grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|^\[       OK \] CudaBackendOps.Fused" "$out/tests.log" | head -20
   grep -B2 -A8 "Failure" "$out/tests.log" | head -40
 
   stamp parity
-  for m in ../shared/models/stories260K.gguf ../shared/models/tinystories-656k-q8_0.gguf ../shared/models/retrieval-14m-q8_0.gguf ../shared/models/arch/*.gguf; do
+  models="../shared/models/stories260K.gguf ../shared/models/tinystories-656k-q8_0.gguf ../shared/models/retrieval-14m-q8_0.gguf ../shared/models/arch/*.gguf"
+  [ $quick = 1 ] && models="../shared/models/retrieval-14m-q8_0.gguf ../shared/models/arch/rand-qwen2-bias-bf16.gguf"
+  for m in $models; do
     $B run -m $m -n 24 --temp 0 --device cpu -p "Once upon a time" > /tmp/g_cpu.txt 2>/dev/null
     $B run -m $m -n 24 --temp 0 --device cuda -p "Once upon a time" > /tmp/g_cuda.txt 2>/dev/null
     HEADROOM_FUSE=0 $B run -m $m -n 24 --temp 0 --device cuda -p "Once upon a time" > /tmp/g_cuda0.txt 2>/dev/null
@@ -46,8 +52,14 @@ stamp() { echo "== $1 $(date -u +%FT%TZ)"; }
       HEADROOM_FUSE=$f $B bench -m $m --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep -E "tg64" | sed "s|\$|  fuse=$f $(basename $m)|"
     done
   done
+  if [ $quick = 1 ]; then
+    for f in qkv,mlp,rope norm,mlp,rope norm,qkv,rope norm,qkv,mlp; do
+      HEADROOM_FUSE=$f $B bench -m /tmp/l8b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed "s|\$|  fuse=$f l8b|"
+    done
+  else
   HEADROOM_CUDA_GRAPHS=0 HEADROOM_FUSE=1 $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed 's/$/  fuse=1 graphs off l1b/'
   HEADROOM_CUDA_GRAPHS=0 HEADROOM_FUSE=0 $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed 's/$/  fuse=0 graphs off l1b/'
+  fi
 
   NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
   if [ -n "$NSYS" ]; then

@@ -41,13 +41,23 @@
 
 namespace headroom {
 
-// HEADROOM_FUSE=0 runs the forward pass on the unfused ops (for A/B measurements: the results are the same).
-static bool fused_ops() {
-  static const bool on = [] {
+// The fused ops the forward pass uses (all by default; the results are the same bits either way). For A/B
+// measurements HEADROOM_FUSE=0 turns them all off, or names the ones to use: e.g. HEADROOM_FUSE=norm,qkv,mlp,rope.
+struct FusedOps {
+  bool norm = true;  // add_rmsnorm: each residual add with the norm after it
+  bool qkv = true;   // matmul_group: q, k, v
+  bool mlp = true;   // matmul_swiglu: gate, up, SwiGLU
+  bool rope = true;  // rope_store: RoPE of q and k with the KV store
+};
+static const FusedOps& fused_ops() {
+  static const FusedOps f = [] {
     const char* e = std::getenv("HEADROOM_FUSE");
-    return !(e && std::strcmp(e, "0") == 0);
+    if (!e || !*e || std::strcmp(e, "1") == 0) return FusedOps{};
+    const std::string v = std::string(",") + e + ",";
+    auto has = [&](const char* name) { return v.find(std::string(",") + name + ",") != std::string::npos; };
+    return FusedOps{has("norm"), has("qkv"), has("mlp"), has("rope")};
   }();
-  return on;
+  return f;
 }
 
 // ---- weight slices (model/slice.h) ----------------------------------------------------------------------
@@ -502,8 +512,8 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
 
   // Fused ops (backend.h) cut the launches per layer: each residual add runs with the norm after it, q/k/v as
   // one grouped matmul, RoPE with the KV store, gate/up with SwiGLU. The results are the unfused ops' bits.
-  const bool fuse = fused_ops();
-  if (fuse) be.rmsnorm(x, rk.w[0].attn_norm, n, D, c.rms_eps, xn);
+  const FusedOps& fuse = fused_ops();
+  if (fuse.norm) be.rmsnorm(x, rk.w[0].attn_norm, n, D, c.rms_eps, xn);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = rk.w[size_t(l)];
     const int n_kv = int(rk.heads[size_t(l)].size()), n_head = n_kv * c.n_group();  // this rank's heads
@@ -511,11 +521,11 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
     const int32_t* slots = rk.slots_dev.get() + rk.slot0[size_t(l)];
 
     // Attention block (xn = rmsnorm(x) * attn_norm: the step's first, or fused with the previous layer's add).
-    if (fuse) {
+    if (!fuse.norm) be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
+    if (fuse.qkv) {
       const MatmulPart qkv[] = {{L.wq, q}, {L.wk, rk.k.get()}, {L.wv, rk.v.get()}};
       be.matmul_group(qkv, xn, n);
     } else {
-      be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
       be.matmul(L.wq, xn, n, q);
       be.matmul(L.wk, xn, n, rk.k.get());
       be.matmul(L.wv, xn, n, rk.v.get());
@@ -525,7 +535,7 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
       be.add_bias(rk.k.get(), L.bk, n, KVD);
       be.add_bias(rk.v.get(), L.bv, n, KVD);
     }
-    if (fuse) {
+    if (fuse.rope) {
       be.rope_store(store, AttnRows{q, rk.k.get(), rk.v.get(), n, n_head, n_kv, HD, rk.pos_dev.get()}, slots, rk.rope);
     } else {
       be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
@@ -564,19 +574,22 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
 
     // Feed-forward block (SwiGLU).
     const int64_t FF = rk.f1 - rk.f0;  // this rank's columns
-    if (fuse) {
+    if (fuse.norm) {
       be.add_rmsnorm(x, xn, L.ffn_norm, n, D, c.rms_eps, xn);
-      be.matmul_swiglu(L.gate, L.up, xn, n, rk.gate.get(), rk.up.get());
     } else {
       be.add(x, xn, int64_t(n) * D);
       be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
+    }
+    if (fuse.mlp) {
+      be.matmul_swiglu(L.gate, L.up, xn, n, rk.gate.get(), rk.up.get());
+    } else {
       be.matmul(L.gate, xn, n, rk.gate.get());
       be.matmul(L.up, xn, n, rk.up.get());
       be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
     }
     be.matmul(L.down, rk.gate.get(), n, xn);
     all_reduce(xn, int64_t(n) * D);  // the MLP output: the sum over the ranks' columns
-    if (fuse && l + 1 < c.n_layer) be.add_rmsnorm(x, xn, rk.w[size_t(l) + 1].attn_norm, n, D, c.rms_eps, xn);
+    if (fuse.norm && l + 1 < c.n_layer) be.add_rmsnorm(x, xn, rk.w[size_t(l) + 1].attn_norm, n, D, c.rms_eps, xn);
     else be.add(x, xn, int64_t(n) * D);  // the last layer's: the output norm takes only the logit rows
   }
 
