@@ -3,8 +3,9 @@
 # the CUDA op tests, checks greedy text CPU vs CUDA and fused vs unfused (HEADROOM_FUSE=0), then measures tg64
 # of the 8B and 1B F16 synthetic models fused and unfused in the same run (alternating, 2 repetitions each), and
 # with nsys (if the machine has it) counts kernels per decode step. Log: $OUT/fuse.log (or /tmp/fuse/fuse.log).
+# HEADROOM_FUSE (src/model/llama.cpp): unset the default set, 0 none, all every fusion, or the names of those used.
 # FUSE_QUICK=1: only the fused CUDA op tests and the matmul ones, parity on two models, and the 8B A/B also
-# with each fusion left out in turn (HEADROOM_FUSE names the ones used).
+# with each fusion left out in turn.
 #   usage: [FUSE_QUICK=1] bash scripts/gpu_fuse.sh
 set -uo pipefail
 quick=${FUSE_QUICK:-0}
@@ -48,23 +49,25 @@ stamp() { echo "== $1 $(date -u +%FT%TZ)"; }
   wait $synth; tail -2 "$out/synth.log"
   stamp bench
   for m in /tmp/l8b-f16.gguf /tmp/l1b-f16.gguf; do
-    for f in 1 0 1 0; do
-      HEADROOM_FUSE=$f $B bench -m $m --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep -E "tg64" | sed "s|\$|  fuse=$f $(basename $m)|"
+    for f in default 0 all default 0 all; do
+      [ $f = default ] && unset HEADROOM_FUSE || export HEADROOM_FUSE=$f
+      $B bench -m $m --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep -E "tg64" | sed "s|\$|  fuse=$f $(basename $m)|"
     done
   done
+  unset HEADROOM_FUSE
   if [ $quick = 1 ]; then
     for f in qkv,mlp,rope norm,mlp,rope norm,qkv,rope norm,qkv,mlp; do
       HEADROOM_FUSE=$f $B bench -m /tmp/l8b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed "s|\$|  fuse=$f l8b|"
     done
   else
-  HEADROOM_CUDA_GRAPHS=0 HEADROOM_FUSE=1 $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed 's/$/  fuse=1 graphs off l1b/'
+  HEADROOM_CUDA_GRAPHS=0 HEADROOM_FUSE=all $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed 's/$/  fuse=all graphs off l1b/'
   HEADROOM_CUDA_GRAPHS=0 HEADROOM_FUSE=0 $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 64 -d 0 -r 2 2>/dev/null | grep tg64 | sed 's/$/  fuse=0 graphs off l1b/'
   fi
 
   NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
   if [ -n "$NSYS" ]; then
     stamp nsys
-    for f in 1 0; do
+    for f in all 0; do
       HEADROOM_FUSE=$f timeout 90 $NSYS profile --cuda-graph-trace=node -o /tmp/p$f --force-overwrite true \
         $B bench -m /tmp/l1b-f16.gguf --device cuda -p 0 -n 16 -d 0 -r 1 > /dev/null 2>&1
       timeout 60 $NSYS stats --report cuda_gpu_kern_sum --format csv /tmp/p$f.nsys-rep 2>/dev/null | cut -c1-160 > "$out/kern_fuse$f.csv"

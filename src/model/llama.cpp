@@ -41,18 +41,22 @@
 
 namespace headroom {
 
-// The fused ops the forward pass uses (all by default; the results are the same bits either way). For A/B
-// measurements HEADROOM_FUSE=0 turns them all off, or names the ones to use: e.g. HEADROOM_FUSE=norm,qkv,mlp,rope.
+// The fused ops the forward pass uses (the results are the same bits either way). HEADROOM_FUSE (for A/B
+// measurements): unset, the default set; 0 none; all (or 1) every one; or the names of those to use, e.g. qkv,rope.
+// add_rmsnorm is off by default: on the H200 (8B F16 tg64, 2026-12-01) the forward ran 197.5 tok/s without it
+// and 192 with it (not profiled; a guess: its one-block kernel's loop stores x, which keeps the compiler from
+// issuing the next loads early, where the add kernel had a block per 256 elements).
 struct FusedOps {
-  bool norm = true;  // add_rmsnorm: each residual add with the norm after it
-  bool qkv = true;   // matmul_group: q, k, v
-  bool mlp = true;   // matmul_swiglu: gate, up, SwiGLU
-  bool rope = true;  // rope_store: RoPE of q and k with the KV store
+  bool norm = false;  // add_rmsnorm: each residual add with the norm after it
+  bool qkv = true;    // matmul_group: q, k, v
+  bool mlp = true;    // matmul_swiglu: gate, up, SwiGLU
+  bool rope = true;   // rope_store: RoPE of q and k with the KV store
 };
 static const FusedOps& fused_ops() {
   static const FusedOps f = [] {
     const char* e = std::getenv("HEADROOM_FUSE");
-    if (!e || !*e || std::strcmp(e, "1") == 0) return FusedOps{};
+    if (!e || !*e) return FusedOps{};
+    if (std::strcmp(e, "all") == 0 || std::strcmp(e, "1") == 0) return FusedOps{true, true, true, true};
     const std::string v = std::string(",") + e + ",";
     auto has = [&](const char* name) { return v.find(std::string(",") + name + ",") != std::string::npos; };
     return FusedOps{has("norm"), has("qkv"), has("mlp"), has("rope")};
@@ -510,8 +514,8 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
   be.embed(rk.tok_embd, rk.tokens_dev.get(), n, x);
   all_reduce(x, int64_t(n) * D);  // vocabulary split: each row from its rank, zeros from the others
 
-  // Fused ops (backend.h) cut the launches per layer: each residual add runs with the norm after it, q/k/v as
-  // one grouped matmul, RoPE with the KV store, gate/up with SwiGLU. The results are the unfused ops' bits.
+  // Fused ops (backend.h) cut the launches per layer: q/k/v as one grouped matmul, RoPE with the KV store,
+  // gate/up with SwiGLU, and (HEADROOM_FUSE=all) each residual add with the norm after it. The same bits.
   const FusedOps& fuse = fused_ops();
   if (fuse.norm) be.rmsnorm(x, rk.w[0].attn_norm, n, D, c.rms_eps, xn);
   for (int l = 0; l < c.n_layer; ++l) {
