@@ -2369,5 +2369,242 @@ TEST(CudaBackendOps, SelectPagesAgainstCpu) {
   }
 }
 
+// ---- fused ops (backend.h) ------------------------------------------------------------------------------
+// Each fused op against the ops it is defined as, on the same backend: bitwise (the CPU runs the definitions;
+// CUDA keeps their order of arithmetic: the same GEMV block sums, rmsnorm reduction, angles and row encodings).
+// With a CPU beside it, the backend's fused results against the CPU's, with the tolerances of the ops' own
+// CUDA-against-CPU tests: rmsnorm 16u relative; matmul the decode paths' bound (2 * (K/16 + 8) * 2u * sum|w x|,
+// twice for Q8_0, plus the skinny F16/BF16 split term); SwiGLU that error carried through silu(g) * u
+// (|silu'| <= 1.1) plus 4e-6 relative; RoPE 16u * (|x0| + |x1|); V rows bitwise, K rows (F32 store) as RoPE.
+
+double decode_matmul_tol(const TestWeight& w, const float* xr, int64_t i) {
+  double mag = 0, wsum = 0, xmax = 0;
+  for (int64_t k = 0; k < w.cols; ++k) {
+    mag += std::fabs(w.ref[size_t(i * w.cols + k)] * xr[k]);
+    wsum += std::fabs(w.ref[size_t(i * w.cols + k)]);
+    xmax = std::max(xmax, double(std::fabs(xr[k])));
+  }
+  const double acc = (double(w.cols) / 16 + 8) * 2 * kU;
+  return 2 * acc * mag * (w.type == DType::Q8_0 ? 2 : 1) + mag * 0x1p-21 + xmax * wsum * 0x1p-38 + 1e-30;
+}
+
+struct AddNormOut {
+  std::vector<float> x, out;
+};
+AddNormOut run_add_rmsnorm(Backend& be, bool fused, const std::vector<float>& x, const std::vector<float>& y,
+                           const std::vector<float>& w, int64_t n, int64_t dim) {
+  DeviceArray<float> dx = to_device(be, x), dy = to_device(be, y);
+  const float* dw = be.upload_f32(w.data(), dim);
+  if (fused) {
+    be.add_rmsnorm(dx.get(), dy.get(), dw, n, dim, 1e-5f, dy.get());  // out aliases y, as in the forward pass
+  } else {
+    be.add(dx.get(), dy.get(), n * dim);
+    be.rmsnorm(dx.get(), dw, n, dim, 1e-5f, dy.get());
+  }
+  return {from_device(be, dx, x.size()), from_device(be, dy, y.size())};
+}
+
+std::vector<std::vector<float>> run_matmul_group(Backend& be, bool fused, const std::vector<TestWeight>& ws,
+                                                 const std::vector<float>& x, int64_t n) {
+  DeviceArray<float> dx = to_device(be, x);
+  std::vector<DeviceArray<float>> ys;
+  std::vector<MatmulPart> parts;
+  for (const TestWeight& w : ws) {
+    ys.push_back(to_device(be, std::vector<float>(size_t(n * w.rows), NAN)));
+    parts.push_back({be.upload_weight(w.view()), ys.back().get()});
+  }
+  if (fused) be.matmul_group(parts, dx.get(), n);
+  else
+    for (const MatmulPart& p : parts) be.matmul(p.w, dx.get(), n, p.y);
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < ws.size(); ++i) out.push_back(from_device(be, ys[i], size_t(n * ws[i].rows)));
+  return out;
+}
+
+std::vector<float> run_matmul_swiglu(Backend& be, bool fused, const TestWeight& g, const TestWeight& u,
+                                     const std::vector<float>& x, int64_t n) {
+  const WeightView gw = be.upload_weight(g.view()), uw = be.upload_weight(u.view());
+  DeviceArray<float> dx = to_device(be, x), dout = to_device(be, std::vector<float>(size_t(n * g.rows), NAN)),
+                     dup = to_device(be, std::vector<float>(size_t(n * u.rows), NAN));
+  if (fused) {
+    be.matmul_swiglu(gw, uw, dx.get(), n, dout.get(), dup.get());
+  } else {
+    be.matmul(gw, dx.get(), n, dout.get());
+    be.matmul(uw, dx.get(), n, dup.get());
+    be.swiglu(dout.get(), dup.get(), n * g.rows, dout.get());
+  }
+  return from_device(be, dout, size_t(n * g.rows));
+}
+
+struct RopeStoreCase {
+  KVType type;
+  int64_t n;
+  int n_head, n_kv, head_dim;
+  RopeCase rope;  // its n, heads and head_dim are unused
+};
+struct RopeStoreOut {
+  std::vector<float> q, k;
+  std::vector<PageData> pages;
+};
+RopeStoreOut run_rope_store(Backend& be, bool fused, const RopeStoreCase& c, const std::vector<float>& q,
+                            const std::vector<float>& k, const std::vector<float>& v, const std::vector<int32_t>& pos,
+                            const std::vector<int32_t>& slots, const std::vector<float>& ff) {
+  const KVLayout l = make_layout(c.type, 8, c.head_dim, 4, 2, true, true);
+  auto kv = be.kv_create(l);
+  DeviceArray<float> dq = to_device(be, q), dk = to_device(be, k), dv = to_device(be, v);
+  DeviceArray<int32_t> dpos = to_device(be, pos), dslots = to_device(be, slots);
+  RopeParams p = rope_params(c.rope, nullptr);
+  if (c.rope.ff) p.freq_factors = be.upload_f32(ff.data(), int64_t(ff.size()));
+  if (fused) {
+    be.rope_store(*kv, AttnRows{dq.get(), dk.get(), dv.get(), c.n, c.n_head, c.n_kv, c.head_dim, dpos.get()}, dslots.get(), p);
+  } else {
+    be.rope(dq.get(), c.n, c.n_head, c.head_dim, dpos.get(), p);
+    be.rope(dk.get(), c.n, c.n_kv, c.head_dim, dpos.get(), p);
+    be.kv_store(*kv, dk.get(), dv.get(), c.n, c.n_kv, dslots.get(), dpos.get());
+  }
+  RopeStoreOut o{from_device(be, dq, q.size()), from_device(be, dk, k.size()), {}};
+  for (int32_t id = 0; id < l.total_pages(); ++id) o.pages.push_back(read_page(be, *kv, id));
+  return o;
+}
+
+void check_fused_ops(Backend& be, Backend* cpu) {
+  std::mt19937 rng(110);
+  for (const auto& [n, dim] : std::vector<std::pair<int64_t, int64_t>>{{1, 4096}, {3, 256}, {37, 256}, {2, 37}}) {
+    SCOPED_TRACE(testing::Message() << "add_rmsnorm " << n << " x " << dim);
+    const std::vector<float> x = random_vec(size_t(n * dim), rng, -3, 3), y = random_vec(x.size(), rng, -1, 1),
+                             w = random_vec(size_t(dim), rng, 0.5, 1.5);
+    const AddNormOut f = run_add_rmsnorm(be, true, x, y, w, n, dim), u = run_add_rmsnorm(be, false, x, y, w, n, dim);
+    EXPECT_TRUE(bitwise_equal(f.x, u.x));
+    EXPECT_TRUE(bitwise_equal(f.out, u.out));
+    if (!cpu) continue;
+    const AddNormOut c = run_add_rmsnorm(*cpu, true, x, y, w, n, dim);
+    EXPECT_TRUE(bitwise_equal(f.x, c.x));
+    for (size_t i = 0; i < c.out.size(); ++i) ASSERT_NEAR(f.out[i], c.out[i], 16 * kU * std::fabs(c.out[i]) + 1e-12) << i;
+  }
+  struct GroupCase {
+    DType type;
+    int64_t cols;
+    std::vector<int64_t> rows;
+  };
+  const std::vector<GroupCase> groups = {{DType::F16, 256, {64, 16, 16}},      {DType::BF16, 512, {37, 5, 9}},
+                                         {DType::F32, 256, {12, 4}},           {DType::Q8_0, 256, {33, 8, 8}},
+                                         {DType::F16, 4096, {1024, 256, 256}}, {DType::F16, 37, {9, 3, 3}},
+                                         {DType::F16, 256, {8, 8, 8, 8, 8}}};
+  for (const GroupCase& g : groups)
+    for (int64_t n : {1, 2, 5}) {
+      SCOPED_TRACE(testing::Message() << "matmul_group " << gguf::type_name(g.type) << " cols " << g.cols << " parts "
+                                      << g.rows.size() << " n " << n);
+      std::vector<TestWeight> ws;
+      for (int64_t r : g.rows) ws.push_back(make_weight(g.type, r, g.cols, rng));
+      const std::vector<float> x = random_vec(size_t(n * g.cols), rng);
+      const auto f = run_matmul_group(be, true, ws, x, n), u = run_matmul_group(be, false, ws, x, n);
+      for (size_t p = 0; p < ws.size(); ++p) EXPECT_TRUE(bitwise_equal(f[p], u[p])) << "part " << p;
+      if (!cpu) continue;
+      const auto c = run_matmul_group(*cpu, true, ws, x, n);
+      for (size_t p = 0; p < ws.size(); ++p)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < ws[p].rows; ++i) {
+            const size_t o = size_t(j * ws[p].rows + i);
+            ASSERT_NEAR(f[p][o], c[p][o], decode_matmul_tol(ws[p], x.data() + j * g.cols, i)) << "part " << p << " row " << j;
+          }
+    }
+  for (const auto& [t, rows, cols] : std::vector<std::tuple<DType, int64_t, int64_t>>{
+           {DType::F16, 96, 256}, {DType::F16, 1000, 4096}, {DType::BF16, 37, 512}, {DType::F32, 9, 256},
+           {DType::Q8_0, 70, 256}, {DType::F16, 5, 37}})
+    for (int64_t n : {1, 2, 5}) {
+      SCOPED_TRACE(testing::Message() << "matmul_swiglu " << gguf::type_name(t) << " " << rows << " x " << cols << " n " << n);
+      const TestWeight g = make_weight(t, rows, cols, rng), u = make_weight(t, rows, cols, rng);
+      std::vector<float> x = random_vec(size_t(n * cols), rng, -2, 2);
+      const std::vector<float> f = run_matmul_swiglu(be, true, g, u, x, n), uf = run_matmul_swiglu(be, false, g, u, x, n);
+      EXPECT_TRUE(bitwise_equal(f, uf));
+      if (!cpu) continue;
+      const std::vector<float> c = run_matmul_swiglu(*cpu, true, g, u, x, n);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* xr = x.data() + j * cols;
+          double gv = 0, uv = 0;
+          for (int64_t k = 0; k < cols; ++k) {
+            gv += g.ref[size_t(i * cols + k)] * xr[k];
+            uv += u.ref[size_t(i * cols + k)] * xr[k];
+          }
+          const double dg = decode_matmul_tol(g, xr, i), du = decode_matmul_tol(u, xr, i);
+          const size_t o = size_t(j * rows + i);
+          const double tol = 1.1 * (std::fabs(uv) + du) * dg + (std::fabs(gv) + dg) * du + 4e-6 * std::fabs(c[o]) + 1e-30;
+          ASSERT_NEAR(f[o], c[o], tol) << "row " << j << " out " << i;
+        }
+    }
+  const RopeCase llama{false, 0, 0, 0, 128, 500000.0f, 1.0f, true}, neox{true, 0, 0, 0, 64, 1e6f, 1.0f, false},
+      partial{false, 0, 0, 0, 32, 10000.0f, 0.5f, false};
+  std::vector<RopeStoreCase> cases;
+  for (KVType t : kAllKVTypes) {
+    cases.push_back({t, 3, 8, 2, 128, llama});
+    cases.push_back({t, 1, 4, 4, 64, neox});
+  }
+  cases.push_back({KVType::F32, 5, 6, 3, 64, partial});
+  cases.push_back({KVType::F16, 2, 32, 8, 128, llama});
+  for (const RopeStoreCase& c : cases) {
+    SCOPED_TRACE(testing::Message() << "rope_store " << kv_type_name(c.type) << " n " << c.n << " heads " << c.n_head
+                                    << "/" << c.n_kv << " head_dim " << c.head_dim << " n_rot " << c.rope.n_rot);
+    const std::vector<float> q = random_vec(size_t(c.n * c.n_head * c.head_dim), rng, -3, 3),
+                             k = random_vec(size_t(c.n * c.n_kv * c.head_dim), rng, -3, 3), v = random_vec(k.size(), rng, -3, 3),
+                             ff = random_vec(size_t(c.rope.n_rot / 2), rng, 1.0f, 8.0f);
+    std::vector<int32_t> pos(static_cast<size_t>(c.n)), all_slots(6 * 8), slots(size_t(c.n * c.n_kv));
+    for (auto& p : pos) p = int32_t(rng() % 131072);
+    std::iota(all_slots.begin(), all_slots.end(), 0);
+    std::shuffle(all_slots.begin(), all_slots.end(), rng);
+    for (size_t i = 0; i < slots.size(); ++i) slots[i] = i % 5 == 3 ? -1 : all_slots[i];
+    const RopeStoreOut f = run_rope_store(be, true, c, q, k, v, pos, slots, ff),
+                       u = run_rope_store(be, false, c, q, k, v, pos, slots, ff);
+    EXPECT_TRUE(bitwise_equal(f.q, u.q));
+    EXPECT_TRUE(bitwise_equal(f.k, u.k));
+    const size_t D = size_t(c.head_dim);
+    for (size_t id = 0; id < f.pages.size(); ++id) {
+      ASSERT_EQ(f.pages[id].pos, u.pages[id].pos) << "page " << id;
+      for (size_t s = 0; s < f.pages[id].pos.size(); ++s) {  // rows of empty slots hold whatever the memory held
+        if (f.pages[id].pos[s] < 0) continue;
+        EXPECT_EQ(0, std::memcmp(f.pages[id].k.data() + s * D, u.pages[id].k.data() + s * D, D * 4)) << "K of page " << id;
+        EXPECT_EQ(0, std::memcmp(f.pages[id].v.data() + s * D, u.pages[id].v.data() + s * D, D * 4)) << "V of page " << id;
+      }
+    }
+    if (!cpu) continue;
+    const RopeStoreOut r = run_rope_store(*cpu, true, c, q, k, v, pos, slots, ff);
+    const int half = c.rope.n_rot / 2;
+    auto near_rope = [&](const std::vector<float>& got, const std::vector<float>& want, const std::vector<float>& in) {
+      for (size_t vec = 0; vec < in.size() / size_t(c.head_dim); ++vec)
+        for (int i = 0; i < c.head_dim; ++i) {
+          const size_t o = vec * size_t(c.head_dim);
+          const int pair = i < c.rope.n_rot ? (c.rope.neox ? i % half : i / 2) : -1;
+          const double tol = pair < 0 ? 0.0
+                                      : 16 * kU * (c.rope.neox ? std::fabs(in[o + size_t(pair)]) + std::fabs(in[o + size_t(pair + half)])
+                                                               : std::fabs(in[o + 2 * size_t(pair)]) + std::fabs(in[o + 2 * size_t(pair) + 1]));
+          ASSERT_NEAR(got[o + size_t(i)], want[o + size_t(i)], tol) << "vector " << vec << " dim " << i;
+        }
+    };
+    near_rope(f.q, r.q, q);
+    near_rope(f.k, r.k, k);
+    for (size_t id = 0; id < f.pages.size(); ++id) {
+      ASSERT_EQ(f.pages[id].pos, r.pages[id].pos) << "page " << id;
+      for (size_t s = 0; s < f.pages[id].pos.size(); ++s) {
+        if (f.pages[id].pos[s] < 0) continue;
+        EXPECT_EQ(0, std::memcmp(f.pages[id].v.data() + s * D, r.pages[id].v.data() + s * D, D * 4)) << "V of page " << id;
+        if (c.type == KVType::F32)
+          for (size_t d = 0; d < D; ++d)
+            ASSERT_NEAR(f.pages[id].k[s * D + d], r.pages[id].k[s * D + d], 96 * kU) << "K of page " << id;  // |x| <= 3
+      }
+    }
+  }
+}
+
+TEST(BackendOps, FusedOpsAreTheirDefinitions) {
+  auto cpu = make_cpu_backend(2);
+  check_fused_ops(*cpu, nullptr);
+}
+
+TEST(CudaBackendOps, FusedOpsBitwiseAndAgainstCpu) {
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(2);
+  check_fused_ops(*gpu, cpu.get());
+}
+
 }  // namespace
 }  // namespace headroom

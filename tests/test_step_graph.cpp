@@ -52,6 +52,19 @@ class RecordingBackend final : public Backend {
   void add_bias(float* x, const float* b, int64_t n, int64_t dim) override {
     op([=, this] { in_.add_bias(x, b, n, dim); });
   }
+  void add_rmsnorm(float* x, const float* y, const float* w, int64_t n, int64_t dim, float eps, float* out) override {
+    op([=, this] { in_.add_rmsnorm(x, y, w, n, dim, eps, out); });
+  }
+  void matmul_group(std::span<const MatmulPart> parts, const float* x, int64_t n) override {
+    op([p = std::vector<MatmulPart>(parts.begin(), parts.end()), x, n, this] { in_.matmul_group(p, x, n); });
+  }
+  void matmul_swiglu(const WeightView& g, const WeightView& u, const float* x, int64_t n, float* out,
+                     float* up_out) override {
+    op([=, this] { in_.matmul_swiglu(g, u, x, n, out, up_out); });
+  }
+  void rope_store(KVStore& kv, const AttnRows& r, const int32_t* slots, const RopeParams& p) override {
+    op([=, this, &kv] { in_.rope_store(kv, r, slots, p); });
+  }
   void kv_store(KVStore& kv, const float* k, const float* v, int64_t n, int nkv, const int32_t* slots,
                 const int32_t* pos) override {
     op([=, this, &kv] { in_.kv_store(kv, k, v, n, nkv, slots, pos); });

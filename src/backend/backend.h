@@ -103,6 +103,25 @@ struct AttnBatch {
   int32_t* page_ids = nullptr;
 };
 
+// ---- fused ops ------------------------------------------------------------------------------------------
+// A weight of a grouped matmul and where its product goes: y[n][w.rows].
+struct MatmulPart {
+  WeightView w;
+  float* y = nullptr;
+};
+
+// A step's new attention rows, before RoPE: q [n][n_head * head_dim], k and v [n][n_kv_heads * head_dim]; row
+// r is at position pos[r]. Backend memory.
+struct AttnRows {
+  float* q = nullptr;
+  float* k = nullptr;
+  const float* v = nullptr;
+  int64_t n = 0;
+  int n_head = 0, n_kv_heads = 0;
+  int64_t head_dim = 0;
+  const int32_t* pos = nullptr;
+};
+
 // A recorded sequence of ops (a CUDA graph): replayed with the arguments it was recorded with. Opaque.
 class StepGraph {
  public:
@@ -131,6 +150,19 @@ class Backend {
   virtual void add(float* x, const float* y, int64_t count) = 0;
   // x[r][j] += b[j] for n rows of dim floats (attention biases of qwen2).
   virtual void add_bias(float* x, const float* b, int64_t n, int64_t dim) = 0;
+
+  // ---- fused ops: each is defined as the composition of the ops above that its default runs; a backend
+  // that overrides one (fewer launches on a GPU) gives the same results, bitwise where it keeps the order of
+  // the arithmetic (CUDA does for all four).
+  // x += y, then out = rmsnorm(x) * weight (the residual add and the next norm). out may alias y.
+  virtual void add_rmsnorm(float* x, const float* y, const float* weight, int64_t n, int64_t dim, float eps, float* out);
+  // Every part's y = x · wᵀ (weights sharing one input: q/k/v).
+  virtual void matmul_group(std::span<const MatmulPart> parts, const float* x, int64_t n);
+  // out[n][gate.rows] = silu(x · gateᵀ) * (x · upᵀ); up_out [n][up.rows] is scratch that may be written.
+  virtual void matmul_swiglu(const WeightView& gate, const WeightView& up, const float* x, int64_t n, float* out,
+                             float* up_out);
+  // rope(q), rope(k), then kv_store(k, v) at the slots (slots[r * n_kv_heads + h], as kv_store).
+  virtual void rope_store(KVStore& kv, const AttnRows& rows, const int32_t* slots, const RopeParams& p);
 
   // ---- memory ---------------------------------------------------------------------------------------------
   // Backend memory for activations and step tables (device memory on a GPU; callers never dereference it).

@@ -42,6 +42,29 @@
 
 namespace headroom {
 
+// The fused ops the forward pass uses (the results are the same bits either way). HEADROOM_FUSE (for A/B
+// measurements): unset, the default set; 0 none; all (or 1) every one; or the names of those to use, e.g. qkv,rope.
+// add_rmsnorm is off by default: on the H200 (8B F16 tg64, 2026-12-01) the forward ran 197.5 tok/s without it
+// and 192 with it (not profiled; a guess: its one-block kernel's loop stores x, which keeps the compiler from
+// issuing the next loads early, where the add kernel had a block per 256 elements).
+struct FusedOps {
+  bool norm = false;  // add_rmsnorm: each residual add with the norm after it
+  bool qkv = true;    // matmul_group: q, k, v
+  bool mlp = true;    // matmul_swiglu: gate, up, SwiGLU
+  bool rope = true;   // rope_store: RoPE of q and k with the KV store
+};
+static const FusedOps& fused_ops() {
+  static const FusedOps f = [] {
+    const char* e = std::getenv("HEADROOM_FUSE");
+    if (!e || !*e) return FusedOps{};
+    if (std::strcmp(e, "all") == 0 || std::strcmp(e, "1") == 0) return FusedOps{true, true, true, true};
+    const std::string v = std::string(",") + e + ",";
+    auto has = [&](const char* name) { return v.find(std::string(",") + name + ",") != std::string::npos; };
+    return FusedOps{has("norm"), has("qkv"), has("mlp"), has("rope")};
+  }();
+  return f;
+}
+
 // ---- weight slices (model/slice.h) ----------------------------------------------------------------------
 
 // One rank: its backend, its weight slices and activations, and its copy of the step's tables.
@@ -491,24 +514,38 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
   be.embed(rk.tok_embd, rk.tokens_dev.get(), n, x);
   all_reduce(x, int64_t(n) * D);  // vocabulary split: each row from its rank, zeros from the others
 
+  // Fused ops (backend.h) cut the launches per layer: q/k/v as one grouped matmul, RoPE with the KV store,
+  // gate/up with SwiGLU, and (HEADROOM_FUSE=all) each residual add with the norm after it. The same bits.
+  const FusedOps& fuse = fused_ops();
+  if (fuse.norm) be.rmsnorm(x, rk.w[0].attn_norm, n, D, c.rms_eps, xn);
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& L = rk.w[size_t(l)];
     const int n_kv = int(rk.heads[size_t(l)].size()), n_head = n_kv * c.n_group();  // this rank's heads
     const int64_t QD = int64_t(n_head) * HD, KVD = int64_t(n_kv) * HD;
+    const int32_t* slots = rk.slots_dev.get() + rk.slot0[size_t(l)];
 
-    // Attention block.
-    be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
-    be.matmul(L.wq, xn, n, q);
-    be.matmul(L.wk, xn, n, rk.k.get());
-    be.matmul(L.wv, xn, n, rk.v.get());
+    // Attention block (xn = rmsnorm(x) * attn_norm: the step's first, or fused with the previous layer's add).
+    if (!fuse.norm) be.rmsnorm(x, L.attn_norm, n, D, c.rms_eps, xn);
+    if (fuse.qkv) {
+      const MatmulPart qkv[] = {{L.wq, q}, {L.wk, rk.k.get()}, {L.wv, rk.v.get()}};
+      be.matmul_group(qkv, xn, n);
+    } else {
+      be.matmul(L.wq, xn, n, q);
+      be.matmul(L.wk, xn, n, rk.k.get());
+      be.matmul(L.wv, xn, n, rk.v.get());
+    }
     if (L.bq) {
       be.add_bias(q, L.bq, n, QD);
       be.add_bias(rk.k.get(), L.bk, n, KVD);
       be.add_bias(rk.v.get(), L.bv, n, KVD);
     }
-    be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
-    be.rope(rk.k.get(), n, n_kv, HD, rk.pos_dev.get(), rk.rope);
-    be.kv_store(store, rk.k.get(), rk.v.get(), n, n_kv, rk.slots_dev.get() + rk.slot0[size_t(l)], rk.pos_dev.get());
+    if (fuse.rope) {
+      be.rope_store(store, AttnRows{q, rk.k.get(), rk.v.get(), n, n_head, n_kv, HD, rk.pos_dev.get()}, slots, rk.rope);
+    } else {
+      be.rope(q, n, n_head, HD, rk.pos_dev.get(), rk.rope);
+      be.rope(rk.k.get(), n, n_kv, HD, rk.pos_dev.get(), rk.rope);
+      be.kv_store(store, rk.k.get(), rk.v.get(), n, n_kv, slots, rk.pos_dev.get());
+    }
     if (obs) {
       rk.q_host.resize(size_t(n) * size_t(QD));
       be.download(rk.q_host.data(), q, rk.q_host.size() * sizeof(float));
@@ -538,17 +575,26 @@ void Runner::device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_l
     }
     be.matmul(L.wo, att, n, xn);
     all_reduce(xn, int64_t(n) * D);  // the attention output: the sum over the ranks' heads
-    be.add(x, xn, int64_t(n) * D);
 
     // Feed-forward block (SwiGLU).
     const int64_t FF = rk.f1 - rk.f0;  // this rank's columns
-    be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
-    be.matmul(L.gate, xn, n, rk.gate.get());
-    be.matmul(L.up, xn, n, rk.up.get());
-    be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
+    if (fuse.norm) {
+      be.add_rmsnorm(x, xn, L.ffn_norm, n, D, c.rms_eps, xn);
+    } else {
+      be.add(x, xn, int64_t(n) * D);
+      be.rmsnorm(x, L.ffn_norm, n, D, c.rms_eps, xn);
+    }
+    if (fuse.mlp) {
+      be.matmul_swiglu(L.gate, L.up, xn, n, rk.gate.get(), rk.up.get());
+    } else {
+      be.matmul(L.gate, xn, n, rk.gate.get());
+      be.matmul(L.up, xn, n, rk.up.get());
+      be.swiglu(rk.gate.get(), rk.up.get(), int64_t(n) * FF, rk.gate.get());
+    }
     be.matmul(L.down, rk.gate.get(), n, xn);
     all_reduce(xn, int64_t(n) * D);  // the MLP output: the sum over the ranks' columns
-    be.add(x, xn, int64_t(n) * D);
+    if (fuse.norm && l + 1 < c.n_layer) be.add_rmsnorm(x, xn, rk.w[size_t(l) + 1].attn_norm, n, D, c.rms_eps, xn);
+    else be.add(x, xn, int64_t(n) * D);  // the last layer's: the output norm takes only the logit rows
   }
 
   // Logits of the rows the sequences asked for (this rank's vocabulary columns): their final norms gathered

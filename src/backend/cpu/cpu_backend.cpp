@@ -379,3 +379,32 @@ std::unique_ptr<StepGraph> Backend::graph_end() { fail("backend {}: no graphs", 
 bool Backend::graph_launch(StepGraph&) { fail("backend {}: no graphs", name()); }
 
 }  // namespace headroom
+
+namespace headroom {
+
+// The fused ops' definitions (backend.h): the ops they fuse, in order. The CPU backend runs these.
+void Backend::add_rmsnorm(float* x, const float* y, const float* weight, int64_t n, int64_t dim, float eps, float* out) {
+  add(x, y, n * dim);
+  rmsnorm(x, weight, n, dim, eps, out);
+}
+
+void Backend::matmul_group(std::span<const MatmulPart> parts, const float* x, int64_t n) {
+  for (const MatmulPart& p : parts) matmul(p.w, x, n, p.y);
+}
+
+void Backend::matmul_swiglu(const WeightView& gate, const WeightView& up, const float* x, int64_t n, float* out,
+                            float* up_out) {
+  if (gate.rows != up.rows || gate.cols != up.cols)
+    fail("backend {}: matmul_swiglu: gate {} x {} and up {} x {} differ", name(), gate.rows, gate.cols, up.rows, up.cols);
+  matmul(gate, x, n, out);
+  matmul(up, x, n, up_out);
+  swiglu(out, up_out, n * gate.rows, out);
+}
+
+void Backend::rope_store(KVStore& kv, const AttnRows& r, const int32_t* slots, const RopeParams& p) {
+  rope(r.q, r.n, r.n_head, r.head_dim, r.pos, p);
+  rope(r.k, r.n, r.n_kv_heads, r.head_dim, r.pos, p);
+  kv_store(kv, r.k, r.v, r.n, r.n_kv_heads, slots, r.pos);
+}
+
+}  // namespace headroom

@@ -189,6 +189,9 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// SwiGLU's element: silu(g) * u (swiglu and the fused gate/up GEMV).
+__device__ __forceinline__ float silu_mul(float g, float u) { return __fmul_rn(__fdiv_rn(g, 1.0f + expf(-g)), u); }
+
 inline unsigned grid1d(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace headroom::cuda

@@ -240,6 +240,12 @@ DType dtype_of(KVType t) {
 }
 
 class CudaBackend final : public Backend {
+  struct Weight {  // a weight's device copy
+    void* dev = nullptr;
+    WT type = WT::F32;
+    int64_t rows = 0, cols = 0;
+  };
+
  public:
   explicit CudaBackend(int device) : device_(device) {
     if (const std::string why = cuda_unavailable_reason(); !why.empty()) fail("cuda backend: {}", why);
@@ -327,23 +333,14 @@ class CudaBackend final : public Backend {
     // GB/s at n = 64), Q8_0 n = 33..64 faster on the skinny kernel (532 vs 312). Rows inside the range are batch
     // invariant among themselves; n = 1 (GEMV) differs from them by rounding. HEADROOM_CUDA_SKINNY_MIN/MAX move
     // the range (for measurements).
-    static const int64_t sk_min = env_rows("HEADROOM_CUDA_SKINNY_MIN", 2);
-    static const int64_t sk_max_env = env_rows("HEADROOM_CUDA_SKINNY_MAX", -1);
-    const int64_t sk_max = std::min<int64_t>(sk_max_env >= 0 ? sk_max_env : W.type == WT::Q8_0 ? 64 : 32, cuda::kSkinnyMaxRows);
-    if (n >= sk_min && n <= sk_max && cuda::skinny_takes(W.type, cols, n, x)) {
+    if (skinny_takes(W, x, n)) {
       void* scr = xq_.ensure(cuda::skinny_scratch_bytes(W.type, rows, cols, n), "matmul");
       after(cuda::launch_skinny(W.type, W.dev, rows, cols, x, n, y, scr, stream_), "matmul");
       return;
     }
     if (n <= cuda::kGemvMaxRows) {
-      int8_t* xq = nullptr;
-      float* xd = nullptr;
-      if (W.type == WT::Q8_0) {
-        auto* base = static_cast<uint8_t*>(xq_.ensure(size_t(n * cols) + size_t(n * cols / 32) * 4 + 256, "matmul"));
-        xq = reinterpret_cast<int8_t*>(base);
-        xd = reinterpret_cast<float*>(base + ((size_t(n * cols) + 255) & ~size_t(255)));
-      }
-      after(cuda::launch_gemv(W.type, W.dev, rows, cols, x, n, y, xq, xd, stream_), "matmul");
+      const Q8Scratch q = q8_scratch(W, n, "matmul");
+      after(cuda::launch_gemv(W.type, W.dev, rows, cols, x, n, y, q.xq, q.xd, stream_), "matmul");
       return;
     }
     const float one = 1.0f, zero = 0.0f;
@@ -380,6 +377,75 @@ class CudaBackend final : public Backend {
     after(cudaGetLastError(), "matmul");
   }
 
+  // Whether matmul runs the skinny GEMM for this call (else n <= kGemvMaxRows runs the GEMV).
+  static bool skinny_takes(const Weight& W, const float* x, int64_t n) {
+    static const int64_t sk_min = env_rows("HEADROOM_CUDA_SKINNY_MIN", 2);
+    static const int64_t sk_max_env = env_rows("HEADROOM_CUDA_SKINNY_MAX", -1);
+    const int64_t sk_max = std::min<int64_t>(sk_max_env >= 0 ? sk_max_env : W.type == WT::Q8_0 ? 64 : 32, cuda::kSkinnyMaxRows);
+    return n >= sk_min && n <= sk_max && cuda::skinny_takes(W.type, W.cols, n, x);
+  }
+  // Scratch for n activation rows quantized to Q8_0 (Q8_0 weights; null otherwise).
+  struct Q8Scratch {
+    int8_t* xq = nullptr;
+    float* xd = nullptr;
+  };
+  Q8Scratch q8_scratch(const Weight& W, int64_t n, const char* op) {
+    if (W.type != WT::Q8_0) return {};
+    const size_t nc = size_t(n * W.cols);
+    auto* base = static_cast<uint8_t*>(xq_.ensure(nc + nc / 32 * 4 + 256, op));
+    return {reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + ((nc + 255) & ~size_t(255)))};
+  }
+  // Whether the fused GEMVs take a call: one activation row that matmul would give the GEMV's vector kernel.
+  static bool fused_gemv_takes(const Weight& W, const float* x, int64_t n) {
+    return n == 1 && !skinny_takes(W, x, n) && cuda::gemv_fits(W.type, W.cols, x);
+  }
+
+  // ---- fused ops (backend.h): one launch where the composed ops take several; the same bits -------------
+  void matmul_group(std::span<const MatmulPart> parts, const float* x, int64_t n) override {
+    bind();
+    if (parts.empty()) return;
+    const Weight& W0 = weight(parts[0].w, "matmul_group");
+    bool one_launch = parts.size() <= size_t(cuda::kGemvGroupMax) && fused_gemv_takes(W0, x, n);
+    cuda::GemvPart gp[cuda::kGemvGroupMax];
+    for (size_t i = 0; i < parts.size() && one_launch; ++i) {
+      const Weight& W = weight(parts[i].w, "matmul_group");
+      one_launch = W.type == W0.type && W.cols == W0.cols;
+      gp[i] = {W.dev, W.rows, parts[i].y};
+    }
+    if (!one_launch) return Backend::matmul_group(parts, x, n);
+    const Q8Scratch q = q8_scratch(W0, n, "matmul_group");
+    after(cuda::launch_gemv_group(W0.type, gp, int(parts.size()), W0.cols, x, q.xq, q.xd, stream_), "matmul_group");
+  }
+
+  void matmul_swiglu(const WeightView& gate, const WeightView& up, const float* x, int64_t n, float* out,
+                     float* up_out) override {
+    bind();
+    const Weight& G = weight(gate, "matmul_swiglu");
+    const Weight& U = weight(up, "matmul_swiglu");
+    if (G.type != U.type || G.rows != U.rows || G.cols != U.cols || !fused_gemv_takes(G, x, n))
+      return Backend::matmul_swiglu(gate, up, x, n, out, up_out);
+    const Q8Scratch q = q8_scratch(G, n, "matmul_swiglu");
+    after(cuda::launch_gemv_swiglu(G.type, G.dev, U.dev, G.rows, G.cols, x, out, q.xq, q.xd, stream_), "matmul_swiglu");
+  }
+
+  void add_rmsnorm(float* x, const float* y, const float* weight, int64_t n, int64_t dim, float eps, float* out) override {
+    bind();
+    if (n < 0 || dim <= 0) fail("cuda backend: add_rmsnorm: bad shape {} x {}", n, dim);
+    after(cuda::launch_add_rmsnorm(x, y, weight, n, dim, eps, out, stream_), "add_rmsnorm");
+  }
+
+  void rope_store(KVStore& kv, const AttnRows& r, const int32_t* slots, const RopeParams& p) override {
+    bind();
+    CudaKVStore& st = store(kv);
+    if (r.n < 0 || r.n_head <= 0 || r.n_kv_heads <= 0 || r.head_dim != st.layout().head_dim)
+      fail("cuda backend: rope_store: bad shape ({} rows, {} + {} heads of {} for a store of head_dim {})", r.n, r.n_head,
+           r.n_kv_heads, r.head_dim, st.layout().head_dim);
+    check_rope(p, r.head_dim, "rope_store");
+    after(cuda::launch_rope_store(st.dev, r.q, r.k, r.v, r.n, r.n_head, r.n_kv_heads, r.pos, slots, p.n_rot, p.neox,
+                                  rope_theta_scale(p), p.freq_scale, p.freq_factors, err_dev_, stream_),
+          "rope_store");
+  }
+
   void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) override {
     bind();
     const Weight& W = weight(w, "embed");
@@ -396,13 +462,16 @@ class CudaBackend final : public Backend {
   void rope(float* x, int64_t n, int64_t n_heads, int64_t head_dim, const int32_t* pos, const RopeParams& p) override {
     bind();
     if (n < 0 || n_heads <= 0 || head_dim <= 0) fail("cuda backend: rope: bad shape {} x {} x {}", n, n_heads, head_dim);
-    if (p.n_rot <= 0 || p.n_rot % 2 != 0 || p.n_rot > head_dim)
-      fail("cuda backend: rope: n_rot {} must be even and in (0, head_dim {}]", p.n_rot, head_dim);
-    const float theta_scale = std::pow(p.theta_base, -2.0f / float(p.n_rot));
-    after(cuda::launch_rope(x, n, n_heads, head_dim, pos, p.n_rot, p.neox, theta_scale, p.freq_scale, p.freq_factors,
-                            stream_),
+    check_rope(p, head_dim, "rope");
+    after(cuda::launch_rope(x, n, n_heads, head_dim, pos, p.n_rot, p.neox, rope_theta_scale(p), p.freq_scale,
+                            p.freq_factors, stream_),
           "rope");
   }
+  static void check_rope(const RopeParams& p, int64_t head_dim, const char* op) {
+    if (p.n_rot <= 0 || p.n_rot % 2 != 0 || p.n_rot > head_dim)
+      fail("cuda backend: {}: n_rot {} must be even and in (0, head_dim {}]", op, p.n_rot, head_dim);
+  }
+  static float rope_theta_scale(const RopeParams& p) { return std::pow(p.theta_base, -2.0f / float(p.n_rot)); }
 
   void swiglu(const float* gate, const float* up, int64_t count, float* out) override {
     bind();
@@ -451,7 +520,10 @@ class CudaBackend final : public Backend {
     if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
     wait("download");
   }
-  void synchronize() override { wait("synchronize"); }
+  void synchronize() override {
+    bind();
+    wait("synchronize");
+  }
   // Free device memory (what the KV pool's device tier can still take).
   int64_t free_memory() const override {
     bind();
@@ -679,11 +751,6 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  struct Weight {
-    void* dev = nullptr;
-    WT type = WT::F32;
-    int64_t rows = 0, cols = 0;
-  };
 
   const Weight& weight(const WeightView& w, const char* op) const {
     auto it = weights_.find(w.data);

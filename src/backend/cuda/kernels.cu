@@ -39,11 +39,21 @@ __global__ void embed_kernel(int t, const uint8_t* w, int64_t rows, int64_t cols
 }
 
 // ---- rmsnorm: one block per row; sum of squares in double (fixed order), as the CPU backend ------------
-__global__ void rmsnorm_kernel(const float* x, const float* w, int64_t dim, float eps, float* out) {
-  const float* xr = x + int64_t(blockIdx.x) * dim;
+// y non-null (add_rmsnorm): x += y first, each element by the thread that then squares and scales it, so the
+// result has the bits of add then rmsnorm (out may alias y or x).
+__global__ void rmsnorm_kernel(float* x, const float* y, const float* w, int64_t dim, float eps, float* out) {
+  float* xr = x + int64_t(blockIdx.x) * dim;
+  const float* yr = y ? y + int64_t(blockIdx.x) * dim : nullptr;
   float* o = out + int64_t(blockIdx.x) * dim;
   double s = 0.0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) s += double(xr[i]) * double(xr[i]);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = xr[i];
+    if (yr) {
+      v += yr[i];
+      xr[i] = v;
+    }
+    s += double(v) * double(v);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
   __shared__ double part[32];
@@ -62,31 +72,42 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, int64_t dim, floa
 }
 
 // ---- rope: ggml's angle recurrence (theta_i = p * scale^i by repeated float multiplication) ------------
-__global__ void rope_kernel(float* x, int64_t n_heads, int64_t head_dim, const int32_t* pos, int n_rot, bool neox,
-                            float theta_scale, float freq_scale, const float* ff) {
+struct RopeArgs {
+  int n_rot = 0;
+  bool neox = false;
+  float theta_scale = 1.0f, freq_scale = 1.0f;
+  const float* ff = nullptr;  // frequency factors, or null
+};
+
+// The (sin, cos) of pair i at position p.
+__device__ __forceinline__ void rope_angle(const RopeArgs& a, int32_t p, int i, float* sn, float* cs) {
+  float theta = float(p);
+  for (int k = 0; k < i; ++k) theta = __fmul_rn(theta, a.theta_scale);
+  const float f = a.ff ? a.ff[i] : 1.0f;
+  const float angle = __fmul_rn(a.freq_scale, __fdiv_rn(theta, f));
+  sincosf(angle, sn, cs);
+}
+// Rotates pair i of one head's vector.
+__device__ __forceinline__ void rope_pair(const RopeArgs& a, float* v, int i, float sn, float cs) {
+  const int half = a.n_rot / 2;
+  const int i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + half : 2 * i + 1;
+  const float x0 = v[i0], x1 = v[i1];
+  v[i0] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
+  v[i1] = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, cs));
+}
+
+__global__ void rope_kernel(float* x, int64_t n_heads, int64_t head_dim, const int32_t* pos, RopeArgs a) {
   const int64_t r = blockIdx.x;
-  const int half = n_rot / 2;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float theta = float(pos[r]);
-    for (int k = 0; k < i; ++k) theta = __fmul_rn(theta, theta_scale);
-    const float f = ff ? ff[i] : 1.0f;
-    const float angle = __fmul_rn(freq_scale, __fdiv_rn(theta, f));
+  for (int i = threadIdx.x; i < a.n_rot / 2; i += blockDim.x) {
     float sn, cs;
-    sincosf(angle, &sn, &cs);
-    for (int64_t h = 0; h < n_heads; ++h) {
-      float* v = x + (r * n_heads + h) * head_dim;
-      const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-      const float x0 = v[i0], x1 = v[i1];
-      v[i0] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
-      v[i1] = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, cs));
-    }
+    rope_angle(a, pos[r], i, &sn, &cs);
+    for (int64_t h = 0; h < n_heads; ++h) rope_pair(a, x + (r * n_heads + h) * head_dim, i, sn, cs);
   }
 }
 
 __global__ void swiglu_kernel(const float* g, const float* u, int64_t count, float* out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const float gv = g[i];
-    out[i] = __fmul_rn(__fdiv_rn(gv, 1.0f + expf(-gv)), u[i]);
+    out[i] = silu_mul(g[i], u[i]);
   }
 }
 
@@ -169,11 +190,10 @@ __device__ void encode_row_warp(const float* x, int D, uint8_t* dst, float* kmin
   }
 }
 
+// Item i = row * n_kv + head of a kv_store: one warp encodes its K and V rows and sets the slot's position.
 template <int T>
-__global__ void kv_store_kernel(KVDev kv, const float* k, const float* v, int64_t n_items, int n_kv, const int32_t* slots,
-                                const int32_t* pos, uint32_t* err) {
-  const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (i >= n_items) return;
+__device__ void store_item(const KVDev& kv, const float* k, const float* v, int64_t i, int n_kv, const int32_t* slots,
+                           const int32_t* pos, uint32_t* err) {
   const int32_t g = slots[i];
   if (g == -1) return;
   const int64_t total = int64_t(kv.total_pages) * kv.page_size;
@@ -190,6 +210,36 @@ __global__ void kv_store_kernel(KVDev kv, const float* k, const float* v, int64_
     kv_pos(kv, id)[s] = pos[i / n_kv];
     if (float* sc = kv_scores(kv, id)) sc[s] = 0.0f;
   }
+}
+
+template <int T>
+__global__ void kv_store_kernel(KVDev kv, const float* k, const float* v, int64_t n_items, int n_kv, const int32_t* slots,
+                                const int32_t* pos, uint32_t* err) {
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (i < n_items) store_item<T>(kv, k, v, i, n_kv, slots, pos, err);
+}
+
+// rope_store: one block per row. Its pairs' angles once (shared), q's and k's heads rotated in place, then a
+// warp per KV head stores K and V (the block's writes to k are visible to it after the barrier).
+constexpr int kRopeStoreThreads = 256;
+template <int T>
+__global__ void __launch_bounds__(kRopeStoreThreads) rope_store_kernel(KVDev kv, float* q, float* k, const float* v,
+                                                                       int n_head, int n_kv, int head_dim,
+                                                                       const int32_t* pos, const int32_t* slots,
+                                                                       RopeArgs a, uint32_t* err) {
+  const int64_t r = blockIdx.x;
+  const int half = a.n_rot / 2;
+  __shared__ float s_sn[128], s_cs[128];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) rope_angle(a, pos[r], i, &s_sn[i], &s_cs[i]);
+  __syncthreads();
+  const int heads = n_head + n_kv;
+  for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
+    const int h = t / half, i = t % half;
+    float* vec = h < n_head ? q + (r * n_head + h) * head_dim : k + (r * n_kv + h - n_head) * head_dim;
+    rope_pair(a, vec, i, s_sn[i], s_cs[i]);
+  }
+  __syncthreads();
+  for (int h = threadIdx.x / 32; h < n_kv; h += blockDim.x / 32) store_item<T>(kv, k, v, r * n_kv + h, n_kv, slots, pos, err);
 }
 
 // The copies in order, one block: every thread takes part in each copy, with a barrier between copies.
@@ -402,14 +452,39 @@ cudaError_t launch_embed(WT t, const void* w, int64_t rows, int64_t cols, const 
 
 cudaError_t launch_rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* out, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  rmsnorm_kernel<<<unsigned(n), 256, 0, s>>>(x, w, dim, eps, out);
+  rmsnorm_kernel<<<unsigned(n), 256, 0, s>>>(const_cast<float*>(x), nullptr, w, dim, eps, out);  // x is only read
+  return cudaGetLastError();
+}
+
+cudaError_t launch_add_rmsnorm(float* x, const float* y, const float* w, int64_t n, int64_t dim, float eps, float* out,
+                               cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  rmsnorm_kernel<<<unsigned(n), 256, 0, s>>>(x, y, w, dim, eps, out);
   return cudaGetLastError();
 }
 
 cudaError_t launch_rope(float* x, int64_t n, int64_t n_heads, int64_t head_dim, const int32_t* pos, int n_rot, bool neox,
                         float theta_scale, float freq_scale, const float* freq_factors, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
-  rope_kernel<<<unsigned(n), 64, 0, s>>>(x, n_heads, head_dim, pos, n_rot, neox, theta_scale, freq_scale, freq_factors);
+  rope_kernel<<<unsigned(n), 64, 0, s>>>(x, n_heads, head_dim, pos, RopeArgs{n_rot, neox, theta_scale, freq_scale, freq_factors});
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rope_store(const KVDev& kv, float* q, float* k, const float* v, int64_t n, int n_head, int n_kv_heads,
+                              const int32_t* pos, const int32_t* slots, int n_rot, bool neox, float theta_scale,
+                              float freq_scale, const float* freq_factors, uint32_t* err, cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  const RopeArgs a{n_rot, neox, theta_scale, freq_scale, freq_factors};
+  const int D = kv.head_dim;
+  switch (kv.type) {
+#define HR_ROPE_STORE(T) \
+  rope_store_kernel<T><<<unsigned(n), kRopeStoreThreads, 0, s>>>(kv, q, k, v, n_head, n_kv_heads, D, pos, slots, a, err)
+    case kKVF32: HR_ROPE_STORE(kKVF32); break;
+    case kKVF16: HR_ROPE_STORE(kKVF16); break;
+    case kKVBF16: HR_ROPE_STORE(kKVBF16); break;
+    default: HR_ROPE_STORE(kKVQ8); break;
+#undef HR_ROPE_STORE
+  }
   return cudaGetLastError();
 }
 

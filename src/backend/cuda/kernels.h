@@ -55,6 +55,9 @@ cudaError_t launch_embed(WT t, const void* w, int64_t rows, int64_t cols, const 
 cudaError_t launch_rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* out, cudaStream_t s);
 cudaError_t launch_rope(float* x, int64_t n, int64_t n_heads, int64_t head_dim, const int32_t* pos, int n_rot, bool neox,
                         float theta_scale, float freq_scale, const float* freq_factors, cudaStream_t s);
+// x += y, then out = rmsnorm(x) * w: the bits of launch_add then launch_rmsnorm. out may alias x or y.
+cudaError_t launch_add_rmsnorm(float* x, const float* y, const float* w, int64_t n, int64_t dim, float eps, float* out,
+                               cudaStream_t s);
 cudaError_t launch_swiglu(const float* g, const float* u, int64_t count, float* out, cudaStream_t s);
 cudaError_t launch_add(float* x, const float* y, int64_t count, cudaStream_t s);
 cudaError_t launch_add_bias(float* x, const float* b, int64_t n, int64_t dim, cudaStream_t s);
@@ -63,6 +66,11 @@ cudaError_t launch_add_bias(float* x, const float* b, int64_t n, int64_t dim, cu
 cudaError_t launch_kv_reset(const KVDev& kv, const int32_t* ids, int n, cudaStream_t s);
 cudaError_t launch_kv_store(const KVDev& kv, const float* k, const float* v, int64_t n_rows, int n_kv_heads,
                             const int32_t* slots, const int32_t* pos, uint32_t* err, cudaStream_t s);
+// RoPE on q [n][n_head][head_dim] and k [n][n_kv_heads][head_dim] in place, then kv_store of k and v: the bits
+// of launch_rope (twice) then launch_kv_store. head_dim is the store's; n_rot <= head_dim <= 256.
+cudaError_t launch_rope_store(const KVDev& kv, float* q, float* k, const float* v, int64_t n, int n_head, int n_kv_heads,
+                              const int32_t* pos, const int32_t* slots, int n_rot, bool neox, float theta_scale,
+                              float freq_scale, const float* freq_factors, uint32_t* err, cudaStream_t s);
 // Runs the copies in order (one block); copies: device memory.
 cudaError_t launch_kv_copy_slots(const KVDev& kv, const SlotCopy* copies, int n, uint32_t* err, cudaStream_t s);
 
@@ -75,6 +83,21 @@ cudaError_t launch_select_pages(const KVDev& kv, const AttnBatch& b, uint32_t* e
 constexpr int kGemvMaxRows = 32;
 cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const float* x, int64_t n, float* y,
                         int8_t* xq, float* xd, cudaStream_t s);
+// Fused GEMVs for one activation row (matmul.cu), on the shapes launch_gemv's vector kernel takes (gemv_fits):
+// every output has the bits launch_gemv gives it. Q8_0: xq/xd as for launch_gemv (x quantized once).
+bool gemv_fits(WT t, int64_t cols, const float* x);
+constexpr int kGemvGroupMax = 4;
+struct GemvPart {
+  const void* w = nullptr;
+  int64_t rows = 0;
+  float* y = nullptr;
+};
+// y_p = x . W_p^T for up to kGemvGroupMax weights of one type and `cols`, in one launch.
+cudaError_t launch_gemv_group(WT t, const GemvPart* parts, int n_parts, int64_t cols, const float* x, int8_t* xq, float* xd,
+                              cudaStream_t s);
+// out = silu(x . G^T) * (x . U^T) (G, U: rows x cols): the bits of two launch_gemv then launch_swiglu.
+cudaError_t launch_gemv_swiglu(WT t, const void* gate, const void* up, int64_t rows, int64_t cols, const float* x,
+                               float* out, int8_t* xq, float* xd, cudaStream_t s);
 // Tensor-core skinny GEMM (matmul.cu): y[n][rows] = x[n][cols] . W^T for F16/BF16/Q8_0 weights, n <= kSkinnyMaxRows,
 // cols % 32 == 0, x 16-byte aligned (skinny_takes). Batch invariant (results depend on the weight shape only).
 // scratch: skinny_scratch_bytes (split/quantized activations, split-K partials).

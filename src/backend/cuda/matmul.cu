@@ -45,20 +45,26 @@ __device__ __forceinline__ void unpack8(uint4 u, bool bf, float* o) {
   }
 }
 
-template <int T, int NR>
-__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols,
-                                                        const float* __restrict__ x, int n, float* __restrict__ y,
-                                                        const int8_t* __restrict__ xq, const float* __restrict__ xd) {
-  const int64_t row0 = int64_t(blockIdx.x) * kBR;
-  int64_t wr[kBR];
+// The block's sums for weight rows [row0, row0 + kBR) of M matrices of one shape (w0; M = 2: and w1) and NR
+// activation rows: thread t < M * kBR * NR returns the sum of row i = t / NR (matrix i / kBR, its weight row
+// row0 + i % kBR; rows past the end repeat the last) with activation row t % NR; the others return 0. Each
+// row's sum runs in the same order whatever M is, so the GEMV kernels below (this and a store) and the fused
+// gate/up one give an output the same bits.
+template <int T, int NR, int M = 1>
+__device__ __forceinline__ float gemv_rows(const uint8_t* __restrict__ w0, const uint8_t* __restrict__ w1, int64_t rows,
+                                           int64_t cols, const float* __restrict__ x, int n,
+                                           const int8_t* __restrict__ xq, const float* __restrict__ xd, int64_t row0) {
+  constexpr int R = M * kBR;
+  const uint8_t* const wm[2] = {w0, w1};
+  int64_t wr[R];
 #pragma unroll
-  for (int i = 0; i < kBR; ++i) wr[i] = min(row0 + i, rows - 1);
+  for (int i = 0; i < R; ++i) wr[i] = min(row0 + i % kBR, rows - 1);
   int64_t xr[NR];
 #pragma unroll
   for (int j = 0; j < NR; ++j) xr[j] = min(j, n - 1);
-  float acc[kBR][NR];
+  float acc[R][NR];
 #pragma unroll
-  for (int i = 0; i < kBR; ++i)
+  for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int j = 0; j < NR; ++j) acc[i][j] = 0.0f;
 
@@ -66,19 +72,19 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
     const int64_t U = cols / 8;
 #pragma unroll(NR <= 2 ? 2 : 1)
     for (int64_t u = threadIdx.x; u < U; u += kThreads) {
-      uint4 wv[kBR];
+      uint4 wv[R];
 #pragma unroll
-      for (int i = 0; i < kBR; ++i) wv[i] = __ldg(reinterpret_cast<const uint4*>(w + (wr[i] * cols + u * 8) * 2));
-      float wf[kBR][8];
+      for (int i = 0; i < R; ++i) wv[i] = __ldg(reinterpret_cast<const uint4*>(wm[i / kBR] + (wr[i] * cols + u * 8) * 2));
+      float wf[R][8];
 #pragma unroll
-      for (int i = 0; i < kBR; ++i) unpack8(wv[i], T == int(WT::BF16), wf[i]);
+      for (int i = 0; i < R; ++i) unpack8(wv[i], T == int(WT::BF16), wf[i]);
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         const float4 a = __ldg(reinterpret_cast<const float4*>(x + xr[j] * cols + u * 8));
         const float4 b = __ldg(reinterpret_cast<const float4*>(x + xr[j] * cols + u * 8 + 4));
         const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-        for (int i = 0; i < kBR; ++i)
+        for (int i = 0; i < R; ++i)
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[i][j] = fmaf(wf[i][e], xv[e], acc[i][j]);
       }
@@ -87,14 +93,14 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
     const int64_t U = cols / 4;
 #pragma unroll(NR <= 2 ? 2 : 1)
     for (int64_t u = threadIdx.x; u < U; u += kThreads) {
-      float4 wv[kBR];
+      float4 wv[R];
 #pragma unroll
-      for (int i = 0; i < kBR; ++i) wv[i] = __ldg(reinterpret_cast<const float4*>(w + (wr[i] * cols + u * 4) * 4));
+      for (int i = 0; i < R; ++i) wv[i] = __ldg(reinterpret_cast<const float4*>(wm[i / kBR] + (wr[i] * cols + u * 4) * 4));
 #pragma unroll
       for (int j = 0; j < NR; ++j) {
         const float4 xv = __ldg(reinterpret_cast<const float4*>(x + xr[j] * cols + u * 4));
 #pragma unroll
-        for (int i = 0; i < kBR; ++i) {
+        for (int i = 0; i < R; ++i) {
           float a = acc[i][j];
           a = fmaf(wv[i].x, xv.x, a);
           a = fmaf(wv[i].y, xv.y, a);
@@ -106,14 +112,14 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
     }
   } else {  // Q8_0, repacked: int8 [rows][cols], fp16 scales [rows][cols/32]; units of one block
     const int64_t U = cols / 32;
-    const uint16_t* wsc = reinterpret_cast<const uint16_t*>(w + q8_scales_offset(rows, cols));
 #pragma unroll 1
     for (int64_t u = threadIdx.x; u < U; u += kThreads) {
-      int4 wv[kBR][2];
-      float wd[kBR];
+      int4 wv[R][2];
+      float wd[R];
 #pragma unroll
-      for (int i = 0; i < kBR; ++i) {
-        const int4* p = reinterpret_cast<const int4*>(w + wr[i] * cols + u * 32);
+      for (int i = 0; i < R; ++i) {
+        const int4* p = reinterpret_cast<const int4*>(wm[i / kBR] + wr[i] * cols + u * 32);
+        const uint16_t* wsc = reinterpret_cast<const uint16_t*>(wm[i / kBR] + q8_scales_offset(rows, cols));
         wv[i][0] = __ldg(p);
         wv[i][1] = __ldg(p + 1);
         wd[i] = h2f(__ldg(wsc + wr[i] * U + u));
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
         const int4 x0 = __ldg(p), x1 = __ldg(p + 1);
         const float dx = __ldg(xd + xr[j] * U + u);
 #pragma unroll
-        for (int i = 0; i < kBR; ++i) {
+        for (int i = 0; i < R; ++i) {
           int s = 0;
           s = __dp4a(wv[i][0].x, x0.x, s);
           s = __dp4a(wv[i][0].y, x0.y, s);
@@ -140,23 +146,65 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __rest
     }
   }
 
-  __shared__ float red[kWarps][kBR * NR];
+  __shared__ float red[kWarps][R * NR];
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int i = 0; i < kBR; ++i)
+  for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const float v = warp_sum(acc[i][j]);
       if (lane == 0) red[warp][i * NR + j] = v;
     }
   __syncthreads();
-  if (threadIdx.x < kBR * NR) {
-    const int i = threadIdx.x / NR, j = threadIdx.x % NR;
-    float s = 0.0f;
+  float s = 0.0f;
+  if (threadIdx.x < R * NR) {
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) s += red[k][threadIdx.x];
-    if (j < n && row0 + i < rows) y[int64_t(j) * rows + row0 + i] = s;
   }
+  return s;
+}
+
+template <int T, int NR>
+__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const uint8_t* __restrict__ w, int64_t rows, int64_t cols,
+                                                        const float* __restrict__ x, int n, float* __restrict__ y,
+                                                        const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  const int64_t row0 = int64_t(blockIdx.x) * kBR;
+  const float s = gemv_rows<T, NR>(w, nullptr, rows, cols, x, n, xq, xd, row0);
+  const int i = threadIdx.x / NR, j = threadIdx.x % NR;
+  if (threadIdx.x < kBR * NR && j < n && row0 + i < rows) y[int64_t(j) * rows + row0 + i] = s;
+}
+
+// Fused GEMVs (one activation row). A grouped launch: block b belongs to the part p with block0[p] <= b.
+struct GemvGroup {
+  GemvPart part[kGemvGroupMax];
+  unsigned block0[kGemvGroupMax + 1] = {};
+  int n_parts = 0;
+};
+
+template <int T>
+__global__ void __launch_bounds__(kThreads, 2) gemv_group_kernel(GemvGroup g, int64_t cols, const float* __restrict__ x,
+                                                              const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  GemvPart part = g.part[0];
+  unsigned b0 = 0;
+#pragma unroll
+  for (int p = 1; p < kGemvGroupMax; ++p)  // constant indices: the parts stay in parameter memory
+    if (p < g.n_parts && blockIdx.x >= g.block0[p]) part = g.part[p], b0 = g.block0[p];
+  const int64_t row0 = int64_t(blockIdx.x - b0) * kBR;
+  const float s = gemv_rows<T, 1>(static_cast<const uint8_t*>(part.w), nullptr, part.rows, cols, x, 1, xq, xd, row0);
+  if (threadIdx.x < kBR && row0 + threadIdx.x < part.rows) part.y[row0 + threadIdx.x] = s;
+}
+
+// Gate and up rows [row0, row0 + kBR) in one block (as two matrices of one gemv_rows: their loads in flight
+// together), then silu(gate) * up: thread t < kBR holds gate row t's sum, thread kBR + t up's.
+template <int T>
+__global__ void __launch_bounds__(kThreads, 2) gemv_swiglu_kernel(const uint8_t* __restrict__ gw,
+                                                               const uint8_t* __restrict__ uw, int64_t rows, int64_t cols,
+                                                               const float* __restrict__ x, float* __restrict__ out,
+                                                               const int8_t* __restrict__ xq, const float* __restrict__ xd) {
+  const int64_t row0 = int64_t(blockIdx.x) * kBR;
+  const float g = gemv_rows<T, 1, 2>(gw, uw, rows, cols, x, 1, xq, xd, row0);
+  const float u = __shfl_down_sync(0xFFFFFFFFu, g, kBR);
+  if (threadIdx.x < kBR && row0 + threadIdx.x < rows) out[row0 + threadIdx.x] = silu_mul(g, u);
 }
 
 // Any shape, float weight types: one warp per output element.
@@ -870,6 +918,63 @@ cudaError_t launch_gemv(WT t, const void* w, int64_t rows, int64_t cols, const f
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+bool gemv_fits(WT t, int64_t cols, const float* x) {
+  return t == WT::Q8_0 || ((reinterpret_cast<uintptr_t>(x) & 15) == 0 && cols % (t == WT::F32 ? 4 : 8) == 0);
+}
+
+// Q8_0: x quantized to Q8_0 blocks once, for every weight of a fused GEMV.
+static cudaError_t quantize_for_gemv(WT t, const float* x, int64_t cols, int8_t* xq, float* xd, cudaStream_t s) {
+  if (t != WT::Q8_0) return cudaSuccess;
+  quantize_q8_kernel<<<grid1d(cols / 32, 128), 128, 0, s>>>(x, cols / 32, xq, xd);
+  return cudaGetLastError();
+}
+
+template <int T>
+static void gemv_group_as(const GemvGroup& g, int64_t cols, const float* x, const int8_t* xq, const float* xd, cudaStream_t s) {
+  gemv_group_kernel<T><<<g.block0[g.n_parts], kThreads, 0, s>>>(g, cols, x, xq, xd);
+}
+
+cudaError_t launch_gemv_group(WT t, const GemvPart* parts, int n_parts, int64_t cols, const float* x, int8_t* xq, float* xd,
+                              cudaStream_t s) {
+  if (n_parts <= 0 || n_parts > kGemvGroupMax || !gemv_fits(t, cols, x)) return cudaErrorInvalidValue;
+  GemvGroup g;
+  g.n_parts = n_parts;
+  for (int p = 0; p < n_parts; ++p) {
+    g.part[p] = parts[p];
+    g.block0[p + 1] = g.block0[p] + unsigned((parts[p].rows + kBR - 1) / kBR);
+  }
+  if (g.block0[n_parts] == 0) return cudaSuccess;
+  if (cudaError_t e = quantize_for_gemv(t, x, cols, xq, xd, s); e != cudaSuccess) return e;
+  switch (t) {
+    case WT::F32: gemv_group_as<int(WT::F32)>(g, cols, x, xq, xd, s); break;
+    case WT::F16: gemv_group_as<int(WT::F16)>(g, cols, x, xq, xd, s); break;
+    case WT::BF16: gemv_group_as<int(WT::BF16)>(g, cols, x, xq, xd, s); break;
+    default: gemv_group_as<int(WT::Q8_0)>(g, cols, x, xq, xd, s); break;
+  }
+  return cudaGetLastError();
+}
+
+template <int T>
+static void gemv_swiglu_as(const void* gate, const void* up, int64_t rows, int64_t cols, const float* x, float* out,
+                           const int8_t* xq, const float* xd, cudaStream_t s) {
+  gemv_swiglu_kernel<T><<<unsigned((rows + kBR - 1) / kBR), kThreads, 0, s>>>(
+      static_cast<const uint8_t*>(gate), static_cast<const uint8_t*>(up), rows, cols, x, out, xq, xd);
+}
+
+cudaError_t launch_gemv_swiglu(WT t, const void* gate, const void* up, int64_t rows, int64_t cols, const float* x,
+                               float* out, int8_t* xq, float* xd, cudaStream_t s) {
+  if (!gemv_fits(t, cols, x)) return cudaErrorInvalidValue;
+  if (rows <= 0) return cudaSuccess;
+  if (cudaError_t e = quantize_for_gemv(t, x, cols, xq, xd, s); e != cudaSuccess) return e;
+  switch (t) {
+    case WT::F32: gemv_swiglu_as<int(WT::F32)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    case WT::F16: gemv_swiglu_as<int(WT::F16)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    case WT::BF16: gemv_swiglu_as<int(WT::BF16)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+    default: gemv_swiglu_as<int(WT::Q8_0)>(gate, up, rows, cols, x, out, xq, xd, s); break;
+  }
+  return cudaGetLastError();
 }
 
 int skinny_splits(int64_t rows, int64_t cols) {
