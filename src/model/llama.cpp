@@ -181,10 +181,9 @@ Runner::Runner(const Model& m, const std::vector<Backend*>& backends, const TPPl
       out = slice_rows(m.output, {{rk->v0, rk->v1}}, rk->owned);
     }
     rk->tok_embd = be.upload_weight(embd);
-    if (c.tied_output) {  // the output head is the embedding's first rows: one copy on the backend
+    if (c.tied_output && R == 1) {  // the output head is the embedding: one copy on the backend
       rk->output = rk->tok_embd;
-      rk->output.rows = rk->v1 - rk->v0;
-    } else {
+    } else {  // (a rank's tied head is its embedding rows without the zero row: a weight of its own shape)
       rk->output = be.upload_weight(out);
     }
     rk->output_norm = be.upload_f32(m.output_norm, c.n_embd);
