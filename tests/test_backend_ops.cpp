@@ -356,6 +356,43 @@ TEST(BackendOps, MatmulBatchRowEqualsSingleRow) {
   }
 }
 
+// The CPU's grouped matmuls (q/k/v, gate/up + SwiGLU) share the input's Q8_0 quantization between their Q8_0
+// weights: bitwise the separate matmuls, Q8_0 and F16 weights mixed; and nothing of it survives the call
+// (the same input pointer with new contents is quantized again).
+TEST(BackendOps, GroupedMatmulsEqualSeparateOnesBitwise) {
+  auto be = make_cpu_backend(2);
+  std::mt19937 rng(15);
+  for (int64_t n : {int64_t(1), int64_t(9), int64_t(70)}) {
+    const TestWeight a = make_weight(DType::Q8_0, 40, 256, rng), b = make_weight(DType::Q8_0, 24, 256, rng);
+    const TestWeight c = make_weight(DType::F16, 24, 256, rng);
+    std::vector<float> x = random_vec(size_t(n * 256), rng);
+    auto sep = [&](const TestWeight& w) {
+      std::vector<float> y(size_t(n * w.view().rows));
+      be->matmul(w.view(), x.data(), n, y.data());
+      return y;
+    };
+    std::vector<float> ya(size_t(n * 40)), yb(size_t(n * 24)), yc(size_t(n * 24));
+    const MatmulPart parts[] = {{a.view(), ya.data()}, {b.view(), yb.data()}, {c.view(), yc.data()}};
+    be->matmul_group(parts, x.data(), n);
+    EXPECT_TRUE(bitwise_equal(ya, sep(a)) && bitwise_equal(yb, sep(b)) && bitwise_equal(yc, sep(c))) << "n " << n;
+    // gate/up + SwiGLU.
+    std::vector<float> g(size_t(n * 24)), u(size_t(n * 24)), gs = sep(b), us = sep(c);
+    be->swiglu(gs.data(), us.data(), int64_t(gs.size()), gs.data());
+    const TestWeight c8 = make_weight(DType::Q8_0, 24, 256, rng);
+    be->matmul_swiglu(b.view(), c.view(), x.data(), n, g.data(), u.data());
+    EXPECT_TRUE(bitwise_equal(g, gs)) << "matmul_swiglu, n " << n;
+    // New contents at the same address after a group: quantized again.
+    be->matmul_group(parts, x.data(), n);
+    for (float& v : x) v *= -1.5f;
+    std::vector<float> y_after(size_t(n * 24));
+    be->matmul(c8.view(), x.data(), n, y_after.data());
+    std::vector<float> y_fresh(size_t(n * 24));
+    auto fresh = make_cpu_backend(2);
+    fresh->matmul(c8.view(), x.data(), n, y_fresh.data());
+    EXPECT_TRUE(bitwise_equal(y_after, y_fresh)) << "stale quantized activations reused, n " << n;
+  }
+}
+
 TEST(BackendOps, MatmulRejectsBadWeights) {
   Backends be;
   std::vector<uint8_t> buf(4096);
@@ -2587,9 +2624,10 @@ void check_fused_ops(Backend& be, Backend* cpu) {
       for (size_t s = 0; s < f.pages[id].pos.size(); ++s) {
         if (f.pages[id].pos[s] < 0) continue;
         EXPECT_EQ(0, std::memcmp(f.pages[id].v.data() + s * D, r.pages[id].v.data() + s * D, D * 4)) << "V of page " << id;
-        if (c.type == KVType::F32)
+        if (c.type == KVType::F32) {
           for (size_t d = 0; d < D; ++d)
             ASSERT_NEAR(f.pages[id].k[s * D + d], r.pages[id].k[s * D + d], 96 * kU) << "K of page " << id;  // |x| <= 3
+        }
       }
     }
   }

@@ -34,6 +34,22 @@ class CpuBackend final : public Backend {
   void matmul(const WeightView& w, const float* x, int64_t n, float* y) override {
     cpu::matmul(pool_, mm_, w, x, n, y);
   }
+  // The fused matmuls as their definitions (backend.h), with the input's Q8_0 quantization shared.
+  void matmul_group(std::span<const MatmulPart> parts, const float* x, int64_t n) override {
+    std::vector<const WeightView*> ws;
+    std::vector<float*> ys;
+    for (const MatmulPart& p : parts) ws.push_back(&p.w), ys.push_back(p.y);
+    cpu::matmul_shared(pool_, mm_, ws, ys, x, n);
+  }
+  void matmul_swiglu(const WeightView& gate, const WeightView& up, const float* x, int64_t n, float* out,
+                     float* up_out) override {
+    if (gate.rows != up.rows || gate.cols != up.cols)
+      fail("cpu backend: matmul_swiglu: gate {} x {} and up {} x {} differ", gate.rows, gate.cols, up.rows, up.cols);
+    const WeightView* ws[] = {&gate, &up};
+    float* ys[] = {out, up_out};
+    cpu::matmul_shared(pool_, mm_, ws, ys, x, n);
+    swiglu(out, up_out, n * gate.rows, out);
+  }
 
   void embed(const WeightView& w, const int32_t* ids, int64_t n, float* out) override {
     const size_t stride = cpu::weight_row_stride(w, "embed");

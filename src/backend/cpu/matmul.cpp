@@ -98,12 +98,18 @@ void quantize_row_q8(const float* x, int64_t nb, int8_t* qs, float* xsc, int32_t
   }
 }
 
-QActs quantize_acts(ThreadPool& pool, AlignedBuf& buf, const float* x, int64_t n, int64_t K) {
+// The layout of n rows of K quantized activations in buf.
+QActs view_acts(AlignedBuf& buf, int64_t n, int64_t K) {
   QActs a;
   a.nb = K / 32;
   a.np = ceil_div(a.nb, 2);
   a.stride = size_t(a.np) * 192;
   a.base = static_cast<uint8_t*>(buf.ensure(a.stride * size_t(n)));
+  return a;
+}
+
+QActs quantize_acts(ThreadPool& pool, AlignedBuf& buf, const float* x, int64_t n, int64_t K) {
+  const QActs a = view_acts(buf, n, K);
   auto rows = [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j)
       quantize_row_q8(x + j * K, a.nb, const_cast<int8_t*>(a.qs(j)), const_cast<float*>(a.xsc(j)),
@@ -404,7 +410,9 @@ void matmul(ThreadPool& pool, MatmulScratch& scratch, const WeightView& w, const
   };
 
   if (w.type == DType::Q8_0) {
-    const QActs a = quantize_acts(pool, scratch.acts, x, n, K);
+    const QActs a = scratch.acts_x == x && scratch.acts_n == n && scratch.acts_k == K
+                        ? view_acts(scratch.acts, n, K)  // matmul_shared: quantized by the group's first
+                        : quantize_acts(pool, scratch.acts, x, n, K);
 #if defined(HR_AVX512VNNI)
     const size_t panel_bytes = size_t(a.np) * kQ8PanelPairBytes;
     if (big)
@@ -465,6 +473,24 @@ void matmul(ThreadPool& pool, MatmulScratch& scratch, const WeightView& w, const
         }
       });
   });
+}
+
+void matmul_shared(ThreadPool& pool, MatmulScratch& scratch, std::span<const WeightView* const> ws,
+                   std::span<float* const> ys, const float* x, int64_t n) {
+  if (ws.size() != ys.size()) fail("cpu backend: matmul_shared: {} weights but {} outputs", ws.size(), ys.size());
+  struct Forget {  // the quantized activations are valid only within this call
+    MatmulScratch& s;
+    ~Forget() { s.acts_x = nullptr, s.acts_n = s.acts_k = -1; }
+  } forget{scratch};
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const WeightView& w = *ws[i];
+    matmul(pool, scratch, w, x, n, ys[i]);
+    if (w.type == DType::Q8_0 && n > 0) {  // acts now holds x quantized for w.cols
+      scratch.acts_x = x;
+      scratch.acts_n = n;
+      scratch.acts_k = w.cols;
+    }
+  }
 }
 
 }  // namespace headroom::cpu
