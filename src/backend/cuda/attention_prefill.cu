@@ -36,7 +36,6 @@ namespace {
 // 4-37% slower on the H200 (docs/cuda.md).
 constexpr int kPfWarps = 8;
 constexpr int kBN = 64;             // slots per KV tile
-constexpr int kMaxBM = 128;         // M rows (row, head pairs) of the largest block
 constexpr float kPfLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
