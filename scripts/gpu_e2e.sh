@@ -4,8 +4,8 @@
 # against the CPU backend and measures, most important first. Meant to run detached:
 #   setsid nohup bash scripts/gpu_e2e.sh > /tmp/e2e.out 2>&1 &     then poll $OUT/e2e.log (or /tmp/e2e/e2e.log)
 # Poll at once: each polling call must start within the device's idle window (30 s) after the previous one
-# ended, or the machine is given back and the detached run dies with it (lost a run on 2026-12-01). A poll
-# like `sleep 280; tail -40 /tmp/e2e/e2e.log` with timeout_s 300 keeps it held.
+# ended, or the machine is given back and the detached run dies with it (lost a run on 2026-12-01):
+# `bash scripts/gpu_wait.sh 280` (timeout_s 300), again and again until it says done.
 # Stages (E2E_STAGES, default all): build parity tp bench8 map8 par8 serve bench1 kvq8 eval. E2E_SHORT=1 drops
 # the A/B extras (graphs off, --chunk 2048, the full-KV server); E2E_DEPTHS8 / E2E_DEPTHS1 pick the bench depths.
 set -uo pipefail
