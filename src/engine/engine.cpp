@@ -21,14 +21,7 @@ class CachePages : public PageCounter {
   int64_t need(const Sequence& s, int rows) const override { return s.kv->pages_for(rows); }
   int64_t held(const Sequence& s) const override { return s.kv->device_pages_held(); }
   int64_t parked(const Sequence& s) const override { return s.kv->parked_pages(); }
-  bool can_park(const Sequence& s) const override {
-    if (s.kv->device_pages_held() > pool_.host_capacity() - pool_.host_pages()) return false;
-    if (pool_.n_parts() == 1) return true;
-    const std::vector<int64_t> n = s.kv->device_pages_by_part();  // every rank's host part takes its heads'
-    for (int p = 0; p < pool_.n_parts(); ++p)
-      if (n[size_t(p)] > pool_.host_free(p)) return false;
-    return true;
-  }
+  bool can_park(const Sequence& s) const override { return s.kv->can_park(); }
   // Tensor parallel: each rank's part of the pool counts for the heads placed there.
   int parts() const override { return pool_.n_parts(); }
   int64_t free_pages(int part) const override { return pool_.device_free(part); }

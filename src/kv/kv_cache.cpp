@@ -118,13 +118,7 @@ int64_t KVCache::device_pages_held() const {
   return n;
 }
 
-int64_t KVCache::device_pages_held(int part) const {
-  int64_t n = 0;
-  for (size_t i = 0; i < heads_.size(); ++i)
-    if (pool_.head_part(i) == part)
-      for (int32_t id : heads_[i].pages) n += !pool_.on_host(id);
-  return n;
-}
+int64_t KVCache::device_pages_held(int part) const { return device_pages_by_part()[size_t(part)]; }
 
 void KVCache::note_peaks() {
   const int64_t dev = device_pages_held();
@@ -163,15 +157,19 @@ int64_t KVCache::parked_pages() const {
   return n;
 }
 
-bool KVCache::park() {
-  if (parked_) return true;
-  const int64_t dev = device_pages_held();
-  if (dev > pool_.host_capacity() - pool_.host_pages()) return false;
+bool KVCache::can_park() const {
+  if (device_pages_held() > pool_.host_capacity() - pool_.host_pages()) return false;
   if (pool_.n_parts() > 1) {  // every rank's part must take its heads' pages
     const std::vector<int64_t> n = device_pages_by_part();
     for (int p = 0; p < pool_.n_parts(); ++p)
       if (n[size_t(p)] > pool_.host_free(p)) return false;
   }
+  return true;
+}
+
+bool KVCache::park() {
+  if (parked_) return true;
+  if (!can_park()) return false;
   parked_at_.assign(heads_.size(), {});
   for (size_t i = 0; i < heads_.size(); ++i) {
     HeadCache& h = heads_[i];

@@ -86,6 +86,7 @@ class KVCache {
   // nothing moved, if the host tier has no room); unpark brings the parked pages back (false if the device
   // tier has no room for all of them).
   bool park();
+  bool can_park() const;  // park() would succeed: the host tier (every rank's part of it) has room
   bool unpark();
   bool parked() const { return parked_; }
   int64_t parked_pages() const;
