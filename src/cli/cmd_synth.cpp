@@ -182,14 +182,8 @@ void register_synth(CLI::App& app) {
       st.sinks = map_sinks;
       st.window = map_window;
       st.prefill = PrefillMode::Window;
-      if (map_rest == "topk") {  // the same token budget in pages of KVOptions' default size
-        const int page = KVOptions{}.page_size;
-        st = PolicySpec{};
-        st.kind = PolicyKind::TopK;
-        st.recent_pages = 2;
-        st.topk_pages = std::max(1, map_topk_tokens / page - 1 - st.recent_pages);  // 1: the sink page
-        st.offload = true;
-      }
+      if (map_rest == "topk")  // the budget as topk's own uniform spec (offloading), in pages of the default size
+        st = uniform_spec(PolicyKind::TopK, map_topk_tokens, KVOptions{}.page_size, "--map-topk-tokens");
       HeadMap map = HeadMap::uniform(m->identity(), st);
       const int nkv = m->config().n_head_kv, total = L * nkv;
       const int n_full = int(std::lround(map_full * total));

@@ -31,7 +31,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <thread>
 
 #include "backend/comm.h"
 #include "backend/registry.h"
