@@ -27,7 +27,15 @@ std::string cuda_unavailable() {
 #endif
 }
 
+namespace {
+void check_device_name(std::string_view device) {
+  if (device != "cpu" && device != "cuda" && device != "auto")
+    fail("--device '{}' is not a device headroom knows (choose cpu, cuda, auto)", device);
+}
+}  // namespace
+
 std::unique_ptr<Backend> make_backend(std::string_view device, int threads) {
+  check_device_name(device);
   if (device == "cpu") return make_cpu_backend(threads);
   if (device == "cuda" || device == "auto") {
     const std::string why = cuda_unavailable();
@@ -37,9 +45,8 @@ std::unique_ptr<Backend> make_backend(std::string_view device, int threads) {
 #endif
     }
     if (device == "auto") return make_cpu_backend(threads);
-    fail("--device cuda: {}", why);
   }
-  fail("--device '{}' is not a device headroom knows (choose cpu, cuda, auto)", device);
+  fail("--device cuda: {}", cuda_unavailable());
 }
 
 int cuda_gpus() {
@@ -64,14 +71,14 @@ std::vector<std::unique_ptr<Backend>> make_rank_backends(std::string_view device
                                                          std::string* note) {
   std::vector<std::unique_ptr<Backend>> out;
   if (tp < 1) fail("--tensor-parallel {}: at least one rank", tp);
-  const bool cuda = device == "cuda" || (device == "auto" && cuda_unavailable().empty());
-  if (device != "cpu" && device != "cuda" && device != "auto")
-    fail("--device '{}' is not a device headroom knows (choose cpu, cuda, auto)", device);
-  if (!cuda || tp == 1) {
-    if (tp == 1) {
-      out.push_back(make_backend(device, threads));
-      return out;
-    }
+  if (tp == 1) {
+    out.push_back(make_backend(device, threads));
+    return out;
+  }
+  check_device_name(device);
+  const std::string no_cuda = cuda_unavailable();
+  if (device == "cuda" && !no_cuda.empty()) fail("--device cuda: {}", no_cuda);
+  if (device == "cpu" || !no_cuda.empty()) {  // (auto without a usable GPU: the CPU)
     const int total = threads > 0 ? threads : make_cpu_backend(0)->threads();
     const int each = std::max(1, total / tp);
     for (int r = 0; r < tp; ++r) out.push_back(make_cpu_backend(each));
@@ -81,7 +88,6 @@ std::vector<std::unique_ptr<Backend>> make_rank_backends(std::string_view device
     return out;
   }
 #if defined(HEADROOM_HAVE_CUDA)
-  if (const std::string why = cuda_unavailable(); !why.empty()) fail("--device cuda: {}", why);
   const int gpus = cuda_device_count();
   const bool shared = tp_comm_env() == "threads";
   if (tp > gpus && !shared)
@@ -92,10 +98,8 @@ std::vector<std::unique_ptr<Backend>> make_rank_backends(std::string_view device
                                  "(HEADROOM_TP_COMM=threads, a test mode)", tp, std::min(tp, gpus), gpus == 1 ? "" : "s")
                    : fmt::format("tensor parallel: {} CUDA ranks on GPUs 0-{} joined by NCCL {}", tp, tp - 1,
                                  nccl_version());
-  return out;
-#else
-  fail("--device cuda: {}", cuda_unavailable());
 #endif
+  return out;
 }
 
 std::string comm_kind(const std::vector<Backend*>& ranks) {
