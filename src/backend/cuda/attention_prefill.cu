@@ -505,14 +505,12 @@ cudaError_t run_prefill_d(const KVDev& kv, const AttnBatch& b, const AttnScratch
 
 }  // namespace
 
-size_t prefill_split_floats(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
-  if (!prefill_attention_fits(kv, b)) return 0;
-  const PfSplit sp = pf_plan(kv, b, pairs);
-  return sp.n_splits > 1 ? size_t(sp.n_splits) * size_t(pairs) * size_t(b.head_dim + 2) : 0;
-}
-
-int prefill_splits(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
-  return prefill_attention_fits(kv, b) ? pf_plan(kv, b, pairs).n_splits : 1;
+PrefillSplitScratch prefill_split_scratch(const KVDev& kv, const AttnBatch& b, int64_t pairs) {
+  PrefillSplitScratch r;
+  if (!prefill_attention_fits(kv, b)) return r;
+  r.splits = pf_plan(kv, b, pairs).n_splits;
+  r.floats = r.splits > 1 ? size_t(r.splits) * size_t(pairs) * size_t(b.head_dim + 2) : 0;
+  return r;
 }
 
 bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b) {

@@ -743,9 +743,9 @@ class CudaBackend final : public Backend {
         partial_.ensure(cuda::attn_partial_floats(st.dev, b) * 4, "attention"));
     scr.ml_pairs = rows_cap * hq;
     scr.ml = static_cast<float*>(ml_.ensure(size_t(scr.ml_pairs) * 8, "attention"));
-    if (const size_t pf = cuda::prefill_split_floats(st.dev, b, scr.ml_pairs); pf > 0) {
-      scr.pf_part = static_cast<float*>(pf_part_.ensure(pf * 4, "attention"));
-      scr.pf_splits = cuda::prefill_splits(st.dev, b, scr.ml_pairs);
+    if (const cuda::PrefillSplitScratch pf = cuda::prefill_split_scratch(st.dev, b, scr.ml_pairs); pf.floats > 0) {
+      scr.pf_part = static_cast<float*>(pf_part_.ensure(pf.floats * 4, "attention"));
+      scr.pf_splits = pf.splits;
     }
     after(cuda::launch_attention(st.dev, b, scr, err_dev_, stream_), "attention");
   }

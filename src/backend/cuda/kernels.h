@@ -123,7 +123,7 @@ struct AttnScratch {
   float* ml = nullptr;
   int64_t ml_pairs = 0;  // capacity of ml in (row, head) pairs
   int prefill_taken = 0; // 1: the tensor-core prefill kernel ran the jobs prefill_takes() names; attn_kernel skips them
-  float* pf_part = nullptr;  // prefill split-KV ranges: prefill_split_floats() floats
+  float* pf_part = nullptr;  // prefill split-KV ranges: prefill_split_scratch().floats floats
   int pf_splits = 1;         // ... sized for this many ranges
 };
 // The jobs the tensor-core prefill kernel (attention_prefill.cu) takes when it runs: >= kAttnSplitMaxRows rows,
@@ -149,9 +149,12 @@ bool prefill_attention_fits(const KVDev& kv, const AttnBatch& b);
 // the (max, sum) scratch: score jobs are not taken where the store keeps scores).
 cudaError_t launch_prefill_attention(const KVDev& kv, const AttnBatch& b, const AttnScratch& scr, uint32_t* err,
                                      cudaStream_t s);
-// Long jobs are cut into KV ranges merged afterwards (split-KV); the scratch that needs, in floats, for an
-// (max, sum) scratch of `pairs` (row, head) pairs (0: no split), and the ranges (1: no split).
-size_t prefill_split_floats(const KVDev& kv, const AttnBatch& b, int64_t pairs);
-int prefill_splits(const KVDev& kv, const AttnBatch& b, int64_t pairs);
+// Long jobs are cut into KV ranges merged afterwards (split-KV): how many ranges a batch gets, and the scratch
+// they need beside an (max, sum) scratch of `pairs` (row, head) pairs.
+struct PrefillSplitScratch {
+  int splits = 1;     // KV ranges (1: no split)
+  size_t floats = 0;  // scratch they need (0 without a split)
+};
+PrefillSplitScratch prefill_split_scratch(const KVDev& kv, const AttnBatch& b, int64_t pairs);
 
 }  // namespace headroom::cuda
