@@ -242,6 +242,23 @@ TEST(BackendOps, RowBytes) {
   EXPECT_THROW(row_bytes(DType::Q5_K, 256), Error);
 }
 
+TEST(BackendOps, ScatterI32WritesThePairsOrNothing) {
+  auto cpu = make_cpu_backend(1);
+  DeviceArray<int32_t> t(*cpu, 6);
+  const std::vector<int32_t> start = {0, 1, 2, 3, 4, 5};
+  t.upload(start.data(), start.size());
+  const std::vector<int32_t> pairs = {4, 40, 0, 7};
+  cpu->scatter_i32(t.get(), 6, pairs);
+  std::vector<int32_t> got(6);
+  cpu->download(got.data(), t.get(), 6 * sizeof(int32_t));
+  EXPECT_EQ(got, (std::vector<int32_t>{7, 1, 2, 3, 40, 5}));
+  const std::vector<int32_t> bad = {1, 9, 6, 9}, odd = {1};
+  EXPECT_THROW(cpu->scatter_i32(t.get(), 6, bad), Error);
+  EXPECT_THROW(cpu->scatter_i32(t.get(), 6, odd), Error);
+  cpu->download(got.data(), t.get(), 6 * sizeof(int32_t));
+  EXPECT_EQ(got, (std::vector<int32_t>{7, 1, 2, 3, 40, 5})) << "a bad pair writes nothing";
+}
+
 TEST(BackendOps, DequantizeRowMatchesSpec) {
   std::mt19937 rng(1);
   for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_K, DType::Q6_K}) {
@@ -1861,6 +1878,34 @@ TEST(CudaBackendOps, KVStoreOpsAgainstCpu) {
       expect_same_pages(*cpu, *kc, *gpu, *kg);
       expect_close_scores(*cpu, *kc, *gpu, *kg);
     }
+}
+
+TEST(CudaBackendOps, ScatterI32AgainstCpu) {
+  // The page table's in-place update: pairs of (index, id) at distinct indices, counts around the kernel's
+  // block, and a bad index refused before anything is written.
+  REQUIRE_CUDA(gpu);
+  auto cpu = make_cpu_backend(1);
+  std::mt19937 rng(211);
+  for (int n_pairs : {0, 1, 255, 256, 257, 70000}) {
+    const size_t len = 100003;
+    std::vector<int32_t> table(len);
+    for (auto& v : table) v = int32_t(rng() % 1000000);
+    std::vector<int32_t> index(len), pairs;
+    std::iota(index.begin(), index.end(), 0);
+    std::shuffle(index.begin(), index.end(), rng);
+    for (int i = 0; i < n_pairs; ++i) {
+      pairs.push_back(index[size_t(i)]);
+      pairs.push_back(int32_t(rng()));
+    }
+    DeviceArray<int32_t> dc = to_device(*cpu, table), dg = to_device(*gpu, table);
+    cpu->scatter_i32(dc.get(), len, pairs);
+    gpu->scatter_i32(dg.get(), len, pairs);
+    ASSERT_EQ(from_device(*gpu, dg, len), from_device(*cpu, dc, len)) << n_pairs << " pairs";
+  }
+  DeviceArray<int32_t> d = to_device(*gpu, std::vector<int32_t>(8, 5));
+  const std::vector<int32_t> bad = {1, 9, 8, 9};
+  EXPECT_THROW(gpu->scatter_i32(d.get(), 8, bad), Error);
+  EXPECT_EQ(from_device(*gpu, d, 8), std::vector<int32_t>(8, 5)) << "nothing written";
 }
 
 TEST(CudaBackendOps, KVRejects) {

@@ -2,6 +2,8 @@
 // step, budget exhaustion found before a step writes anything, and policies exact in every KV type.
 #include <gtest/gtest.h>
 
+#include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -42,6 +44,10 @@ class LoggingBackend final : public Backend {
   void upload(void* d, const void* s, size_t bytes) override { note("upload"); in_.upload(d, s, bytes); }
   void download(void* d, const void* s, size_t bytes) override { note("SYNC download"); in_.download(d, s, bytes); }
   void synchronize() override { note("SYNC"); in_.synchronize(); }
+  void scatter_i32(int32_t* d, size_t len, std::span<const int32_t> pairs) override {
+    note("upload");  // (an upload of table entries)
+    in_.scatter_i32(d, len, pairs);
+  }
   std::unique_ptr<KVStore> kv_create(const KVLayout& l) override { return in_.kv_create(l); }
   void kv_reset(KVStore& kv, std::span<const int32_t> ids) override { note("kv_reset"); in_.kv_reset(kv, ids); }
   void kv_copy_pages(KVStore& kv, std::span<const PageCopy> c) override { note("kv_copy_pages"); in_.kv_copy_pages(kv, c); }
@@ -230,4 +236,140 @@ TEST(KVCore, TruncateRollsBackExactlyWhereThePolicyKeptEverything) {
     kv.truncate(0);
     EXPECT_EQ(kv.pages_held(), 0) << "truncating to 0 gives every page back";
   }
+}
+
+TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
+  // The step's page table persists (KVStep): each step writes only what changed and records it. A "device"
+  // copy that takes nothing but those records must hold, at every job's range, the head's pages, through
+  // sequences that join, skip steps, leave, roll back, park and resume, under every policy (topk offloads and
+  // fetches pages, streaming drops them, evict compacts), and a second table the same caches are planned into.
+  ModelConfig c;
+  c.n_layer = 2;
+  c.n_head = 4;
+  c.n_head_kv = 4;
+  c.head_dim = 4;
+  PolicySpec full{PolicyKind::Full}, stream{PolicyKind::Streaming}, topk{PolicyKind::TopK}, evict{PolicyKind::Evict};
+  stream.sinks = 2;
+  stream.window = 9;
+  topk.topk_pages = 2;
+  topk.recent_pages = 1;
+  topk.offload = true;
+  evict.budget = 12;
+  evict.window = 4;
+  const std::vector<PolicySpec> specs = {full, stream, topk, evict, stream, full, evict, topk};
+  KVLayout l;
+  l.type = KVType::F32;
+  l.page_size = 4;
+  l.head_dim = 4;
+  l.device_pages = 4000;
+  l.host_pages = 4000;
+  set_policy_metadata(l, specs);
+  PagePool pool(test::cpu_backend(), l);
+  std::mt19937 rng(7);
+  std::vector<std::unique_ptr<KVCache>> seqs;
+  std::vector<int32_t> pos;
+  KVStep step, other;
+  std::vector<int32_t> device, other_device;  // what each table's records built
+  auto apply = [](const KVStep& st, std::vector<int32_t>& dev) {
+    if (dev.size() < st.page_ids.size()) dev.resize(st.page_ids.size(), -7);  // grown: unwritten is garbage
+    for (const auto& [lo, hi] : st.written)
+      for (int64_t i = lo; i < hi; ++i) dev[size_t(i)] = st.page_ids[size_t(i)];
+  };
+  int64_t written = 0, planned = 0;
+  auto run = [&](int it, bool churn) {
+    if (seqs.size() < 5 && (rng() % 4 == 0 || !churn)) {
+      seqs.push_back(std::make_unique<KVCache>(c, pool, specs));
+      pos.push_back(0);
+    }
+    if (churn && !seqs.empty() && rng() % 40 == 0) {  // one leaves
+      const size_t i = rng() % seqs.size();
+      seqs.erase(seqs.begin() + ptrdiff_t(i));
+      pos.erase(pos.begin() + ptrdiff_t(i));
+    }
+    if (churn && !seqs.empty() && rng() % 30 == 0) {  // one rolls back
+      const size_t i = rng() % seqs.size();
+      if (!seqs[i]->parked()) {
+        pos[i] /= 2;
+        seqs[i]->truncate(pos[i]);
+      }
+    }
+    if (churn && !seqs.empty() && rng() % 25 == 0) {  // one is parked, or resumes
+      KVCache& kv = *seqs[rng() % seqs.size()];
+      ASSERT_TRUE(kv.parked() ? kv.unpark() : kv.park());
+    }
+    const bool into_other = churn && rng() % 10 == 0;
+    KVStep& st = into_other ? other : step;
+    std::vector<std::pair<size_t, StepInfo>> ran;
+    int rows = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) rows += seqs[i]->parked() ? 0 : 1 + (pos[i] < 40 ? 3 : 0);
+    st.begin(c.n_layer, c.n_head_kv, std::max(1, rows));
+    int row0 = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (seqs[i]->parked() || (churn && rng() % 6 == 0)) continue;  // skips this step (its region goes back)
+      const StepInfo s{pos[i], pos[i] < 40 ? 4 : 1, pos[i] < 40, pos[i] + 4 == 40};
+      seqs[i]->plan_step(st, row0, s);
+      ran.emplace_back(i, s);
+      row0 += s.n_rows;
+    }
+    pool.flush();
+    apply(st, into_other ? other_device : device);
+    written += st.n_written;
+    for (const auto& [i, s] : ran) {
+      const KVCache& kv = *seqs[i];
+      for (int layer = 0; layer < c.n_layer; ++layer)
+        for (int h = 0; h < c.n_head_kv; ++h) {
+          const PageList& pages = kv.head(layer, h).pages;
+          const std::vector<int32_t> want(pages.begin(), pages.end());
+          // A job of this sequence and head: the step's jobs are [layer][sequences in order][head].
+          const AttnJob* job = nullptr;
+          for (const AttnJob& j : st.jobs[size_t(layer)])
+            if (j.row0 == [&] {
+                  int r = 0;
+                  for (const auto& [k, ks] : ran) {
+                    if (k == i) break;
+                    r += ks.n_rows;
+                  }
+                  return r;
+                }() && j.kv_head == h)
+              job = &j;
+          ASSERT_NE(job, nullptr);
+          ASSERT_EQ(job->n_pages, int32_t(want.size()));
+          const std::vector<int32_t>& dev = into_other ? other_device : device;
+          const std::vector<int32_t> got(dev.begin() + job->page0, dev.begin() + job->page0 + job->n_pages);
+          ASSERT_EQ(got, want) << "step " << it << ", sequence " << i << ", layer " << layer << ", head " << h;
+          planned += job->n_pages;
+        }
+    }
+    // select_pages, as a backend runs it in place (here it keeps the first select_k candidates), and the
+    // runner's read-back: the host table and the device copy both hold the moved ids.
+    for (auto& layer_jobs : st.jobs)
+      for (AttnJob& j : layer_jobs) {
+        if (j.select_k <= 0) continue;
+        std::vector<int32_t>& dev = into_other ? other_device : device;
+        const int32_t first = j.page0 + j.cand0, n_after = j.n_pages - j.cand0 - j.n_cand;
+        for (int32_t k = 0; k < n_after; ++k) dev[size_t(first + j.select_k + k)] = dev[size_t(first + j.n_cand + k)];
+        j.n_pages -= j.n_cand - j.select_k;
+        std::copy(dev.begin() + first, dev.begin() + j.page0 + j.n_pages, st.page_ids.begin() + first);
+      }
+    for (const auto& [i, s] : ran) {
+      seqs[i]->finish_step(st, s);
+      pos[i] += s.n_rows;
+    }
+  };
+  for (int it = 0; it < 400; ++it) {
+    run(it, true);
+    if (HasFatalFailure()) return;
+  }
+  // Then steady decoding: the table takes hardly anything but the ids of new pages (and the topk heads'
+  // lists, which select_pages may rewrite on the device, and the streaming and evict heads' cuts).
+  for (auto& kv : seqs)
+    if (kv->parked()) ASSERT_TRUE(kv->unpark());
+  for (int it = 0; it < 20; ++it) run(400 + it, false);  // (every region placed anew once)
+  written = planned = 0;
+  for (int it = 0; it < 300; ++it) {
+    run(420 + it, false);
+    if (HasFatalFailure()) return;
+  }
+  EXPECT_GT(planned, 100000) << "the sequences grew long enough to matter";
+  EXPECT_LT(written * 3, planned) << "written again: " << written << " of " << planned << " entries";
 }

@@ -76,6 +76,9 @@ class RecordingBackend final : public Backend {
   void* alloc(size_t bytes) override { return not_recording("alloc"), in_.alloc(bytes); }
   void free(void* p) override { not_recording("free"), in_.free(p); }
   void upload(void* d, const void* s, size_t bytes) override { not_recording("upload"), in_.upload(d, s, bytes); }
+  void scatter_i32(int32_t* d, size_t len, std::span<const int32_t> pairs) override {
+    not_recording("scatter_i32"), in_.scatter_i32(d, len, pairs);
+  }
   void download(void* d, const void* s, size_t bytes) override {
     not_recording("download"), in_.download(d, s, bytes);
   }

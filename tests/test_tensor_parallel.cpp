@@ -662,6 +662,7 @@ class FailingBackend final : public Backend {
   void* alloc(size_t b) override { return in_->alloc(b); }
   void free(void* p) override { in_->free(p); }
   void upload(void* d, const void* s, size_t b) override { in_->upload(d, s, b); }
+  void scatter_i32(int32_t* d, size_t len, std::span<const int32_t> pairs) override { in_->scatter_i32(d, len, pairs); }
   void download(void* d, const void* s, size_t b) override { in_->download(d, s, b); }
   void synchronize() override { in_->synchronize(); }
   std::unique_ptr<KVStore> kv_create(const KVLayout& l) override { return in_->kv_create(l); }

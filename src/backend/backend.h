@@ -173,6 +173,11 @@ class Backend {
   virtual void upload(void* dst, const void* src, size_t bytes) = 0;
   virtual void download(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // dst[pairs[2i]] = pairs[2i + 1] for every pair (index, value), the indices distinct: an in-place update
+  // of a table of dst_len int32s in backend memory (the step's page table). Throws Error, writing nothing, if
+  // an index is outside the table. pairs: host memory, free to reuse when this returns; ordered with the ops
+  // like upload. The default downloads the table, patches it and uploads it.
+  virtual void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs);
   // True when alloc()'s memory is host memory another thread may read and write directly (the CPU).
   virtual bool host_memory() const { return false; }
   // Bytes of memory the backend could still give the KV cache (the CPU: the system's available memory).
@@ -202,7 +207,8 @@ class Backend {
   // For every job with select_k > 0: scores its candidate pages with Quest's bound for the job's last
   // query row, sum over the group's heads h and dims d of max(q_hd * kmin_d, q_hd * kmax_d), keeps the
   // select_k best (ties: the earlier page), moves them, in their original order, to the front of the
-  // candidate range, shifts the pages after the range down behind them and sets n_pages to match.
+  // candidate range, shifts the pages after the range down behind them and sets n_pages to match. It writes
+  // no page id outside [page0 + cand0, page0 + the new n_pages) (the table is updated in place: KVStep).
   virtual void select_pages(KVStore& kv, const AttnBatch& b) = 0;
   // Runs every job of the batch (jobs write disjoint outputs; jobs with `score` own their pages).
   virtual void attention(KVStore& kv, const AttnBatch& b) = 0;

@@ -1,6 +1,7 @@
 #include "kv/kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <limits>
@@ -33,6 +34,12 @@ int64_t host_pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, i
   return total;
 }
 
+namespace {
+std::atomic<uint64_t> g_serial{1};  // KVStep and KVCache serials (never 0)
+}  // namespace
+
+KVStep::KVStep() : serial_(g_serial++) {}
+
 void KVStep::begin(int layers, int kv_heads, int rows) {
   n_layer = layers;
   n_kv = kv_heads;
@@ -40,12 +47,89 @@ void KVStep::begin(int layers, int kv_heads, int rows) {
   slots.assign(size_t(layers) * size_t(rows) * size_t(kv_heads), -1);
   jobs.resize(size_t(layers));
   for (auto& j : jobs) j.clear();
-  page_ids.clear();
   selects = false;
+  written.clear();
+  n_written = 0;
+  // The regions of owners the last step did not plan go back; the table is laid out anew when it is mostly
+  // holes (every region is then written whole once).
+  for (size_t i = 0; i < regions_.size();) {
+    if (regions_[i].seen) {
+      regions_[i++].seen = false;
+      continue;
+    }
+    give_back(regions_[i].off, regions_[i].size);
+    regions_[i] = regions_.back();
+    regions_.pop_back();
+  }
+  if (int64_t(page_ids.size()) > 2 * live_ + (int64_t(1) << 16)) {
+    regions_.clear();
+    free_.clear();
+    page_ids.clear();
+    live_ = 0;
+  }
+}
+
+void KVStep::give_back(int64_t off, int64_t size) {
+  live_ -= size;
+  auto at = std::lower_bound(free_.begin(), free_.end(), std::pair<int64_t, int64_t>{off, 0});
+  at = free_.insert(at, {off, size});
+  if (at + 1 != free_.end() && at->first + at->second == (at + 1)->first) {  // merge with the next range
+    at->second += (at + 1)->second;
+    free_.erase(at + 1);
+  }
+  if (at != free_.begin() && (at - 1)->first + (at - 1)->second == at->first) {  // ... and the previous one
+    (at - 1)->second += at->second;
+    at = free_.erase(at) - 1;
+  }
+  if (at->first + at->second == int64_t(page_ids.size())) {  // the table's end: it shrinks
+    page_ids.resize(size_t(at->first));
+    free_.erase(at);
+  }
+}
+
+int64_t KVStep::region(uint64_t owner, int64_t size, bool& kept) {
+  kept = false;
+  for (size_t i = 0; i < regions_.size(); ++i) {
+    if (regions_[i].owner != owner) continue;
+    if (regions_[i].size == size) {
+      regions_[i].seen = true;
+      kept = true;
+      return regions_[i].off;
+    }
+    give_back(regions_[i].off, regions_[i].size);
+    regions_[i] = regions_.back();
+    regions_.pop_back();
+    break;
+  }
+  int64_t off = -1;
+  for (auto it = free_.begin(); it != free_.end(); ++it)
+    if (it->second >= size) {
+      off = it->first;
+      it->first += size;
+      it->second -= size;
+      if (it->second == 0) free_.erase(it);
+      break;
+    }
+  if (off < 0) {
+    off = int64_t(page_ids.size());
+    page_ids.resize(size_t(off + size), -1);
+  }
+  regions_.push_back(Region{owner, off, size, true});
+  live_ += size;
+  return off;
+}
+
+void KVStep::write(int64_t at, const int32_t* ids, int64_t n) {
+  if (n <= 0) return;
+  std::copy_n(ids, size_t(n), page_ids.begin() + ptrdiff_t(at));
+  if (!written.empty() && written.back().second == at) written.back().second += n;
+  else written.emplace_back(at, at + n);
+  n_written += n;
 }
 
 KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<PolicySpec>& specs, int64_t max_device_pages)
-    : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool), max_device_(max_device_pages) {
+    : n_layer_(cfg.n_layer), n_kv_(cfg.n_head_kv), head_dim_(cfg.head_dim), pool_(pool), max_device_(max_device_pages),
+      serial_(g_serial++) {
   if (specs.size() != size_t(n_layer_) * n_kv_)
     fail("KV cache: {} policy specs for {} heads", specs.size(), size_t(n_layer_) * n_kv_);
   if (pool.head_dim() != head_dim_) fail("KV cache: pool head_dim {} != model {}", pool.head_dim(), head_dim_);
@@ -59,6 +143,7 @@ KVCache::KVCache(const ModelConfig& cfg, PagePool& pool, const std::vector<Polic
     policies_.push_back(make_policy(s));
   }
   first_job_.assign(size_t(n_layer_), 0);
+  selected_range_.assign(specs.size(), {0, 0});
   // The metadata this sequence's policies keep (the pool's layout may keep more, for other sequences).
   KVLayout own = pool.layout();
   set_policy_metadata(own, specs);
@@ -103,7 +188,7 @@ void KVCache::truncate(int32_t n_pos) {
       if (i < h.selected.size()) selected.push_back(h.selected[i]);
       tokens += held;
     }
-    h.pages = std::move(pages);
+    h.pages.assign(std::move(pages));
     h.selected = std::move(selected);
     h.tokens = tokens;
   }
@@ -112,6 +197,7 @@ void KVCache::truncate(int32_t n_pos) {
 }
 
 int64_t KVCache::device_pages_held() const {
+  if (pool_.host_pages() == 0) return pages_held();  // nothing is in the host tier (a count per head, not per page)
   int64_t n = 0;
   for (const HeadCache& h : heads_)
     for (int32_t id : h.pages) n += !pool_.on_host(id);
@@ -138,8 +224,15 @@ std::string KVCache::over_budget(int n_rows) const {
 
 std::vector<int64_t> KVCache::device_pages_by_part() const {
   std::vector<int64_t> n(size_t(pool_.n_parts()), 0);
-  for (size_t i = 0; i < heads_.size(); ++i)
-    for (int32_t id : heads_[i].pages) n[size_t(pool_.head_part(i))] += !pool_.on_host(id);
+  const bool all_device = pool_.host_pages() == 0;
+  for (size_t i = 0; i < heads_.size(); ++i) {
+    int64_t& c = n[size_t(pool_.head_part(i))];
+    if (all_device) {
+      c += int64_t(heads_[i].pages.size());
+      continue;
+    }
+    for (int32_t id : heads_[i].pages) c += !pool_.on_host(id);
+  }
   return n;
 }
 
@@ -178,7 +271,7 @@ bool KVCache::park() {
       if (!pool_.on_host(h.pages[j])) {
         const int32_t nid = pool_.offload(h.pages[j]);
         if (nid < 0) fail("KV cache: the host tier ran out while parking a sequence");  // counted above
-        h.pages[j] = nid;
+        h.pages.set(j, nid);
         parked_at_[i][j] = 1;
       }
   }
@@ -200,7 +293,7 @@ bool KVCache::unpark() {
       if (parked_at_[i][j]) {
         const int32_t nid = pool_.fetch(h.pages[j]);
         if (nid < 0) fail("KV cache: the device tier ran out while resuming a sequence");  // counted above
-        h.pages[j] = nid;
+        h.pages.set(j, nid);
       }
   }
   parked_ = false;
@@ -280,7 +373,7 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
     for (int h = 0; h < n_kv_; ++h) {
       HeadCache& hc = heads_[size_t(l) * n_kv_ + h];
       if (!hc.pages.empty() && pool_.on_host(hc.pages.back()) && pool_.used(hc.pages.back()) < ps)
-        hc.pages.back() = pool_.fetch(hc.pages.back());  // counted above
+        hc.pages.set_back(pool_.fetch(hc.pages.back()));  // counted above
       for (int r = 0; r < s.n_rows; ++r) {
         if (hc.pages.empty() || pool_.used(hc.pages.back()) == ps)
           hc.pages.push_back(pool_.alloc(pool_.head_part(size_t(l) * n_kv_ + h)));
@@ -291,22 +384,58 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
   }
   appended_ += s.n_rows;
 
-  // 3. Pages the last step chose come back if there is room; then every head's job.
+  // 3. Pages the last step chose come back if there is room.
   for (size_t i = 0; i < n_heads; ++i) policies_[i]->prefetch(heads_[i], pool_, s);
+
+  // 4. The page lists, into this sequence's region of the step's page table: a segment per head, with room
+  // to grow by an eighth. Where the region stands from the last step only what changed is written.
+  bool relay = seg_cap_.size() != n_heads;
+  for (size_t i = 0; i < n_heads && !relay; ++i) relay = heads_[i].pages.size() > size_t(seg_cap_[i]);
+  if (relay) {
+    seg_cap_.resize(n_heads);
+    region_size_ = 0;
+    for (size_t i = 0; i < n_heads; ++i) {
+      const size_t n = heads_[i].pages.size();
+      seg_cap_[i] = int32_t((n + n / 8 + 4 + 3) / 4 * 4);
+      region_size_ += seg_cap_[i];
+    }
+  }
+  bool kept = false;
+  const int64_t off = step.region(serial_, region_size_, kept);
+  kept = kept && !relay && table_serial_ == step.serial() && off == region_off_;
+  table_serial_ = step.serial();
+  region_off_ = off;
+
+  // 5. Every head's job.
+  int64_t seg = off;
   for (int l = 0; l < n_layer_; ++l) {
     std::vector<AttnJob>& jobs = step.jobs[size_t(l)];
     first_job_[size_t(l)] = jobs.size();
     for (int h = 0; h < n_kv_; ++h) {
       const size_t i = size_t(l) * n_kv_ + h;
+      PageList& pages = heads_[i].pages;
+      const int64_t n = int64_t(pages.size());
+      if (kept) {  // what select_pages moved last step, then what changed since the table took the list
+        const auto [lo, hi] = selected_range_[i];
+        const int64_t from = int64_t(pages.synced()), to = std::min<int64_t>(hi, from);
+        if (lo < to) step.write(seg + lo, pages.data() + lo, to - lo);
+        step.write(seg + from, pages.data() + from, n - from);
+      } else {
+        step.write(seg, pages.data(), n);
+      }
+      pages.mark_synced();
       AttnJob j;
       j.row0 = row0;
       j.n_rows = s.n_rows;
       j.kv_head = h;
-      j.page0 = int32_t(step.page_ids.size());
-      policies_[i]->plan(heads_[i], pool_, s, j, step.page_ids);
-      j.n_pages = int32_t(step.page_ids.size()) - j.page0;
+      j.page0 = int32_t(seg);
+      j.n_pages = int32_t(pages.size());
+      policies_[i]->plan(heads_[i], pool_, s, j);
+      // select_pages rewrites the entries from the candidates' first to the list's new end in place.
+      selected_range_[i] = j.select_k > 0 ? std::pair{j.cand0, j.n_pages - (j.n_cand - j.select_k)} : std::pair{0, 0};
       step.selects |= j.select_k > 0;
       jobs.push_back(j);
+      seg += seg_cap_[i];
     }
   }
   note_peaks();

@@ -42,14 +42,45 @@ int64_t pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int pa
 int64_t host_pages_needed(const std::vector<PolicySpec>& specs, int64_t n_ctx, int page_size);
 
 // The step's tables, built on the host by every sequence's cache and uploaded once per step.
+//
+// The page table persists from step to step (the device copy is updated in place): a sequence planned in
+// consecutive steps keeps its region of it, one segment per (layer, KV head) with room to grow, and a step
+// writes there only what changed since (in steady state the id of each page just begun: most decode steps
+// write nothing). Every entry written is recorded in `written`, so that the runner uploads those alone. A
+// region not planned in a step is given back at the next begin(); a new region takes the first free range
+// that fits or the table's end, and the table is laid out anew when it is mostly holes.
 struct KVStep {
   int n_layer = 0, n_kv = 0, n_rows = 0;
   std::vector<int32_t> slots;              // [layer][row][kv_head]: global slot of the row's K/V (-1: none)
   std::vector<std::vector<AttnJob>> jobs;  // [layer][job]
-  std::vector<int32_t> page_ids;           // the jobs' page lists (AttnJob::page0, n_pages)
+  std::vector<int32_t> page_ids;           // the page table: the jobs' page lists (AttnJob::page0, n_pages)
   bool selects = false;                    // some job selects pages on the backend (read back after the step)
+  std::vector<std::pair<int64_t, int64_t>> written;  // [lo, hi) of page_ids written this step, in order
+  int64_t n_written = 0;                   // entries in `written`
+
+  KVStep();
   void begin(int layers, int kv_heads, int rows);
   int32_t* layer_slots(int layer) { return slots.data() + size_t(layer) * size_t(n_rows) * size_t(n_kv); }
+  // The offset of `owner`'s region of `size` entries for this step. kept: it is the region the owner had in
+  // the previous step, at the same place and size (what was written there stands).
+  int64_t region(uint64_t owner, int64_t size, bool& kept);
+  // page_ids[at, at + n) = ids, recorded in `written`.
+  void write(int64_t at, const int32_t* ids, int64_t n);
+  // Tells apart two tables (a cache planned into another step's table writes its region whole).
+  uint64_t serial() const { return serial_; }
+  int64_t live_entries() const { return live_; }  // in regions (the rest of page_ids is free)
+
+ private:
+  struct Region {
+    uint64_t owner;
+    int64_t off, size;
+    bool seen;
+  };
+  void give_back(int64_t off, int64_t size);
+  std::vector<Region> regions_;
+  std::vector<std::pair<int64_t, int64_t>> free_;  // free ranges [off, off + size) below page_ids.size(), sorted
+  int64_t live_ = 0;
+  uint64_t serial_;
 };
 
 class KVCache {
@@ -119,6 +150,14 @@ class KVCache {
   std::vector<HeadCache> heads_;
   std::vector<std::unique_ptr<Policy>> policies_;
   std::vector<size_t> first_job_;  // [layer]: this sequence's first job in the step's tables
+  // Its region of the step's page table (KVStep): the table it was last written to, where, and each head's
+  // segment capacity; and per head the entries [lo, hi) of its segment that select_pages may have rewritten
+  // in place (written again at the next step).
+  uint64_t serial_;
+  uint64_t table_serial_ = 0;
+  int64_t region_off_ = -1, region_size_ = 0;
+  std::vector<int32_t> seg_cap_;
+  std::vector<std::pair<int32_t, int32_t>> selected_range_;
   int64_t appended_ = 0;
   int64_t max_device_ = -1;
   int64_t meta_page_bytes_ = 0;

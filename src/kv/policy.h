@@ -7,7 +7,7 @@
 //   before_step  act on the last step: evict's excess tokens, topk's moves (unchosen pages to the host tier);
 //   (the cache appends this step's rows, checking first that the device tier has the pages)
 //   prefetch     topk: bring the pages the last step chose back to the device, if there is room;
-//   plan         the attention job: the page ids to read (in position order) and the rule;
+//   plan         the attention job's rule (it reads the head's pages, in position order);
 //   after_step   after the step ran, with the pages the job finally read: give back / offload.
 //
 // One file per policy (policy_full.cpp, policy_streaming.cpp, policy_topk.cpp, policy_evict.cpp), each with a
@@ -57,9 +57,46 @@ struct PolicySpec {
   PrefillMode prefill = PrefillMode::Window;  // streaming: see PrefillMode
 };
 
+// One head's page ids, in order of first position. Reading is a vector's; every change goes through the
+// methods below, which lower `synced()`: the first index that may differ from the copy the step's page table
+// holds (KVStep). The cache writes only the entries from there on at the next step (an append-only full head
+// writes one id per page it fills; most steps none), then calls mark_synced().
+class PageList {
+ public:
+  size_t size() const { return v_.size(); }
+  bool empty() const { return v_.empty(); }
+  int32_t operator[](size_t i) const { return v_[i]; }
+  int32_t back() const { return v_.back(); }
+  const int32_t* data() const { return v_.data(); }
+  std::vector<int32_t>::const_iterator begin() const { return v_.begin(); }
+  std::vector<int32_t>::const_iterator end() const { return v_.end(); }
+
+  void push_back(int32_t id) { v_.push_back(id); }
+  void set(size_t i, int32_t id) {
+    if (v_[i] == id) return;
+    v_[i] = id;
+    synced_ = std::min(synced_, i);
+  }
+  void set_back(int32_t id) { set(v_.size() - 1, id); }
+  void resize(size_t n) {
+    v_.resize(n);
+    synced_ = std::min(synced_, n);
+  }
+  void assign(std::vector<int32_t> ids) {
+    v_ = std::move(ids);
+    synced_ = 0;
+  }
+  size_t synced() const { return std::min(synced_, v_.size()); }
+  void mark_synced() { synced_ = v_.size(); }
+
+ private:
+  std::vector<int32_t> v_;
+  size_t synced_ = 0;
+};
+
 // The cache of one (sequence, layer, KV head): its pages in order of first position.
 struct HeadCache {
-  std::vector<int32_t> pages;
+  PageList pages;
   std::vector<uint8_t> selected;  // topk: which pages the last decode step read (parallel to pages)
   int64_t tokens = 0;             // tokens currently held
 };
@@ -84,10 +121,10 @@ class Policy {
   virtual bool needs_scores(const HeadCache& h) const { return false; }
   virtual void before_step(HeadCache& h, PagePool& pool, const StepInfo& s) {}
   virtual void prefetch(HeadCache& h, PagePool& pool, const StepInfo& s) {}
-  // Fills the job's rule and selection fields (rows, head and page range are the cache's) and appends the
-  // page ids to read.
-  virtual void plan(const HeadCache& h, const PagePool& pool, const StepInfo& s, AttnJob& job,
-                    std::vector<int32_t>& pages) const = 0;
+  // Fills the job's rule and selection fields. Rows, head and pages are the cache's: a job reads the head's
+  // whole page list (h.pages, in the step's page table), which the rule (sinks + window) or the selection
+  // (select_k of the candidates) narrows.
+  virtual void plan(const HeadCache& h, const PagePool& pool, const StepInfo& s, AttnJob& job) const = 0;
   // `read` is the job's final page list (after select_pages).
   virtual void after_step(HeadCache& h, PagePool& pool, const StepInfo& s, std::span<const int32_t> read) {}
   // Most tokens this head holds on the device in steady state for a context of n_ctx (budget planning).
@@ -143,8 +180,8 @@ void filter_pages(HeadCache& h, Keep&& keep, Drop&& drop) {
   size_t w = 0;
   for (size_t i = 0; i < h.pages.size(); ++i) {
     const int32_t id = h.pages[i];
-    if (keep(id)) h.pages[w++] = id;
-    else if (int32_t stay = drop(id); stay >= 0) h.pages[w++] = stay;
+    if (keep(id)) h.pages.set(w++, id);
+    else if (int32_t stay = drop(id); stay >= 0) h.pages.set(w++, stay);
   }
   h.pages.resize(w);
 }

@@ -39,9 +39,7 @@ class EvictPolicy final : public Policy {
     compact_pages(h, pool);
   }
 
-  void plan(const HeadCache& h, const PagePool&, const StepInfo&, AttnJob& job,
-            std::vector<int32_t>& pages) const override {
-    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
+  void plan(const HeadCache&, const PagePool&, const StepInfo&, AttnJob& job) const override {
     job.score = 1;
   }
 

@@ -10,9 +10,7 @@ namespace {
 class FullPolicy final : public Policy {
  public:
   using Policy::Policy;
-  void plan(const HeadCache& h, const PagePool&, const StepInfo&, AttnJob&, std::vector<int32_t>& pages) const override {
-    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
-  }
+  void plan(const HeadCache&, const PagePool&, const StepInfo&, AttnJob&) const override {}
   int64_t max_tokens(int64_t n_ctx, int) const override { return n_ctx; }
 };
 }  // namespace

@@ -18,9 +18,7 @@ class StreamingPolicy final : public Policy {
  public:
   using Policy::Policy;
 
-  void plan(const HeadCache& h, const PagePool&, const StepInfo& s, AttnJob& job,
-            std::vector<int32_t>& pages) const override {
-    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
+  void plan(const HeadCache&, const PagePool&, const StepInfo& s, AttnJob& job) const override {
     const bool whole_prompt = spec_.prefill != PrefillMode::Window && s.prefill;
     job.sinks = whole_prompt ? 0 : spec_.sinks;
     job.window = whole_prompt ? 0 : spec_.window;

@@ -25,19 +25,17 @@ class TopKPolicy final : public Policy {
   void before_step(HeadCache& h, PagePool& pool, const StepInfo&) override {
     if (!spec_.offload || h.selected.size() != h.pages.size()) return;
     for (size_t i = 0; i < h.pages.size(); ++i)
-      if (!h.selected[i]) h.pages[i] = pool.offload(h.pages[i]);
+      if (!h.selected[i]) h.pages.set(i, pool.offload(h.pages[i]));
   }
 
   void prefetch(HeadCache& h, PagePool& pool, const StepInfo& s) override {
     if (!spec_.offload || s.prefill || h.selected.size() != h.pages.size()) return;
     for (size_t i = 0; i < h.pages.size(); ++i)
       if (h.selected[i] && pool.on_host(h.pages[i]))
-        if (int32_t id = pool.fetch(h.pages[i]); id >= 0) h.pages[i] = id;
+        if (int32_t id = pool.fetch(h.pages[i]); id >= 0) h.pages.set(i, id);
   }
 
-  void plan(const HeadCache& h, const PagePool&, const StepInfo& s, AttnJob& job,
-            std::vector<int32_t>& pages) const override {
-    pages.insert(pages.end(), h.pages.begin(), h.pages.end());
+  void plan(const HeadCache& h, const PagePool&, const StepInfo& s, AttnJob& job) const override {
     const size_t n = h.pages.size();
     if (s.prefill || n <= size_t(1 + spec_.recent_pages + spec_.topk_pages)) return;  // everything
     job.cand0 = 1;
@@ -55,7 +53,7 @@ class TopKPolicy final : public Policy {
     if (!spec_.offload || !s.prefill) return;
     // Park all but the sink page and the recent pages (the tail page is among them) until decoding chooses.
     const size_t n = h.pages.size();
-    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i) h.pages[i] = pool.offload(h.pages[i]);
+    for (size_t i = 1; i + size_t(spec_.recent_pages) < n; ++i) h.pages.set(i, pool.offload(h.pages[i]));
     h.selected.clear();
   }
 

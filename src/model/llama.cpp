@@ -87,7 +87,11 @@ struct Runner::Rank {
   KVStore* store = nullptr;
   std::vector<AttnJob> jobs_host;
   std::vector<std::pair<int, size_t>> job_src;  // [job]: (layer, index in the step's jobs of the layer)
-  std::vector<int32_t> page_ids_host, slots_host, tokens_host;
+  std::vector<int32_t> page_ids_host, slots_host, tokens_host;  // (page_ids_host: several ranks, in local ids)
+  // Its device page table holds the step table's contents (KVStep) as of the last upload; a step planned but
+  // not uploaded (it failed in between) leaves it stale: the next upload is whole.
+  bool table_current = false, upload_pending = false;
+  std::vector<int32_t> table_pairs;  // (index, id) pairs of the entries a step wrote, for scatter_i32
   std::vector<size_t> layer_job0, slot0;
   std::vector<int32_t> layer_max_rows, layer_decode_jobs, layer_max_pages;
   std::vector<float> logits_host, q_host, att_host;
@@ -298,6 +302,10 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
                                       need, pool.device_free(), pool.device_capacity()));
 
   // The step's tables, on the host (one plan for all ranks; each rank takes its part in rank_step).
+  for (auto& rk : ranks_) {
+    if (rk->upload_pending) rk->table_current = false;
+    rk->upload_pending = true;
+  }
   step_.begin(c.n_layer, c.n_head_kv, n);
   for (int i = 0, row0 = 0; i < int(seqs.size()); row0 += infos_[size_t(i)].n_rows, ++i)
     seqs[size_t(i)].kv->plan_step(step_, row0, infos_[size_t(i)]);
@@ -355,10 +363,9 @@ std::span<const float> Runner::step(std::span<const SeqRows> seqs, AttentionObse
         const auto [l, gi] = rk->job_src[j];
         AttnJob& g = step_.jobs[size_t(l)][gi];
         AttnJob t = rk->jobs_host[j];
-        for (int32_t i = 0; i < t.n_pages && !whole; ++i)
+        for (int32_t i = 0; i < t.n_pages && !whole && t.select_k > 0; ++i)  // (the rank's table: the same layout)
           step_.page_ids[size_t(g.page0 + i)] = pool.global_id(rk->rank, rk->page_ids_host[size_t(t.page0 + i)]);
         t.kv_head = g.kv_head;
-        t.page0 = g.page0;
         g = t;
       }
     }
@@ -373,13 +380,12 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
   const PagePool& pool = seqs[0].kv->pool();
   Backend& be = *rk.be;
   rk.store = &seqs[0].kv->pool().store(rk.rank);
-  // This rank's part of the tables: its heads' slots and jobs, their pages in its store's ids. A single rank
-  // holds every head in model order in the pool's own ids, so it uploads the step's slots and page ids as they
-  // are (no per-page translation on the hot path: a 128k-token decode step has a million page ids).
+  // This rank's part of the tables: its heads' slots and jobs. Its page table has the step table's layout
+  // (the jobs' page0 as they are); a single rank holds it in the pool's own ids, several ranks each in their
+  // store's ids (an entry of another rank's head is not read).
   const bool whole = world() == 1;
   rk.jobs_host.clear();
   rk.job_src.clear();
-  rk.page_ids_host.clear();
   rk.slots_host.clear();
   rk.layer_job0.assign(size_t(c.n_layer) + 1, 0);
   rk.slot0.assign(size_t(c.n_layer), 0);
@@ -403,11 +409,6 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
       if (local < 0) continue;
       AttnJob j = jobs[gi];
       j.kv_head = local;
-      if (!whole) {
-        j.page0 = int32_t(rk.page_ids_host.size());
-        for (int32_t i = 0; i < j.n_pages; ++i)
-          rk.page_ids_host.push_back(pool.local_id(step_.page_ids[size_t(jobs[gi].page0 + i)]));
-      }
       rk.layer_max_rows[size_t(l)] = std::max(rk.layer_max_rows[size_t(l)], j.n_rows);
       rk.layer_decode_jobs[size_t(l)] += j.n_rows < 4 ? 1 : 0;
       rk.layer_max_pages[size_t(l)] = std::max(rk.layer_max_pages[size_t(l)], j.n_pages);
@@ -426,14 +427,12 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
     rk.tokens_host[size_t(i)] = world() == 1 ? t : t >= rk.v0 && t < rk.v1 ? int32_t(t - rk.v0) : int32_t(rk.v1 - rk.v0);
   }
   const std::vector<int32_t>& slot_table = whole ? step_.slots : rk.slots_host;
-  const std::vector<int32_t>& page_table = whole ? step_.page_ids : rk.page_ids_host;
   rk.jobs_dev.reserve(be, std::max<size_t>(1, rk.jobs_host.size()));
-  rk.page_ids_dev.reserve(be, std::max<size_t>(1, page_table.size()));
   rk.tokens_dev.upload(rk.tokens_host.data(), size_t(n));
   rk.pos_dev.upload(pos_.data(), size_t(n));
   rk.slots_dev.upload(slot_table.data(), slot_table.size());
   rk.jobs_dev.upload(rk.jobs_host.data(), rk.jobs_host.size());
-  rk.page_ids_dev.upload(page_table.data(), page_table.size());
+  upload_page_table(rk, pool);
   const size_t Vr = size_t(rk.v1 - rk.v0);
   if (n_logits > 0) rk.logits_dev.reserve(be, size_t(n_logits) * Vr);
 
@@ -474,6 +473,46 @@ void Runner::rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_log
   }
   if (n_logits > 0) be.download(logits, rk.logits_dev.get(), size_t(n_logits) * Vr * sizeof(float));
   else be.synchronize();
+}
+
+// The page table goes up in place: the entries the step wrote, as (index, id) pairs that scatter_i32 puts in
+// place (in steady state a decode step writes none, or one per head whose page just filled), or the whole
+// table where the device copy is new, has grown (its contents lost), is stale, or most of it was written.
+void Runner::upload_page_table(Rank& rk, const PagePool& pool) {
+  Backend& be = *rk.be;
+  const std::vector<int32_t>& table = step_.page_ids;
+  const bool whole = world() == 1;
+  if (rk.page_ids_dev.size() < std::max<size_t>(1, table.size())) {
+    rk.page_ids_dev.reserve(be, std::max<size_t>(1, table.size()));
+    rk.table_current = false;
+  }
+  // An id as the rank's store knows it (another part's id is an entry the rank does not read: any value).
+  auto local = [&](int32_t id) { return whole || id < 0 ? id : pool.local_id(id); };
+  const bool all = !rk.table_current || step_.n_written * 4 > int64_t(table.size());
+  if (all) {
+    if (whole) {
+      rk.page_ids_dev.upload(table.data(), table.size());
+    } else {
+      rk.page_ids_host.resize(table.size());
+      for (size_t i = 0; i < table.size(); ++i) rk.page_ids_host[i] = local(table[i]);
+      rk.page_ids_dev.upload(rk.page_ids_host.data(), table.size());
+    }
+  } else if (step_.n_written > 0) {
+    rk.table_pairs.clear();
+    if (!whole) rk.page_ids_host.resize(table.size());
+    for (const auto& [lo, hi] : step_.written)
+      for (int64_t i = lo; i < hi; ++i) {
+        const int32_t id = table[size_t(i)];
+        if (!whole && id >= 0 && pool.part_of(id) != rk.rank) continue;  // another rank's head
+        const int32_t v = local(id);
+        if (!whole) rk.page_ids_host[size_t(i)] = v;
+        rk.table_pairs.push_back(int32_t(i));
+        rk.table_pairs.push_back(v);
+      }
+    be.scatter_i32(rk.page_ids_dev.get(), rk.page_ids_dev.size(), rk.table_pairs);
+  }
+  rk.table_current = true;
+  rk.upload_pending = false;
 }
 
 // What a recorded step depends on besides memory contents: its shape and every table's address.

@@ -126,6 +126,7 @@ class Runner {
   void rank_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs, float* logits);
   // The device part of a step (embedding to logits matmul), once the rank's tables are uploaded.
   void device_step(Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits, AttentionObserver* obs);
+  void upload_page_table(Rank& rk, const PagePool& pool);
   std::vector<int64_t> graph_key(const Rank& rk, std::span<const SeqRows> seqs, int n, int n_logits) const;
 
   const Model& m_;

@@ -101,6 +101,13 @@ class CpuBackend final : public Backend {
     if (bytes) std::memcpy(dst, src, bytes);
   }
   void synchronize() override {}
+  void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) override {
+    if (pairs.size() % 2) fail("cpu backend: scatter_i32: {} values are not (index, value) pairs", pairs.size());
+    for (size_t i = 0; i < pairs.size(); i += 2)
+      if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
+        fail("cpu backend: scatter_i32: index {} outside the table of {}", pairs[i], dst_len);
+    for (size_t i = 0; i < pairs.size(); i += 2) dst[pairs[i]] = pairs[i + 1];
+  }
 
   // ---- KV ------------------------------------------------------------------------------------------------
   std::unique_ptr<KVStore> kv_create(const KVLayout& layout) override {
@@ -389,6 +396,18 @@ int64_t Backend::free_memory() const {
 }  // namespace headroom
 
 namespace headroom {
+
+void Backend::scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) {
+  if (pairs.size() % 2) fail("backend {}: scatter_i32: {} values are not (index, value) pairs", name(), pairs.size());
+  std::vector<int32_t> table(dst_len);
+  download(table.data(), dst, dst_len * sizeof(int32_t));
+  for (size_t i = 0; i < pairs.size(); i += 2) {
+    if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
+      fail("backend {}: scatter_i32: index {} outside the table of {}", name(), pairs[i], dst_len);
+    table[size_t(pairs[i])] = pairs[i + 1];
+  }
+  upload(dst, table.data(), dst_len * sizeof(int32_t));
+}
 
 void Backend::graph_begin() { fail("backend {}: no graphs", name()); }
 std::unique_ptr<StepGraph> Backend::graph_end() { fail("backend {}: no graphs", name()); }

@@ -636,6 +636,18 @@ class CudaBackend final : public Backend {
     return std::make_unique<CudaKVStore>(layout, stream_);
   }
 
+  void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) override {
+    bind();
+    if (pairs.size() % 2) fail("cuda backend: scatter_i32: {} values are not (index, value) pairs", pairs.size());
+    for (size_t i = 0; i < pairs.size(); i += 2)
+      if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
+        fail("cuda backend: scatter_i32: index {} outside the table of {}", pairs[i], dst_len);
+    if (pairs.empty()) return;
+    auto* d = static_cast<int32_t*>(pairs_.ensure(pairs.size_bytes(), "scatter_i32"));
+    check(cudaMemcpyAsync(d, pairs.data(), pairs.size_bytes(), cudaMemcpyHostToDevice, stream_), "scatter_i32");
+    after(cuda::launch_scatter_i32(dst, d, int64_t(pairs.size() / 2), stream_), "scatter_i32");
+  }
+
   void kv_reset(KVStore& kv, std::span<const int32_t> ids) override {
     bind();
     CudaKVStore& st = store(kv);
@@ -830,7 +842,7 @@ class CudaBackend final : public Backend {
   std::map<uintptr_t, size_t> allocs_;
   std::unordered_map<const void*, Weight> weights_;
   std::vector<void*> owned_;
-  DevBuf xq_, xh_, wtile_, ids_, copies_, partial_, ml_, pf_part_;
+  DevBuf xq_, xh_, wtile_, ids_, pairs_, copies_, partial_, ml_, pf_part_;
 };
 
 }  // namespace

@@ -508,6 +508,17 @@ cudaError_t launch_add_bias(float* x, const float* b, int64_t n, int64_t dim, cu
   return cudaGetLastError();
 }
 
+__global__ void scatter_i32_kernel(int32_t* dst, const int32_t* pairs, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[pairs[2 * i]] = pairs[2 * i + 1];
+}
+
+cudaError_t launch_scatter_i32(int32_t* dst, const int32_t* pairs, int64_t n, cudaStream_t s) {
+  if (n <= 0) return cudaSuccess;
+  scatter_i32_kernel<<<elem_grid(n), 256, 0, s>>>(dst, pairs, n);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_kv_reset(const KVDev& kv, const int32_t* ids, int n, cudaStream_t s) {
   if (n <= 0) return cudaSuccess;
   kv_reset_kernel<<<unsigned(n), 128, 0, s>>>(kv, ids);

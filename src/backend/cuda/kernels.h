@@ -61,6 +61,8 @@ cudaError_t launch_add_rmsnorm(float* x, const float* y, const float* w, int64_t
 cudaError_t launch_swiglu(const float* g, const float* u, int64_t count, float* out, cudaStream_t s);
 cudaError_t launch_add(float* x, const float* y, int64_t count, cudaStream_t s);
 cudaError_t launch_add_bias(float* x, const float* b, int64_t n, int64_t dim, cudaStream_t s);
+// dst[pairs[2i]] = pairs[2i + 1] for n (index, value) pairs (the step's page table, updated in place).
+cudaError_t launch_scatter_i32(int32_t* dst, const int32_t* pairs, int64_t n, cudaStream_t s);
 
 // ---- KV (kernels.cu) ----------------------------------------------------------------------------------
 cudaError_t launch_kv_reset(const KVDev& kv, const int32_t* ids, int n, cudaStream_t s);
