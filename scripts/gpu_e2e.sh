@@ -50,6 +50,8 @@ stamp() { echo "== $1 $(date +%T)"; }
     $B run -m ../shared/models/tinystories-656k-q8_0.gguf -n 32 --temp 0 --device cuda --parallel 4 --prompts /tmp/prompts.jsonl > "$out/par4.txt" 2>/dev/null
     $B run -m ../shared/models/tinystories-656k-q8_0.gguf -n 32 --temp 0 --device cuda --parallel 1 --prompts /tmp/prompts.jsonl > "$out/par1.txt" 2>/dev/null
     cmp -s "$out/par1.txt" "$out/par4.txt" && echo "parallel 4 == parallel 1 (CUDA)" || echo "parallel 4 DIFFERS from parallel 1 (CUDA)"
+    # the host's part of a step on this machine's CPU (planning, sampling), if Google Benchmark was built
+    [ -x build-cuda/bench/bench_host ] && build-cuda/bench/bench_host 2>&1 | grep -E "^BM_" | awk '{print $1, $2, $3, $6, $7}'
   fi
   # NCCL: the copy PyTorch installs (pip's nvidia-nccl), else any libnccl.so.2 on the machine.
   NL=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)

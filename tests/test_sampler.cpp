@@ -1,7 +1,9 @@
 // The sampler: greedy, top-k, top-p, min-p, temperature, penalties, seeding and parameter validation.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -204,4 +206,79 @@ TEST(Sampler, ParametersOutOfRangeAreRefusedNamingTheFlag) {
   p.penalty_last_n = -3;
   refused(p, "--repeat-last-n");
   EXPECT_NO_THROW(SamplerParams{}.validate());
+}
+
+namespace {
+// The cuts as the definition reads (and as the sampler ran before it sorted only what the cuts keep): every
+// candidate sorted (logit descending, then id), top-k, then top-p and min-p at temperature 1 over what top-k kept.
+std::vector<int32_t> kept_by_definition(const SamplerParams& p, const std::vector<float>& l) {
+  std::vector<std::pair<float, int32_t>> c;
+  for (size_t i = 0; i < l.size(); ++i) c.emplace_back(l[i], int32_t(i));
+  std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  if (p.top_k > 0 && size_t(p.top_k) < c.size()) c.resize(size_t(p.top_k));
+  const float mx = c[0].first;
+  double sum = 0;
+  for (const auto& x : c) sum += std::exp(x.first - mx);
+  if (p.top_p < 1.0f) {
+    double acc = 0;
+    for (size_t i = 0; i < c.size(); ++i) {
+      acc += std::exp(c[i].first - mx) / sum;
+      if (acc >= p.top_p) {
+        c.resize(i + 1);
+        break;
+      }
+    }
+  }
+  if (p.min_p > 0.0f) {
+    size_t keep = 1;
+    while (keep < c.size() && std::exp(c[keep].first - mx) >= p.min_p) ++keep;
+    c.resize(keep);
+  }
+  std::vector<int32_t> ids;
+  for (const auto& x : c) ids.push_back(x.second);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+}  // namespace
+
+TEST(Sampler, KeepsWhatTheCutsDefineOnALargeVocabulary) {
+  // A 128k vocabulary, peaked and flat logits, ties, every combination of the cuts: the sampler sorts only
+  // the prefix the cuts keep (top-k's candidates above a floor, top-p's prefix grown until its mass is
+  // reached, min-p's survivors), and keeps exactly what the definition keeps.
+  std::mt19937 rng(5);
+  int cases = 0;
+  for (float spread : {0.5f, 3.0f, 12.0f}) {
+    std::normal_distribution<float> nd(0.0f, spread);
+    std::vector<float> l(128256);
+    for (auto& x : l) x = nd(rng);
+    for (size_t i = 0; i < 300; ++i) l[(i * 7919) % l.size()] = l[0];  // ties with the first logit
+    for (int top_k : {0, 1, 40, 1000, 200000})
+      for (float top_p : {1.0f, 0.95f, 0.5f})
+        for (float min_p : {0.0f, 0.05f, 0.5f}) {
+          SamplerParams p = plain();
+          p.top_k = top_k;
+          p.top_p = top_p;
+          p.min_p = min_p;
+          Sampler s(p);
+          const std::vector<int32_t> want = kept_by_definition(p, l);
+          ASSERT_EQ(s.kept(l), want) << "spread " << spread << " top_k " << top_k << " top_p " << top_p << " min_p " << min_p;
+          ++cases;
+        }
+  }
+  EXPECT_EQ(cases, 135);
+  {  // exactly k logits at the floor (one per block): all of them, and nothing else, are the top k
+    std::vector<float> l(128256, -1.0f);
+    for (size_t b = 0; b < 40; ++b) l[b * (l.size() / 40) + 7] = 1.0f;
+    SamplerParams p = plain();
+    p.top_k = 40;
+    Sampler s(p);
+    EXPECT_EQ(s.kept(l), kept_by_definition(p, l));
+    EXPECT_EQ(s.kept(l).size(), 40u);
+  }
+  EXPECT_EQ(Sampler::argmax(std::vector<float>{1, 3, 3, -INFINITY}), 1) << "the first of equal maxima";
+  std::vector<float> big(1000, 0.0f);
+  big[517] = big[900] = 2.0f;
+  EXPECT_EQ(Sampler::argmax(big), 517);
+  big[3] = NAN;
+  EXPECT_EQ(Sampler::argmax(big), 517) << "a NaN never wins";
 }

@@ -37,10 +37,14 @@ class Sampler {
   // `history`: the tokens so far (prompt and generated) for penalties.
   int32_t sample(std::span<const float> logits, std::span<const int32_t> history);
   static int32_t argmax(std::span<const float> logits);
+  // The ids that top-k, top-p and min-p keep for these logits (penalties are sample()'s), ascending.
+  std::vector<int32_t> kept(std::span<const float> logits);
   // log softmax(logits)[id], in double precision.
   static double log_prob(std::span<const float> logits, int32_t id);
 
  private:
+  void keep_candidates(std::span<const float> logits);  // the candidates the cuts keep, into cand_
+  int32_t draw();                                       // one of cand_, at the temperature
   SamplerParams p_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;

@@ -1,17 +1,21 @@
-// Host cost of planning one decode step (Google Benchmark): every sequence's KVCache::plan_step, the pool's
-// flush and every finish_step, for the KV geometry of Llama-3-8B (32 layers x 8 KV heads of 128, F16, pages of
-// 32 tokens) under `full`, at a depth and a number of sequences. The GPU waits for this between steps.
+// The host's work between two decode steps (Google Benchmark), which a GPU waits for:
 //
-//   bench_plan --benchmark_filter='BM_PlanDecodeStep/131072/1'
+// BM_PlanDecodeStep: planning one decode step, every sequence's KVCache::plan_step, the pool's flush and every
+// finish_step, for the KV geometry of Llama-3-8B (32 layers x 8 KV heads of 128, F16, pages of 32 tokens) under
+// `full`, at a depth and a number of sequences. Counters: table_written = page-table entries written (and
+// uploaded) per step, table = entries in the table. The KV store is allocated but never touched.
+// BM_Sample: one token from a row of 128256 logits (Llama 3's vocabulary), per sampler setting.
 //
-// Counters: table_written = page-table entries written (and uploaded) per step, table = entries in the table.
-// The KV store is allocated but never touched (the CPU backend's pages are not written by planning).
+//   bench_host --benchmark_filter=BM_PlanDecodeStep/131072/1
 #include <benchmark/benchmark.h>
 
 #include <memory>
 #include <vector>
 
+#include <random>
+
 #include "backend/backend.h"
+#include "engine/sampler.h"
 #include "kv/kv_cache.h"
 #include "kv/page_pool.h"
 
@@ -76,6 +80,30 @@ void BM_PlanDecodeStep(benchmark::State& st) {
 }
 BENCHMARK(BM_PlanDecodeStep)->Args({0, 1})->Args({8192, 1})->Args({131072, 1})->Args({8192, 32})
     ->Unit(benchmark::kMicrosecond)->Iterations(512);
+
+// args: temp x 100, top_k, top_p x 100, min_p x 100
+void BM_Sample(benchmark::State& st) {
+  SamplerParams p;
+  p.temp = float(st.range(0)) / 100;
+  p.top_k = int(st.range(1));
+  p.top_p = float(st.range(2)) / 100;
+  p.min_p = float(st.range(3)) / 100;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> l(128256);
+  for (auto& x : l) x = nd(rng);
+  Sampler s(p);
+  int64_t sum = 0;
+  for (auto _ : st) sum += s.sample(l, {});
+  benchmark::DoNotOptimize(sum);
+}
+BENCHMARK(BM_Sample)->ArgNames({"temp", "k", "p", "minp"})
+    ->Args({0, 40, 95, 5})     // greedy
+    ->Args({80, 40, 95, 5})    // llama.cpp's defaults
+    ->Args({100, 0, 100, 0})   // temperature alone (an OpenAI client's default)
+    ->Args({100, 0, 100, 5})   // min-p alone
+    ->Args({100, 0, 90, 0})    // top-p alone (these logits are flat: ~60k candidates reach 0.9)
+    ->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 
