@@ -101,6 +101,8 @@ json metrics_pages(int port) {
     out[(*it)[1].str() + "/" + (*it)[2].str()] = std::stoll((*it)[3]);
   std::smatch m;
   if (std::regex_search(res->body, m, std::regex(R"(headroom_sequences_running (\d+))"))) out["running"] = std::stoll(m[1]);
+  if (std::regex_search(res->body, m, std::regex(R"re(headroom_kv_pages_free\{tier="device"\} (\d+))re")))
+    out["device_free"] = std::stoll(m[1]);
   return out;
 }
 
@@ -256,9 +258,19 @@ TEST(Server, ConcurrentStreamsWithDisconnects) {
   };
   std::vector<StreamResult> got(kClients);
   std::vector<std::thread> th;
+  std::atomic<bool> done{false};
+  std::vector<json> samples;  // /metrics while the streams run
+  std::thread watch([&] {
+    while (!done) {
+      samples.push_back(metrics_pages(s.port()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
   for (int i = 0; i < kClients; ++i)
     th.emplace_back([&, i] { got[size_t(i)] = stream(s.port(), "/v1/completions", body(i), stop_after[size_t(i)]); });
   for (auto& t : th) t.join();
+  done = true;
+  watch.join();
   // Every page comes back (the aborted sequences' within a step or so).
   json m;
   for (int i = 0; i < 200; ++i) {
@@ -268,6 +280,18 @@ TEST(Server, ConcurrentStreamsWithDisconnects) {
   }
   EXPECT_EQ(pages_in_use(m), 0) << m.dump();
   EXPECT_EQ(m.value("running", -1), 0);
+  // While they ran, the pages in use and the free device pages always added up to the pool (the gauges are
+  // read in one engine step), and some were in use.
+  int64_t most = 0;
+  for (const json& x : samples) {
+    if (!x.contains("device_free")) continue;
+    int64_t device_used = 0;
+    for (auto& [k, v] : x.items())
+      if (k.rfind("device/", 0) == 0) device_used += v.get<int64_t>();
+    EXPECT_EQ(device_used + x["device_free"].get<int64_t>(), m.value("device_free", int64_t(-1))) << x.dump();
+    most = std::max(most, pages_in_use(x));
+  }
+  EXPECT_GT(most, 0) << samples.size() << " samples of /metrics while 32 streams ran";
   // Each survivor's greedy output is byte-identical to the same request alone.
   int survivors = 0;
   for (int i = 0; i < kClients; ++i) {

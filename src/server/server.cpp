@@ -310,24 +310,33 @@ struct Server::Impl {
 
   EngineGauges gauges() {
     EngineGauges g;
-    for (const char* tier : {"device", "host"})
-      for (PolicyKind k : {PolicyKind::Full, PolicyKind::Streaming, PolicyKind::TopK, PolicyKind::Evict})
-        g.pages_used[{tier, policy_name(k)}] = 0;
-    on_engine([&] {
+    constexpr PolicyKind kinds[] = {PolicyKind::Full, PolicyKind::Streaming, PolicyKind::TopK, PolicyKind::Evict};
+    int64_t used[2][std::size(kinds)] = {};  // [tier: device, host][policy]
+    on_engine([&] {  // (the engine waits meanwhile: counts per head, a page at a time only in the host tier's use)
       g.running = int64_t(engine->running());
       g.waiting = int64_t(engine->waiting());
+      const bool any_host = pool->host_pages() > 0;
       for (auto& [tag, job] : active) {
         if (!job->seq) continue;
         const KVCache& kv = *job->seq->kv;
         for (int l = 0; l < kv.n_layer(); ++l)
           for (int h = 0; h < kv.n_head_kv(); ++h) {
-            const std::string policy = policy_name(kv.policy(l, h).spec().kind);
-            for (int32_t id : kv.head(l, h).pages) ++g.pages_used[{pool->on_host(id) ? "host" : "device", policy}];
+            const size_t k = size_t(kv.policy(l, h).spec().kind);
+            const PageList& pages = kv.head(l, h).pages;
+            int64_t on_host = 0;
+            if (any_host)
+              for (int32_t id : pages) on_host += pool->on_host(id);
+            used[0][k] += int64_t(pages.size()) - on_host;
+            used[1][k] += on_host;
           }
       }
       g.device_free = pool->device_free();
       g.host_free = pool->host_capacity() - pool->host_pages();
     });
+    for (PolicyKind kind : kinds) {
+      g.pages_used[{"device", policy_name(kind)}] = used[0][size_t(kind)];
+      g.pages_used[{"host", policy_name(kind)}] = used[1][size_t(kind)];
+    }
     return g;
   }
 
