@@ -2,6 +2,7 @@
 // step, budget exhaustion found before a step writes anything, and policies exact in every KV type.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -372,4 +373,50 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
   }
   EXPECT_GT(planned, 100000) << "the sequences grew long enough to matter";
   EXPECT_LT(written * 3, planned) << "written again: " << written << " of " << planned << " entries";
+}
+
+TEST(KVCore, PageTableRegionsNeverOverlapAndComeBack) {
+  // KVStep's regions: an owner planned in consecutive steps keeps its place (kept) while its size stays; live
+  // regions never overlap; an owner left out of a step loses its region at the next begin(), and the space is
+  // reused, so the table stays within a small multiple of what is live.
+  KVStep st;
+  std::mt19937 rng(11);
+  std::map<uint64_t, std::pair<int64_t, int64_t>> last;  // owner -> (offset, size) in the previous step
+  int64_t most_live = 0, kept_steps = 0;
+  for (int it = 0; it < 2000; ++it) {
+    st.begin(1, 1, 1);
+    std::map<uint64_t, std::pair<int64_t, int64_t>> now;
+    for (uint64_t owner = 1; owner <= 24; ++owner) {
+      if (rng() % 5 == 0) continue;  // not in this step
+      int64_t size = int64_t(64 + (owner * 97) % 700);
+      if (auto p = last.find(owner); p != last.end() && rng() % 10 != 0) size = p->second.second;  // mostly the same
+      else size += int64_t(rng() % 300);
+      bool kept = false;
+      const int64_t off = st.region(owner, size, kept);
+      const auto p = last.find(owner);
+      const bool same = p != last.end() && p->second.second == size;
+      ASSERT_EQ(kept, same) << "step " << it << " owner " << owner;
+      if (kept) {
+        ASSERT_EQ(off, p->second.first) << "a kept region stays where it was";
+        ++kept_steps;
+      }
+      ASSERT_LE(off + size, int64_t(st.page_ids.size()));
+      now[owner] = {off, size};
+    }
+    // Live: this step's regions, and those of the owners the last step had and this one left out (they go back
+    // at the next begin).
+    std::vector<std::pair<int64_t, int64_t>> r;
+    for (const auto& [o, x] : now) r.push_back(x);
+    for (const auto& [o, x] : last)
+      if (!now.count(o)) r.push_back(x);
+    std::sort(r.begin(), r.end());
+    for (size_t i = 1; i < r.size(); ++i) ASSERT_LE(r[i - 1].first + r[i - 1].second, r[i].first) << "step " << it;
+    int64_t live = 0;
+    for (const auto& x : r) live += x.second;
+    EXPECT_EQ(st.live_entries(), live);
+    most_live = std::max(most_live, live);
+    EXPECT_LE(int64_t(st.page_ids.size()), 2 * most_live + (int64_t(1) << 16) + 1024) << "step " << it;
+    last = now;
+  }
+  EXPECT_GT(kept_steps, 20000) << "most regions stay from step to step";
 }
