@@ -465,6 +465,31 @@ inline float chunk_probs(float* sc, uint32_t mask, float scale, float* st, bool 
   const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(s, _mm512_set1_ps(st[0]))));
   _mm512_storeu_ps(sc, e);
   if (update) _mm512_storeu_ps(st + 16, _mm512_fmadd_ps(_mm512_loadu_ps(st + 16), _mm512_set1_ps(alpha), e));
+#elif defined(HR_AVX2)
+  // Two 8-lane halves; masked-off slots are -inf, their probabilities 0.
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  auto lanes = [&](uint32_t m8) {
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(m8)), bit), bit));
+  };
+  const __m256 k0 = lanes(mask & 0xFFu), k1 = lanes((mask >> 8) & 0xFFu);
+  const __m256 ninf = _mm256_set1_ps(kNegInf), sv = _mm256_set1_ps(scale);
+  const __m256 s0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(sc), sv), k0);
+  const __m256 s1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(sc + 8), sv), k1);
+  if (update) {
+    const __m256 m8 = _mm256_max_ps(s0, s1);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float m_new = std::max(st[0], _mm_cvtss_f32(h));
+    alpha = st[0] == m_new ? 1.0f : exp_scalar(st[0] - m_new);
+    st[0] = m_new;
+  }
+  const __m256 mv = _mm256_set1_ps(st[0]);
+  const __m256 e0 = _mm256_and_ps(k0, exp8(_mm256_sub_ps(s0, mv)));
+  const __m256 e1 = _mm256_and_ps(k1, exp8(_mm256_sub_ps(s1, mv)));
+  _mm256_storeu_ps(sc, e0);
+  _mm256_storeu_ps(sc + 8, e1);
+  if (update) st[16] = st[16] * alpha + vsum(_mm256_add_ps(e0, e1));
 #else
   float s[kChunk];
   float cm = kNegInf;

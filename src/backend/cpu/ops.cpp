@@ -72,6 +72,14 @@ void swiglu_range(const float* g, const float* u, float* out, int64_t i0, int64_
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
   }
+#elif defined(HR_AVX2)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i < i1; i += 8) {  // (the tail masked, so that a value's bits do not depend on where a range ends)
+    const int w = int(std::min<int64_t>(8, i1 - i));
+    const __m256 gv = vload_part(g + i, w), uv = vload_part(u + i, w);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    vstore_part(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv), w);
+  }
 #else
   for (; i < i1; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 #endif
