@@ -250,11 +250,7 @@ TEST(KVPolicies, EvictKeepsBudgetSinksAndRecent) {
 TEST(KVPolicies, TopKChoosesTheHighestScoringPageAndOffloadsTheRest) {
   // One head, hand-made keys: page 3 holds a key aligned with the query. The cache plans each step, the
   // backend stores the rows and, at the query step, chooses the pages (select_pages) inside the "layer".
-  ModelConfig c;
-  c.n_layer = 1;
-  c.n_head = 2;
-  c.n_head_kv = 1;
-  c.head_dim = 4;
+  const ModelConfig c = test::attention_shape(1, 2, 1, 4);
   PolicySpec tk{PolicyKind::TopK};
   tk.topk_pages = 1;
   tk.recent_pages = 1;

@@ -244,11 +244,7 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
   // copy that takes nothing but those records must hold, at every job's range, the head's pages, through
   // sequences that join, skip steps, leave, roll back, park and resume, under every policy (topk offloads and
   // fetches pages, streaming drops them, evict compacts), and a second table the same caches are planned into.
-  ModelConfig c;
-  c.n_layer = 2;
-  c.n_head = 4;
-  c.n_head_kv = 4;
-  c.head_dim = 4;
+  const ModelConfig c = test::attention_shape(2, 4, 4, 4);
   PolicySpec full{PolicyKind::Full}, stream{PolicyKind::Streaming}, topk{PolicyKind::TopK}, evict{PolicyKind::Evict};
   stream.sinks = 2;
   stream.window = 9;
@@ -300,7 +296,12 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
     }
     const bool into_other = churn && rng() % 10 == 0;
     KVStep& st = into_other ? other : step;
-    std::vector<std::pair<size_t, StepInfo>> ran;
+    struct Ran {
+      size_t i;  // the sequence
+      StepInfo s;
+      int row0;  // its first row in the step
+    };
+    std::vector<Ran> ran;
     int rows = 0;
     for (size_t i = 0; i < seqs.size(); ++i) rows += seqs[i]->parked() ? 0 : 1 + (pos[i] < 40 ? 3 : 0);
     st.begin(c.n_layer, c.n_head_kv, std::max(1, rows));
@@ -309,30 +310,21 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
       if (seqs[i]->parked() || (churn && rng() % 6 == 0)) continue;  // skips this step (its region goes back)
       const StepInfo s{pos[i], pos[i] < 40 ? 4 : 1, pos[i] < 40, pos[i] + 4 == 40};
       seqs[i]->plan_step(st, row0, s);
-      ran.emplace_back(i, s);
+      ran.push_back({i, s, row0});
       row0 += s.n_rows;
     }
     pool.flush();
     apply(st, into_other ? other_device : device);
     written += st.n_written;
-    for (const auto& [i, s] : ran) {
+    for (const auto& [i, s, seq_row0] : ran) {
       const KVCache& kv = *seqs[i];
       for (int layer = 0; layer < c.n_layer; ++layer)
         for (int h = 0; h < c.n_head_kv; ++h) {
           const PageList& pages = kv.head(layer, h).pages;
           const std::vector<int32_t> want(pages.begin(), pages.end());
-          // A job of this sequence and head: the step's jobs are [layer][sequences in order][head].
-          const AttnJob* job = nullptr;
+          const AttnJob* job = nullptr;  // this sequence's job for the head
           for (const AttnJob& j : st.jobs[size_t(layer)])
-            if (j.row0 == [&] {
-                  int r = 0;
-                  for (const auto& [k, ks] : ran) {
-                    if (k == i) break;
-                    r += ks.n_rows;
-                  }
-                  return r;
-                }() && j.kv_head == h)
-              job = &j;
+            if (j.row0 == seq_row0 && j.kv_head == h) job = &j;
           ASSERT_NE(job, nullptr);
           ASSERT_EQ(job->n_pages, int32_t(want.size()));
           const std::vector<int32_t>& dev = into_other ? other_device : device;
@@ -352,7 +344,7 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
         j.n_pages -= j.n_cand - j.select_k;
         std::copy(dev.begin() + first, dev.begin() + j.page0 + j.n_pages, st.page_ids.begin() + first);
       }
-    for (const auto& [i, s] : ran) {
+    for (const auto& [i, s, seq_row0] : ran) {
       seqs[i]->finish_step(st, s);
       pos[i] += s.n_rows;
     }
@@ -363,8 +355,11 @@ TEST(KVCore, ThePageTableUpdatedInPlaceHoldsEveryJobsPages) {
   }
   // Then steady decoding: the table takes hardly anything but the ids of new pages (and the topk heads'
   // lists, which select_pages may rewrite on the device, and the streaming and evict heads' cuts).
-  for (auto& kv : seqs)
-    if (kv->parked()) ASSERT_TRUE(kv->unpark());
+  for (auto& kv : seqs) {
+    if (kv->parked()) {
+      ASSERT_TRUE(kv->unpark());
+    }
+  }
   for (int it = 0; it < 20; ++it) run(400 + it, false);  // (every region placed anew once)
   written = planned = 0;
   for (int it = 0; it < 300; ++it) {

@@ -6,7 +6,19 @@
 #include <string>
 #include <vector>
 
+#include "model/config.h"
+
 namespace headroom::test {
+
+// The attention shape of a model (what the KV cache and its policies read), set by hand.
+inline ModelConfig attention_shape(int layers, int heads, int kv_heads, int head_dim) {
+  ModelConfig c;
+  c.n_layer = layers;
+  c.n_head = heads;
+  c.n_head_kv = kv_heads;
+  c.head_dim = head_dim;
+  return c;
+}
 
 inline std::string shared_dir() {
   if (const char* e = std::getenv("HEADROOM_SHARED_DIR")) return e;

@@ -178,6 +178,9 @@ class Backend {
   // an index is outside the table. pairs: host memory, free to reuse when this returns; ordered with the ops
   // like upload. The default downloads the table, patches it and uploads it.
   virtual void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs);
+  // scatter_i32's check, for every backend: throws Error (naming the backend) unless `pairs` are whole
+  // (index, value) pairs with every index inside a table of dst_len.
+  void check_scatter_pairs(size_t dst_len, std::span<const int32_t> pairs) const;
   // True when alloc()'s memory is host memory another thread may read and write directly (the CPU).
   virtual bool host_memory() const { return false; }
   // Bytes of memory the backend could still give the KV cache (the CPU: the system's available memory).

@@ -28,10 +28,12 @@ void SamplerParams::validate() const {
 Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) { p_.validate(); }
 
 namespace {
-// The largest of n floats (a NaN never wins; -inf for none), in 8-wide vectors (GCC/Clang vector extensions:
-// whatever the target has; std::max_element does not vectorize).
+// 8 floats / int32s as GCC/Clang vector extensions: the compiler picks whatever the target has.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// The largest of n floats (a NaN never wins; -inf for none), in vectors (std::max_element does not vectorize).
 inline float max_of(const float* l, size_t n) {
-  typedef float v8f __attribute__((vector_size(32)));
   const float ninf = -std::numeric_limits<float>::infinity();
   v8f m[4];
   for (v8f& v : m) v = v8f{ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
@@ -54,8 +56,6 @@ inline float max_of(const float* l, size_t n) {
 // f(i) for every i with l[i] >= floor, in order: 32 at a time in vectors, one by one only where one is.
 template <class F>
 inline void for_each_at_least(const float* l, size_t n, float floor, F&& f) {
-  typedef float v8f __attribute__((vector_size(32)));
-  typedef int32_t v8i __attribute__((vector_size(32)));
   const v8f fv = {floor, floor, floor, floor, floor, floor, floor, floor};
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -162,7 +162,8 @@ int32_t Sampler::draw() {
 void Sampler::keep_candidates(std::span<const float> l) {
   const size_t V = l.size();
   const auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
-  const float mx = l[size_t(argmax(l))];
+  const int32_t top = argmax(l);
+  const float mx = l[size_t(top)];
   const bool top_k = p_.top_k > 0 && size_t(p_.top_k) < V, top_p = p_.top_p < 1.0f;
   cand_.clear();
   cand_.reserve(V);
@@ -182,7 +183,7 @@ void Sampler::keep_candidates(std::span<const float> l) {
       if (std::exp(l[i] - mx) >= p_.min_p) cand_.emplace_back(l[i], int32_t(i));
     });
   }
-  if (cand_.empty()) cand_.emplace_back(mx, argmax(l));  // every logit NaN
+  if (cand_.empty()) cand_.emplace_back(mx, top);  // every logit NaN
   size_t keep = top_k ? std::min(size_t(p_.top_k), cand_.size()) : cand_.size();
   if (!top_k && !top_p) {  // min-p alone keeps every candidate here; no cut keeps all
     std::iter_swap(cand_.begin(), std::min_element(cand_.begin(), cand_.end(), by_logit));

@@ -402,9 +402,8 @@ void KVCache::plan_step(KVStep& step, int row0, const StepInfo& s) {
   }
   bool kept = false;
   const int64_t off = step.region(serial_, region_size_, kept);
-  kept = kept && !relay && table_serial_ == step.serial() && off == region_off_;
+  kept = kept && !relay && table_serial_ == step.serial();  // (kept: where this table had it last step)
   table_serial_ = step.serial();
-  region_off_ = off;
 
   // 5. Every head's job.
   int64_t seg = off;

@@ -150,12 +150,12 @@ class KVCache {
   std::vector<HeadCache> heads_;
   std::vector<std::unique_ptr<Policy>> policies_;
   std::vector<size_t> first_job_;  // [layer]: this sequence's first job in the step's tables
-  // Its region of the step's page table (KVStep): the table it was last written to, where, and each head's
+  // Its region of the step's page table (KVStep): the table it was last written to, its size and each head's
   // segment capacity; and per head the entries [lo, hi) of its segment that select_pages may have rewritten
   // in place (written again at the next step).
   uint64_t serial_;
   uint64_t table_serial_ = 0;
-  int64_t region_off_ = -1, region_size_ = 0;
+  int64_t region_size_ = 0;
   std::vector<int32_t> seg_cap_;
   std::vector<std::pair<int32_t, int32_t>> selected_range_;
   int64_t appended_ = 0;

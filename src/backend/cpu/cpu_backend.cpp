@@ -102,10 +102,7 @@ class CpuBackend final : public Backend {
   }
   void synchronize() override {}
   void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) override {
-    if (pairs.size() % 2) fail("cpu backend: scatter_i32: {} values are not (index, value) pairs", pairs.size());
-    for (size_t i = 0; i < pairs.size(); i += 2)
-      if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
-        fail("cpu backend: scatter_i32: index {} outside the table of {}", pairs[i], dst_len);
+    check_scatter_pairs(dst_len, pairs);
     for (size_t i = 0; i < pairs.size(); i += 2) dst[pairs[i]] = pairs[i + 1];
   }
 
@@ -397,15 +394,18 @@ int64_t Backend::free_memory() const {
 
 namespace headroom {
 
+void Backend::check_scatter_pairs(size_t dst_len, std::span<const int32_t> pairs) const {
+  if (pairs.size() % 2) fail("{} backend: scatter_i32: {} values are not (index, value) pairs", name(), pairs.size());
+  for (size_t i = 0; i < pairs.size(); i += 2)
+    if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
+      fail("{} backend: scatter_i32: index {} outside the table of {}", name(), pairs[i], dst_len);
+}
+
 void Backend::scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) {
-  if (pairs.size() % 2) fail("backend {}: scatter_i32: {} values are not (index, value) pairs", name(), pairs.size());
+  check_scatter_pairs(dst_len, pairs);
   std::vector<int32_t> table(dst_len);
   download(table.data(), dst, dst_len * sizeof(int32_t));
-  for (size_t i = 0; i < pairs.size(); i += 2) {
-    if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
-      fail("backend {}: scatter_i32: index {} outside the table of {}", name(), pairs[i], dst_len);
-    table[size_t(pairs[i])] = pairs[i + 1];
-  }
+  for (size_t i = 0; i < pairs.size(); i += 2) table[size_t(pairs[i])] = pairs[i + 1];
   upload(dst, table.data(), dst_len * sizeof(int32_t));
 }
 

@@ -638,10 +638,7 @@ class CudaBackend final : public Backend {
 
   void scatter_i32(int32_t* dst, size_t dst_len, std::span<const int32_t> pairs) override {
     bind();
-    if (pairs.size() % 2) fail("cuda backend: scatter_i32: {} values are not (index, value) pairs", pairs.size());
-    for (size_t i = 0; i < pairs.size(); i += 2)
-      if (pairs[i] < 0 || size_t(pairs[i]) >= dst_len)
-        fail("cuda backend: scatter_i32: index {} outside the table of {}", pairs[i], dst_len);
+    check_scatter_pairs(dst_len, pairs);
     if (pairs.empty()) return;
     auto* d = static_cast<int32_t*>(pairs_.ensure(pairs.size_bytes(), "scatter_i32"));
     check(cudaMemcpyAsync(d, pairs.data(), pairs.size_bytes(), cudaMemcpyHostToDevice, stream_), "scatter_i32");
